@@ -1,0 +1,23 @@
+# Two commands for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# torch==2.13.0 is installed first: a bare `torch` requirement would pull a multi-GB CUDA build
+# (../shared/ENV.md). triton 3.6 needs numpy<2.4 under the CPU interpreter.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q triton==3.6.0 'numpy<2.4'
+	$(PY) -m pip install -q -e '.[test,plot,text]'
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/forecast_demo.py
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
