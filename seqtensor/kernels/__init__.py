@@ -1,0 +1,1 @@
+"""Tensorized-attention kernels: ``reference`` (PyTorch oracle) and ``tensorized`` (Triton)."""
