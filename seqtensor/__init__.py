@@ -2,7 +2,18 @@
 
 from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
-from .positional import RoPE, Sinusoidal, Learned, TensorRoPE
+from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
+from .nn import (
+    Decoder,
+    Encoder,
+    EncoderDecoder,
+    FullAttention,
+    LanguageModel,
+    ModelConfig,
+    SequenceHead,
+    TensorizedAttention,
+    TokenHead,
+)
 
 __all__ = [
     "Fold",
@@ -19,4 +30,13 @@ __all__ = [
     "RoPE",
     "Sinusoidal",
     "Learned",
+    "TensorizedAttention",
+    "FullAttention",
+    "ModelConfig",
+    "Encoder",
+    "Decoder",
+    "EncoderDecoder",
+    "SequenceHead",
+    "TokenHead",
+    "LanguageModel",
 ]

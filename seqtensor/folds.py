@@ -25,6 +25,8 @@ __all__ = [
     "ExtrapolatingFold",
     "FoldLike",
     "resolve_fold",
+    "fold_to_dict",
+    "fold_from_dict",
 ]
 
 
@@ -248,3 +250,30 @@ class ExtrapolatingFold:
             finer = (self.max_dim,) * (order - 1)
             dims = (-(-n // math.prod(finer)),) + finer
         return Fold(dims, n)
+
+
+_STRATEGIES = {cls.__name__: cls for cls in (FixedFold, BalancedFold, BlockFold, ExtrapolatingFold)}
+
+
+def fold_to_dict(fold: FoldLike) -> dict:
+    """A JSON-ready description of a Fold, a built-in strategy or a tuple of dims."""
+    if isinstance(fold, Fold):
+        return {"kind": "Fold", "dims": list(fold.dims)}
+    if isinstance(fold, (tuple, list)):
+        return {"kind": "Fold", "dims": list(fold)}
+    name = type(fold).__name__
+    check(name in _STRATEGIES, f"only Fold, dims and built-in strategies serialize; got {fold!r}", TypeError)
+    out = {"kind": name, **{k: getattr(fold, k) for k in fold.__dataclass_fields__}}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def fold_from_dict(spec: dict) -> FoldLike:
+    """Inverse of :func:`fold_to_dict`."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind == "Fold":
+        return tuple(spec["dims"])
+    check(kind in _STRATEGIES, f"unknown fold kind {kind!r}; expected Fold or one of {sorted(_STRATEGIES)}")
+    if kind == "FixedFold":
+        spec["dims"] = tuple(spec["dims"])
+    return _STRATEGIES[kind](**spec)

@@ -1,0 +1,72 @@
+"""``ModelConfig``: one object that describes a model and round-trips through a plain dict / JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .._validation import check, check_choice
+from ..folds import ExtrapolatingFold, FoldLike, fold_from_dict, fold_to_dict
+
+__all__ = ["ModelConfig"]
+
+
+@dataclass
+class ModelConfig:
+    """Transformer stack settings shared by encoders, decoders and every adapter."""
+
+    d_model: int = 128  # width D
+    n_layers: int = 2  # number of blocks
+    n_heads: int = 4  # query heads H
+    n_kv_heads: int | None = None  # kv heads Hkv (GQA); None = n_heads
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden width / d_model (8/3 keeps params equal to a 4x GELU MLP)
+    dropout: float = 0.0  # dropout on attention and MLP outputs
+    attention: str = "tensorized"  # "tensorized" or "full": the only switch a comparison flips
+    fold: FoldLike = field(default_factory=lambda: ExtrapolatingFold(64))  # fold strategy for tensorized attention
+    positional: str = "tensor_rope"  # per-hop "tensor_rope", or global "rope" / "sinusoidal" / "learned" / "none"
+    coverage: str = "full"  # causal coverage: "full" or "axial"
+    backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
+    bias: bool = False  # bias in linear layers
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    max_len: int = 8192  # positions for the "learned" scheme
+    gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
+
+    def __post_init__(self) -> None:
+        check(self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0, "d_model, n_layers, n_heads must be positive")
+        check(self.d_model % self.n_heads == 0, f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        check_choice("attention", self.attention, ("tensorized", "full"))
+        check_choice("coverage", self.coverage, ("full", "axial"))
+        check_choice("positional", self.positional, ("tensor_rope", "rope", "sinusoidal", "learned", "none"))
+        if isinstance(self.fold, list):
+            self.fold = tuple(self.fold)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def attention_positional(self) -> str:
+        """Full attention has no hops: tensor_rope becomes global rope there."""
+        return "rope" if self.attention == "full" and self.positional == "tensor_rope" else self.positional
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fold"] = fold_to_dict(self.fold)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        check(not unknown, f"unknown ModelConfig fields: {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("fold"), dict):
+            data["fold"] = fold_from_dict(data["fold"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
