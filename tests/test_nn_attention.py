@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+import seqtensor as st
+from seqtensor.nn import full_attention
+
+
+def test_layers_share_weights_and_agree_on_an_order_one_fold():
+    torch.manual_seed(0)
+    full = st.FullAttention(32, 4, 2, causal=True, positional="rope").double()
+    tens = st.TensorizedAttention(32, 4, 2, fold=(20,), causal=True, positional="rope").double()
+    tens.load_state_dict(full.state_dict())
+    x = torch.randn(3, 20, 32, dtype=torch.float64)
+    torch.testing.assert_close(tens(x), full(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_key_padding_equals_unpadded(causal):
+    layer = st.TensorizedAttention(16, 2, fold=(4, 5), causal=causal).double().eval()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[1, 13:] = False
+    out = layer(x, keep)
+    torch.testing.assert_close(out[1:, :13], layer(x[1:, :13]))
+
+
+def test_full_attention_all_masked_rows_are_zero_not_nan():
+    q = torch.randn(1, 2, 5, 4)
+    keep = torch.tensor([[False, False, True, True, True]])
+    out = full_attention(q, q, q, causal=True, key_padding_mask=keep)
+    assert torch.isfinite(out).all() and (out[:, :, :2] == 0).all()
+
+
+def test_layer_gradients_flow_and_errors_are_clear():
+    layer = st.TensorizedAttention(16, 4, 2, causal=True)
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+    with pytest.raises(ValueError, match="embed_dim"):
+        layer(torch.randn(2, 30, 8))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        st.TensorizedAttention(16, 4, 3)
+    with pytest.raises(ValueError, match="global positional"):
+        st.FullAttention(16, 4, positional="tensor_rope")
