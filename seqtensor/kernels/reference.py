@@ -82,45 +82,48 @@ def fibre_attention_reference(
 
 
 def _hop(qg, kg, vg, valid, P, nj, S, causal, with_summary, scale, hop_positional):
-    """One hop along a dim of size nj; returns the new value state and validity."""
-    B = qg.shape[0]
+    """One hop along a dim of size nj; returns the new value state and validity.
 
-    def fibres(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, g, N, d) -> (B, Hkv, g, P, S, nj, d)
-        return x.reshape(*x.shape[:3], P, nj, S, x.shape[-1]).transpose(-3, -2)
+    Each fibre becomes one row of a (B*P*S, heads, nj, d) batch for SDPA, so the per-hop work runs
+    in PyTorch's fused attention; summary keys are appended to every fibre's keys.
+    """
+    B, Hkv, G = qg.shape[:3]
 
-    pos = torch.arange(nj, device=qg.device)
+    def fibres(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, g, N, d) -> (B, P, S, Hkv*g, nj, d)
+        x = x.reshape(B, Hkv, x.shape[2], P, nj, S, x.shape[-1]).permute(0, 3, 5, 1, 2, 4, 6)
+        return x.reshape(B, P, S, -1, nj, x.shape[-1])
+
     qf, kf, vf = fibres(qg), fibres(kg), fibres(vg)
     if hop_positional is not None:
+        pos = torch.arange(nj, device=qg.device)
         qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
-    valid_f = valid.reshape(B, P, nj, S).transpose(-1, -2)  # (B, P, S, nj)
-
-    scores = qf @ kf.transpose(-1, -2) * scale  # (B, Hkv, G, P, S, nj, nj)
-    mask = valid_f[:, None, None, :, :, None, :]  # (B, 1, 1, P, S, 1, nj) over keys
+    key_ok = valid.reshape(B, P, nj, S).transpose(-1, -2)[:, :, :, None, :]  # (B, P, S, 1, nj) over keys
     if causal:
-        mask = mask & torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril()
-    parts = [(scores, mask, vf)]
-
+        key_ok = key_ok & torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril()
     if with_summary:
-        # Summary keys are the last tokens of the earlier sibling blocks: finer coords all last.
-        ks, vs = kf[..., S - 1, :, :], vf[..., S - 1, :, :]  # (B, Hkv, g, P, nj, d)
-        scores_s = qf @ ks.unsqueeze(-3).transpose(-1, -2) * scale  # (B, Hkv, G, P, S, nj, nj)
-        not_dup = torch.arange(S, device=qg.device) != S - 1  # summary == fibre key when s = S-1
-        mask_s = (
-            valid_f[:, None, None, :, S - 1, None, None, :]
-            & torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril(-1)
-            & not_dup[:, None, None]
-        )
-        parts.append((scores_s, mask_s, vs.unsqueeze(-3)))
-
-    all_scores = torch.cat([s.masked_fill(~mk, torch.finfo(s.dtype).min) for s, mk, _ in parts], dim=-1)
-    all_mask = torch.cat([mk.expand(s.shape) for s, mk, _ in parts], dim=-1)
-    probs = torch.softmax(all_scores, dim=-1) * all_mask  # rows with no valid key become all zero
-    out = 0
-    for (s, _, vpart), p in zip(parts, probs.split([s.shape[-1] for s, _, _ in parts], dim=-1)):
-        out = out + p @ vpart
-    new_valid = all_mask.any(dim=-1)[:, 0, 0]  # (B, P, S, nj): masks do not depend on heads
-    out = out.transpose(-3, -2).reshape(*out.shape[:3], P * nj * S, out.shape[-1])
-    return out, new_valid.transpose(-1, -2).reshape(B, P * nj * S)
+        # Summary keys: the last token (finer coords all last) of each earlier sibling block.
+        ks, vs = kf[:, :, S - 1 :], vf[:, :, S - 1 :]  # (B, P, 1, heads, nj, d)
+        kf = torch.cat([kf, ks.expand_as(kf)], dim=-2)
+        vf = torch.cat([vf, vs.expand(*vf.shape[:2], S, *vs.shape[3:])], dim=-2)
+        earlier = torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril(-1)
+        not_dup = (torch.arange(S, device=qg.device) != S - 1)[:, None, None]  # summary == fibre key at s = S-1
+        sum_ok = valid.reshape(B, P, nj, S)[:, :, None, None, :, S - 1] & earlier & not_dup  # (B, P, S, nj, nj)
+        key_ok = torch.cat([key_ok.expand(B, P, S, nj, nj), sum_ok], dim=-1)
+    key_ok = key_ok.expand(B, P, S, nj, key_ok.shape[-1])
+    has_key = key_ok.any(-1)  # (B, P, S, nj): rows that received something stay valid
+    mask = None if bool(key_ok.all()) else (key_ok | ~has_key[..., None]).reshape(B * P * S, 1, nj, -1)
+    heads = qf.shape[3]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qf.reshape(B * P * S, heads, nj, -1),
+        kf.reshape(B * P * S, kf.shape[3], kf.shape[4], -1),
+        vf.reshape(B * P * S, vf.shape[3], vf.shape[4], -1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=kf.shape[3] != heads or vf.shape[3] != heads,
+    )
+    out = out.reshape(B, P, S, heads, nj, -1) * has_key[:, :, :, None, :, None]
+    out = out.reshape(B, P, S, Hkv, G, nj, -1).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, Hkv, G, P * nj * S, -1)
+    return out, has_key.transpose(-1, -2).reshape(B, P * nj * S)
 
 
 def kronecker_attention_reference(
