@@ -2,6 +2,7 @@
 
 from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
+from .trainer import Callback, Trainer, TrainerConfig
 from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
 from .nn import (
     Decoder,
@@ -39,4 +40,7 @@ __all__ = [
     "SequenceHead",
     "TokenHead",
     "LanguageModel",
+    "Trainer",
+    "TrainerConfig",
+    "Callback",
 ]
