@@ -1,0 +1,232 @@
+"""Triton backend against the PyTorch oracle, on CPU through Triton's interpreter.
+
+Every case: forward and gradients of q, k, v equal the float64 reference within twice the error that
+plain PyTorch makes in the same precision (../shared/STYLE.md, kernel tests); every buffer the
+kernels write starts as NaN (``tensorized.POISON``) so an unwritten element fails the test.
+Cases are tiny (n <= 64, B * H <= 4): the interpreter costs about a millisecond per tl op.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import math
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from seqtensor import tensorized_attention  # noqa: E402
+from seqtensor.kernels import reference as R  # noqa: E402
+from seqtensor.kernels import tensorized as T  # noqa: E402
+from seqtensor.positional import RoPE, TensorRoPE  # noqa: E402
+
+T.POISON = True
+f64 = torch.float64
+# numpy >= 1.25 warns inside the interpreter when a loop bound is a 0-d array
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inputs(B, H, Hkv, n, d, dtype, *, dv=None, layout="bhnd", mask=False, seed=0):
+    """q (B, H, n, d), k, v (B, Hkv, n, d|dv) as leaves; layout "bnhd" gives transposed views."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+
+    def leaf(heads, width):
+        if layout == "bnhd":  # what a linear projection produces: (B, n, H * d) viewed per head
+            x = torch.randn(B, n, heads * width, generator=g, dtype=f64).to(dtype).requires_grad_()
+            return x, x.view(B, n, heads, width).transpose(1, 2)
+        x = torch.randn(B, heads, n, width, generator=g, dtype=f64).to(dtype).requires_grad_()
+        return x, x
+
+    leaves, views = zip(leaf(H, d), leaf(Hkv, d), leaf(Hkv, dv))
+    kpm = None
+    if mask:
+        kpm = torch.rand(B, n, generator=g) > 0.3
+        kpm[:, 0] = True
+    return leaves, views, kpm
+
+
+def eager_same_precision(q, k, v, dims, n, *, causal, coverage, hop_order, scale, hop_positional, key_padding_mask):
+    """The reference's hop maths run in the inputs' own dtype: plain PyTorch at that precision."""
+    dtype = q.dtype
+    B, H, _, d = q.shape
+    m, N = len(dims), math.prod(dims)
+    order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg, kg, vg, valid = R._prepare(q, k, v, n, N, key_padding_mask)
+    qg, kg, vg = qg.to(dtype), kg.to(dtype), vg.to(dtype)
+    processed = set()
+    for j in order:
+        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
+        summary = causal and coverage == "full" and S > 1 and processed == set(range(j + 1, m))
+        vg, valid = R._hop(qg, kg, vg, valid, P, nj, S, causal, summary, scale, hop_positional)
+        processed.add(j)
+    out = vg.expand(B, k.shape[1], H // k.shape[1], N, vg.shape[-1]).reshape(B, H, N, -1)
+    return out[:, :, :n]
+
+
+def run_all(fn, leaves, views, dims, n, kw, grad_seed=1):
+    """Output and gradients (w.r.t. the leaves) of fn, in float64 for comparison."""
+    out = fn(*views, dims, n, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=f64).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+    return [out.double(), *(x.double() for x in grads)]
+
+
+def check_case(dims, n, *, H=2, Hkv=1, d=16, dv=None, causal=False, coverage="full", hop_order=None, rope=False,
+               mask=False, layout="bhnd", dtype=f64, B=1, seed=0):  # fmt: skip
+    leaves, views, kpm = make_inputs(B, H, Hkv, n, d, dtype, dv=dv, layout=layout, mask=mask, seed=seed)
+    kw = dict(
+        causal=causal, coverage=coverage, hop_order=hop_order, scale=None,
+        hop_positional=TensorRoPE(d) if rope else None, key_padding_mask=kpm,
+    )  # fmt: skip
+    got = run_all(T.tensorized_fibre_attention, leaves, views, dims, n, kw)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    views64 = [x.view(v.transpose(1, 2).shape).transpose(1, 2) if layout == "bnhd" else x for x, v in zip(leaves64, views)]
+    want = run_all(R.fibre_attention_reference, leaves64, views64, dims, n, kw)
+    if dtype in (torch.float32, f64):
+        base = run_all(R.fibre_attention_reference, leaves, views, dims, n, kw)
+    else:
+        base = run_all(eager_same_precision, leaves, views, dims, n, kw)
+    eps = torch.finfo(dtype).eps
+    for name, x, y, z in zip(("out", "dq", "dk", "dv"), got, want, base):
+        assert torch.isfinite(x).all(), f"{name}: non-finite (unwritten) elements"
+        err, err_base = (x - y).abs().max().item(), (z - y).abs().max().item()
+        tol = 2 * err_base + 10 * eps * max(1.0, y.abs().max().item())
+        assert err <= tol, f"{name}: error {err:.3e} > 2 x same-precision PyTorch {err_base:.3e} (+eps)"
+
+
+# ----------------------------------------------------------------------------------------------
+# forward + backward sweep
+# ----------------------------------------------------------------------------------------------
+
+# dims, n, options. 16-row blocks under the interpreter: fibres of 17..40 exercise the block loops.
+CASES = [
+    # order 1
+    ((7,), 7, dict()),
+    ((9,), 8, dict(causal=True, H=2, Hkv=2, dtype=torch.float32)),
+    ((20,), 20, dict(causal=True, rope=True, H=4, Hkv=2)),
+    ((33,), 30, dict(mask=True, rope=True, dtype=torch.float32)),
+    # order 2
+    ((3, 5), 15, dict(dtype=torch.float32)),
+    ((4, 5), 17, dict(causal=True, mask=True, H=2, Hkv=2)),
+    ((5, 3), 13, dict(causal=True, coverage="axial", rope=True, dtype=torch.float32)),
+    ((2, 20), 37, dict(causal=True, rope=True)),
+    ((20, 3), 57, dict(causal=True, mask=True, rope=True, dtype=torch.float32)),
+    ((3, 4), 12, dict(hop_order=(0, 1), rope=True)),
+    ((4, 4), 14, dict(causal=True, coverage="axial", hop_order=(0, 1), dtype=torch.float32)),
+    ((6, 5), 29, dict(causal=True, layout="bnhd", H=4, Hkv=4, rope=True)),
+    ((5, 6), 30, dict(layout="bnhd", mask=True, H=2, Hkv=1, dtype=torch.float32, B=2)),
+    ((3, 7), 21, dict(causal=True, d=15, dv=9)),
+    ((1, 8), 8, dict(causal=True, H=3, Hkv=1)),
+    # order 3
+    ((2, 3, 4), 24, dict(causal=True, rope=True, dtype=torch.float32)),
+    ((3, 3, 3), 25, dict(causal=True, H=4, Hkv=1)),
+    ((2, 5, 3), 28, dict(causal=True, mask=True, rope=True, layout="bnhd")),
+    ((3, 2, 5), 27, dict(rope=True, mask=True, dtype=torch.float32)),
+    ((4, 2, 3), 19, dict(causal=True, coverage="axial", d=12, dtype=torch.float32)),
+    ((2, 3, 4), 24, dict(causal=True, coverage="axial", hop_order=(1, 0, 2), B=2)),
+    # order 4
+    ((2, 2, 3, 2), 24, dict(causal=True, rope=True, H=1)),
+    ((2, 3, 2, 3), 31, dict(causal=True, mask=True, rope=True, dtype=torch.float32, H=1)),
+    ((3, 2, 2, 2), 20, dict(H=2, Hkv=2, layout="bnhd")),
+    ((2, 2, 2, 3), 23, dict(causal=True, coverage="axial", dtype=torch.float32, H=1)),
+]
+
+
+@pytest.mark.parametrize("dims,n,opts", CASES, ids=[f"{'x'.join(map(str, c[0]))}-n{c[1]}" for c in CASES])
+def test_forward_and_gradients_match_reference(dims, n, opts):
+    check_case(dims, n, **opts)
+
+
+HALF_CASES = [
+    ((4, 5), 20, dict(causal=True, rope=True)),
+    ((3, 2, 5), 27, dict(causal=True, mask=True, H=2, Hkv=1)),
+    ((5, 6), 28, dict(rope=True, layout="bnhd")),
+]
+
+
+@pytest.mark.parametrize("dims,n,opts", HALF_CASES)
+def test_float16_within_twice_plain_pytorch_error(dims, n, opts):
+    check_case(dims, n, dtype=torch.float16, **opts)
+
+
+@pytest.mark.parametrize(
+    "dims,n,causal,rope,mask",
+    [((3, 4), 11, True, True, False), ((3, 4), 12, True, False, True), ((4, 3), 10, False, True, True)],
+)
+def test_gradcheck_float64(dims, n, causal, rope, mask):
+    (q, k, v), _, kpm = make_inputs(1, 2, 1, n, 8, f64, mask=mask, seed=3)
+    hp = TensorRoPE(8) if rope else None
+
+    def fn(q, k, v):
+        return T.tensorized_fibre_attention(q, k, v, dims, n, causal=causal, hop_positional=hp, key_padding_mask=kpm)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch, inference path, fallbacks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_public_api_dispatches_to_triton_and_matches_reference():
+    (q, k, v), _, _ = make_inputs(1, 2, 1, 22, 8, f64, seed=5)
+    kw = dict(causal=True, positional="tensor_rope")
+    got = tensorized_attention(q, k, v, (2, 3, 4), backend="triton", **kw)
+    want = tensorized_attention(q, k, v, (2, 3, 4), backend="reference", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_path_without_grad_matches():
+    (q, k, v), _, kpm = make_inputs(2, 2, 2, 23, 8, torch.float32, mask=True, seed=6)
+    kw = dict(causal=True, coverage="full", hop_order=None, scale=0.3, hop_positional=None, key_padding_mask=kpm)
+    with torch.no_grad():
+        got = T.tensorized_fibre_attention(q, k, v, (2, 3, 4), 23, **kw)
+        want = R.fibre_attention_reference(q, k, v, (2, 3, 4), 23, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_output_keeps_the_heads_inner_layout_of_q():
+    _, (q, k, v), _ = make_inputs(1, 2, 2, 12, 8, f64, layout="bnhd")
+    out = T.tensorized_fibre_attention(q, k, v, (3, 4), 12)
+    assert out.shape == (1, 2, 12, 8) and out.stride(1) < out.stride(2)  # (B, n, H, d) underneath
+
+
+def test_unsupported_calls_fall_back_visibly():
+    (q, k, v), _, _ = make_inputs(1, 2, 1, 12, 8, f64)
+    assert T.fallback_reason(q, k, v, RoPE(8)) is not None
+    with pytest.warns(RuntimeWarning, match="using the reference"):
+        out = T.tensorized_fibre_attention(q, k, v, (3, 4), 12, hop_positional=RoPE(8))
+    want = R.fibre_attention_reference(q, k, v, (3, 4), 12, hop_positional=RoPE(8))
+    torch.testing.assert_close(out, want)
+    assert T.fallback_reason(q, k, v, None) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        T.tensorized_fibre_attention(q, k, v, (3, 4), 12)
+
+
+def test_validity_levels_match_reference_relays():
+    """The host-side validity scan equals the reference's per-hop 'attended a valid key'."""
+    dims, n, B = (3, 2, 4), 19, 2
+    kpm = torch.rand(B, n, generator=torch.Generator().manual_seed(2)) > 0.5
+    for causal in (False, True):
+        plan = T._make_plan(dims, n, 8, causal, "full", None, None, kpm)
+        levels = T._validity(plan, B, kpm, "cpu").bool()
+        q = torch.zeros(B, 1, n, 1, dtype=f64)
+        valid = levels[0]
+        _, _, _, want = R._prepare(q, q, q, n, plan.N, kpm)
+        torch.testing.assert_close(levels[0], want)
+        for i, hop in enumerate(plan.hops):
+            qg = torch.zeros(B, 1, 1, plan.N, 1, dtype=f64)
+            _, want = R._hop(qg, qg, qg, valid, hop.P, hop.nj, hop.S, causal, hop.summary, 1.0, None)
+            torch.testing.assert_close(levels[i + 1], want)
+            valid = want
