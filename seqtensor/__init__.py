@@ -2,6 +2,7 @@
 
 from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
+from .estimators import SequenceClassifier, SequenceRegressor
 from .trainer import Callback, Trainer, TrainerConfig
 from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
 from .nn import (
@@ -43,4 +44,6 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "Callback",
+    "SequenceClassifier",
+    "SequenceRegressor",
 ]

@@ -108,6 +108,7 @@ class TensorizedAttention(_AttentionLayer):
     dropout : dropout on the layer output.
     bias : bias in the projections.
     backend : "auto", "reference" or "triton".
+    max_len : positions of the "learned" scheme.
     """
 
     def __init__(
@@ -122,8 +123,9 @@ class TensorizedAttention(_AttentionLayer):
         dropout: float = 0.0,
         bias: bool = False,
         backend: str = "auto",
+        max_len: int = 8192,
     ) -> None:
-        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias)
+        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len)
         self.fold, self.coverage, self.backend = fold, coverage, backend
 
     def _attend(self, q, k, v, key_padding_mask):
@@ -164,8 +166,9 @@ class FullAttention(_AttentionLayer):
         dropout: float = 0.0,
         bias: bool = False,
         backend: str = "auto",
+        max_len: int = 8192,
     ) -> None:
-        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias)
+        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len)
         check(
             self.positional is None or not self.positional.per_hop,
             "FullAttention has no hops: use a global positional scheme ('rope', 'sinusoidal', 'learned', 'none')",

@@ -63,6 +63,7 @@ def make_self_attention(config: ModelConfig, causal: bool) -> nn.Module:
         dropout=config.dropout,
         bias=config.bias,
         backend=config.backend,
+        max_len=config.max_len,
     )
     return attn
 
