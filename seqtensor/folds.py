@@ -258,9 +258,9 @@ _STRATEGIES = {cls.__name__: cls for cls in (FixedFold, BalancedFold, BlockFold,
 def fold_to_dict(fold: FoldLike) -> dict:
     """A JSON-ready description of a Fold, a built-in strategy or a tuple of dims."""
     if isinstance(fold, Fold):
-        return {"kind": "Fold", "dims": list(fold.dims)}
+        return {"kind": "Fold", "dims": list(fold.dims), "n": fold.n}
     if isinstance(fold, (tuple, list)):
-        return {"kind": "Fold", "dims": list(fold)}
+        return {"kind": "dims", "dims": list(fold)}
     name = type(fold).__name__
     check(name in _STRATEGIES, f"only Fold, dims and built-in strategies serialize; got {fold!r}", TypeError)
     out = {"kind": name, **{k: getattr(fold, k) for k in fold.__dataclass_fields__}}
@@ -271,9 +271,11 @@ def fold_from_dict(spec: dict) -> FoldLike:
     """Inverse of :func:`fold_to_dict`."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
-    if kind == "Fold":
+    if kind == "dims":
         return tuple(spec["dims"])
-    check(kind in _STRATEGIES, f"unknown fold kind {kind!r}; expected Fold or one of {sorted(_STRATEGIES)}")
+    if kind == "Fold":
+        return Fold(tuple(spec["dims"]), spec.get("n"))
+    check(kind in _STRATEGIES, f"unknown fold kind {kind!r}; expected dims, Fold or one of {sorted(_STRATEGIES)}")
     if kind == "FixedFold":
         spec["dims"] = tuple(spec["dims"])
     return _STRATEGIES[kind](**spec)
