@@ -2,6 +2,8 @@
 
 from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
+from .adapters import Forecaster
+from .baselines import DLinearForecaster
 from .estimators import SequenceClassifier, SequenceRegressor
 from .trainer import Callback, Trainer, TrainerConfig
 from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
@@ -46,4 +48,6 @@ __all__ = [
     "Callback",
     "SequenceClassifier",
     "SequenceRegressor",
+    "Forecaster",
+    "DLinearForecaster",
 ]
