@@ -20,4 +20,4 @@ demo: $(STAMP)
 	$(PY) examples/forecast_demo.py
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=20 -rs tests
