@@ -102,6 +102,7 @@ def main() -> None:
     ax.plot(last["ds"], last["Forecaster"], color="C2", lw=1, ls="--", label="last backtest window")
     ax.set_ylabel("sea-surface temperature (deg C)")
     ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()  # again: the label set after plot() needs room
     fig.savefig(args.out, dpi=120)
     print(f"\nplot written to {args.out}")
 
