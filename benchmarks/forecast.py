@@ -257,7 +257,7 @@ def main() -> None:
     p.add_argument("--patch-lens", nargs="+", type=int, default=[16], help="Forecaster patch lengths to run")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4, help="Forecaster peak learning rate (its default)")
     p.add_argument("--dlinear-lr", type=float, default=1e-3)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-layers", type=int, default=2)

@@ -487,3 +487,30 @@ def test_model_is_equivariant_to_scale_and_masks_missing_history():
     b[:, :, 20:] = b[:, :, 20:] * 3 - 1  # rescaling what is observed rescales the forecast
     torch.testing.assert_close(model({**batch, "y": b}), model({**batch, "y": a}) * 3 - 1, rtol=1e-4, atol=1e-3)
     assert torch.isfinite(model({**batch, "y": a})).all()
+
+
+def test_skip_ridge_init_recovers_a_linear_map():
+    """init_skip_ridge solves the linear skip in closed form on the RevIN-normalized windows."""
+    torch.manual_seed(0)
+    L, h = 32, 8
+    model = PatchForecastModel(ForecastModelConfig(input_size=L, h=h, patch_len=8, encoder=ModelConfig(d_model=16, n_layers=1, n_heads=2)))
+    y = torch.randn(512, 1, L) * 3 + 5
+    z, mean, std, _ = model._revin(y)
+    W = torch.randn(h, L) * 0.1
+    target = (z @ W.T + 0.2) * std + mean  # (B, 1, h)
+    target[0, 0, 3] = float("nan")  # a window with a missing target is left out
+    assert model.init_skip_ridge(y, target, alpha=1e-8)
+    # every normalized window sums to 0, so the map is identified up to that direction: compare outputs
+    with torch.no_grad():
+        torch.testing.assert_close(model.skip(z), z @ W.T + 0.2, atol=1e-3, rtol=1e-3)
+    assert not PatchForecastModel(ForecastModelConfig(input_size=L, h=h, linear_skip=False)).init_skip_ridge(y, target)
+
+
+def test_skip_ridge_default_and_off():
+    df = seasonal_frame(200, noise=0.1)
+    on = Forecaster(h=12, input_size=48, **{**TINY, "max_steps": 1, "learning_rate": 1e-12}).fit(df)
+    off = Forecaster(h=12, input_size=48, skip_ridge=0, **{**TINY, "max_steps": 1, "learning_rate": 1e-12}).fit(df)
+    assert on.model_.skip.weight.abs().sum() > 0
+    assert off.model_.skip.weight.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="skip_ridge"):
+        Forecaster(h=12, input_size=48, skip_ridge=-1, **TINY).fit(df)

@@ -18,7 +18,10 @@ the number of quantiles), F / Hx / K known-future / past-only / static features 
    https://arxiv.org/abs/2205.13504) shows a linear map is a strong forecaster on its own. The skip
    and the encoder's readout start at zero (the first forecast is the window mean), so the encoder
    only adds what lowers the loss; a random readout cost 0.04 MSE on electricity demand (h=96).
-   ``linear_skip=False`` removes the skip.
+   The Forecaster then sets the skip to its closed-form ridge fit (``init_skip_ridge``), so the
+   linear part starts converged instead of being cut short by the early stop the encoder's
+   over-fitting triggers (at h=336 the best validation came at step 200 of 1,000), and the
+   encoder learns only the residual. ``linear_skip=False`` removes the skip.
 
 Channel-independent (C = 1, each series a sample) or channel-mixing (C series per sample, a token
 holding the patch of every channel) differ only in C.
@@ -115,11 +118,9 @@ class PatchForecastModel(nn.Module):
         if self.skip is not None:  # with both at zero the first forecast is the window mean
             nn.init.zeros_(self.skip.weight), nn.init.zeros_(self.skip.bias)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        c = self.config
-        y = batch["y"]
-        B, C, L = y.shape
-        check(C == c.n_channels and L == c.input_size, f"y must be (B, {c.n_channels}, {c.input_size}), got {tuple(y.shape)}")
+    @staticmethod
+    def _revin(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, L) with NaN -> normalized z (0 where missing), mean, std (B, C, 1), observed mask."""
         observed = ~torch.isnan(y)  # (B, C, L)
         obs = observed.to(y.dtype)
         # RevIN statistics over the observed look-back; a window with nothing observed gets (0, 1).
@@ -128,7 +129,42 @@ class PatchForecastModel(nn.Module):
         mean = y0.sum(-1, keepdim=True) / count.clamp_min(1)
         var = ((y0 - mean) * obs).pow(2).sum(-1, keepdim=True) / count.clamp_min(1)
         std = torch.sqrt(var + 1e-5)
-        z = (y0 - mean) / std * obs  # (B, C, L), 0 where missing
+        return (y0 - mean) / std * obs, mean, std, obs
+
+    @torch.no_grad()
+    def init_skip_ridge(self, y: torch.Tensor, target: torch.Tensor, alpha: float = 1.0) -> bool:
+        """Set the linear skip to the ridge-regression fit of the normalized targets on the look-back.
+
+        ``y`` (B, C, L), ``target`` (B, C, h) from training windows (NaN = missing; windows with a
+        missing target are left out). The skip is a linear least-squares problem, so its optimum
+        is solved in closed form instead of being approached by the same SGD steps (and the same
+        early stop) as the encoder: the encoder then starts from a converged DLinear-like forecast
+        and learns only the residual. ``alpha`` is the ridge penalty per window (features have unit
+        scale). Returns False (nothing changed) without a skip or a usable window.
+        """
+        if self.skip is None:
+            return False
+        z, mean, std, _ = self._revin(y.double())
+        t = (target.double() - mean) / std  # (B, C, h) on the window's scale
+        X, Y = z.reshape(-1, z.shape[-1]), t.reshape(-1, t.shape[-1])
+        ok = ~torch.isnan(Y).any(-1)
+        X, Y = X[ok], Y[ok]
+        if len(X) < 2:
+            return False
+        xm, ym = X.mean(0), Y.mean(0)
+        Xc, Yc = X - xm, Y - ym
+        A = Xc.T @ Xc + alpha * len(X) * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+        W = torch.linalg.solve(A, Xc.T @ Yc)  # (L, h)
+        self.skip.weight.copy_(W.T.to(self.skip.weight.dtype))
+        self.skip.bias.copy_((ym - xm @ W).to(self.skip.bias.dtype))
+        return True
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        y = batch["y"]
+        B, C, L = y.shape
+        check(C == c.n_channels and L == c.input_size, f"y must be (B, {c.n_channels}, {c.input_size}), got {tuple(y.shape)}")
+        z, mean, std, obs = self._revin(y)  # z (B, C, L), 0 where missing
 
         P, n_p, n_f = c.patch_len, c.n_past, c.n_future
         futr = batch["futr"]  # (B, C*F, L + h)

@@ -82,11 +82,16 @@ class Forecaster(BaseEstimator):
         every channel's patch.
     linear_skip : bool, default True
         Add a linear look-back -> horizon map (DLinear) to the encoder's forecast.
+    skip_ridge : float, default 0.1
+        Before training, set that linear map to its closed-form ridge-regression fit on (up to
+        8,192) training windows, with this penalty per window (inputs are RevIN-normalized, so
+        unit scale); training then refines it with the encoder. 0 starts it at zero instead (as
+        does an input_size above 4,096, where the L x L solve would cost more than it gives).
     loss : {"mae", "mse", "huber", "quantile"}, default "mae"
     quantiles : sequence of float in (0, 1), optional
         Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9)); 0.5 is always added and gives
         the point forecast.
-    max_steps, batch_size, learning_rate : int, int, float, default 500, 32, 1e-3
+    max_steps, batch_size, learning_rate : int, int, float, default 500, 32, 3e-4
         Training length (optimizer steps), windows per step, AdamW peak learning rate.
     val_size : int, default 0
         Last steps of each series held out for validation (``fit(val_size=...)`` overrides it).
@@ -134,11 +139,12 @@ class Forecaster(BaseEstimator):
         dropout: float = 0.0,
         channel_mixing: bool = False,
         linear_skip: bool = True,
+        skip_ridge: float = 0.1,
         loss: str = "mae",
         quantiles: Sequence[float] | None = None,
         max_steps: int = 500,
         batch_size: int = 32,
-        learning_rate: float = 1e-3,
+        learning_rate: float = 3e-4,
         val_size: int = 0,
         val_check_steps: int = 100,
         early_stopping: int | None = None,
@@ -158,6 +164,7 @@ class Forecaster(BaseEstimator):
         self.dropout = dropout
         self.channel_mixing = channel_mixing
         self.linear_skip = linear_skip
+        self.skip_ridge = skip_ridge
         self.loss = loss
         self.quantiles = quantiles
         self.max_steps = max_steps
@@ -182,6 +189,7 @@ class Forecaster(BaseEstimator):
                   f"{name} must be a positive int, got {value!r}")  # fmt: skip
         check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
         check_choice("attention", self.attention, ("tensorized", "full"))
+        check(float(self.skip_ridge) >= 0, f"skip_ridge must be >= 0, got {self.skip_ridge!r}")
         check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         check(self.early_stopping is None or int(self.early_stopping) >= 1,
               f"early_stopping must be None or a positive int, got {self.early_stopping!r}")  # fmt: skip
@@ -384,6 +392,7 @@ class Forecaster(BaseEstimator):
             torch.manual_seed(seed)
             self.model_ = self._build_model(self.model_config_).to(device)
         start = time.perf_counter()
+        self._init_skip(train, seed)
         self.history_ = self._train(train, val, device, seed)
         self.fit_time_ = time.perf_counter() - start
         self.model_.eval()
@@ -392,6 +401,20 @@ class Forecaster(BaseEstimator):
                             [v[k:] for v, k in zip(panel.y, keep)], [v[k:] for v, k in zip(panel.futr, keep)],
                             [v[k:] for v, k in zip(panel.hist, keep)], panel.futr_cols, panel.hist_cols)  # fmt: skip
         return self
+
+    def _init_skip(self, train: WindowDataset, seed: int) -> None:
+        """Solve the linear skip in closed form (ridge) on up to 8,192 training windows."""
+        alpha = float(self.skip_ridge)
+        if alpha <= 0 or not isinstance(self.model_, PatchForecastModel) or self.model_.skip is None:
+            return
+        if self.input_size > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
+            return
+        idx = np.arange(len(train))
+        if len(idx) > 8192:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, 8192, replace=False))
+        batch = train.__getitems__(idx)
+        self.model_.init_skip_ridge(batch["y"].to(self.model_.skip.weight.device),
+                                    batch["target"].to(self.model_.skip.weight.device), alpha)  # fmt: skip
 
     def _build_model(self, config: ForecastModelConfig) -> torch.nn.Module:
         """The network for ``config`` (subclasses swap it, e.g. ``baselines.DLinearForecaster``)."""
