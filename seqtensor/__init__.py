@@ -1,12 +1,8 @@
 """seqtensor: tensorized attention for long sequences."""
 
-from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
-from .adapters import Forecaster
-from .baselines import DLinearForecaster
-from .estimators import SequenceClassifier, SequenceRegressor
-from .trainer import Callback, Trainer, TrainerConfig
 from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
+from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
 from .nn import (
     Decoder,
     Encoder,
@@ -18,22 +14,42 @@ from .nn import (
     TensorizedAttention,
     TokenHead,
 )
+from .trainer import Callback, Trainer, TrainerConfig
+from .estimators import SequenceClassifier, SequenceRegressor
+from .adapters import Forecaster
+from .baselines import DLinearForecaster
+from .evaluation import passkey_accuracy, perplexity
+
+# The text adapter needs transformers: import it on first use so `import seqtensor` stays light.
+_TEXT_ADAPTER = ("CausalFold", "tensorize", "untensorize", "load_tensorized")
+
+
+def __getattr__(name: str):
+    if name in _TEXT_ADAPTER:
+        from .adapters import text
+
+        return getattr(text, name)
+    raise AttributeError(f"module 'seqtensor' has no attribute {name!r}")
+
 
 __all__ = [
+    # folds and positions
     "Fold",
     "FixedFold",
     "BalancedFold",
     "BlockFold",
     "ExtrapolatingFold",
     "resolve_fold",
-    "tensorized_attention",
-    "attention_matrix",
-    "resolve_backend",
-    "available_backends",
     "TensorRoPE",
     "RoPE",
     "Sinusoidal",
     "Learned",
+    # the op
+    "tensorized_attention",
+    "attention_matrix",
+    "resolve_backend",
+    "available_backends",
+    # modules
     "TensorizedAttention",
     "FullAttention",
     "ModelConfig",
@@ -43,6 +59,7 @@ __all__ = [
     "SequenceHead",
     "TokenHead",
     "LanguageModel",
+    # training and estimators
     "Trainer",
     "TrainerConfig",
     "Callback",
@@ -50,4 +67,11 @@ __all__ = [
     "SequenceRegressor",
     "Forecaster",
     "DLinearForecaster",
+    # text
+    "CausalFold",
+    "tensorize",
+    "untensorize",
+    "load_tensorized",
+    "perplexity",
+    "passkey_accuracy",
 ]

@@ -42,3 +42,12 @@ def test_layer_gradients_flow_and_errors_are_clear():
         st.TensorizedAttention(16, 4, 3)
     with pytest.raises(ValueError, match="global positional"):
         st.FullAttention(16, 4, positional="tensor_rope")
+
+
+def test_public_api_is_exported_and_import_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, seqtensor; print('transformers' in sys.modules); print(all(hasattr(seqtensor, n) for n in seqtensor.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"], out
