@@ -10,7 +10,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
-import math
 import warnings
 
 import pytest
@@ -54,23 +53,9 @@ def make_inputs(B, H, Hkv, n, d, dtype, *, dv=None, layout="bhnd", mask=False, s
     return leaves, views, kpm
 
 
-def eager_same_precision(q, k, v, dims, n, *, causal, coverage, hop_order, scale, hop_positional, key_padding_mask):
+def eager_same_precision(q, k, v, dims, n, **kw):
     """The reference's hop maths run in the inputs' own dtype: plain PyTorch at that precision."""
-    dtype = q.dtype
-    B, H, _, d = q.shape
-    m, N = len(dims), math.prod(dims)
-    order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg, kg, vg, valid = R._prepare(q, k, v, n, N, key_padding_mask)
-    qg, kg, vg = qg.to(dtype), kg.to(dtype), vg.to(dtype)
-    processed = set()
-    for j in order:
-        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
-        summary = causal and coverage == "full" and S > 1 and processed == set(range(j + 1, m))
-        vg, valid = R._hop(qg, kg, vg, valid, P, nj, S, causal, summary, scale, hop_positional)
-        processed.add(j)
-    out = vg.expand(B, k.shape[1], H // k.shape[1], N, vg.shape[-1]).reshape(B, H, N, -1)
-    return out[:, :, :n]
+    return R.fibre_attention_reference(q, k, v, dims, n, compute_dtype=q.dtype, **kw)
 
 
 def run_all(fn, leaves, views, dims, n, kw, grad_seed=1):

@@ -6,7 +6,6 @@ measured against the float64 reference. Skipped without CUDA; run on the GPU mac
 ``python -m pytest -q tests/test_kernels_gpu.py``.
 """
 
-import math
 
 import pytest
 import torch
@@ -19,22 +18,9 @@ from seqtensor.positional import TensorRoPE  # noqa: E402
 f64 = torch.float64
 
 
-def eager_same_precision(q, k, v, dims, n, *, causal, coverage, hop_order, scale, hop_positional, key_padding_mask):
-    dtype = q.dtype
-    B, H, _, d = q.shape
-    m, N = len(dims), math.prod(dims)
-    order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg, kg, vg, valid = R._prepare(q, k, v, n, N, key_padding_mask)
-    qg, kg, vg = qg.to(dtype), kg.to(dtype), vg.to(dtype)
-    processed = set()
-    for j in order:
-        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
-        summary = causal and coverage == "full" and S > 1 and processed == set(range(j + 1, m))
-        vg, valid = R._hop(qg, kg, vg, valid, P, nj, S, causal, summary, scale, hop_positional)
-        processed.add(j)
-    out = vg.expand(B, k.shape[1], H // k.shape[1], N, vg.shape[-1]).reshape(B, H, N, -1)
-    return out[:, :, :n]
+def eager_same_precision(q, k, v, dims, n, **kw):
+    """The reference's hop maths run in the inputs' own dtype: plain PyTorch at that precision."""
+    return R.fibre_attention_reference(q, k, v, dims, n, compute_dtype=q.dtype, **kw)
 
 
 def outputs(fn, leaves, views, dims, n, kw, g):

@@ -31,11 +31,12 @@ from ..positional import PositionalScheme
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
 
 
-def _prepare(q, k, v, n: int, N: int, key_padding_mask):
+def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None):
     """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions."""
     B, H, _, d = q.shape
     Hkv = k.shape[1]
     work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    work = work if compute_dtype is None else compute_dtype
     valid = torch.zeros(B, N, dtype=torch.bool, device=q.device)
     valid[:, :n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
 
@@ -60,17 +61,20 @@ def fibre_attention_reference(
     scale: float | None = None,
     hop_positional: PositionalScheme | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Multi-hop fibre attention. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n, dv).
 
     Inputs are assumed validated (``seqtensor.tensorized_attention`` does that); ``hop_order``
-    lists dims 0-based (0 = coarsest), default finest to coarsest.
+    lists dims 0-based (0 = coarsest), default finest to coarsest. ``compute_dtype`` overrides the
+    working precision (default: float32 for half inputs); the kernel tests use the inputs' own
+    dtype to measure what plain PyTorch loses at that precision.
     """
     B, H, _, d = q.shape
     m, N = len(dims), math.prod(dims)
     hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask)
+    qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype)
     processed: set[int] = set()
     for j in hop_order:
         P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
