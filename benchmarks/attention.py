@@ -3,12 +3,17 @@
 B=1, H=32 heads, head dim 128, bf16 (../shared/ANCHORS.md). Columns per n and mode:
 - ours: ``tensorized_fibre_attention`` (Triton), causal ``full`` and ``axial`` coverage and bidirectional;
 - naive: the same hops as plain SDPA calls on permuted copies (causal = axial coverage);
-- full: ``scaled_dot_product_attention`` forced to the flash backend (measured up to --full-max).
+- full: ``scaled_dot_product_attention`` forced to the flash backend (measured up to --full-max);
+- flex: the same hops as m compiled ``flex_attention`` calls on the unpermuted (B, H, n, d) tensors, one
+  BlockMask per hop (``flex_fold``; measured up to --flex-max, in --flex-modes). Its pattern matches
+  ours in every row: "flex_coverage" is "axial" in the axial row (= the naive fold), "full" (fibre +
+  summary keys) in the causal row, "bidir" in the bidir row. Masks are built once, outside the timing.
 Time is the median of ``triton.testing.do_bench``; "floor" = m hops x (read q, k, v + write o) at
 4.0 TB/s, the anchors' memory-traffic floor of a forward; peak memory is ``max_memory_allocated``
 over one forward+backward including the inputs. Writes JSON (with the device name) and prints a table.
 
     PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention_h200.json
+    PYTHONPATH=. python benchmarks/attention.py --n 4096 8192 16384 32768 65536 131072 --flex-only
 """
 
 from __future__ import annotations
@@ -47,6 +52,74 @@ def naive_fold(q, k, v, dims, causal):
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             y = F.scaled_dot_product_attention(fib(q), fib(k), fib(x), is_causal=causal)
         x = y.reshape(B, P, S, H, nj, d).permute(0, 3, 1, 4, 2, 5).reshape(B, H, n, d)
+    return x
+
+
+_FLEX_MASKS: dict = {}  # (n, dims, causal, coverage, device) -> one BlockMask per hop, finest first
+_FLEX_COMPILED = None
+
+
+def _flex_mask_mod(stride: int, nj: int, causal: bool, summary: bool, device):
+    """mask_mod of the hop along a dim of size nj and token stride ``stride`` (row-major fold).
+
+    Fibre: same coarser block (idx // (nj * stride)) and same finer offset (idx % stride); causal:
+    kv coordinate along the hop <= q's. ``summary`` (causal "full" coverage, hops with finer dims):
+    also the last token (finer offset stride - 1) of each earlier sibling block in the same coarser
+    block. The hop's constants are captured 0-d tensors, not Python ints, so that every hop (same
+    code object, tensor closure) reuses one compiled flex kernel per shape instead of recompiling.
+    """
+    t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    s_t, nj_t, blk_t, last_t = t(stride), t(nj), t(nj * stride), t(stride - 1)
+    causal_t, summary_t = torch.tensor(causal, device=device), torch.tensor(summary, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_blk = (q_idx // blk_t) == (kv_idx // blk_t)
+        qj, kj = (q_idx // s_t) % nj_t, (kv_idx // s_t) % nj_t
+        fibre = same_blk & ((q_idx % s_t) == (kv_idx % s_t)) & ((kj <= qj) | ~causal_t)
+        summ = summary_t & same_blk & (kj < qj) & ((kv_idx % s_t) == last_t)
+        return fibre | summ
+
+    return mask_mod
+
+
+def flex_block_masks(n: int, dims, causal: bool, coverage: str = "axial", device="cuda"):
+    """One BlockMask per hop (finest first) for ``flex_fold``; built once per key and cached."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (n, tuple(dims), causal, coverage, str(device))
+    if key not in _FLEX_MASKS:
+        assert math.prod(dims) == n, f"flex_fold needs dims without padding, got {dims} for n={n}"
+        masks = []
+        for j in range(len(dims) - 1, -1, -1):
+            stride = math.prod(dims[j + 1 :])
+            summary = causal and coverage == "full" and stride > 1
+            mm = _flex_mask_mod(stride, dims[j], causal, summary, device)
+            # _compile: evaluate the mask per block without materializing an n x n tensor
+            masks.append(create_block_mask(mm, None, None, n, n, device=device, _compile=str(device) != "cpu"))
+        _FLEX_MASKS[key] = masks
+    return _FLEX_MASKS[key]
+
+
+def flex_fold(q, k, v, dims, causal, coverage="axial", compiled=True):
+    """The naive fold's hops (finest first, same q and k, output of hop j = values of hop j+1) as
+    ``flex_attention`` calls on the unpermuted tensors, each with its hop's BlockMask.
+
+    coverage "axial" (default) is exactly ``naive_fold`` (no summary keys); "full" adds the causal
+    summary keys of ``tensorized_attention(coverage="full")``. ``compiled=False`` runs flex eagerly
+    (slow, for checks on CPU).
+    """
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled and _FLEX_COMPILED is None:
+        for name in ("recompile_limit", "cache_size_limit"):  # one compile per n and grad mode
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    attn = _FLEX_COMPILED if compiled else flex_attention
+    x = v
+    for bm in flex_block_masks(q.shape[2], dims, causal, coverage, q.device):
+        x = attn(q, k, x, block_mask=bm)
     return x
 
 
@@ -136,6 +209,11 @@ def main() -> None:
     ap.add_argument("--full-max", type=int, default=32768, help="largest n at which full attention is timed")
     ap.add_argument("--modes", nargs="*", default=["causal", "axial", "bidir"])
     ap.add_argument("--naive-max", type=int, default=262144, help="largest n for the naive fold (faults at 512k)")
+    ap.add_argument("--flex-max", type=int, default=131072,
+                    help="largest n for the flex column (the coarse hops make very sparse block masks)")
+    ap.add_argument("--flex-modes", nargs="*", default=["causal", "axial", "bidir"],
+                    help="modes with a flex column (causal = full coverage with summary keys)")
+    ap.add_argument("--flex-only", action="store_true", help="time only the flex column (skip ours, naive, full)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", type=int, default=0, help="n at which to print per-kernel times of one causal fwd+bwd")
@@ -163,22 +241,39 @@ def main() -> None:
             def ours(q, k, v):
                 return tensorized_fibre_attention(q, k, v, dims, n, causal=causal, coverage=coverage)
 
-            t0 = time.time()
-            row["ours_fwd_ms"], _ = bench(ours, q, k, v, False, args.rep)
-            row["ours_fwdbwd_ms"], row["ours_peak_gib"] = bench(ours, q, k, v, True, args.rep)
-            row["compile_s"] = round(time.time() - t0, 1)
-            if mode != "causal" and n <= args.naive_max:  # the naive fold has no summary keys
+            if not args.flex_only:
+                t0 = time.time()
+                row["ours_fwd_ms"], _ = bench(ours, q, k, v, False, args.rep)
+                row["ours_fwdbwd_ms"], row["ours_peak_gib"] = bench(ours, q, k, v, True, args.rep)
+                row["compile_s"] = round(time.time() - t0, 1)
+                row["fwd_vs_floor"] = round(row["ours_fwd_ms"] / floor_ms, 2)
+            if not args.flex_only and mode != "causal" and n <= args.naive_max:  # naive: no summary keys
                 nv = lambda q, k, v: naive_fold(q, k, v, dims, causal)  # noqa: E731
                 row["naive_fwd_ms"], _ = bench(nv, q, k, v, False, args.rep)
                 row["naive_fwdbwd_ms"], row["naive_peak_gib"] = bench(nv, q, k, v, True, args.rep)
-            if mode != "axial" and n <= args.full_max:
+            if not args.flex_only and mode != "axial" and n <= args.full_max:
                 fa = lambda q, k, v: full_attention(q, k, v, causal)  # noqa: E731
                 row["full_fwd_ms"], _ = bench(fa, q, k, v, False, args.rep)
                 row["full_fwdbwd_ms"], row["full_peak_gib"] = bench(fa, q, k, v, True, args.rep)
-            row["fwd_vs_floor"] = round(row["ours_fwd_ms"] / floor_ms, 2)
+            if mode in args.flex_modes and n <= args.flex_max:
+                # causal row: full coverage (summary keys) like ours; axial row: = the naive fold
+                row["flex_coverage"] = coverage if causal else "bidir"
+                try:
+                    t0 = time.time()
+                    flex_block_masks(n, dims, causal, coverage, q.device)  # built and cached outside timing
+                    row["flex_mask_s"] = round(time.time() - t0, 1)
+                    fx = lambda q, k, v: flex_fold(q, k, v, dims, causal, coverage)  # noqa: E731
+                    t0 = time.time()
+                    row["flex_fwd_ms"], _ = bench(fx, q, k, v, False, args.rep)
+                    row["flex_fwdbwd_ms"], row["flex_peak_gib"] = bench(fx, q, k, v, True, args.rep)
+                    row["flex_compile_s"] = round(time.time() - t0, 1)
+                except Exception as e:  # compile error, OOM, unsupported: record it and go on
+                    row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
         del q, k, v
+        _FLEX_MASKS.clear()
         torch.cuda.empty_cache()
 
     result = dict(device=dev, torch=torch.__version__, config_override=override, B=1, H=args.heads,
@@ -187,11 +282,15 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     cols = ["n", "dims", "mode", "ours_fwd_ms", "ours_fwdbwd_ms", "naive_fwd_ms", "naive_fwdbwd_ms", "full_fwd_ms",
-            "full_fwdbwd_ms", "floor_fwd_ms", "ours_peak_gib", "naive_peak_gib", "full_peak_gib"]  # fmt: skip
+            "full_fwdbwd_ms", "flex_coverage", "flex_fwd_ms", "flex_fwdbwd_ms", "floor_fwd_ms", "ours_peak_gib",
+            "naive_peak_gib", "full_peak_gib", "flex_peak_gib"]  # fmt: skip
     print(f"\n{dev}")
     print(" | ".join(c.replace("_ms", "").replace("_gib", "") for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+    for r in rows:
+        if "flex_error" in r:
+            print(f"flex error at n={r['n']} {r['mode']}: {r['flex_error']}")
 
 
 if __name__ == "__main__":

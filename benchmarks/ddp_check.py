@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.world_size < 2 or args.global_batch % env.world_size:
         print("launch with torchrun --nproc_per_node N (N >= 2 dividing --global-batch)", file=sys.stderr)
         return 2
-    import torch._dynamo  # noqa: F401  (DDP's constructor imports it, ~4 s on CPU: keep that out of the timing)
+    import torch._dynamo as _dynamo  # noqa: F401  (DDP's constructor imports it, ~4 s on CPU: keep that out of the timing)
 
     barrier()
     model, dist_time = train(args, args.strategy, args.global_batch // env.world_size)

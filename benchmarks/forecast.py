@@ -200,21 +200,29 @@ def run_speed(args, results: dict) -> None:
 
 
 def run_max_look_back(args, results: dict) -> None:
-    """Double L from the first speed look-back until a training step runs out of GPU memory."""
+    """Double L from the first speed look-back until a training step runs out of GPU memory.
+
+    Flash attention's memory also grows only linearly in L, so full attention is stopped by time
+    first: the search also ends when one step takes longer than ``--max-step-s``.
+    """
     P = args.speed_patch_lens[0]
     for attention in ("tensorized", "full"):
-        L, best = args.speed_look_backs[0], None
+        L, row = args.speed_look_backs[0], {"longest": None, "stopped_by": "cap", "step_s": None, "peak_gib": None}
         while L <= args.max_look_back_cap:
             try:
-                step_time(L, P, attention, args, repeats=1)
-                best = L
+                t, peak = step_time(L, P, attention, args, repeats=1)
             except torch.OutOfMemoryError:
+                row["stopped_by"] = f"out of memory at L={L}"
                 break
             finally:
                 torch.cuda.empty_cache()
+            row.update(longest=L, step_s=t, peak_gib=peak)
+            if t > args.max_step_s:
+                row["stopped_by"] = f"step time {t:.1f} s > {args.max_step_s} s"
+                break
             L *= 2
-        results["max_look_back"][f"{attention}|P={P}|B={args.speed_batch}"] = best
-        print(f"  longest look-back that trains ({attention}, patch {P}, batch {args.speed_batch}): {best}")
+        results["max_look_back"][f"{attention}|P={P}|B={args.speed_batch}"] = row
+        print(f"  longest look-back that trains ({attention}, patch {P}, batch {args.speed_batch}): {row}")
         save(args, results)
 
 
@@ -266,6 +274,7 @@ def main() -> None:
     p.add_argument("--speed-patch-lens", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--speed-batch", type=int, default=8)
     p.add_argument("--max-look-back-cap", type=int, default=2**20)
+    p.add_argument("--max-step-s", type=float, default=10.0, help="max-look-back search: stop past this step time")
     p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "speed", "max_look_back"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rerun", action="store_true", help="recompute rows already in the results file")

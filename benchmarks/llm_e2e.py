@@ -72,7 +72,7 @@ def build_model(args, device):
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=131072)
     else:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     previous = torch.get_default_dtype()
@@ -123,6 +123,24 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
         if by["sdpa"] and by["tensorized"]:
             rows[-1]["speedup"] = by["sdpa"] / by["tensorized"]
     return rows
+
+
+@torch.no_grad()
+def profile_forward(model, n: int, device, top: int = 25) -> str:
+    """Per-kernel CUDA time of one tensorized forward at n (where the time outside attention goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    tensorize(model, fold=fold_for(n))
+    try:
+        model.model(ids, use_cache=False)  # compile and warm up
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.model(ids, use_cache=False)
+            sync(device)
+    finally:
+        untensorize(model)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top)
 
 
 def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None):
@@ -227,8 +245,15 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="tiny model and lengths, for a CPU check of the script")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
+    parser.add_argument("--profile", type=int, default=0, help="print per-kernel times of one tensorized forward at this n and exit")
+    parser.add_argument("--contiguous-qkv", action="store_true",
+                        help="experiment: copy q, k, v to (B, H, n, d) before the kernels (tests whether layout matters)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.contiguous_qkv:
+        attend = text_adapter.tensorized_attention
+        text_adapter.tensorized_attention = lambda q, k, v, *a, **kw: attend(q.contiguous(), k.contiguous(), v.contiguous(), *a, **kw)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
         args.lengths, args.decode, args.reps, args.decode_steps = [256, 1024], ["1024:1", "1024:2"], 2, 3
@@ -237,8 +262,12 @@ def main(argv=None) -> None:
     model, dtype = build_model(args, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {"device": name, "backend": resolve_backend("auto", device), "dtype": str(dtype), "tiny": args.tiny,
+               "contiguous_qkv": args.contiguous_qkv, "layers": args.layers,
                "torch": torch.__version__, "build_s": round(time.time() - t0, 1)}
     print(f"model built in {results['build_s']} s on {name}", flush=True)
+    if args.profile:
+        print(profile_forward(model, args.profile, device), flush=True)
+        return
     out = Path(args.out or f"benchmarks/results/llm_e2e_{name.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 

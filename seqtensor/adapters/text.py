@@ -36,6 +36,8 @@ Saving: ``save_pretrained`` writes the weights and ``config.seqtensor`` (the set
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -162,6 +164,21 @@ def _key_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | Non
     return attention_mask.to(torch.bool)
 
 
+def _common_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype. Under autocast with fp32 weights the model's RoPE multiplies bf16
+    projections by fp32 cos/sin, so q and k arrive in fp32 and v in bf16; SDPA would run in the
+    autocast dtype, and so do we."""
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1:
+        return xs
+    device_type = xs[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = functools.reduce(torch.promote_types, dtypes)
+    return tuple(x.to(dtype) for x in xs)
+
+
 def _attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -183,6 +200,7 @@ def _attention(
         f"{type(module).__name__} was switched to '{ATTENTION_NAME}' attention without seqtensor.adapters.text.tensorize",
     )
     L, T = query.shape[2], key.shape[2]
+    query, key, value = _common_dtype(query, key, value)
     scale = module.scaling if scaling is None else scaling
     mask = _key_mask(attention_mask, T)
     cache = getattr(module, "_seqtensor_cache", None)
