@@ -276,6 +276,21 @@ def test_training_step_backpropagates_with_checkpointing():
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_autocast_with_fp32_weights_matches_stock_under_autocast():
+    # fp32 weights + bf16 autocast (how the trainer runs): the model's RoPE multiplies bf16
+    # projections by fp32 cos/sin, so q and k reach the attention function in fp32 and v in bf16
+    model = _model()
+    ids = _ids(2, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = model(ids).logits.float()
+        tensorize(model, fold=(64,), positional="rope", backend="reference")
+        got = model(ids).logits.float()
+    assert (got - stock).abs().max() < 0.05 * stock.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids, use_cache=False).loss.backward()
+    assert torch.isfinite(model.model.layers[0].self_attn.q_proj.weight.grad).all()
+
+
 def test_unsupported_models_and_folds_raise_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel lacks: config.model_type .*'gpt2'.*rotary_emb"):

@@ -25,9 +25,9 @@ Design (issue 3; ../shared/SPEC.md, "One hop"):
   gradients gather from all S - 1 sibling fibres: a separate key-centric kernel splits the s range
   into C chunks and writes (B, H, P, C, n_j, d) partial sums; the host adds their sum to the
   summary rows (N / S of them, a small fraction of the tensor).
-- tensor_rope is applied to q and k rows as they are loaded (angles pos * inv_freq in fp32, the
-  position being the fibre coordinate), so no extra pass over q and k; its gradient is the inverse
-  rotation of the rotated-space gradient.
+- tensor_rope is applied to q and k rows as they are loaded (cos / sin of pos * inv_freq read from a
+  small fp32 table, the position being the fibre coordinate), so no extra pass over q and k; its
+  gradient is the inverse rotation of the rotated-space gradient.
 - Backward recomputes each hop from q, k, the hop's input value state and its logsumexp. Saved for
   backward: the m - 1 intermediate value states (input dtype), per-hop logsumexp (fp32, (B, H, N)),
   and the validity bytes. dq and dk accumulate across hops in the gradient dtype (read-add-write;
@@ -63,6 +63,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
 POISON = False
 _MAX_HEAD_DIM = 256
+_MAX_BLOCK = 256  # rows per block, at most: the rotation table covers fibre positions + one block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,23 +81,27 @@ def _load_halves(X, rows, row_mask, offs_h, D1, D2, stride_d):
 
 
 @triton.jit
-def _rotate(x1, x2, pos, InvFreq, offs_h, D1, SIGN: tl.constexpr):
-    """Rotate-half RoPE at positions ``pos``; SIGN = -1 applies the inverse (transpose) rotation."""
-    inv = tl.load(InvFreq + offs_h, mask=offs_h < D1, other=0.0)
-    ang = pos[:, None].to(inv.dtype) * inv[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang) * SIGN
-    a = x1.to(inv.dtype)
-    b = x2.to(inv.dtype)
+def _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN: tl.constexpr):
+    """Rotate-half RoPE at positions ``pos``; SIGN = -1 applies the inverse (transpose) rotation.
+
+    Rot is the (positions, 2 * D1) table [cos | sin] built on the host: a few KB that stay in L1/L2,
+    where computing sin and cos per loaded element made the hop kernels ALU-bound.
+    """
+    ptr = Rot + pos[:, None] * (2 * D1) + offs_h[None, :]
+    hmask = offs_h[None, :] < D1
+    c = tl.load(ptr, mask=hmask, other=1.0)
+    s = tl.load(ptr + D1, mask=hmask, other=0.0) * SIGN
+    a = x1.to(c.dtype)
+    b = x2.to(c.dtype)
     return a * c - b * s, b * c + a * s
 
 
 @triton.jit
-def _load_qk(X, rows, row_mask, pos, InvFreq, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
+def _load_qk(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
     """q or k rows in the dot dtype, rotated by tensor_rope at fibre coordinates ``pos``."""
     x1, x2 = _load_halves(X, rows, row_mask, offs_h, D1, D2, stride_d)
     if ROPE:
-        r1, r2 = _rotate(x1, x2, pos, InvFreq, offs_h, D1, 1)
+        r1, r2 = _rotate(x1, x2, pos, Rot, offs_h, D1, 1)
         x1 = r1.to(X.dtype.element_ty)
         x2 = r2.to(X.dtype.element_ty)
     return x1, x2
@@ -137,7 +142,7 @@ def _scores(q1, q2, k1, k2, qk_scale, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _fwd_keys(
-    acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, InvFreq,
+    acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, Rot,
     key_base, lo, hi, S, NJ, n, n_vin, vrow,
     skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale,
     CAUSAL: tl.constexpr, STRICT: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
@@ -147,7 +152,7 @@ def _fwd_keys(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, InvFreq, offs_h, D1, D2, skd, ROPE)
+        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :]
         if CAUSAL:
@@ -170,7 +175,7 @@ def _fwd_keys(
 
 @triton.jit
 def _hop_fwd_kernel(
-    Q, K, V, O, Lse, ValidIn, Valid0, InvFreq,
+    Q, K, V, O, Lse, ValidIn, Valid0, Rot,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     n, N, H, G, VG, P, NJ, S, n_vin, n_out, qk_scale,
     D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr,
@@ -196,7 +201,7 @@ def _hop_fwd_kernel(
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, InvFreq, offs_h, D1, D2, sqd, ROPE)
+    q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE)
     Kp = K + b * skb + (h // G) * skh
     Vp = V + b * svb + (h // VG) * svh
 
@@ -207,13 +212,13 @@ def _hop_fwd_kernel(
     if CAUSAL:
         hi = tl.minimum(NJ, (qb + 1) * BLOCK_M)
     acc, m_i, l_i = _fwd_keys(
-        acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, InvFreq, fib + s, 0, hi, S, NJ, n, n_vin, vrow,
+        acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, Rot, fib + s, 0, hi, S, NJ, n, n_vin, vrow,
         skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale, CAUSAL, False, ROPE, MASKED, BLOCK_N, DOT_PREC,
     )  # fmt: skip
     if SUMMARY:  # summary keys (p, b, S-1), b < i; fibre S-1 has them as fibre keys already
         hi_s = tl.where(s == S - 1, 0, hi)
         acc, m_i, l_i = _fwd_keys(
-            acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, InvFreq, fib + S - 1, 0, hi_s, S, NJ, n, n_vin,
+            acc, m_i, l_i, q1, q2, offs_m, Kp, Vp, ValidIn, Valid0, Rot, fib + S - 1, 0, hi_s, S, NJ, n, n_vin,
             vrow, skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale, True, True, ROPE, MASKED, BLOCK_N,
             DOT_PREC,
         )  # fmt: skip
@@ -240,7 +245,7 @@ def _load_rows(X, rows, row_mask, offs, ncol, stride_c):
 
 @triton.jit
 def _dq_keys(
-    dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, InvFreq,
+    dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, Rot,
     key_base, lo, hi, S, NJ, n, n_vin, vrow, skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale,
     CAUSAL: tl.constexpr, STRICT: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -249,7 +254,7 @@ def _dq_keys(
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, InvFreq, offs_h, D1, D2, skd, ROPE)
+        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
         v = _load_rows(Vp, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :] & rowq[:, None]
@@ -267,13 +272,13 @@ def _dq_keys(
 
 
 @triton.jit
-def _store_grad(DXp, rows, rmask, xin, pos, InvFreq, offs_h, D1, D2, stride_d, x1, x2, scale,
+def _store_grad(DXp, rows, rmask, xin, pos, Rot, offs_h, D1, D2, stride_d, x1, x2, scale,
                 ROPE: tl.constexpr, ACCUM: tl.constexpr):  # fmt: skip
     """Scale, un-rotate (transpose of tensor_rope), zero rows of invalid tokens, add to DX if ACCUM, store."""
     x1 = x1 * scale
     x2 = x2 * scale
     if ROPE:
-        x1, x2 = _rotate(x1, x2, pos, InvFreq, offs_h, D1, -1)
+        x1, x2 = _rotate(x1, x2, pos, Rot, offs_h, D1, -1)
     x1 = tl.where(xin[:, None], x1, 0.0)
     x2 = tl.where(xin[:, None], x2, 0.0)
     if ACCUM:
@@ -305,7 +310,7 @@ def _row_delta(Dl, do, Op, tq, rowq, orow, offs_dv, NDV, sot, sod, ACC: tl.const
 
 @triton.jit
 def _hop_bwd_kernel(
-    Q, K, V, O, DO, DQ, DK, DV, Lse, Delta, DeltaNext, ValidIn, Valid0, InvFreq,
+    Q, K, V, O, DO, DQ, DK, DV, Lse, Delta, DeltaNext, ValidIn, Valid0, Rot,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
     n, N, H, G, P, NJ, S, n_vin, n_o, n_dv, scale, qk_scale,
@@ -346,7 +351,7 @@ def _hop_bwd_kernel(
 
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + s, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, InvFreq, offs_h, D1, D2, skd, ROPE)
+    k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
     dk1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dk2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_DV], dtype=ACC)
@@ -363,7 +368,7 @@ def _hop_bwd_kernel(
             if not FIRST:
                 Vp = V + b * svb + h * svh
                 v = _load_rows(Vp, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
-            q1, q2 = _load_qk(Q + b * sqb + h * sqh, tk * sqt, kin, offs_n, InvFreq, offs_h, D1, D2, sqd, ROPE)
+            q1, q2 = _load_qk(Q + b * sqb + h * sqh, tk * sqt, kin, offs_n, Rot, offs_h, D1, D2, sqd, ROPE)
             do = _load_rows(DO + b * sdob + h * sdoh, tk * sdot, orow, offs_dv, NDV, sdod)
             delta = _row_delta(Delta + (b * H + h) * N, do, O + b * sob + h * soh, tk, rowk, orow, offs_dv, NDV, sot,
                                sod, ACC, DELTA_IN, STORE_DELTA)  # fmt: skip
@@ -385,11 +390,11 @@ def _hop_bwd_kernel(
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, NJ)
                 dq1, dq2 = _dq_keys(
-                    dq1, dq2, q1, q2, do, delta, lse, offs_n, rowk, Kp, Vp, ValidIn, Valid0, InvFreq, fib + S - 1,
+                    dq1, dq2, q1, q2, do, delta, lse, offs_n, rowk, Kp, Vp, ValidIn, Valid0, Rot, fib + S - 1,
                     0, hi_s, S, NJ, n, n_vin, vrow, skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale,
                     True, True, ROPE, MASKED, BLOCK, DOT_PREC,
                 )  # fmt: skip
-            _store_grad(DQ + b * sdqb + h * sdqh, tk * sdqt, rowk & (tk < n), kin, offs_n, InvFreq, offs_h, D1, D2,
+            _store_grad(DQ + b * sdqb + h * sdqh, tk * sdqt, rowk & (tk < n), kin, offs_n, Rot, offs_h, D1, D2,
                         sdqd, dq1, dq2, scale, ROPE, ACCUM)  # fmt: skip
             if FIRST:
                 dv += dvg
@@ -398,7 +403,7 @@ def _hop_bwd_kernel(
         if FIRST:
             _store_rows(DV + b * sdvb + hk * sdvh, tk * sdvt, rowk & (tk < n_dv), offs_dv, NDV, sdvd,
                         tl.where(kin[:, None], dv, 0.0))  # fmt: skip
-        _store_grad(DKp, tk * sdkt, rowk & (tk < n), kin, offs_n, InvFreq, offs_h, D1, D2, sdkd, dk1, dk2, scale,
+        _store_grad(DKp, tk * sdkt, rowk & (tk < n), kin, offs_n, Rot, offs_h, D1, D2, sdkd, dk1, dk2, scale,
                     ROPE, ACCUM)  # fmt: skip
     else:
         # ---- phase 1: keys c in block blk, queries from the block on (causal) ----
@@ -413,7 +418,7 @@ def _hop_bwd_kernel(
             for start in range(lo, NJ, BLOCK):
                 offs_m = start + tl.arange(0, BLOCK)
                 tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-                q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, InvFreq, offs_h, D1, D2, sqd, ROPE)
+                q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE)
                 orow = rowq & (tq < n_o)
                 do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, orow, offs_dv, NDV, sdod)
                 delta = _row_delta(Delta + (b * H + h) * N, do, O + b * sob + h * soh, tq, rowq, orow, offs_dv, NDV,
@@ -436,7 +441,7 @@ def _hop_bwd_kernel(
         if FIRST:
             _store_rows(DV + b * sdvb + hk * sdvh, tk * sdvt, rowk & (tk < n_dv), offs_dv, NDV, sdvd,
                         tl.where(kin[:, None], dv, 0.0))  # fmt: skip
-        _store_grad(DKp, tk * sdkt, rowk & (tk < n), kin, offs_n, InvFreq, offs_h, D1, D2, sdkd, dk1, dk2, scale,
+        _store_grad(DKp, tk * sdkt, rowk & (tk < n), kin, offs_n, Rot, offs_h, D1, D2, sdkd, dk1, dk2, scale,
                     ROPE, ACCUM)  # fmt: skip
 
         # ---- phase 2: queries i in block blk, over fibre keys (and summary keys) ----
@@ -448,7 +453,7 @@ def _hop_bwd_kernel(
             Vp = V + b * svb + h * svh
             if FIRST:
                 Vp = V + b * svb + hk * svh
-            q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, InvFreq, offs_h, D1, D2, sqd, ROPE)
+            q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE)
             do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, orow, offs_dv, NDV, sdod)
             delta = _row_delta(Delta + (b * H + h) * N, do, O + b * sob + h * soh, tq, rowq, orow, offs_dv, NDV, sot,
                                sod, ACC, DELTA_IN, STORE_DELTA)  # fmt: skip
@@ -456,24 +461,24 @@ def _hop_bwd_kernel(
             dq1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
             dq2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
             dq1, dq2 = _dq_keys(
-                dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, InvFreq, fib + s, 0, hi, S,
+                dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, Rot, fib + s, 0, hi, S,
                 NJ, n, n_vin, vrow, skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale, CAUSAL, False, ROPE,
                 MASKED, BLOCK, DOT_PREC,
             )  # fmt: skip
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, hi)
                 dq1, dq2 = _dq_keys(
-                    dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, InvFreq, fib + S - 1, 0,
+                    dq1, dq2, q1, q2, do, delta, lse, offs_m, rowq, Kp, Vp, ValidIn, Valid0, Rot, fib + S - 1, 0,
                     hi_s, S, NJ, n, n_vin, vrow, skt, skd, svt, svd, offs_h, offs_dv, D1, D2, NDV, qk_scale, True,
                     True, ROPE, MASKED, BLOCK, DOT_PREC,
                 )  # fmt: skip
-            _store_grad(DQ + b * sdqb + h * sdqh, tq * sdqt, rowq & (tq < n), qin, offs_m, InvFreq, offs_h, D1, D2,
+            _store_grad(DQ + b * sdqb + h * sdqh, tq * sdqt, rowq & (tq < n), qin, offs_m, Rot, offs_h, D1, D2,
                         sdqd, dq1, dq2, scale, ROPE, ACCUM)  # fmt: skip
 
 
 @triton.jit
 def _hop_bwd_summary_kernel(
-    Q, K, V, DO, Lse, Delta, ValidIn, Valid0, InvFreq, DKS, DVS,
+    Q, K, V, DO, Lse, Delta, ValidIn, Valid0, Rot, DKS, DVS,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
     n, N, H, G, P, NJ, S, n_vin, n_o, C, CH, scale, qk_scale,
     D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr, NDV: tl.constexpr,
@@ -501,7 +506,7 @@ def _hop_bwd_summary_kernel(
 
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + S - 1, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    k1, k2 = _load_qk(K + b * skb + (h // G) * skh, tk * skt, kin, offs_n, InvFreq, offs_h, D1, D2, skd, ROPE)
+    k1, k2 = _load_qk(K + b * skb + (h // G) * skh, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
     v = _load_rows(V + b * svb + h * svh, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
     dk1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dk2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
@@ -513,7 +518,7 @@ def _hop_bwd_summary_kernel(
         s = s_lo + it // nqb
         offs_m = blk * BLOCK + (it % nqb) * BLOCK + tl.arange(0, BLOCK)
         tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, InvFreq, offs_h, D1, D2, sqd, ROPE)
+        q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE)
         do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, rowq & (tq < n_o), offs_dv, NDV, sdod)
         lse = tl.load(Lse + (b * H + h) * N + tq, mask=rowq, other=float("inf"))
         delta = tl.load(Delta + (b * H + h) * N + tq, mask=rowq, other=0.0)
@@ -526,7 +531,7 @@ def _hop_bwd_summary_kernel(
         dk1 += tl.dot(ds, q1, input_precision=DOT_PREC)
         dk2 += tl.dot(ds, q2, input_precision=DOT_PREC)
     row = (((b * H + h) * P + p) * C + cb) * NJ + offs_n
-    _store_grad(DKS, row * D, rowk, rowk, offs_n, InvFreq, offs_h, D1, D2, 1, dk1, dk2, scale, ROPE, False)
+    _store_grad(DKS, row * D, rowk, rowk, offs_n, Rot, offs_h, D1, D2, 1, dk1, dk2, scale, ROPE, False)
     tl.store(DVS + row[:, None] * NDV + offs_dv[None, :], dv, mask=rowk[:, None] & (offs_dv[None, :] < NDV))
 
 
@@ -553,7 +558,9 @@ def _config(nj: int, d: int, dv: int) -> _Config:
     """Fixed meta-parameters: 16-row blocks under the interpreter, else sized to the fibre and head dim."""
     if _INTERPRET:
         return _Config(16, 16, 16, 1, 1, 1)
-    return dataclasses.replace(_gpu_config(nj, d, dv), **CONFIG_OVERRIDE)
+    cfg = dataclasses.replace(_gpu_config(nj, d, dv), **CONFIG_OVERRIDE)
+    assert max(cfg.block_m, cfg.block_n, cfg.block) <= _MAX_BLOCK, cfg
+    return cfg
 
 
 def _gpu_config(nj: int, d: int, dv: int) -> _Config:
@@ -663,7 +670,7 @@ def _kernel_dtypes(dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, plan: _Plan, inv_freq, valid, need_backward: bool):
+def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
     """All hops; returns the output, the m - 1 intermediate states and the (m, B, H, N) logsumexp."""
     B, H, n, d = q.shape
     G, dv, N, m = H // k.shape[1], v.shape[-1], plan.N, len(plan.hops)
@@ -673,8 +680,8 @@ def _forward(q, k, v, plan: _Plan, inv_freq, valid, need_backward: bool):
     if not need_backward:
         lse = lse[:1]
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
-    rope = inv_freq is not None
-    inv = inv_freq if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    rope = rotation is not None
+    inv = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
     states, vin = [], v
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
@@ -703,15 +710,15 @@ def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
     return max(1, min(S - 1, -(-target // (B * H * P * nb))))
 
 
-def _backward(grad_out, q, k, v, out, states, lse, valid, inv_freq, plan: _Plan):
+def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan):
     B, H, n, d = q.shape
     Hkv = k.shape[1]
     G, dv, N, m = H // Hkv, v.shape[-1], plan.N, len(plan.hops)
     acc, prec = _kernel_dtypes(q.dtype)
     D1, D2 = (d + 1) // 2, d // 2
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
-    rope = inv_freq is not None
-    inv = inv_freq if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    rope = rotation is not None
+    inv = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
     dq, dk = _empty_like(q), _empty_like(k)
     do, delta = grad_out, None
     for idx in range(m - 1, -1, -1):
@@ -793,14 +800,14 @@ def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, inv, rop
 
 class _FibreAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, inv_freq, plan, key_padding_mask):
+    def forward(ctx, q, k, v, rotation, plan, key_padding_mask):
         need_backward = any(ctx.needs_input_grad[:3])
         valid = _validity(plan, q.shape[0], key_padding_mask, q.device) if plan.masked else None
-        out, states, lse = _forward(q, k, v, plan, inv_freq, valid, need_backward)
+        out, states, lse = _forward(q, k, v, plan, rotation, valid, need_backward)
         if need_backward:
             ctx.plan, ctx.n_states = plan, len(states)
-            ctx.has_valid, ctx.has_rope = valid is not None, inv_freq is not None
-            extra = [x for x in (valid, inv_freq) if x is not None]
+            ctx.has_valid, ctx.has_rope = valid is not None, rotation is not None
+            extra = [x for x in (valid, rotation) if x is not None]
             ctx.save_for_backward(q, k, v, out, lse, *states, *extra)
         return out
 
@@ -810,8 +817,8 @@ class _FibreAttention(torch.autograd.Function):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         states, rest = rest[: ctx.n_states], rest[ctx.n_states :]
         valid = rest.pop(0) if ctx.has_valid else None
-        inv_freq = rest.pop(0) if ctx.has_rope else None
-        dq, dk, dv = _backward(grad_out, q, k, v, out, states, lse, valid, inv_freq, ctx.plan)
+        rotation = rest.pop(0) if ctx.has_rope else None
+        dq, dk, dv = _backward(grad_out, q, k, v, out, states, lse, valid, rotation, ctx.plan)
         return dq, dk, dv, None, None, None
 
 
@@ -855,11 +862,18 @@ def tensorized_fibre_attention(
             hop_positional=hop_positional, key_padding_mask=key_padding_mask,
         )  # fmt: skip
     plan = _make_plan(dims, n, q.shape[-1], causal, coverage, hop_order, scale, key_padding_mask)
-    inv_freq = None
+    rotation = None
     if hop_positional is not None:
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        inv_freq = hop_positional.inv_freq.to(device=q.device, dtype=work).contiguous()
-    return _FibreAttention.apply(q, k, v, inv_freq, plan, key_padding_mask)
+        rotation = _rotation_table(hop_positional.inv_freq, max(dims), work, q.device)
+    return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask)
+
+
+def _rotation_table(inv_freq: torch.Tensor, max_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(positions, 2 * D1) [cos | sin] of pos * inv_freq; rows past max_dim cover blocks' masked tails."""
+    pos = torch.arange(max_dim + _MAX_BLOCK, dtype=torch.float64, device=device)
+    angles = pos[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(dtype).contiguous()
 
 
 register_backend("triton", tensorized_fibre_attention)
