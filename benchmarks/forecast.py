@@ -24,6 +24,7 @@ Results: benchmarks/results/forecast_<device>.json (merged per run key), tables 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -76,9 +77,9 @@ def test_windows(df: pd.DataFrame, n_test: int, h: int) -> tuple[pd.DataFrame, i
 # ---------------------------------------------------------------------------------------------
 
 
-def neural(kind: str, h: int, L: int, args, patch_len: int):
+def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
     common = dict(h=h, input_size=L, loss="mse", max_steps=args.max_steps, batch_size=args.batch_size,
-                  val_check_steps=100, early_stopping=5, random_state=0, device=args.device)  # fmt: skip
+                  val_check_steps=100, early_stopping=5, random_state=seed, device=args.device)  # fmt: skip
     if kind == "DLinear":
         return DLinearForecaster(learning_rate=args.dlinear_lr, **common)
     attention = "tensorized" if kind == "Forecaster" else "full"
@@ -105,20 +106,20 @@ def run_accuracy(args, results: dict) -> None:
             for L in args.look_backs:
                 for kind in args.models:
                     patches = args.patch_lens if kind in ("Forecaster", "Forecaster-full") else [None]
-                    for P in patches:
+                    for P, seed in itertools.product(patches, args.seeds):
                         if P is not None and P > L:
                             continue
-                        key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "")
+                        key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "")
                         if key in results["accuracy"] and not args.rerun:
                             print(f"  {key}: cached"); continue  # fmt: skip
-                        est = neural(kind, h, L, args, P or 16)
+                        est = neural(kind, h, L, args, P or 16, seed)
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             start = time.perf_counter()
                             cv = est.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
                             wall = time.perf_counter() - start
                         steps = max((r["step"] for r in est.history_), default=0)
-                        row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P,
+                        row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P, "seed": seed,
                                "windows": n_windows, "train_s": est.fit_time_, "wall_s": wall, "steps": steps,
                                "s_per_step": est.fit_time_ / max(steps, 1), **score(cv, est.model_name)}  # fmt: skip
                         results["accuracy"][key] = row
@@ -242,8 +243,8 @@ def print_tables(results: dict) -> None:
         acc["config"] = acc.apply(lambda r: r["model"] + ("" if pd.isna(r["look_back"]) else f" L={int(r['look_back'])}")
                                   + ("" if pd.isna(r.get("patch_len")) else f" P={int(r['patch_len'])}"), axis=1)  # fmt: skip
         for name, g in acc.groupby("dataset"):
-            table = g.pivot_table(index="config", columns="h", values=["mse", "mae", "train_s"], aggfunc="first")
-            print(f"\n{name}: MSE / MAE on the z-scale, train seconds")
+            table = g.pivot_table(index="config", columns="h", values=["mse", "mae", "train_s"], aggfunc="mean")
+            print(f"\n{name}: MSE / MAE on the z-scale, train seconds (means over the seeds run)")
             cells = {h: table["mse"][h].map("{:.3f}".format) + " / " + table["mae"][h].map("{:.3f}".format)
                      + " (" + table["train_s"][h].map("{:.0f}".format) + " s)" for h in table["mse"].columns}  # fmt: skip
             print(pd.DataFrame(cells).to_string())
@@ -262,6 +263,7 @@ def main() -> None:
     p.add_argument("--look-backs", nargs="+", type=int, default=[96, 512, 2048])
     p.add_argument("--models", nargs="+", default=["DLinear", "Forecaster", "Forecaster-full"],
                    choices=["DLinear", "Forecaster", "Forecaster-full"])  # fmt: skip
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="random_state of each neural run (rows per seed)")
     p.add_argument("--patch-lens", nargs="+", type=int, default=[16], help="Forecaster patch lengths to run")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)

@@ -240,7 +240,7 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
-    parser.add_argument("--decode", type=str, nargs="+", default=["32768:1", "32768:8", "131072:1", "131072:2"],
+    parser.add_argument("--decode", type=str, nargs="*", default=["32768:1", "32768:8", "131072:1", "131072:2"],
                         help="n:batch pairs for the decode measurements")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=8)
