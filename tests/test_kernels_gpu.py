@@ -86,3 +86,42 @@ def test_gpu_matches_float64_reference(case, dtype):
         ratio = err / max(err_base, 1e-30)
         print(f"{'x'.join(map(str, dims))} {dtype} {name}: rel err {rel:.2e}, ratio to PyTorch {ratio:.2f}")
         assert err <= tol, f"{name}: error {err:.3e} > 2 x same-precision PyTorch {err_base:.3e}"
+
+
+@pytest.mark.parametrize("coverage", ["full", "axial"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_kernel_matches_float64(dtype, coverage):
+    """The one-launch decode kernel (seqtensor.kernels.decode) at a Llama-like shape, several steps.
+
+    Same rule: its error is at most twice the PyTorch step's error in the same dtype, both against
+    the float64 PyTorch step.
+    """
+    from seqtensor.adapters import text_cache
+    from seqtensor.adapters.text_cache import CausalFold, LayerCache, block_levels
+
+    fold, B, H, Hkv, d, n0, steps = CausalFold((16, 16, 32)), 2, 8, 2, 128, 3000, 6
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, n0 + steps, d, device="cuda", dtype=f64, generator=g) for h in (H, Hkv, Hkv))
+    rope = TensorRoPE(d, base=10000.0).cuda()
+    kw = dict(coverage=coverage, positional=rope, scale=d**-0.5)
+
+    def state(dt):
+        levels = block_levels(q[:, :, :n0].to(dt), k[:, :, :n0].to(dt), v[:, :, :n0].to(dt), fold, backend="reference", **kw)
+        return LayerCache(fold, length=torch.full((B,), n0, device="cuda"), offset=torch.zeros(B, dtype=torch.long, device="cuda"),
+                          levels=levels, stored=n0, **kw)  # fmt: skip
+
+    exact, fused, eager = state(f64), state(dtype), state(dtype)
+    calls = []
+    real = text_cache.LayerCache._step_kernel
+    text_cache.LayerCache._step_kernel = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        for s in range(steps):
+            t = n0 + s + 1
+            want = exact.step(q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t], kernel=False)
+            args = [x.to(dtype) for x in (q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t])]
+            err_fused = (fused.step(*args).double() - want).abs().max().item()
+            err_eager = (eager.step(*args, kernel=False).double() - want).abs().max().item()
+            assert err_fused <= 2 * err_eager + 1e-6, (s, err_fused, err_eager)
+    finally:
+        text_cache.LayerCache._step_kernel = real
+    assert len(calls) == steps  # every step went through the kernel

@@ -44,12 +44,19 @@ before it is read (the slot it overwrites lies outside its block). Several new t
 handled together hop by hop: they read earlier tokens from the rings and each other from the
 call's own tensors, and the rings are written once at the end, so no slot is overwritten before
 it is read.
+
+One new token on CUDA (or on CPU under ``TRITON_INTERPRET=1``) runs ``kernels.decode``: all hops in
+one launch, key indices computed in the kernel, so the plan is never built (it is lazy). The
+PyTorch path here stays the oracle: ``DECODE_KERNEL = False`` or ``step(..., kernel=False)`` forces it,
+and it serves every call the kernel does not support (``decode.fallback_reason``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +66,10 @@ from ..attention import tensorized_attention
 from ..folds import Fold
 from ..positional import PositionalScheme
 
-__all__ = ["CausalFold", "LayerCache", "block_levels"]
+__all__ = ["CausalFold", "LayerCache", "StepPlan", "block_levels"]
+
+# False: every step runs the PyTorch path (the oracle), even where the decode kernel could run.
+DECODE_KERNEL = True
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,40 @@ def block_levels(
     return levels
 
 
+@functools.cache
+def _decode_kernels():
+    try:
+        from ..kernels import decode
+    except ImportError:  # no triton: the PyTorch path
+        return None
+    return decode
+
+
+def _decode_module(q: torch.Tensor):
+    """``kernels.decode`` where it can run on q's device (CUDA, or CPU under the interpreter), else None."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return None  # skip importing triton at all
+    return _decode_kernels()
+
+
+class StepPlan(Sequence):
+    """The per-hop dicts of ``LayerCache.plan``, built on first access (then kept)."""
+
+    def __init__(self, build: Callable[[], list[dict[str, torch.Tensor]]]) -> None:
+        self._build, self._hops = build, None
+
+    def _get(self) -> list[dict[str, torch.Tensor]]:
+        if self._hops is None:
+            self._hops, self._build = self._build(), None
+        return self._hops
+
+    def __getitem__(self, index):
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class LayerCache:
     """Incremental state of one attention layer (see the module docstring).
 
@@ -214,6 +258,7 @@ class LayerCache:
         self.length, self.offset = length, offset
         self.max_length = int(length.max())  # host copy of max(length): no device syncs per step
         self.rings: dict[int, torch.Tensor] = {}
+        self._consts: dict = {}  # (dtype, device) -> the decode kernel's [scale, inv_freq]
         m = fold.order
         for hop, level in enumerate(levels, start=1):
             if hop == m - 1:  # top level: every token, with room to grow
@@ -260,20 +305,25 @@ class LayerCache:
         u, ok = torch.cat(u, -1), torch.cat(ok, -1)
         return torch.where(ok, u, 0), ok, kpos, digit
 
-    def plan(self, L: int, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    def plan(self, L: int, dtype: torch.dtype) -> "StepPlan":
         """Per-hop indices, masks and rotation tables for the next L tokens.
 
         They depend only on token positions, so one plan serves every layer of a step (the text
-        adapter shares it); ``dtype`` is the dtype of the queries.
+        adapter shares it); ``dtype`` is the dtype of the queries. Built on first use: a step that
+        runs the decode kernel computes its indices itself and never builds them.
         """
+        return StepPlan(functools.partial(self._plan_hops, self.length, self.offset, self.max_length, L, dtype))
+
+    def _plan_hops(self, first, offset, max_length: int, L: int, dtype: torch.dtype) -> list[dict]:
+        """The hops of ``plan`` for the state (length ``first``, ``offset``) it was asked for: layers
+        that already stepped have moved on, so a plan built late must not read ``self.length``."""
         work = _work_dtype(dtype)
-        first = self.length
         t = first[:, None] + torch.arange(L, device=first.device)  # (B, L)
         hops = []
         for hop in range(self.fold.order):
-            u, ok, kpos, qpos = self._keys(t, self.max_length + L - 1, hop)  # (B, L, K)
+            u, ok, kpos, qpos = self._keys(t, max_length + L - 1, hop)  # (B, L, K)
             bias = torch.zeros(ok.shape, dtype=work, device=u.device).masked_fill(~ok, float("-inf"))
-            p = {"kv": u + self.offset[:, None, None], "bias": bias[:, None, :, None, :]}  # bias (B, 1, L, 1, K)
+            p = {"kv": u + offset[:, None, None], "bias": bias[:, None, :, None, :]}  # bias (B, 1, L, 1, K)
             if self.positional is not None:
                 p["rot"] = self._rotation(kpos, qpos, work)
             if hop > 0:
@@ -300,14 +350,20 @@ class LayerCache:
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
 
-    def step(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, plan=None) -> torch.Tensor:
+    def step(
+        self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, plan=None, *, kernel: bool = True
+    ) -> torch.Tensor:
         """Attention output for L new tokens.
 
         q (B, H, L, d): the new queries. k_all, v_all (B, Hkv, T, d): the whole Hugging Face cache,
-        the new tokens included. ``plan``: from ``self.plan`` (built here if None).
+        the new tokens included. ``plan``: from ``self.plan`` (built here if None). ``kernel``:
+        False runs the PyTorch path even where the decode kernel could (as ``DECODE_KERNEL = False``).
         Returns (B, H, L, dv).
         """
         B, H, L, d = q.shape
+        decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 else None
+        if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
+            return self._step_kernel(decode, q, k_all, v_all)
         Hkv, G = k_all.shape[1], H // k_all.shape[1]
         work = _work_dtype(q.dtype)
         plan = self.plan(L, q.dtype) if plan is None else plan
@@ -337,6 +393,22 @@ class LayerCache:
         self.length, self.max_length = self.length + L, self.max_length + L
         self.stored += L
         return level
+
+    def _step_kernel(self, decode, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        """One new token through ``kernels.decode``: one launch, which also advances ``length``."""
+        self._grow_top(self.max_length)
+        key = (q.dtype, q.device)
+        if key not in self._consts:
+            inv_freq = None if self.positional is None else self.positional.inv_freq
+            self._consts[key] = decode.decode_constants(self.scale, inv_freq, q.dtype, q.device)
+        rings = [self.rings[hop] for hop in range(1, self.fold.order)]
+        out, self.length = decode.decode_step(
+            q, k_all, v_all, rings, self.length, self.offset, self.fold.dims, self._consts[key],
+            summary=self.coverage == "full", rope=self.positional is not None, max_length=self.max_length,
+        )  # fmt: skip
+        self.max_length += 1
+        self.stored += 1
+        return out
 
     def _rotate(self, keys, q, rot, qg, work):
         """Rotated keys, and the queries to score them with (scaled, (B, Hkv, G, L, d))."""

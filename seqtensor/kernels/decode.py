@@ -1,0 +1,264 @@
+"""Triton kernel for one decoding step of tensorized attention: every hop in one launch.
+
+Legend: B batch, H query heads, Hkv kv heads, G = H // Hkv, T tokens in the K/V cache (left
+padding included), d head dim (split in halves D1 + D2 so rotate-half RoPE pairs stay apart),
+dv value dim, m fold order, t the new token's compact index, w_l and r_l the token stride and size
+of hop l's dim (r = 0 for the unbounded top hop).
+
+Semantics are those of ``adapters.text_cache.LayerCache.step`` for one new token (the oracle; its
+module docstring describes the cache). One program owns one batch row and HEADS query heads (one
+on the GPU: B * H programs; all of them under the interpreter, whose cost is per op and program)
+and runs the m hops in order, finest first:
+
+- the key indices of hop l are computed from t with integer maths (fibre keys ``t - (a - b) w_l``,
+  b <= a, and for ``full`` coverage the summary keys ``start + b w_l + w_l - 1``, b < a, unless t is
+  the last token of its block), so no per-step index plan is built on the host;
+- keys are gathered from K at ``offset + u`` and, with tensor RoPE, rotated by ``b - a`` (their
+  position relative to the query's; RoPE is relative, so the query is never rotated);
+- the softmax runs online over chunks of BLOCK_B hop positions (the top hop grows with the
+  context), in fp32 (fp64 for fp64 inputs);
+- hop 0 reads V (kv head h // G); hop l >= 1 reads the level-l ring of its query head. This token's
+  own level-l value is the previous hop's output: it is stored in its ring slot first (the slot it
+  overwrites lies outside its block) and used from registers, rounded to the ring's dtype as the
+  PyTorch path stores it.
+
+The program of head 0 also writes ``length + 1`` (the next step's t), so a layer's step is a single
+launch. Unsupported calls are listed by ``fallback_reason``; the caller then runs the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_step", "decode_constants", "fallback_reason"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this to fill the output with NaN first (catches unwritten elements).
+POISON = False
+_MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, Vals, O, Length, NewLength, Offset, Consts,
+    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
+    stride_ob, stride_oh, stride_od, H, G,
+    W: tl.constexpr, R: tl.constexpr, BLOCK_B: tl.constexpr, M: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, SUMMARY: tl.constexpr, ROPE: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """All m hops for the new token of batch row b and query heads h0 .. h0 + HEADS - 1.
+
+    Vals: (V, ring_1, ..., ring_{m-1}); stride_vals: their (batch, head, token, dim) strides, flat.
+    W, R, BLOCK_B: per-hop stride, size (0 = top) and chunk of hop positions. Consts: [scale, inv_freq].
+    Tensors are (HEADS, keys, dim): the key indices are shared by the heads of a batch row.
+    """
+    HB = tl.cdiv(H, HEADS)
+    pid = tl.program_id(0)
+    h0 = (pid % HB) * HEADS
+    b = (pid // HB).to(tl.int64)
+    t = tl.load(Length + b).to(tl.int64)
+    off = tl.load(Offset + b).to(tl.int64)
+    tl.store(NewLength + b, t + 1, mask=h0 == 0)
+
+    heads = h0 + tl.arange(0, HEADS)
+    h_ok = heads < H
+    kvh = heads // G
+    offs_h = tl.arange(0, BLOCK_DH)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    scale = tl.load(Consts)
+    q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :] * stride_qd
+    q1 = tl.load(q_ptr, mask=h_ok[:, None] & (offs_h[None, :] < D1), other=0.0).to(ACC) * scale  # (HEADS, BLOCK_DH)
+    q2 = tl.load(q_ptr + D1 * stride_qd, mask=h_ok[:, None] & (offs_h[None, :] < D2), other=0.0).to(ACC) * scale
+    inv = tl.zeros([BLOCK_DH], ACC)
+    if ROPE:
+        inv = tl.load(Consts + 1 + offs_h, mask=offs_h < D1, other=0.0)
+    k_head = K + b * stride_kb + kvh[:, None, None] * stride_kh + offs_h[None, None, :] * stride_kd
+    k1_ok = h_ok[:, None, None] & (offs_h[None, None, :] < D1)
+    k2_ok = h_ok[:, None, None] & (offs_h[None, None, :] < D2)
+    dv_ok = h_ok[:, None, None] & (offs_dv[None, None, :] < NDV)
+
+    out = tl.zeros([HEADS, BLOCK_DV], ACC)  # previous hop's output: this token's value at the current level
+    for hop in tl.static_range(M):
+        w = W[hop]
+        r = R[hop]
+        if r == 0:  # top hop: the whole past
+            a = t // w
+            start = t * 0
+        else:
+            a = (t // w) % r
+            start = (t // (w * r)) * (w * r)
+        # this token's level as the PyTorch path stores and reads it: in q's dtype, then the ring's
+        own = out.to(O.dtype.element_ty).to(Vals[hop].dtype.element_ty).to(ACC)
+        if hop == 0:
+            v_head = Vals[0] + b * stride_vals[0] + kvh[:, None, None] * stride_vals[1]
+        else:
+            v_head = Vals[hop] + b * stride_vals[4 * hop] + heads[:, None, None] * stride_vals[4 * hop + 1]
+            slot = t
+            if r != 0:
+                slot = t % (w * r)
+            tl.store(v_head + slot * stride_vals[4 * hop + 2] + offs_dv[None, None, :] * stride_vals[4 * hop + 3],
+                     own[:, None, :].to(Vals[hop].dtype.element_ty), mask=dv_ok)  # fmt: skip
+        v_head += offs_dv[None, None, :] * stride_vals[4 * hop + 3]
+
+        m_i = tl.full([HEADS], float("-inf"), ACC)
+        l_i = tl.zeros([HEADS], ACC)
+        acc = tl.zeros([HEADS, BLOCK_DV], ACC)
+        for c in range(0, a + 1, BLOCK_B[hop]):
+            if SUMMARY and hop > 0:  # fibre and summary keys of the same b interleaved
+                j = tl.arange(0, 2 * BLOCK_B[hop])
+                pos = c + j // 2
+                summ = (j % 2) == 1
+                u = tl.where(summ, start + pos * w + (w - 1), t - (a - pos) * w)
+                # summary keys of blocks b < a; none when t ends its own block (its fibre key is that token)
+                ok = (pos <= a) & ((~summ) | ((pos < a) & (t % w != w - 1)))
+            else:
+                pos = c + tl.arange(0, BLOCK_B[hop])
+                u = t - (a - pos) * w
+                ok = pos <= a
+            k_ptr = k_head + ((off + u) * stride_kt)[None, :, None]
+            k1 = tl.load(k_ptr, mask=ok[None, :, None] & k1_ok, other=0.0).to(ACC)  # (HEADS, keys, BLOCK_DH)
+            k2 = tl.load(k_ptr + D1 * stride_kd, mask=ok[None, :, None] & k2_ok, other=0.0).to(ACC)
+            if ROPE:  # rotate by the key's position relative to the query's: b - a
+                ang = (pos - a).to(ACC)[:, None] * inv[None, :]
+                cos = tl.cos(ang)[None, :, :]
+                sin = tl.sin(ang)[None, :, :]
+                k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+            sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))  # finite: position c <= a is always a valid fibre key
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if hop == 0:
+                v_ptr = v_head + ((off + u) * stride_vals[2])[None, :, None]
+                v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok, other=0.0).to(ACC)
+            else:
+                row = u
+                if r != 0:
+                    row = u % (w * r)
+                mine = (u == t)[None, :, None]
+                v_ptr = v_head + (row * stride_vals[4 * hop + 2])[None, :, None]
+                v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok & ~mine, other=0.0)
+                v = tl.where(mine, own[:, None, :], v.to(ACC))
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
+            m_i = m_new
+        out = acc / l_i[:, None]
+
+    o_ptr = O + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=h_ok[:, None] & (offs_dv[None, :] < NDV))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and launcher
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    heads: int  # query heads per program (0: all of a batch row)
+    tile: int  # max heads x key lanes x head-dim lanes of one key or value tile (registers)
+    num_warps: int  # warps per program
+
+
+# Benchmarks set fields here (e.g. {"num_warps": 4}) to compare configs without editing _config.
+CONFIG_OVERRIDE: dict = {}
+
+
+def _config() -> _Config:
+    # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
+    cfg = _Config(0, 1 << 20, 1) if _INTERPRET else _Config(1, 16384, 8)
+    return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, x))
+
+
+def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positional) -> str | None:
+    """Why the kernel cannot run this step (None when it can); the caller then uses the PyTorch path."""
+    if q.shape[2] != 1:
+        return f"{q.shape[2]} new tokens (the kernel decodes one)"
+    if not (q.is_cuda or _INTERPRET):
+        return f"tensors on {q.device} and TRITON_INTERPRET is not set"
+    for x in (q, k, v):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            return f"dtype {x.dtype} is not supported"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return "gradients are needed (the kernel has no backward)"
+    if q.shape[-1] > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
+        return f"head dims ({q.shape[-1]}, {v.shape[-1]}) exceed {_MAX_HEAD_DIM}"
+    if positional is not None and getattr(positional, "inv_freq", None) is None:
+        return f"per-hop positional scheme {type(positional).__name__} has no inv_freq"
+    return None
+
+
+def decode_constants(scale: float, inv_freq: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """[scale, inv_freq...] in the kernel's accumulator dtype: a tensor, so fp64 keeps its precision
+    (a Python float argument would reach the kernel as fp32). Build once per layer and dtype."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    head = torch.tensor([scale], dtype=work)
+    tail = torch.empty(0, dtype=work) if inv_freq is None else inv_freq.detach().to("cpu", work)
+    return torch.cat([head, tail]).to(device)
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rings: Sequence[torch.Tensor],
+    length: torch.Tensor,
+    offset: torch.Tensor,
+    dims: tuple[int, ...],
+    consts: torch.Tensor,
+    *,
+    summary: bool,
+    rope: bool,
+    max_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new token through all hops, in one launch.
+
+    q (B, H, 1, d); k, v (B, Hkv, T, d|dv): the K/V cache, the new token included. rings: levels
+    1..m-1, (B, H, slots, dv) each (the top level must already hold room for index ``length``).
+    length, offset (B,): the new token's compact index and the left padding. dims: the fold,
+    coarsest first. consts: from ``decode_constants``. summary: ``coverage == "full"``. max_length:
+    host copy of ``length.max()``. Returns the output (B, H, 1, dv) and ``length + 1``.
+    """
+    B, H, _, d = q.shape
+    m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
+    assert len(rings) == m - 1, "one ring per intermediate level"
+    D1, D2 = (d + 1) // 2, d // 2
+    block_dh, block_dv = _pow2(D1), _pow2(dv)
+    cfg = _config()
+    # hop l (finest first): stride w_l = prod of the l finest dims, size r_l (0 = the top hop)
+    W = tuple(math.prod(dims[m - hop :]) for hop in range(m))
+    R = tuple(dims[m - 1 - hop] for hop in range(m - 1)) + (0,)
+    heads = _pow2(H) if cfg.heads == 0 else cfg.heads
+    lanes = heads * max(2 * block_dh, block_dv)
+    blocks = []
+    for hop in range(m):
+        count = R[hop] if R[hop] else max_length // W[hop] + 1  # hop positions b of the largest t
+        cap = max(1, cfg.tile // (lanes * (2 if summary and hop else 1)))
+        blocks.append(min(_pow2(count), 1 << (cap.bit_length() - 1)))  # a power of two <= cap
+    vals = (v, *rings)
+    out = torch.empty((B, H, 1, dv), dtype=q.dtype, device=q.device)
+    if POISON:
+        out.fill_(float("nan"))
+    new_length = torch.empty_like(length)
+    _decode_kernel[(B * triton.cdiv(H, heads),)](
+        q, k, vals, out, length, new_length, offset, consts,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), tuple(s for x in vals for s in x.stride()),
+        out.stride(0), out.stride(1), out.stride(3), H, G,
+        W=W, R=R, BLOCK_B=tuple(blocks), M=m, D1=D1, D2=D2, NDV=dv, SUMMARY=summary, ROPE=rope,
+        HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv, ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out, new_length
