@@ -291,6 +291,21 @@ def test_autocast_with_fp32_weights_matches_stock_under_autocast():
     assert torch.isfinite(model.model.layers[0].self_attn.q_proj.weight.grad).all()
 
 
+def test_failed_forward_releases_the_cache(monkeypatch):
+    # a forward that raises (out of memory, say) must not leave the cache attached to the layers
+    from seqtensor.adapters import text as text_module
+
+    model = tensorize(_model(), fold=(2, 3, 4), backend="reference")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(text_module, "tensorized_attention", fail)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        model(_ids(1, 24), use_cache=True)
+    assert all(getattr(m, "_seqtensor_cache", None) is None for m in model.modules())
+
+
 def test_unsupported_models_and_folds_raise_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel lacks: config.model_type .*'gpt2'.*rotary_emb"):

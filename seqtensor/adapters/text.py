@@ -473,7 +473,8 @@ def tensorize(
         if hasattr(attn, "sliding_window"):
             attn.sliding_window = None
         restore["hooks"].append(attn.register_forward_pre_hook(_capture_cache, with_kwargs=True))
-        restore["hooks"].append(attn.register_forward_hook(_release_cache, with_kwargs=True))
+        # always_call: a forward that raises (e.g. out of memory) must not keep the cache alive
+        restore["hooks"].append(attn.register_forward_hook(_release_cache, with_kwargs=True, always_call=True))
     _set_attn_implementation(model, ATTENTION_NAME)
     mc.seqtensor = config.to_dict()
     model._seqtensor_restore = restore
