@@ -1,4 +1,8 @@
-"""The one training loop: ``Trainer`` and ``TrainerConfig``. Every adapter and estimator trains through it.
+"""The one training loop, ``Trainer``. Every adapter and estimator trains through it.
+
+Its pieces live beside it: settings in ``trainer_config``, the default optimizer and schedule in
+``optim``, hooks in ``callbacks``, batch and loss handling in ``_batches``; this module re-exports
+the public ones, so ``from seqtensor.trainer import Callback, Trainer, TrainerConfig`` keeps working.
 
 Contract
 --------
@@ -27,7 +31,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check, check_choice
+from ._batches import batch_size, split_loss, to_device
+from ._validation import check
+from .callbacks import Callback
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     MetricsLog,
@@ -51,7 +57,6 @@ from .checkpoint import (
     seed_everything,
 )
 from .distributed import (
-    STRATEGIES,
     DistEnv,
     ResumableDistributedSampler,
     all_gather_objects,
@@ -67,240 +72,17 @@ from .distributed import (
     resolve_device,
     wrap_model,
 )
+from .optim import default_optimizer, default_scheduler, lr_multiplier
+from .trainer_config import TrainerConfig
 
 __all__ = ["TrainerConfig", "Trainer", "Callback", "lr_multiplier", "default_optimizer", "default_scheduler"]
 
-_SCHEDULES = ("cosine", "linear", "constant")
-_PRECISIONS = ("auto", "bf16", "fp32")
-_RESERVED = ("step", "epoch", "loss", "lr", "grad_norm")
 _END = object()
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# Run state
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainerConfig:
-    """Training settings; ``to_dict`` / ``from_dict`` round-trip through plain JSON types."""
-
-    # how long
-    epochs: int | None = None  # passes over train_data; None: 1, or as many as max_steps needs when it is set
-    max_steps: int | None = None  # optimizer steps; with epochs also set, whichever is reached first stops
-    # data (applies when the trainer builds the DataLoader from a torch Dataset)
-    batch_size: int = 32  # samples per micro-batch per process; global batch = batch_size * grad_accum_steps * ranks
-    shuffle: bool = True  # reshuffle every epoch with seed + epoch (same permutation on every rank)
-    drop_last: bool = False  # drop an incomplete last training batch
-    num_workers: int = 0  # DataLoader worker processes
-    # optimisation
-    lr: float = 3e-4  # peak learning rate
-    weight_decay: float = 0.01  # AdamW decoupled decay on matrices only, not on biases or norm gains (as nanoGPT)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    schedule: str = "cosine"  # after warm-up: "cosine" or "linear" decay to min_lr_ratio * lr, or "constant"
-    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over this many steps
-    min_lr_ratio: float = 0.1  # final lr / peak lr of the decaying schedules
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None disables clipping
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA with bf16 support, else fp32), "bf16" or "fp32"
-    # evaluation, early stopping, best model
-    eval_every: int | None = None  # evaluate every this many steps; None: at the end of every epoch
-    monitor: str = "val_loss"  # validation metric for early stopping and best-model restore
-    mode: str = "min"  # "min" or "max": the better direction of monitor
-    patience: int | None = None  # stop after this many evaluations without improvement; None: never stop early
-    min_delta: float = 0.0  # smallest change of monitor that counts as an improvement
-    restore_best: bool = True  # end fit with the best weights by monitor (when validation data is given)
-    # logs and checkpoints (rank 0 writes them)
-    log_every: int = 10  # steps between training records in history_ and the logs
-    progress: bool = True  # tqdm progress bar
-    log_dir: str | None = None  # folder for metrics.jsonl, metrics.csv and trainer_config.json
-    checkpoint_dir: str | None = None  # folder for last.pt; the end of fit and Ctrl-C also write it
-    checkpoint_every: int | None = None  # steps between periodic checkpoints; None: only at the end and on Ctrl-C
-    # runtime
-    seed: int = 0  # seeds Python, NumPy and torch (plus the rank) and the data order
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu) or a torch device string
-    strategy: str = "auto"  # "auto" (ddp under torchrun with >1 process, else none), "none", "ddp" or "fsdp"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        check(not unknown, f"unknown TrainerConfig fields: {sorted(unknown)}")
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        for name in ("epochs", "max_steps", "eval_every", "patience", "checkpoint_every"):
-            _check_int(name, getattr(self, name), low=1, optional=True)
-        for name in ("batch_size", "grad_accum_steps", "log_every"):
-            _check_int(name, getattr(self, name), low=1)
-        for name in ("warmup_steps", "num_workers", "seed"):
-            _check_int(name, getattr(self, name), low=0)
-        check(_finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
-        for name, low, high in (("weight_decay", 0, math.inf), ("min_lr_ratio", 0, 1), ("min_delta", 0, math.inf)):
-            value = getattr(self, name)
-            check(_finite(value) and low <= value <= high, f"{name} must be in [{low}, {high}], got {value!r}")
-        check(
-            self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
-            f"grad_clip must be a positive number or None, got {self.grad_clip!r}",
-        )
-        check(
-            len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas),
-            f"betas must be two numbers in [0, 1), got {self.betas!r}",
-        )
-        check_choice("schedule", self.schedule, _SCHEDULES)
-        check_choice("precision", self.precision, _PRECISIONS)
-        check_choice("mode", self.mode, ("min", "max"))
-        check_choice("strategy", self.strategy, ("auto", *STRATEGIES))
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-    what = f"an integer >= {low}" + (" or None" if optional else "")
-    check(ok, f"{name} must be {what}, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Callbacks, optimizer and schedule
-# ---------------------------------------------------------------------------------------------
-
-
-class Callback:
-    """Hooks ``fit`` calls on every rank; set ``trainer.should_stop = True`` to stop after the current step.
-
-    ``record`` is the dict appended to ``trainer.history_`` for the step (``step``, ``epoch`` and,
-    on logging/evaluation steps, the metrics); ``metrics`` are the validation metrics.
-    """
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
-
-    def on_fit_end(self, trainer: Trainer) -> None: ...
-
-
-def lr_multiplier(
-    schedule: str, warmup_steps: int, total_steps: int | None, min_lr_ratio: float
-) -> Callable[[int], float]:
-    """Factor on the peak lr at 0-based step ``s``: linear warm-up, then cosine, linear or no decay.
-
-    Parameters
-    ----------
-    schedule : {"cosine", "linear", "constant"}
-    warmup_steps : int
-        Steps of linear warm-up, ``(s + 1) / warmup_steps``.
-    total_steps : int or None
-        Last step of the decay; required unless ``schedule == "constant"``.
-    min_lr_ratio : float
-        Factor reached at ``total_steps``.
-    """
-    check_choice("schedule", schedule, _SCHEDULES)
-    check(
-        schedule == "constant" or total_steps is not None,
-        f"schedule={schedule!r} needs the total number of steps: set max_steps or epochs with a sized "
-        "train_data, or use schedule='constant'",
-    )
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # type: ignore[operator]
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-    return factor
-
-
-def default_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW where matrices (ndim >= 2) get weight decay and biases / norm gains do not, as in nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
-
-
-def default_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainerConfig, total_steps: int | None
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """``LambdaLR`` over ``lr_multiplier`` with the config's schedule."""
-    factor = lr_multiplier(config.schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches and losses
-# ---------------------------------------------------------------------------------------------
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-        return type(x)(*(_to_device(v, device) for v in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
-def _batch_size(x: Any) -> int:
-    """Leading size of the first tensor in a batch (1 if it holds none): the weight of its mean loss."""
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.ndim else 1
-    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
-    for v in values:
-        if isinstance(v, (torch.Tensor, Mapping, list, tuple)):
-            return _batch_size(v)
-    return 1
-
-
-def _split_loss(out: Any, source: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, metrics)`` from what ``loss_fn`` or the model returned."""
-    metrics: Mapping[str, Any] = {}
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-        out, metrics = out
-    if not isinstance(out, torch.Tensor):
-        loss = getattr(out, "loss", None)
-        out = out.get("loss") if loss is None and isinstance(out, Mapping) else loss
-    check(
-        isinstance(out, torch.Tensor) and out.numel() == 1,
-        f"{source} must return a scalar loss tensor, a (loss, metrics) tuple or an object with .loss; got "
-        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else f' of shape {tuple(out.shape)}'}",
-        TypeError,
-    )
-    bad = [k for k in metrics if k in _RESERVED]
-    check(not bad, f"{source} returned metrics with reserved names {bad}")
-    scalars = {str(k): torch.as_tensor(v, dtype=torch.float32, device=out.device) for k, v in metrics.items()}
-    check(all(v.numel() == 1 for v in scalars.values()), f"{source} returned non-scalar metrics", TypeError)
-    return out.reshape(()), {k: v.detach().reshape(()) for k, v in scalars.items()}
 
 
 @dataclass
@@ -786,13 +568,13 @@ class Trainer:
         return batches
 
     def _loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = _to_device(batch, self.device_)
+        batch = to_device(batch, self.device_)
         with self._autocast():
             if self.loss_fn is not None:
-                return _split_loss(self.loss_fn(model, batch), "loss_fn")
+                return split_loss(self.loss_fn(model, batch), "loss_fn")
             if isinstance(batch, Mapping):
-                return _split_loss(model(**batch), "model(**batch)")
-            return _split_loss(model(batch), "model(batch)")
+                return split_loss(model(**batch), "model(**batch)")
+            return split_loss(model(batch), "model(batch)")
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._amp_dtype is None:
@@ -860,7 +642,7 @@ class Trainer:
         count = 0
         for batch in loader:
             loss, metrics = self._loss(self.model, batch)
-            n = _batch_size(batch)
+            n = batch_size(batch)
             count += n
             for k, v in {"loss": loss.float(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * n
