@@ -84,7 +84,15 @@ def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
         return DLinearForecaster(learning_rate=args.dlinear_lr, **common)
     attention = "tensorized" if kind == "Forecaster" else "full"
     return Forecaster(patch_len=patch_len, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                      learning_rate=args.lr, attention=attention, **common)  # fmt: skip
+                      learning_rate=args.lr, attention=attention, dropout=args.dropout, **common)  # fmt: skip
+
+
+def model_suffix(args) -> str:
+    """Key / label part for Forecaster settings that differ from the benchmark's defaults."""
+    parts = [f"{name}={value}" for name, value, default in (
+        ("dropout", args.dropout, 0.0), ("d", args.d_model, 64), ("layers", args.n_layers, 2), ("heads", args.n_heads, 4))
+        if value != default]  # fmt: skip
+    return "".join(f"|{p}" for p in parts)
 
 
 def score(cv: pd.DataFrame, column: str) -> dict[str, float]:
@@ -110,6 +118,8 @@ def run_accuracy(args, results: dict) -> None:
                         if P is not None and P > L:
                             continue
                         key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "")
+                        if kind != "DLinear":
+                            key += model_suffix(args)
                         if key in results["accuracy"] and not args.rerun:
                             print(f"  {key}: cached"); continue  # fmt: skip
                         est = neural(kind, h, L, args, P or 16, seed)
@@ -120,6 +130,8 @@ def run_accuracy(args, results: dict) -> None:
                             wall = time.perf_counter() - start
                         steps = max((r["step"] for r in est.history_), default=0)
                         row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P, "seed": seed,
+                               "dropout": args.dropout if kind != "DLinear" else None,
+                               "size": model_suffix(args) if kind != "DLinear" else "",
                                "windows": n_windows, "train_s": est.fit_time_, "wall_s": wall, "steps": steps,
                                "s_per_step": est.fit_time_ / max(steps, 1), **score(cv, est.model_name)}  # fmt: skip
                         results["accuracy"][key] = row
@@ -241,7 +253,8 @@ def print_tables(results: dict) -> None:
     acc = pd.DataFrame(results["accuracy"].values())
     if len(acc):
         acc["config"] = acc.apply(lambda r: r["model"] + ("" if pd.isna(r["look_back"]) else f" L={int(r['look_back'])}")
-                                  + ("" if pd.isna(r.get("patch_len")) else f" P={int(r['patch_len'])}"), axis=1)  # fmt: skip
+                                  + ("" if pd.isna(r.get("patch_len")) else f" P={int(r['patch_len'])}")
+                                  + (r["size"] if isinstance(r.get("size"), str) else ""), axis=1)  # fmt: skip
         for name, g in acc.groupby("dataset"):
             table = g.pivot_table(index="config", columns="h", values=["mse", "mae", "train_s"], aggfunc="mean")
             print(f"\n{name}: MSE / MAE on the z-scale, train seconds (means over the seeds run)")
@@ -270,6 +283,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="Forecaster peak learning rate (its default)")
     p.add_argument("--dlinear-lr", type=float, default=1e-3)
     p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.0, help="Forecaster dropout (rows keyed by it when nonzero)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--speed-look-backs", nargs="+", type=int, default=[2048])
