@@ -84,13 +84,15 @@ def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
         return DLinearForecaster(learning_rate=args.dlinear_lr, **common)
     attention = "tensorized" if kind == "Forecaster" else "full"
     return Forecaster(patch_len=patch_len, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                      learning_rate=args.lr, attention=attention, dropout=args.dropout, **common)  # fmt: skip
+                      learning_rate=args.lr, attention=attention, dropout=args.dropout, patch_stride=args.patch_stride,
+                      **common)  # fmt: skip
 
 
 def model_suffix(args) -> str:
     """Key / label part for Forecaster settings that differ from the benchmark's defaults."""
     parts = [f"{name}={value}" for name, value, default in (
-        ("dropout", args.dropout, 0.0), ("d", args.d_model, 64), ("layers", args.n_layers, 2), ("heads", args.n_heads, 4))
+        ("dropout", args.dropout, 0.0), ("d", args.d_model, 64), ("layers", args.n_layers, 2), ("heads", args.n_heads, 4),
+        ("stride", args.patch_stride, None))
         if value != default]  # fmt: skip
     return "".join(f"|{p}" for p in parts)
 
@@ -283,6 +285,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="Forecaster peak learning rate (its default)")
     p.add_argument("--dlinear-lr", type=float, default=1e-3)
     p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--patch-stride", type=int, default=None, help="Forecaster patch stride (default: the patch length)")
     p.add_argument("--dropout", type=float, default=0.0, help="Forecaster dropout (rows keyed by it when nonzero)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)

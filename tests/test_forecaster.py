@@ -324,7 +324,8 @@ def test_sklearn_conventions(fitted):
 
 @pytest.mark.parametrize(
     "params, match",
-    [({"loss": "l1"}, "loss"), ({"h": 0}, "h must"), ({"attention": "flash"}, "attention"), ({"learning_rate": -1.0}, "learning_rate")],
+    [({"loss": "l1"}, "loss"), ({"h": 0}, "h must"), ({"attention": "flash"}, "attention"), ({"learning_rate": -1.0}, "learning_rate"),
+     ({"patch_len": 4, "patch_stride": 5}, "patch_stride"), ({"patch_stride": 0}, "patch_stride")],
 )
 def test_bad_params_raise_in_fit(params, match):
     fc = Forecaster(**{"h": 4, "input_size": 8, **params})
@@ -514,3 +515,48 @@ def test_skip_ridge_default_and_off():
     assert off.model_.skip.weight.abs().max() < 1e-6
     with pytest.raises(ValueError, match="skip_ridge"):
         Forecaster(h=12, input_size=48, skip_ridge=-1, **TINY).fit(df)
+
+
+# ---------------------------------------------------------------------------------------------
+# overlapping patches
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L, P, stride", [(20, 4, 2), (21, 4, 3), (3, 4, 2), (16, 4, 4), (17, 5, 1)])
+def test_past_patches_match_a_loop(L, P, stride):
+    from seqtensor.adapters.forecast_model import _patches
+
+    cfg = ForecastModelConfig(input_size=L, h=4, patch_len=P, patch_stride=stride)
+    x = torch.arange(1.0, L + 1).view(1, 1, L)
+    got = _patches(x, P, cfg.n_past, True, stride)[0]  # (n_past, P)
+    # oracle: the last patch ends at the last step; each earlier one starts `stride` steps before
+    want = []
+    for i in range(cfg.n_past):
+        end = L - (cfg.n_past - 1 - i) * stride
+        want.append([float(t) if 1 <= t <= L else 0.0 for t in range(end - P + 1, end + 1)])
+    assert got.tolist() == want
+    first = L - (cfg.n_past - 1) * stride - P + 1  # first step of the first patch
+    assert 1 - stride < first <= 1  # it covers step 1, and one patch fewer would not
+
+
+def test_stride_equal_to_patch_len_is_the_default_model():
+    enc = ModelConfig(d_model=16, n_layers=1, n_heads=2)
+    a = PatchForecastModel(ForecastModelConfig(input_size=40, h=8, patch_len=8, encoder=enc))
+    b = PatchForecastModel(ForecastModelConfig(input_size=40, h=8, patch_len=8, patch_stride=8, encoder=enc))
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for layer in (a, b):  # non-zero readouts, so the encoder's tokens matter
+        torch.nn.init.normal_(layer.head.weight, generator=torch.Generator().manual_seed(1))
+    batch = {"y": torch.randn(3, 1, 40, generator=g), "futr": torch.zeros(3, 0, 48), "hist": torch.zeros(3, 0, 40),
+             "static": torch.zeros(3, 0)}  # fmt: skip
+    torch.testing.assert_close(a(batch), b(batch))
+
+
+def test_overlapping_patches_fit_predict_save_load(tmp_path):
+    df = seasonal_frame(n=160, ids=("a",))
+    fc = Forecaster(h=6, input_size=32, patch_len=8, patch_stride=4, d_model=16, n_layers=1, n_heads=2, max_steps=5,
+                    random_state=0, device="cpu").fit(df)  # fmt: skip
+    assert fc.model_config_.n_past == 7  # ceil((32 - 8) / 4) + 1
+    assert fc.get_params()["patch_stride"] == 4 and clone(fc).patch_stride == 4
+    loaded = Forecaster.load(fc.save(tmp_path / "fc"))
+    pd.testing.assert_frame_equal(loaded.predict(), fc.predict())

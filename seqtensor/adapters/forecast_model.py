@@ -1,14 +1,15 @@
 """The forecasting network: patches of a long look-back and future query tokens through an encoder.
 
-Legend: B batch, C channels per sample, L look-back, h horizon, P patch length, n_p = ceil(L / P)
-past tokens, n_f = ceil(h / P) future tokens, n = n_p + n_f, D width, Q outputs per step (1, or
+Legend: B batch, C channels per sample, L look-back, h horizon, P patch length, s patch stride,
+n_p = ceil((L - P) / s) + 1 past tokens, n_f = ceil(h / P) future tokens, n = n_p + n_f, D width, Q outputs per step (1, or
 the number of quantiles), F / Hx / K known-future / past-only / static features per channel.
 
 1. Instance normalization (RevIN, Kim et al. 2022, https://openreview.net/forum?id=cGDAkQo1C0p):
    each window is shifted and scaled by the mean and std of its observed look-back, and the
    forecast scaled back, so the network sees stationary inputs.
 2. Patching (PatchTST, Nie et al. 2023, https://arxiv.org/abs/2211.14730): the look-back is cut
-   into non-overlapping patches of P steps, one token each; a token also carries its observed-mask
+   into patches of P steps, one token each, starting every ``patch_stride`` steps (default P:
+   non-overlapping; PatchTST uses P / 2); a token also carries its observed-mask
    patch (missing values are zeros plus a 0 in the mask) and its exogenous patches.
 3. Future query tokens: n_f tokens after the past ones carry the known-future inputs of the
    horizon and a learned "future" embedding; the encoder (tensorized attention over n tokens)
@@ -50,6 +51,7 @@ class ForecastModelConfig:
     input_size: int  # look-back L
     h: int  # horizon the network outputs in one pass
     patch_len: int = 16  # steps per token P
+    patch_stride: int | None = None  # steps between past tokens (None = P: non-overlapping patches)
     n_channels: int = 1  # C: 1 channel-independent, else the number of mixed series
     n_outputs: int = 1  # Q: 1 point forecast, or one per quantile
     n_futr: int = 0  # F: known-future features per channel
@@ -62,12 +64,20 @@ class ForecastModelConfig:
         for name in ("input_size", "h", "patch_len", "n_channels", "n_outputs"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        check(
+            self.patch_stride is None or (isinstance(self.patch_stride, int) and 1 <= self.patch_stride <= self.patch_len),
+            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got {self.patch_stride!r}",
+        )
         if isinstance(self.encoder, dict):
             self.encoder = ModelConfig.from_dict(self.encoder)
 
     @property
+    def stride(self) -> int:
+        return self.patch_len if self.patch_stride is None else self.patch_stride
+
+    @property
     def n_past(self) -> int:
-        return math.ceil(self.input_size / self.patch_len)
+        return math.ceil(max(self.input_size - self.patch_len, 0) / self.stride) + 1
 
     @property
     def n_future(self) -> int:
@@ -85,12 +95,16 @@ class ForecastModelConfig:
         return cls(**data)
 
 
-def _patches(x: torch.Tensor, P: int, n_tokens: int, left: bool) -> torch.Tensor:
-    """(B, X, T) -> (B, n_tokens, X * P), zero-padded on the left (past) or right (future)."""
+def _patches(x: torch.Tensor, P: int, n_tokens: int, left: bool, stride: int | None = None) -> torch.Tensor:
+    """(B, X, T) -> (B, n_tokens, X * P), zero-padded on the left (past) or right (future).
+
+    Past tokens start every ``stride`` steps (default P), the last one ending at the last step.
+    """
     B, X, T = x.shape
-    pad = n_tokens * P - T
-    x = F.pad(x, (pad, 0) if left else (0, pad))  # (B, X, n_tokens * P)
-    x = x.view(B, X, n_tokens, P).permute(0, 2, 1, 3)  # (B, n_tokens, X, P)
+    stride = P if stride is None else stride
+    pad = (n_tokens - 1) * stride + P - T
+    x = F.pad(x, (pad, 0) if left else (0, pad))  # (B, X, (n_tokens - 1) * stride + P)
+    x = x.unfold(-1, P, stride).permute(0, 2, 1, 3)  # (B, n_tokens, X, P)
     return x.reshape(B, n_tokens, X * P)
 
 
@@ -166,13 +180,13 @@ class PatchForecastModel(nn.Module):
         check(C == c.n_channels and L == c.input_size, f"y must be (B, {c.n_channels}, {c.input_size}), got {tuple(y.shape)}")
         z, mean, std, obs = self._revin(y)  # z (B, C, L), 0 where missing
 
-        P, n_p, n_f = c.patch_len, c.n_past, c.n_future
+        P, n_p, n_f, s = c.patch_len, c.n_past, c.n_future, c.stride
         futr = batch["futr"]  # (B, C*F, L + h)
-        past_parts = [_patches(z, P, n_p, True), _patches(obs, P, n_p, True)]
+        past_parts = [_patches(z, P, n_p, True, s), _patches(obs, P, n_p, True, s)]
         if c.n_hist:
-            past_parts.append(_patches(batch["hist"], P, n_p, True))
+            past_parts.append(_patches(batch["hist"], P, n_p, True, s))
         if c.n_futr:
-            past_parts.append(_patches(futr[..., :L], P, n_p, True))
+            past_parts.append(_patches(futr[..., :L], P, n_p, True, s))
         past = torch.cat(past_parts, -1)  # (B, n_p, token_in)
         future = past.new_zeros(B, n_f, past.shape[-1])  # (B, n_f, token_in)
         if c.n_futr:
@@ -182,7 +196,7 @@ class PatchForecastModel(nn.Module):
         if self.static is not None:
             x = x + self.static(batch["static"])[:, None, :]
 
-        keep_past = _patches(obs, P, n_p, True).amax(-1) > 0  # (B, n_p): tokens with an observed step
+        keep_past = past_parts[1].amax(-1) > 0  # (B, n_p): tokens with an observed step
         keep = torch.cat([keep_past, keep_past.new_ones(B, n_f)], 1)  # (B, n)
         x = self.encoder(x, None if bool(keep.all()) else keep)  # (B, n, D)
 

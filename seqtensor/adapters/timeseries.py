@@ -69,6 +69,10 @@ class Forecaster(BaseEstimator):
         Look-back L in steps (2,048-16,384 is cheap with tensorized attention).
     patch_len : int, default 16
         Steps per token; the encoder sees ceil(L / patch_len) + ceil(h / patch_len) tokens.
+    patch_stride : int or None, default None
+        Steps between past tokens (None: ``patch_len``, non-overlapping). Smaller values overlap
+        the patches, as PatchTST does (stride patch_len / 2), at ceil((L - patch_len) / stride) + 1
+        past tokens.
     d_model, n_layers, n_heads : int, default 64, 2, 4
         Encoder width, depth and heads.
     attention : {"tensorized", "full"}, default "tensorized"
@@ -131,6 +135,7 @@ class Forecaster(BaseEstimator):
         input_size: int,
         *,
         patch_len: int = 16,
+        patch_stride: int | None = None,
         d_model: int = 64,
         n_layers: int = 2,
         n_heads: int = 4,
@@ -156,6 +161,7 @@ class Forecaster(BaseEstimator):
         self.h = h
         self.input_size = input_size
         self.patch_len = patch_len
+        self.patch_stride = patch_stride
         self.d_model = d_model
         self.n_layers = n_layers
         self.n_heads = n_heads
@@ -187,6 +193,11 @@ class Forecaster(BaseEstimator):
             value = getattr(self, name)
             check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
                   f"{name} must be a positive int, got {value!r}")  # fmt: skip
+        check(
+            self.patch_stride is None
+            or (isinstance(self.patch_stride, (int, np.integer)) and 1 <= self.patch_stride <= self.patch_len),
+            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got {self.patch_stride!r}",
+        )
         check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
         check_choice("attention", self.attention, ("tensorized", "full"))
         check(float(self.skip_ridge) >= 0, f"skip_ridge must be >= 0, got {self.skip_ridge!r}")
@@ -375,6 +386,7 @@ class Forecaster(BaseEstimator):
             input_size=L,
             h=h,
             patch_len=self.patch_len,
+            patch_stride=None if self.patch_stride is None else int(self.patch_stride),
             n_channels=C,
             n_outputs=max(1, len(qs)),
             n_futr=len(self.futr_cols_),
