@@ -79,7 +79,7 @@ def test_windows(df: pd.DataFrame, n_test: int, h: int) -> tuple[pd.DataFrame, i
 
 def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
     common = dict(h=h, input_size=L, loss="mse", max_steps=args.max_steps, batch_size=args.batch_size,
-                  val_check_steps=100, early_stopping=5, random_state=seed, device=args.device)  # fmt: skip
+                  val_check_steps=100, early_stopping=5, random_state=seed, device=args.device, n_models=args.n_models)  # fmt: skip
     if kind == "DLinear":
         return DLinearForecaster(learning_rate=args.dlinear_lr, **common)
     attention = "tensorized" if kind == "Forecaster" else "full"
@@ -122,6 +122,8 @@ def run_accuracy(args, results: dict) -> None:
                         key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "")
                         if kind != "DLinear":
                             key += model_suffix(args)
+                        if args.n_models > 1:
+                            key += f"|n_models={args.n_models}"
                         if key in results["accuracy"] and not args.rerun:
                             print(f"  {key}: cached"); continue  # fmt: skip
                         est = neural(kind, h, L, args, P or 16, seed)
@@ -133,7 +135,8 @@ def run_accuracy(args, results: dict) -> None:
                         steps = max((r["step"] for r in est.history_), default=0)
                         row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P, "seed": seed,
                                "dropout": args.dropout if kind != "DLinear" else None,
-                               "size": model_suffix(args) if kind != "DLinear" else "",
+                               "size": (model_suffix(args) if kind != "DLinear" else "")
+                               + (f"|n_models={args.n_models}" if args.n_models > 1 else ""),
                                "windows": n_windows, "train_s": est.fit_time_, "wall_s": wall, "steps": steps,
                                "s_per_step": est.fit_time_ / max(steps, 1), **score(cv, est.model_name)}  # fmt: skip
                         results["accuracy"][key] = row
@@ -285,6 +288,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="Forecaster peak learning rate (its default)")
     p.add_argument("--dlinear-lr", type=float, default=1e-3)
     p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-models", type=int, default=1, help="seed ensembles: networks averaged per model (both kinds)")
     p.add_argument("--patch-stride", type=int, default=None, help="Forecaster patch stride (default: the patch length)")
     p.add_argument("--dropout", type=float, default=0.0, help="Forecaster dropout (rows keyed by it when nonzero)")
     p.add_argument("--n-layers", type=int, default=2)

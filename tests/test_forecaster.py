@@ -560,3 +560,38 @@ def test_overlapping_patches_fit_predict_save_load(tmp_path):
     assert fc.get_params()["patch_stride"] == 4 and clone(fc).patch_stride == 4
     loaded = Forecaster.load(fc.save(tmp_path / "fc"))
     pd.testing.assert_frame_equal(loaded.predict(), fc.predict())
+
+
+# ---------------------------------------------------------------------------------------------
+# seed ensembles
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ensemble_averages_independently_trained_members(tmp_path):
+    from seqtensor.adapters.forecast_model import ForecastEnsemble
+
+    df = seasonal_frame(n=160, ids=("a", "b"), noise=0.3)
+    kw = dict(h=6, input_size=32, patch_len=8, d_model=16, n_layers=1, n_heads=2, max_steps=20, random_state=3, device="cpu")
+    single = Forecaster(**kw).fit(df)
+    ens = Forecaster(n_models=3, **kw).fit(df)
+    assert isinstance(ens.model_, ForecastEnsemble) and len(ens.model_.members) == 3
+    assert {r["member"] for r in ens.history_} == {0, 1, 2} and len(ens.history_) == 3 * len(single.history_)
+    # member 0 uses the first seed drawn from random_state: it is the single model
+    for a, b in zip(single.model_.state_dict().values(), ens.model_.members[0].state_dict().values()):
+        torch.testing.assert_close(a, b)
+    # the ensemble's forecast is the mean of its members' forecasts
+    ensemble_model, member_preds = ens.model_, []
+    for member in ensemble_model.members:
+        ens.model_ = member
+        member_preds.append(ens.predict()[ens.model_name].to_numpy())
+    ens.model_ = ensemble_model
+    np.testing.assert_allclose(ens.predict()[ens.model_name].to_numpy(), np.mean(member_preds, 0), rtol=1e-5, atol=1e-6)
+    assert np.ptp(np.array(member_preds), 0).max() > 0  # the members differ
+    loaded = Forecaster.load(ens.save(tmp_path / "ens"))
+    pd.testing.assert_frame_equal(loaded.predict(), ens.predict())
+    assert loaded.get_params()["n_models"] == 3
+
+
+def test_n_models_must_be_positive():
+    with pytest.raises(ValueError, match="n_models"):
+        Forecaster(h=4, input_size=8, n_models=0).fit(seasonal_frame(n=40))

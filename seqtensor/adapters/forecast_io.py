@@ -117,7 +117,7 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
     est.model_config_ = ForecastModelConfig.from_dict(meta["model_config"])
     from .timeseries import _resolve_device
 
-    est.model_ = est._build_model(est.model_config_)
+    est.model_ = est._build_fitted_model(est.model_config_)
     est.model_.load_state_dict(state["model"])
     est.model_.to(_resolve_device(est.device)).eval()
     est.columns_ = meta["columns"]

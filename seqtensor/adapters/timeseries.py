@@ -29,7 +29,7 @@ from ..folds import ExtrapolatingFold, FoldLike
 from ..nn import ModelConfig
 from ..trainer import Trainer, TrainerConfig
 from .forecast_io import load_forecaster, plot_forecast, save_forecaster
-from .forecast_model import ForecastModelConfig, PatchForecastModel, forecast_loss
+from .forecast_model import ForecastEnsemble, ForecastModelConfig, PatchForecastModel, forecast_loss
 from .panel import Panel, build_panel, future_exog, future_times, warn_missing
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
@@ -69,6 +69,11 @@ class Forecaster(BaseEstimator):
         Look-back L in steps (2,048-16,384 is cheap with tensorized attention).
     patch_len : int, default 16
         Steps per token; the encoder sees ceil(L / patch_len) + ceil(h / patch_len) tokens.
+    n_models : int, default 1
+        Networks trained with different seeds (drawn from ``random_state``) whose forecasts are
+        averaged; each is trained (and early-stopped) on its own, so fitting costs n_models times
+        as much. The seed-to-seed spread of one network is often larger than the gaps between
+        models; the average removes most of it.
     patch_stride : int or None, default None
         Steps between past tokens (None: ``patch_len``, non-overlapping). Smaller values overlap
         the patches, as PatchTST does (stride patch_len / 2), at ceil((L - patch_len) / stride) + 1
@@ -136,6 +141,7 @@ class Forecaster(BaseEstimator):
         *,
         patch_len: int = 16,
         patch_stride: int | None = None,
+        n_models: int = 1,
         d_model: int = 64,
         n_layers: int = 2,
         n_heads: int = 4,
@@ -162,6 +168,7 @@ class Forecaster(BaseEstimator):
         self.input_size = input_size
         self.patch_len = patch_len
         self.patch_stride = patch_stride
+        self.n_models = n_models
         self.d_model = d_model
         self.n_layers = n_layers
         self.n_heads = n_heads
@@ -189,7 +196,7 @@ class Forecaster(BaseEstimator):
     # -----------------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        for name in ("h", "input_size", "patch_len", "max_steps", "batch_size", "val_check_steps"):
+        for name in ("h", "input_size", "patch_len", "n_models", "max_steps", "batch_size", "val_check_steps"):
             value = getattr(self, name)
             check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
                   f"{name} must be a positive int, got {value!r}")  # fmt: skip
@@ -399,14 +406,20 @@ class Forecaster(BaseEstimator):
         train = WindowDataset(data, *train_cuts(y, L, h, val_size))
         val = WindowDataset(data, *val_cuts(y, L, h, val_size)) if val_size else None
         device = _resolve_device(self.device)
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        with torch.random.fork_rng(devices=[]):  # seed the initialization without touching the global RNG
-            torch.manual_seed(seed)
-            self.model_ = self._build_model(self.model_config_).to(device)
+        rng = check_random_state(self.random_state)
+        members, self.history_ = [], []
         start = time.perf_counter()
-        self._init_skip(train, seed)
-        self.history_ = self._train(train, val, device, seed)
+        for member in range(int(self.n_models)):
+            seed = int(rng.randint(np.iinfo(np.int32).max))
+            with torch.random.fork_rng(devices=[]):  # seed the initialization without touching the global RNG
+                torch.manual_seed(seed)
+                self.model_ = self._build_model(self.model_config_).to(device)
+            self._init_skip(train, seed)
+            history = self._train(train, val, device, seed)
+            self.history_ += history if self.n_models == 1 else [{**r, "member": member} for r in history]
+            members.append(self.model_)
         self.fit_time_ = time.perf_counter() - start
+        self.model_ = members[0] if len(members) == 1 else ForecastEnsemble(members)
         self.model_.eval()
         keep = [max(0, T - L) for T in panel.lengths]  # the look-back is all predict needs
         self.panel_ = Panel(panel.ids, [panel.times(s)[k] for s, k in enumerate(keep)], panel.freq,
@@ -431,6 +444,12 @@ class Forecaster(BaseEstimator):
     def _build_model(self, config: ForecastModelConfig) -> torch.nn.Module:
         """The network for ``config`` (subclasses swap it, e.g. ``baselines.DLinearForecaster``)."""
         return PatchForecastModel(config)
+
+    def _build_fitted_model(self, config: ForecastModelConfig) -> torch.nn.Module:
+        """What ``fit`` leaves in ``model_``: one network, or the ensemble of ``n_models``."""
+        if self.n_models == 1:
+            return self._build_model(config)
+        return ForecastEnsemble([self._build_model(config) for _ in range(int(self.n_models))])
 
     def _train(self, train: WindowDataset, val: WindowDataset | None, device: torch.device, seed: int) -> list[dict]:
         """Train ``model_`` through the shared Trainer; returns its metrics history."""
