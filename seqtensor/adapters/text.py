@@ -37,7 +37,6 @@ Saving: ``save_pretrained`` writes the weights and ``config.seqtensor`` (the set
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
