@@ -204,6 +204,8 @@ def profile(n: int, H: int, d: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="*", default=sorted(DIMS))
+    ap.add_argument("--dims", type=int, nargs="+", default=None,
+                    help="fold dims for a single --n instead of the DIMS table (e.g. --n 16384 --dims 32 32 16)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--full-max", type=int, default=32768, help="largest n at which full attention is timed")
@@ -227,8 +229,10 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name()
     rows = []
+    if args.dims is not None:
+        assert len(args.n) == 1 and math.prod(args.dims) == args.n[0], "--dims needs one --n equal to their product"
     for n in args.n:
-        dims = DIMS[n]
+        dims = tuple(args.dims) if args.dims is not None else DIMS[n]
         H, d = args.heads, args.head_dim
         gen = torch.Generator(device="cuda").manual_seed(0)
         shape = (1, H, n, d)
