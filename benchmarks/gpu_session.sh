@@ -33,7 +33,7 @@ queue0() {  # GPU 0: kernels and the 8B-shaped model
     # 16k as order 3: the order-2 128x128 fold misses the 2x-over-naive target (benchmarks/NOTES.md)
     job attention16k 60 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --out "$R/attention_h200_16k_order3.json"
     job attention 150 python3 benchmarks/attention.py --n 8192 32768 65536 262144 --out "$R/attention_h200_run4.json"
-    job flex 120 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+    job flex 180 python3 benchmarks/attention.py --n 131072 --flex-only --flex-modes causal \
         --out "$R/attention_flex_h200.json"
 }
 
