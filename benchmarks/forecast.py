@@ -119,11 +119,9 @@ def run_accuracy(args, results: dict) -> None:
                     for P, seed in itertools.product(patches, args.seeds):
                         if P is not None and P > L:
                             continue
-                        key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "")
-                        if kind != "DLinear":
-                            key += model_suffix(args)
-                        if args.n_models > 1:
-                            key += f"|n_models={args.n_models}"
+                        variant = (model_suffix(args) if kind != "DLinear" else "") + (
+                            f"|n_models={args.n_models}" if args.n_models > 1 else "")  # fmt: skip
+                        key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "") + variant
                         if key in results["accuracy"] and not args.rerun:
                             print(f"  {key}: cached"); continue  # fmt: skip
                         est = neural(kind, h, L, args, P or 16, seed)
@@ -135,8 +133,7 @@ def run_accuracy(args, results: dict) -> None:
                         steps = max((r["step"] for r in est.history_), default=0)
                         row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P, "seed": seed,
                                "dropout": args.dropout if kind != "DLinear" else None,
-                               "size": (model_suffix(args) if kind != "DLinear" else "")
-                               + (f"|n_models={args.n_models}" if args.n_models > 1 else ""),
+                               "size": variant,
                                "windows": n_windows, "train_s": est.fit_time_, "wall_s": wall, "steps": steps,
                                "s_per_step": est.fit_time_ / max(steps, 1), **score(cv, est.model_name)}  # fmt: skip
                         results["accuracy"][key] = row

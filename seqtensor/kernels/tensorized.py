@@ -681,7 +681,7 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
         lse = lse[:1]
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
-    inv = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
     states, vin = [], v
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
@@ -690,7 +690,7 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
         grid = (B * H * hop.P * hop.S * triton.cdiv(hop.nj, cfg.block_m),)
         _hop_fwd_kernel[grid](
             q, k, vin, out, lse[idx if need_backward else 0],
-            dummy[idx] if valid is not None else dummy, dummy[0] if valid is not None else dummy, inv,
+            dummy[idx] if valid is not None else dummy, dummy[0] if valid is not None else dummy, rot,
             *_strides(q), *_strides(k), *_strides(vin), *_strides(out),
             n, N, H, G, G if first else 1, hop.P, hop.nj, hop.S, n if first else N, n if last else N,
             plan.scale * math.log2(math.e), D1=D1, D2=D2, NDV=dv,
@@ -718,7 +718,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
     D1, D2 = (d + 1) // 2, d // 2
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
-    inv = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
     dq, dk = _empty_like(q), _empty_like(k)
     do, delta = grad_out, None
     for idx in range(m - 1, -1, -1):
@@ -737,7 +737,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
         nb = triton.cdiv(hop.nj, cfg.block)
         grid = (B * Hkv * hop.P * hop.S * nb,)
         _hop_bwd_kernel[grid](
-            q, k, vin, o, do, dq, dk, dvin, lse[idx], delta, delta_next, vin_lvl, v0, inv,
+            q, k, vin, o, do, dq, dk, dvin, lse[idx], delta, delta_next, vin_lvl, v0, rot,
             *_strides(q), *_strides(k), *_strides(vin), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dvin),
             n, N, H, G, hop.P, hop.nj, hop.S, n if first else N, n if last else N, n if first else N,
@@ -749,7 +749,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
         )  # fmt: skip
         if hop.summary:
             dvs = _summary_backward(
-                q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, inv, rope, valid, plan, hop, cfg, last
+                q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
             )
             # the summary rows' dV grew by dvs: their rowsum(dV * V) for the next backward hop too
             if not first:
@@ -759,7 +759,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
     return dq, dk, do
 
 
-def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, inv, rope, valid, plan, hop, cfg, last):
+def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last):
     """Summary-key gradients: partial sums from the kernel, added to the (p, :, S-1) rows on the host."""
     B, H, n, d = q.shape
     Hkv, dv, N = k.shape[1], vin.shape[-1], plan.N
@@ -772,7 +772,7 @@ def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, inv, rop
     dks = torch.empty((B, H, hop.P, C, hop.nj, d), dtype=lse.dtype, device=q.device)
     dvs = torch.empty((B, H, hop.P, C, hop.nj, dv), dtype=lse.dtype, device=q.device)
     _hop_bwd_summary_kernel[(B * H * hop.P * nb * C,)](
-        q, k, vin, do, lse, delta, vin_lvl, v0, inv, dks, dvs,
+        q, k, vin, do, lse, delta, vin_lvl, v0, rot, dks, dvs,
         *_strides(q), *_strides(k), *_strides(vin), *_strides(do),
         n, N, H, H // Hkv, hop.P, hop.nj, hop.S, N, n if last else N, C, CH,
         plan.scale, plan.scale * math.log2(math.e), D1=D1, D2=D2, D=d, NDV=dv,
