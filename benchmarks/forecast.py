@@ -39,6 +39,7 @@ import torch
 from seqtensor.adapters import Forecaster
 from seqtensor.adapters.forecast_model import ForecastModelConfig, PatchForecastModel, forecast_loss
 from seqtensor.baselines import DLinearForecaster, seasonal_naive
+from seqtensor.folds import BlockFold
 from seqtensor.datasets import load_electricity_demand, load_sea_surface_temperature, standard_split
 from seqtensor.nn import ModelConfig
 
@@ -85,14 +86,21 @@ def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
     attention = "tensorized" if kind == "Forecaster" else "full"
     return Forecaster(patch_len=patch_len, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                       learning_rate=args.lr, attention=attention, dropout=args.dropout, patch_stride=args.patch_stride,
-                      **common)  # fmt: skip
+                      fold=fold_strategy(args), **common)  # fmt: skip
 
 
-def model_suffix(args) -> str:
-    """Key / label part for Forecaster settings that differ from the benchmark's defaults."""
+def fold_strategy(args):
+    """The Forecaster's fold: its default, or ``BlockFold(--fold-block)`` (finest dim = a season)."""
+    return None if args.fold_block is None else BlockFold(args.fold_block)
+
+
+def model_suffix(args, kind: str) -> str:
+    """Key / label part for Forecaster settings that differ from the benchmark's defaults (the fold
+    only for the tensorized kind: full attention has none)."""
+    block = args.fold_block if kind == "Forecaster" else None
     parts = [f"{name}={value}" for name, value, default in (
         ("dropout", args.dropout, 0.0), ("d", args.d_model, 64), ("layers", args.n_layers, 2), ("heads", args.n_heads, 4),
-        ("stride", args.patch_stride, None))
+        ("stride", args.patch_stride, None), ("fold_block", block, None))
         if value != default]  # fmt: skip
     return "".join(f"|{p}" for p in parts)
 
@@ -119,7 +127,7 @@ def run_accuracy(args, results: dict) -> None:
                     for P, seed in itertools.product(patches, args.seeds):
                         if P is not None and P > L:
                             continue
-                        variant = (model_suffix(args) if kind != "DLinear" else "") + (
+                        variant = (model_suffix(args, kind) if kind != "DLinear" else "") + (
                             f"|n_models={args.n_models}" if args.n_models > 1 else "")  # fmt: skip
                         key = f"{data_name}|h={h}|L={L}|{kind}" + (f"|P={P}" if P else "") + (f"|seed={seed}" if seed else "") + variant
                         if key in results["accuracy"] and not args.rerun:
@@ -167,7 +175,8 @@ def naive_frame(df: pd.DataFrame, cv: pd.DataFrame, h: int, season: int) -> pd.D
 def step_time(L: int, P: int, attention: str, args, repeats: int = 5) -> tuple[float, float]:
     """Median seconds per training step and peak GiB (CUDA) of the network at look-back L."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    enc = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, attention=attention)
+    fold = {} if args.fold_block is None else {"fold": BlockFold(args.fold_block)}
+    enc = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, attention=attention, **fold)
     model = PatchForecastModel(ForecastModelConfig(input_size=L, h=96, patch_len=P, encoder=enc)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B = args.speed_batch
@@ -199,7 +208,8 @@ def run_speed(args, results: dict) -> None:
     print("\n== time per training step (forward + backward + AdamW), batch", args.speed_batch)
     for L in args.speed_look_backs:
         for P in args.speed_patch_lens:
-            row = {"look_back": L, "patch_len": P, "tokens": math.ceil(L / P) + math.ceil(96 / P), "batch": args.speed_batch}
+            row = {"look_back": L, "patch_len": P, "tokens": math.ceil(L / P) + math.ceil(96 / P), "batch": args.speed_batch,
+                   "fold_block": args.fold_block}
             for attention in ("tensorized", "full"):
                 try:
                     t, peak = step_time(L, P, attention, args)
@@ -208,7 +218,8 @@ def run_speed(args, results: dict) -> None:
                     torch.cuda.empty_cache()
                 row[f"{attention}_s"], row[f"{attention}_peak_gib"] = t, peak
             row["speedup"] = row["full_s"] / row["tensorized_s"]
-            results["speed"][f"L={L}|P={P}|B={args.speed_batch}"] = row
+            block = "" if args.fold_block is None else f"|fold_block={args.fold_block}"
+            results["speed"][f"L={L}|P={P}|B={args.speed_batch}{block}"] = row
             print(f"  L={L:>6} P={P:>2} tokens={row['tokens']:>6}: tensorized {row['tensorized_s']:.3f} s, "
                   f"full {row['full_s']:.3f} s, speed-up {row['speedup']:.2f}x")  # fmt: skip
             save(args, results)
@@ -287,6 +298,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-models", type=int, default=1, help="seed ensembles: networks averaged per model (both kinds)")
     p.add_argument("--patch-stride", type=int, default=None, help="Forecaster patch stride (default: the patch length)")
+    p.add_argument("--fold-block", type=int, default=None,
+                   help="Forecaster fold BlockFold(this): finest dim = a season in tokens (48 = a day of half-hours at patch 1)")
     p.add_argument("--dropout", type=float, default=0.0, help="Forecaster dropout (rows keyed by it when nonzero)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)

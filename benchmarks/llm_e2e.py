@@ -8,7 +8,8 @@ to end"). Measured:
 - decode: latency of one generation step (``LlamaForCausalLM``, one new token per sequence) with a
   32k and a 128k cached context, batch 1 and a larger batch; the attention alone (one layer's
   attention call x 32 layers: SDPA over the cache versus ``LayerCache.step``); and cache memory
-  (K/V, plus the tensorized value levels).
+  (K/V, plus the tensorized value levels). Step and attention are also replayed from a CUDA graph
+  (``*_graph_ms``): GPU time without the Python and launch overhead that bounds a tensorized step.
 
 Decode caches are filled with random K/V (and random value levels for tensorized) instead of a
 prefill: their values do not change the timings, and a 128k SDPA prefill alone costs ~12 s. Both
@@ -57,6 +58,33 @@ def timed(fn, device, reps: int, warmup: int) -> list[float]:
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def graph_ms(fn, device, reps: int) -> float | None:
+    """Milliseconds of ``fn`` replayed from a CUDA graph: its GPU time without Python and launch
+    overhead (None off CUDA). ``fn`` runs once to warm up (compiles, caches) and once under capture;
+    the replays repeat that captured call, which is what a graphed decoding loop executes."""
+    if device != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = timed(graph.replay, device, reps, 2)
+    del graph
+    return 1e3 * statistics.median(times)
+
+
+def graphed(row: dict, key: str, fn, device, reps: int) -> None:
+    """``row[key] = graph_ms(...)``, or the error that stopped capture."""
+    try:
+        row[key] = graph_ms(fn, device, reps)
+    except Exception as err:  # noqa: BLE001 - record and go on
+        row[key + "_error"] = f"{type(err).__name__}: {err}"[:300]
 
 
 def fold_for(n: int) -> tuple[int, ...]:
@@ -190,6 +218,7 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
             row = {"n": n, "batch": B, "method": method, "step_median_ms": 1e3 * statistics.median(times),
                    "cache_gib": memory["total"] / 2**30, "kv_gib": memory["kv"] / 2**30,
                    "levels_gib": memory["levels"] / 2**30, "peak_gib": peak_gib(device)}
+            graphed(row, "step_graph_ms", step, device, args.decode_steps)
         except torch.OutOfMemoryError:
             row = {"n": n, "batch": B, "method": method, "oom": True}
         except Exception as err:  # noqa: BLE001 - record and go on
@@ -206,10 +235,14 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
 
 @torch.no_grad()
 def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
-    """One layer's attention for one new token, x layers: SDPA over the cache vs LayerCache.step."""
+    """One layer's attention for one new token, x layers: SDPA over the cache vs LayerCache.step.
+
+    Timed twice: call by call from Python (``*_ms``: launch-bound for the tensorized step, whose GPU
+    work is a few microseconds) and as one CUDA graph of all layers (``*_graph_ms``: GPU time).
+    """
     c = model.config
     H, Hkv, d, layers = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
-    R = args.decode_steps + 2
+    R = 2 * (args.decode_steps + 2) + 2 * layers + 8  # room for every step below, graphed ones included
     k = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
     v = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
     q = torch.randn(B, H, 1, d, device=device, dtype=dtype)
@@ -233,6 +266,20 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
            "tensorized_ms": 1e3 * (layers * one_layer + statistics.median(plan_times)),
            "tensorized_plan_ms": 1e3 * statistics.median(plan_times)}
     out["ratio"] = out["sdpa_ms"] / out["tensorized_ms"]
+
+    def sdpa_layers():
+        for _ in range(layers):
+            F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True)
+
+    def tensorized_layers():  # the layers of one step: each advances the state by one token
+        for _ in range(layers):
+            end = state.stored + 1
+            state.step(q, k[:, :, :end], v[:, :, :end])
+
+    graphed(out, "sdpa_graph_ms", sdpa_layers, device, args.decode_steps)
+    graphed(out, "tensorized_graph_ms", tensorized_layers, device, args.decode_steps)
+    if out.get("sdpa_graph_ms") and out.get("tensorized_graph_ms"):
+        out["graph_ratio"] = out["sdpa_graph_ms"] / out["tensorized_graph_ms"]
     print(f"attention share n={n} B={B}: {out}", flush=True)
     return out
 
