@@ -51,11 +51,15 @@ queue2() {  # part 2, GPU 0: SmolLM2 continued pretraining (GGUF chunks assemble
         --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt.json" ${ADAPT_ARGS:-}
 }
 
-queue3() {  # part 2, GPU 1: FlexAttention column, the long-range example on CUDA
+queue3() {  # part 2, GPU 1: decode-kernel configs, 16k as order 3 without flex, FlexAttention, long range
     export CUDA_VISIBLE_DEVICES=1 GPU=1
-    job flex 240 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+    job decode_sweep 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 --decode-sweep \
+        --out "$R/llm_e2e_decode_sweep_h200.json"
+    job attention16k 90 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
+        --out "$R/attention_h200_16k_order3.json"
+    job flex 200 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
         --out "$R/attention_flex_h200.json"
-    job long_range 150 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
+    job long_range 120 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
 }
 
 if [ "${PART:-1}" = 2 ]; then queue2 & queue3 &

@@ -37,6 +37,7 @@ from seqtensor.adapters import text as text_adapter  # noqa: E402
 from seqtensor.adapters.text import CausalFold, cache_memory_bytes, tensorize, untensorize  # noqa: E402
 from seqtensor.adapters.text_cache import LayerCache  # noqa: E402
 from seqtensor.attention import resolve_backend  # noqa: E402
+from seqtensor.kernels import decode  # noqa: E402
 from seqtensor.positional import TensorRoPE  # noqa: E402
 
 FOLDS = {8192: (128, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
@@ -85,6 +86,11 @@ def graphed(row: dict, key: str, fn, device, reps: int) -> None:
         row[key] = graph_ms(fn, device, reps)
     except Exception as err:  # noqa: BLE001 - record and go on
         row[key + "_error"] = f"{type(err).__name__}: {err}"[:300]
+
+
+# Decode-kernel configs (kernels.decode.CONFIG_OVERRIDE) timed by --decode-sweep in the graphed attention share.
+DECODE_SWEEP = {"warps4": {"num_warps": 4}, "warps2": {"num_warps": 2}, "tile32k": {"tile": 32768},
+                "tile32k_warps4": {"tile": 32768, "num_warps": 4}, "heads2": {"heads": 2}}
 
 
 def fold_for(n: int) -> tuple[int, ...]:
@@ -248,11 +254,14 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
     q = torch.randn(B, H, 1, d, device=device, dtype=dtype)
     sdpa = timed(lambda: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True), device, args.decode_steps, 2)
     fold = CausalFold(fold_for(n))
-    levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(fold.order - 1)]
-    state = LayerCache(fold, coverage="full", positional=TensorRoPE(d, base=500000.0).to(device), scale=d**-0.5,
-                       length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
-                       levels=levels, stored=n)
-    del levels
+
+    def new_state() -> LayerCache:
+        levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(fold.order - 1)]
+        return LayerCache(fold, coverage="full", positional=TensorRoPE(d, base=500000.0).to(device), scale=d**-0.5,
+                          length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
+                          levels=levels, stored=n)
+
+    state = new_state()
 
     def one_step():  # the plan is built once per step and shared by all layers: time both parts
         plan = state.plan(1, dtype)
@@ -280,16 +289,24 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
     graphed(out, "tensorized_graph_ms", tensorized_layers, device, args.decode_steps)
     if out.get("sdpa_graph_ms") and out.get("tensorized_graph_ms"):
         out["graph_ratio"] = out["sdpa_graph_ms"] / out["tensorized_graph_ms"]
+    for name, override in DECODE_SWEEP.items() if args.decode_sweep else ():
+        decode.CONFIG_OVERRIDE.clear()
+        decode.CONFIG_OVERRIDE.update(override)
+        del state
+        state = new_state()  # fresh: the graphed steps above used the spare room of k and v
+        graphed(out, f"tensorized_graph_ms[{name}]", tensorized_layers, device, args.decode_steps)
+    decode.CONFIG_OVERRIDE.clear()
     print(f"attention share n={n} B={B}: {out}", flush=True)
     return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 131072])
     parser.add_argument("--decode", type=str, nargs="*", default=["32768:1", "32768:8", "131072:1", "131072:2"],
                         help="n:batch pairs for the decode measurements")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--decode-sweep", action="store_true", help="also time the decode-kernel configs of DECODE_SWEEP")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="tiny model and lengths, for a CPU check of the script")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
