@@ -48,16 +48,16 @@ queue1() {  # GPU 1: forecasting at look-back 2,048 (patch 1, day-long finest di
 
 queue2() {  # part 2 (short, copies the first GGUF chunk too), GPU 0: decode-kernel configs, e2e profile
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job decode_sweep 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 --decode-sweep \
+    job decode_sweep 120 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 --decode-sweep \
         --out "$R/llm_e2e_decode_sweep_h200.json"
     job llm_profile 90 python3 benchmarks/llm_e2e.py --layers 4 --profile 131072
 }
 
 queue3() {  # part 2, GPU 1: 16k as order 3 (no flex), the FlexAttention column at 16k and 128k
-    export CUDA_VISIBLE_DEVICES=1 GPU=1
+    export CUDA_VISIBLE_DEVICES=${GPU1:-1} GPU=${GPU1:-1}
     job attention16k 70 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
         --out "$R/attention_h200_16k_order3.json"
-    job flex 170 python3 benchmarks/attention.py --n 16384 131072 --flex-only --flex-modes causal \
+    job flex 170 python3 benchmarks/attention.py --n ${FLEX_N:-16384 131072} --flex-only --flex-modes causal \
         --out "$R/attention_flex_h200.json"
 }
 
@@ -69,7 +69,9 @@ adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra argument
 
 case "${PART:-1}" in
     2) queue2 & queue3 & ;;
+    2single) queue3; queue2 ;;  # one-GPU machine: both queues in turn on GPU 0
     3) adapt 0 "${ADAPT0:-}" & adapt 1 "${ADAPT1:-}" & ;;
+    3single) adapt 0 "${ADAPT0:-}" ;;
     *) queue0 & queue1 & ;;
 esac
 wait
