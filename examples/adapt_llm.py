@@ -188,7 +188,8 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
             row.update(ppl=math.exp(nll / count), docs=len(docs), ppl_s=round(time.time() - t0, 2))
         if fixed is not None:
             t0 = time.time()
-            nll, count = fixed_span_nll(model, *fixed, L)
+            spans, S = fixed
+            nll, count = fixed_span_nll(model, spans, L, S)
             row.update(ppl_fixed=math.exp(nll / count), ppl_fixed_s=round(time.time() - t0, 2))
         if L in passkey_lengths:
             t0 = time.time()
