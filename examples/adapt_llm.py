@@ -71,7 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqtensor.adapters.text import CausalFold, load_tensorized, tensorize, untensorize  # noqa: E402
-from seqtensor.evaluation import passkey_accuracy, sliding_window_nll  # noqa: E402
+from seqtensor.evaluation import fixed_span_nll, passkey_accuracy, sliding_window_nll  # noqa: E402
 from seqtensor.trainer import Callback, Trainer, TrainerConfig  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,19 +163,10 @@ def prepare(args) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def fixed_span_nll(model, spans, L: int, S: int) -> tuple[float, int]:
-    """NLL of the last S tokens of each span, through windows of L tokens (the same tokens at every L).
-
-    Every scored token sees c = max(L - S, 3L/4) tokens: windows of L, stride L - c, over the last
-    S + c tokens of each span (one window once L >= 4S).
-    """
-    c = max(L - S, 3 * L // 4)
-    return sliding_window_nll(model, [span[-S - c :] for span in spans], context=L, stride=L - c, min_context=c)
-
-
 def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock, fixed=None) -> None:
     """Perplexity and passkey at each length: ``ppl`` (last quarter of the first L tokens of each
-    volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (``fixed_span_nll``)."""
+    volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (the last S tokens of
+    each span at every L: ``seqtensor.evaluation.fixed_span_nll``)."""
     rows = results.setdefault(label, {})
     for L in lengths:
         if clock.left() < 20:

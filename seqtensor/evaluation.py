@@ -21,6 +21,7 @@ from ._validation import check
 __all__ = [
     "perplexity",
     "sliding_window_nll",
+    "fixed_span_nll",
     "passkey_prompt",
     "passkey_accuracy",
     "PasskeyResult",
@@ -86,6 +87,28 @@ def sliding_window_nll(
             if end == n:
                 break
     return nll, count
+
+
+def fixed_span_nll(model, token_ids, context: int, score_tokens: int, *, ce_chunk: int = 4096) -> tuple[float, int]:
+    """Summed NLL of the last ``score_tokens`` tokens of each document, seen through ``context``-token windows.
+
+    The scored tokens do not depend on ``context``, so values at several contexts compare the same
+    text (with ``sliding_window_nll``'s last-quarter protocol, a longer context also scores other,
+    later text). Every scored token sees at least ``c = max(context - score_tokens, 3 * context // 4)``
+    tokens; windows step by ``context - c`` (one window once ``context >= 4 * score_tokens``).
+    """
+    check(score_tokens >= 1, f"score_tokens must be >= 1, got {score_tokens}")
+    check(context >= 2, f"context must be >= 2, got {context}")
+    c = max(context - score_tokens, 3 * context // 4)
+    docs = _documents(token_ids)
+    for i, doc in enumerate(docs):
+        check(
+            len(doc) >= score_tokens + c,
+            f"document {i} has {len(doc)} tokens; scoring its last {score_tokens} with {c} tokens of context "
+            f"needs {score_tokens + c}",
+        )
+    spans = [doc[len(doc) - score_tokens - c :] for doc in docs]
+    return sliding_window_nll(model, spans, context, context - c, min_context=c, ce_chunk=ce_chunk)
 
 
 def perplexity(model, token_ids, context: int, stride: int | None = None, *, min_context: int = 0) -> float:

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from seqtensor.adapters.text import tensorize  # noqa: E402
-from seqtensor.evaluation import passkey_accuracy, passkey_prompt, perplexity, sliding_window_nll  # noqa: E402
+from seqtensor.evaluation import fixed_span_nll, passkey_accuracy, passkey_prompt, perplexity, sliding_window_nll  # noqa: E402
 
 V = 128
 
@@ -66,6 +66,27 @@ def test_sliding_window_scores_each_token_once_with_its_window(model):
     assert count == 69
     assert nll == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, ids, 32, 12) == pytest.approx(math.exp(expected / 69), rel=1e-5)
+
+
+@pytest.mark.parametrize("context", [12, 24, 40])
+def test_fixed_span_scores_the_same_tokens_at_every_context(model, context):
+    """The last S tokens, each predicted from a window of <= context tokens that gives it >= c before it."""
+    ids = torch.randint(3, V, (60,), generator=torch.Generator().manual_seed(3))
+    S, n = 10, len(ids)
+    c = max(context - S, 3 * context // 4)
+    nll, count = fixed_span_nll(model, [ids, ids[5:]], context=context, score_tokens=S)
+    assert count == 2 * S
+    expected = 0.0
+    for doc in (ids, ids[5:]):
+        n = len(doc)
+        begin, first = n - S - c, n - S  # windows of `context` from the span start, stepping context - c
+        while first < n:
+            end = min(begin + context, n)
+            expected += _direct_nll(model, doc, begin, end, range(first, end))
+            first, begin = end, begin + context - c
+    assert nll == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="needs"):
+        fixed_span_nll(model, ids[:20], context=40, score_tokens=S)
 
 
 def test_min_context_and_documents(model):
