@@ -118,8 +118,11 @@ def _decode_kernel(
                 pos = c + j // 2
                 summ = (j % 2) == 1
                 u = tl.where(summ, start + pos * w + (w - 1), t - (a - pos) * w)
-                # summary keys of blocks b < a; none when t ends its own block (its fibre key is that token)
-                ok = (pos <= a) & ((~summ) | ((pos < a) & (t % w != w - 1)))
+                # summary keys of blocks b < a; none when t ends its own block (its fibre key is that token).
+                # The scalar condition goes into the bound: a scalar comparison &-ed with a block gives a
+                # non-bool mask under the interpreter, which triton 3.9's interpreter rejects in tl.load
+                n_summ = tl.where(t % w == w - 1, 0, a)
+                ok = (pos <= a) & ((~summ) | (pos < n_summ))
             else:
                 pos = c + tl.arange(0, BLOCK_B[hop])
                 u = t - (a - pos) * w
