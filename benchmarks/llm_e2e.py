@@ -158,7 +158,7 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
                 if method == "tensorized":
                     untensorize(model)
                 for layer in model.model.layers:
-                    layer._compiled_call_impl = None
+                    layer._compiled_call_impl = None  # undo nn.Module.compile (it has no public undo)
             rows.append(row)
             print(f"forward n={n} {method}: {row.get('median_s', row.get('error'))}", flush=True)
         by = {r["method"]: r.get("median_s") for r in rows if r["n"] == n}
@@ -251,8 +251,8 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
 def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
     """One layer's attention for one new token, x layers: SDPA over the cache vs LayerCache.step.
 
-    Timed twice: call by call from Python (``*_ms``: launch-bound for the tensorized step, whose GPU
-    work is a few microseconds) and as one CUDA graph of all layers (``*_graph_ms``: GPU time).
+    Timed twice: call by call from Python (``*_ms``: launch-bound for the tensorized step) and as one
+    CUDA graph of all layers (``*_graph_ms``: GPU time).
     """
     c = model.config
     H, Hkv, d, layers = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
