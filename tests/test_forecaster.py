@@ -11,6 +11,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from seqtensor.adapters import Forecaster
+from seqtensor.folds import BlockFold, resolve_fold
 from seqtensor.adapters.forecast_model import ForecastModelConfig, PatchForecastModel, forecast_loss
 from seqtensor.nn import FullAttention, ModelConfig, TensorizedAttention
 
@@ -290,6 +291,17 @@ def test_save_load_tz_aware_and_quantiles(tmp_path):
     df["ds"] = df["ds"].dt.tz_localize("Europe/Berlin")
     fc = Forecaster(h=6, input_size=24, loss="quantile", **{**TINY, "max_steps": 2}).fit(df)
     loaded = Forecaster.load(fc.save(tmp_path / "q"))
+    pd.testing.assert_frame_equal(loaded.predict(), fc.predict())
+
+
+def test_season_block_fold_trains_saves_and_loads(tmp_path):
+    """fold=BlockFold(season) (README): the finest hop spans one period; kept through save/load."""
+    df = seasonal_frame(n=200, ids=("a",))
+    fc = Forecaster(h=12, input_size=48, fold=BlockFold(24), **{**TINY, "patch_len": 1, "max_steps": 2}).fit(df)
+    attn = fc.model_.encoder.blocks[0].attn
+    assert isinstance(attn, TensorizedAttention) and resolve_fold(attn.fold, 60).dims == (3, 24)  # 48 + 12 tokens
+    loaded = Forecaster.load(fc.save(tmp_path / "season"))
+    assert loaded.fold == BlockFold(24)
     pd.testing.assert_frame_equal(loaded.predict(), fc.predict())
 
 
