@@ -28,6 +28,8 @@ Usage::
     python examples/adapt_llm.py prepare --data data/llm        # tokenize corpora (CPU, ~1 min)
     python examples/adapt_llm.py run --data data/llm --out benchmarks/results/llm_adapt_<device>.json
     python examples/adapt_llm.py run --data data/llm --smoke    # the whole flow, tiny sizes, CPU
+    python examples/adapt_llm.py run ... --save-to runs/smol     # keep the trained model, then
+    python examples/adapt_llm.py evaluate --model runs/smol --data data/llm   # up to 128k, two fold growths
 
 On the GPU machine (the device tool; ../shared/ENV.md): the GGUF (98 MB) travels in two chunks,
 the ``gguf`` package as a wheel, all in folders that ``.git/info/exclude`` ignores (``/.carry/``)::
@@ -291,9 +293,10 @@ def continue_pretraining(model, stream, args, results, clock):
     return model
 
 
-def save_and_reload(model, dtype, device, results):
-    """save_pretrained + load_tensorized; checks the reloaded model gives the same logits."""
-    folder = tempfile.mkdtemp()
+def save_and_reload(model, dtype, device, results, folder: str | None = None):
+    """save_pretrained (to ``folder``, else a temporary one) + load_tensorized; checks the reloaded
+    model gives the same logits."""
+    folder = folder or tempfile.mkdtemp()
     model.save_pretrained(folder)
     reloaded = load_tensorized(folder, dtype=dtype).to(device).eval()
     ids = torch.arange(1000, 1512, device=device)[None]
@@ -307,6 +310,38 @@ def save_and_reload(model, dtype, device, results):
 # ----------------------------------------------------------------------------- main
 
 
+def protocols(volumes, lengths, args, results):
+    """(volumes for ``ppl`` or None, ``fixed`` spans for ``ppl_fixed`` or None), per ``--ppl-protocols``."""
+    fixed = None
+    if "fixed" in args.ppl_protocols:
+        end = max(lengths)
+        spans = [torch.as_tensor(v[:end].astype(np.int64)) for v in volumes if len(v) >= end]
+        S = min(args.ppl_score_tokens, end // 4)
+        fixed = (spans, S) if spans else None
+        results["ppl_fixed_protocol"] = (
+            f"ppl_fixed: the same {S} tokens at every L, the last of the first {end} tokens of the "
+            f"{len(spans)} of {len(volumes)} volumes that long; at L, windows of L tokens, every scored "
+            "token sees >= max(L - S, 3L/4) tokens")
+    return (volumes if "first" in args.ppl_protocols else None), fixed
+
+
+def evaluate_saved(args) -> None:
+    """Perplexity of a model saved by ``run --save-to``, its fold extended past training two ways."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
+    clock = Clock(args.budget_s, Path(args.out))
+    volumes, fixed = protocols(list(np.load(Path(args.data) / "eval.npz").values()), args.lengths, args, results)
+    model = load_tensorized(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
+    spec = model.config.seqtensor  # the settings it was trained with
+    train_fold = tuple(spec["fold"])
+    results["fold_after"] = list(CausalFold.extrapolating(train_fold, max(args.lengths)).dims)
+    for label, fold in (("tensorized_trained", results["fold_after"]), ("tensorized_trained_grow_coarsest", train_fold)):
+        tensorize(model, fold=tuple(fold), positional=spec["positional"], coverage=spec["coverage"], backend=spec["backend"])
+        evaluate(model, None, volumes, args.lengths, (), label, results, clock, fixed)
+    clock.save(results)
+    print_table(results)
+
+
 def run(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -315,18 +350,7 @@ def run(args) -> None:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     data = Path(args.data)
     volumes = list(np.load(data / "eval.npz").values())
-    fixed = None
-    if "fixed" in args.ppl_protocols:
-        end = max(args.lengths_before + args.lengths_after)
-        spans = [torch.as_tensor(v[:end].astype(np.int64)) for v in volumes if len(v) >= end]
-        S = min(args.ppl_score_tokens, end // 4)
-        fixed = (spans, S) if spans else None
-        results["ppl_fixed_protocol"] = (
-            f"ppl_fixed: the same {S} tokens at every L, the last of the first {end} tokens of the "
-            f"{len(spans)} of {len(volumes)} volumes that long; at L, windows of L tokens, every scored "
-            "token sees >= max(L - S, 3L/4) tokens")
-    if "first" not in args.ppl_protocols:
-        volumes = None
+    volumes, fixed = protocols(volumes, args.lengths_before + args.lengths_after, args, results)
     stream = np.load(data / "train.npy")
     model, tokenizer = load_model(gguf_path(args.gguf), torch.float32, device)
     model.to(eval_dtype)
@@ -350,7 +374,7 @@ def run(args) -> None:
         model.to(torch.float32)  # fp32 master weights; the trainer autocasts to bf16
         tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
         model = continue_pretraining(model, stream, args, results, clock)
-        model = save_and_reload(model, eval_dtype, device, results)
+        model = save_and_reload(model, eval_dtype, device, results, args.save_to)
         clock.save(results)
         long_fold = CausalFold.extrapolating(train_fold, max(after))
         tensorize(model, fold=long_fold, backend=backend, positional=args.positional)
@@ -415,8 +439,21 @@ def main(argv=None) -> None:
     r.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="default: every evaluated length")
     r.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time")
     r.add_argument("--reserve-s", type=float, default=150.0, help="time kept for evaluation after training")
+    r.add_argument("--save-to", default=None, help="keep the trained model in this folder (for `evaluate`)")
     r.add_argument("--smoke", action="store_true", help="tiny sizes: the whole flow in minutes on CPU")
+    e = sub.add_parser("evaluate", help="perplexity of a model saved by run --save-to, past its training length")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", default="data/llm")
+    e.add_argument("--out", default="benchmarks/results/llm_adapt_evaluate.json")
+    e.add_argument("--device", default=None)
+    e.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    e.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"])
+    e.add_argument("--ppl-score-tokens", type=int, default=4096)
+    e.add_argument("--budget-s", type=float, default=3600.0)
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        evaluate_saved(args)
+        return
     if args.command == "prepare":
         prepare(args)
         return
