@@ -16,7 +16,7 @@ At NeuralForecast's default 1,024 windows per step a step took ~16 s on this CPU
 
 ``--check`` first compares the (unique_id, ds, cutoff) keys of NeuralForecast's cross_validation
 with those of seqtensor's (a 5-step DLinearForecaster) on the same cut and stops if they differ.
-Results merge into benchmarks/results/forecast_patchtst_cpu.json, keyed ``electricity|h=<h>``.
+Results merge into benchmarks/results/forecast_patchtst_cpu.json, keyed ``electricity|h=<h>|wbs=<windows per step>``.
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     df, n_train, n_val, n_test = load("electricity")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"accuracy": {}}
+    settings = {**SETTINGS, "windows_batch_size": args.windows_batch_size, **({"max_steps": 5} if args.smoke else {})}
     results["meta"] = {"device": "cpu", "threads": args.threads, "neuralforecast": version("neuralforecast"),
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                       "settings": {**SETTINGS, "windows_batch_size": args.windows_batch_size, "loss": "MSE", "other": "NeuralForecast PatchTST defaults"}}  # fmt: skip
+                       "settings": {**settings, "loss": "MSE", "other": "NeuralForecast PatchTST defaults"}}  # fmt: skip
     for h in args.horizons:
         cut, n_windows = test_windows(df, n_test, h)
-        timer, settings = FitTimer(), {**SETTINGS, "windows_batch_size": args.windows_batch_size, **({"max_steps": 5} if args.smoke else {})}
+        timer = FitTimer()
         model = PatchTST(h=h, loss=MSE(), valid_loss=MSE(), **settings,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          default_root_dir="/tmp/patchtst_peer_logs")  # fmt: skip
@@ -96,8 +97,8 @@ def main() -> None:
             ours = DLinearForecaster(h=h, input_size=512, loss="mse", max_steps=5, device="cpu")
             ours_cv = ours.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
             same = keys(cv) == keys(ours_cv) and len(cv) == len(ours_cv)
-            y_diff = float((cv.sort_values(["unique_id", "cutoff", "ds"])["y"].to_numpy()
-                            - ours_cv.sort_values(["unique_id", "cutoff", "ds"])["y"].to_numpy()).__abs__().max())  # fmt: skip
+            order = ["unique_id", "cutoff", "ds"]
+            y_diff = float(abs(cv.sort_values(order)["y"].to_numpy() - ours_cv.sort_values(order)["y"].to_numpy()).max())
             print(f"h={h}: {len(cv)} rows, {cv['cutoff'].nunique()} cutoffs ({cv['cutoff'].min()} .. {cv['cutoff'].max()}); "
                   f"keys equal to seqtensor's: {same}; max |y diff| {y_diff:.2e}")  # fmt: skip
             if not same or y_diff > 1e-9:
