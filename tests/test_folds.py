@@ -56,6 +56,8 @@ STRATEGIES = [
     BalancedFold(3, multiple=4),
     BlockFold(16),
     BlockFold(8, order=3),
+    BlockFold((7, 4)),
+    BlockFold((3, 5), order=4),
     ExtrapolatingFold(16),
     ExtrapolatingFold(32, min_order=3),
 ]
@@ -70,7 +72,8 @@ def test_every_strategy_covers_n(n, strategy):
         assert fold.order == strategy.order
         assert all(d % strategy.multiple == 0 for d in fold.dims)
     if isinstance(strategy, BlockFold):
-        assert fold.dims[-1] == strategy.block and fold.order == strategy.order
+        k = len(strategy.blocks)
+        assert fold.dims[-k:] == strategy.blocks and fold.order == strategy.order
     if isinstance(strategy, ExtrapolatingFold):
         assert max(fold.dims) <= strategy.max_dim and fold.order >= strategy.min_order
 
@@ -111,7 +114,18 @@ def test_resolve_fold_accepts_fold_strategy_tuple():
         resolve_fold(lambda n: (4, 8), 30)
 
 
-@pytest.mark.parametrize("fold", [(4, 8), Fold((4, 6)), Fold((4, 6), n=21), FixedFold((5, 5)), BalancedFold(3, 2), BlockFold(16, 3), ExtrapolatingFold(64)])
+@pytest.mark.parametrize("fold", [(4, 8), Fold((4, 6)), Fold((4, 6), n=21), FixedFold((5, 5)), BalancedFold(3, 2), BlockFold(16, 3), BlockFold((7, 48)), ExtrapolatingFold(64)])
 def test_fold_dict_round_trip(fold):
     back = fold_from_dict(json.loads(json.dumps(fold_to_dict(fold))))
     assert back == fold
+
+
+def test_block_fold_nested_seasons():
+    """block=(7, 48): weeks x days x half-hours for half-hourly data; token t sits at (week, day, slot)."""
+    fold = BlockFold((7, 48))(2144)
+    assert fold.dims == (7, 7, 48) and fold.padding == 7 * 7 * 48 - 2144
+    assert fold.coords(336 + 2 * 48 + 5) == (1, 2, 5)
+    assert BlockFold(24) == BlockFold(24, order=2) and BlockFold([7, 48]) == BlockFold((7, 48))
+    for bad in [dict(block=(7, 0)), dict(block=()), dict(block=(7, 48), order=2), dict(block=4.0)]:
+        with pytest.raises(ValueError, match="block|order"):
+            BlockFold(**bad)

@@ -215,3 +215,44 @@ def test_validity_levels_match_reference_relays():
             _, want = R._hop(qg, qg, qg, valid, hop.P, hop.nj, hop.S, causal, hop.summary, 1.0, None)
             torch.testing.assert_close(levels[i + 1], want)
             valid = want
+
+
+# ----------------------------------------------------------------------------------------------
+# autotune candidates (the GPU's configs, checked here for fit and under the interpreter for results)
+# ----------------------------------------------------------------------------------------------
+
+
+def _hop_args(nj, d, dv):
+    return {"NJ": nj}, {"D1": (d + 1) // 2, "D2": d // 2, "NDV": dv}
+
+
+@pytest.mark.parametrize("nj,d,dv", [(5, 32, 32), (40, 64, 64), (64, 128, 128), (100, 128, 96), (40, 256, 256), (1000, 64, 64)])
+def test_autotune_candidates_fit_the_hop(nj, d, dv):
+    """No block above the fibre (rounded up) or the head dim's register room; the table's config first."""
+    args, kw = _hop_args(nj, d, dv)
+    table = T._gpu_config(nj, d, dv)
+    fib = max(16, 1 << (nj - 1).bit_length())
+    wide = max(d, dv) > 128
+    fwd = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in T._fwd_candidates(None, args, **kw)]
+    assert fwd[0] == (table.block_m, table.block_n, table.num_warps, table.num_stages)
+    assert len(set(fwd)) == len(fwd) > 1
+    for bm, bn, _, _ in fwd:
+        assert bm <= min(fib, 64 if wide else 128) and bn <= min(fib, 32 if wide else 64)
+    single = nj <= table.block
+    bwd = [(c.kwargs["BLOCK"], c.num_warps, c.num_stages) for c in T._bwd_candidates(None, args, SINGLE=single, **kw)]
+    assert bwd[0] == (table.block, table.bwd_warps, table.num_stages) and len(set(bwd)) == len(bwd) > 1
+    # SINGLE kernels assume the whole fibre in one block; the others loop over blocks shorter than it
+    assert all(b >= nj if single else b < nj for b, _, _ in bwd)
+
+
+def test_every_autotune_candidate_matches_reference(monkeypatch):
+    """Each config the GPU autotuner may pick gives the reference's output and gradients."""
+    args, kw = _hop_args(70, 16, 16)
+    fwd = T._fwd_candidates(None, args, **kw)
+    bwd = T._bwd_candidates(None, args, SINGLE=False, **kw)
+    for i in range(max(len(fwd), len(bwd))):
+        f, b = fwd[i % len(fwd)], bwd[i % len(bwd)]
+        override = dict(block_m=f.kwargs["BLOCK_M"], block_n=f.kwargs["BLOCK_N"], block=b.kwargs["BLOCK"])
+        monkeypatch.setattr(T, "CONFIG_OVERRIDE", override)
+        assert T._config(70, 16, 16).block == override["block"] < 70  # the multi-block backward runs
+        check_case((3, 70), 200, causal=True, rope=True, mask=True, H=2, Hkv=1)

@@ -49,6 +49,30 @@ def _id(x):
 
 @pytest.mark.parametrize("case,dtype", PARAMS, ids=_id)
 def test_gpu_matches_float64_reference(case, dtype):
+    """The default path: on CUDA every hop shape is autotuned, so this also checks the picked configs."""
+    from seqtensor.kernels import tensorized as T
+
+    check_gpu(case, dtype)
+    assert T._hop_fwd_tuned.cache and T._hop_bwd_tuned.cache  # the autotuner ran
+
+
+def test_gpu_every_autotune_candidate_matches_float64(monkeypatch):
+    """Each block and warp count the autotuner may pick, on a multi-block and a one-block hop."""
+    from seqtensor.kernels import tensorized as T
+
+    case = ((41, 100), 4100, 1, 4, 2, 128, "bnhd", True, "full", True, True)
+    args, kw = {"NJ": 100}, {"D1": 64, "D2": 64, "NDV": 128}
+    fwd = T._fwd_candidates(None, args, **kw)
+    bwd = T._bwd_candidates(None, args, SINGLE=False, **kw)
+    for i in range(max(len(fwd), len(bwd))):
+        f, b = fwd[i % len(fwd)], bwd[i % len(bwd)]
+        override = dict(block_m=f.kwargs["BLOCK_M"], block_n=f.kwargs["BLOCK_N"], num_warps=f.num_warps,
+                        num_stages=f.num_stages, block=b.kwargs["BLOCK"], bwd_warps=b.num_warps)  # fmt: skip
+        monkeypatch.setattr(T, "CONFIG_OVERRIDE", override)
+        check_gpu(case, torch.bfloat16)
+
+
+def check_gpu(case, dtype):
     from seqtensor.kernels import tensorized as T
 
     dims, n, B, H, Hkv, d, layout, causal, coverage, rope, mask = case

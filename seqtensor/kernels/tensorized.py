@@ -551,26 +551,84 @@ class _Config:
 
 
 # Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table below.
+# A non-empty override also turns autotuning off, so the configs compared are the ones that run.
 CONFIG_OVERRIDE: dict = {}
+# On CUDA each hop shape is autotuned once per process (triton.autotune over the candidates below,
+# the table's config among them); the interpreter, AUTOTUNE = False and CONFIG_OVERRIDE use the table.
+AUTOTUNE = not _INTERPRET
 
 
 def _config(nj: int, d: int, dv: int) -> _Config:
     """Fixed meta-parameters: 16-row blocks under the interpreter, else sized to the fibre and head dim."""
-    if _INTERPRET:
-        return _Config(16, 16, 16, 1, 1, 1)
-    cfg = dataclasses.replace(_gpu_config(nj, d, dv), **CONFIG_OVERRIDE)
+    base = _Config(16, 16, 16, 1, 1, 1) if _INTERPRET else _gpu_config(nj, d, dv)
+    cfg = dataclasses.replace(base, **CONFIG_OVERRIDE)
     assert max(cfg.block_m, cfg.block_n, cfg.block) <= _MAX_BLOCK, cfg
     return cfg
 
 
-def _gpu_config(nj: int, d: int, dv: int) -> _Config:
+def _block_caps(nj: int, d: int, dv: int) -> tuple[int, int, int]:
+    """Largest useful (block_m, block_n, block): the fibre rounded up, and register room for wide heads."""
     fib = max(16, triton.next_power_of_2(nj))
     wide = max(d, dv) > 128
-    bm = min(fib, 64 if wide else 128)
-    bn = min(fib, 32 if wide else 64)
-    bb = min(fib, 32 if wide else 64)
+    return min(fib, 64 if wide else 128), min(fib, 32 if wide else 64), min(fib, 32 if wide else 64)
+
+
+def _gpu_config(nj: int, d: int, dv: int) -> _Config:
+    bm, bn, bb = _block_caps(nj, d, dv)
     # bwd_warps 4: 20.1 ms against 25.0 ms with 8 (128k causal fwd+bwd, H200, benchmarks/NOTES.md)
     return _Config(bm, bn, bb, 8 if bm >= 128 else 4, 2, 4)
+
+
+def _use_autotune() -> bool:
+    return AUTOTUNE and not CONFIG_OVERRIDE
+
+
+# Autotune candidates (block_m, block_n, warps, stages) and (block, warps, stages), clipped to the
+# hop by the prune functions below; the table's config is always among them.
+_FWD_CANDIDATES = ((128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                   (64, 32, 4, 3), (32, 32, 4, 2))  # fmt: skip
+_BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2))
+_TUNE_KEY = ["NJ", "P", "S", "H", "G", "D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
+
+
+def _hop_dims(args: dict) -> tuple[int, int, int]:
+    return args["NJ"], args["D1"] + args["D2"], args["NDV"]
+
+
+def _fwd_candidates(configs, named_args, **kwargs) -> list:
+    """Forward configs for this hop: blocks no larger than the fibre or the head dim's register room."""
+    nj, d, dv = _hop_dims({**named_args, **kwargs})
+    cap_m, cap_n, _ = _block_caps(nj, d, dv)
+    table = _gpu_config(nj, d, dv)
+    seen = {(table.block_m, table.block_n, table.num_warps, table.num_stages): None}
+    for bm, bn, warps, stages in _FWD_CANDIDATES:
+        bm, bn = min(bm, cap_m), min(bn, cap_n)
+        seen.setdefault((bm, bn, warps if bm >= 64 else 4, stages), None)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
+
+
+def _bwd_candidates(configs, named_args, **kwargs) -> list:
+    """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below it."""
+    args = {**named_args, **kwargs}
+    nj, d, dv = _hop_dims(args)
+    _, _, cap = _block_caps(nj, d, dv)
+    table = _gpu_config(nj, d, dv)
+    seen = {(table.block, table.bwd_warps, table.num_stages): None}
+    for block, warps, stages in _BWD_CANDIDATES:
+        block = cap if args["SINGLE"] else min(block, cap)
+        seen.setdefault((block, warps, stages), None)
+    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in seen]
+
+
+_hop_fwd_tuned = triton.autotune(
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})], key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _fwd_candidates},
+)(_hop_fwd_kernel)  # fmt: skip
+# dq and dk accumulate across hops in place: every timed run starts from (and restores) their values
+_hop_bwd_tuned = triton.autotune(
+    [triton.Config({"BLOCK": 64})], key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _bwd_candidates}, restore_value=["DQ", "DK"],
+)(_hop_bwd_kernel)  # fmt: skip
 
 
 def _blk(x: int) -> int:
@@ -686,18 +744,26 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
         out = _out_like_q(q, dv) if last else _empty((B, H, N, dv), q.dtype, q.device)
-        cfg = _config(hop.nj, d, dv)
-        grid = (B * H * hop.P * hop.S * triton.cdiv(hop.nj, cfg.block_m),)
-        _hop_fwd_kernel[grid](
+        args = (
             q, k, vin, out, lse[idx if need_backward else 0],
             dummy[idx] if valid is not None else dummy, dummy[0] if valid is not None else dummy, rot,
             *_strides(q), *_strides(k), *_strides(vin), *_strides(out),
             n, N, H, G, G if first else 1, hop.P, hop.nj, hop.S, n if first else N, n if last else N,
-            plan.scale * math.log2(math.e), D1=D1, D2=D2, NDV=dv,
-            CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked, STORE_LSE=need_backward,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc,
-            DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            plan.scale * math.log2(math.e),
         )  # fmt: skip
+        meta = dict(
+            D1=D1, D2=D2, NDV=dv, CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked,
+            STORE_LSE=need_backward, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc, DOT_PREC=prec,
+        )  # fmt: skip
+        fibres = B * H * hop.P * hop.S
+        if _use_autotune():
+            _hop_fwd_tuned[lambda c: (fibres * triton.cdiv(hop.nj, c["BLOCK_M"]),)](*args, **meta)
+        else:
+            cfg = _config(hop.nj, d, dv)
+            _hop_fwd_kernel[(fibres * triton.cdiv(hop.nj, cfg.block_m),)](
+                *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )  # fmt: skip
         if need_backward and not last:
             states.append(out)
         vin = out
@@ -734,19 +800,26 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
         vin_lvl = dummy[idx] if valid is not None else dummy
         v0 = dummy[0] if valid is not None else dummy
         cfg = _config(hop.nj, d, dv)
-        nb = triton.cdiv(hop.nj, cfg.block)
-        grid = (B * Hkv * hop.P * hop.S * nb,)
-        _hop_bwd_kernel[grid](
+        args = (
             q, k, vin, o, do, dq, dk, dvin, lse[idx], delta, delta_next, vin_lvl, v0, rot,
             *_strides(q), *_strides(k), *_strides(vin), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dvin),
             n, N, H, G, hop.P, hop.nj, hop.S, n if first else N, n if last else N, n if first else N,
-            plan.scale, plan.scale * math.log2(math.e), D1=D1, D2=D2, NDV=dv,
-            CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked, FIRST=first,
-            ACCUM=not last, STORE_DELTA=last and hop.summary, DELTA_IN=not last, DELTA_OUT=not first,
-            SINGLE=hop.nj <= cfg.block, BLOCK=cfg.block, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv),
-            ACC=acc, DOT_PREC=prec, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
+            plan.scale, plan.scale * math.log2(math.e),
         )  # fmt: skip
+        meta = dict(
+            D1=D1, D2=D2, NDV=dv, CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked,
+            FIRST=first, ACCUM=not last, STORE_DELTA=last and hop.summary, DELTA_IN=not last,
+            DELTA_OUT=not first, SINGLE=hop.nj <= cfg.block, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc,
+            DOT_PREC=prec,
+        )  # fmt: skip
+        programs = B * Hkv * hop.P * hop.S
+        if _use_autotune():
+            _hop_bwd_tuned[lambda c: (programs * triton.cdiv(hop.nj, c["BLOCK"]),)](*args, **meta)
+        else:
+            _hop_bwd_kernel[(programs * triton.cdiv(hop.nj, cfg.block),)](
+                *args, **meta, BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages
+            )
         if hop.summary:
             dvs = _summary_backward(
                 q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
