@@ -76,13 +76,13 @@ queue4() {  # session 5, one GPU: autotuned kernels (tests, then timings); forec
         --out "$R/attention_h200_table.json"
 }
 
-forecast4() {  # look-back 2,048, patch 1: week x day fold (seeds 0-2), then seeds 3-4 of the day fold and full
+forecast4() {  # look-back 2,048, patch 1: the week x day fold for seeds 0-4 and full attention's missing rows
     export CUDA_VISIBLE_DEVICES=0 GPU=q4b
-    local common="--device cuda --datasets electricity --horizons 96 192 336 720 --look-backs 2048 --patch-lens 1
-        --skip speed max_look_back --tag cuda"
-    job forecast_week 180 python3 benchmarks/forecast.py $common --models Forecaster --seeds 0 1 2 --fold-block 7 48
-    job forecast_seeds 200 python3 benchmarks/forecast.py $common --models Forecaster Forecaster-full --seeds 3 4 \
-        --fold-block 48
+    local common="--device cuda --datasets electricity --look-backs 2048 --patch-lens 1 --skip speed max_look_back
+        --tag cuda"
+    job forecast_week 250 python3 benchmarks/forecast.py $common --horizons 96 192 336 720 --models Forecaster \
+        --seeds 0 1 2 3 4 --fold-block 7 48
+    job forecast_full 70 python3 benchmarks/forecast.py $common --horizons 720 --models Forecaster-full --seeds 3 4
     cp benchmarks/results/forecast_cuda.json "$R/" 2>/dev/null
 }
 

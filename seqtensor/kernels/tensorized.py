@@ -620,14 +620,16 @@ def _bwd_candidates(configs, named_args, **kwargs) -> list:
     return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in seen]
 
 
+# The autotuner tunes only when given more than one config: the unclipped candidates go in, and the
+# prune functions replace them with the hop's clipped list.
 _hop_fwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})], key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _fwd_candidates},
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _FWD_CANDIDATES],
+    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fwd_candidates},
 )(_hop_fwd_kernel)  # fmt: skip
 # dq and dk accumulate across hops in place: every timed run starts from (and restores) their values
 _hop_bwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK": 64})], key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _bwd_candidates}, restore_value=["DQ", "DK"],
+    [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in _BWD_CANDIDATES],
+    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _bwd_candidates}, restore_value=["DQ", "DK"],
 )(_hop_bwd_kernel)  # fmt: skip
 
 
