@@ -221,11 +221,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", type=int, default=0, help="n at which to print per-kernel times of one causal fwd+bwd")
     ap.add_argument("--sweep", type=int, default=0, help="n at which to time the configs of SWEEP (causal)")
-    ap.add_argument("--no-autotune", action="store_true", help="use the fixed config table instead of triton.autotune")
+    ap.add_argument("--autotune", choices=["auto", "on", "off"], default="auto",
+                    help="triton.autotune (auto: except on the GPUs the config table was tuned on)")
     args = ap.parse_args()
     from seqtensor.kernels import tensorized as T
 
-    T.AUTOTUNE = not args.no_autotune
+    T.AUTOTUNE = {"auto": None, "on": True, "off": False}[args.autotune]
     override = sweep(args.sweep, args.heads, args.head_dim, args.rep) if args.sweep else {}
     if args.profile:
         profile(args.profile, args.heads, args.head_dim)
@@ -288,7 +289,7 @@ def main() -> None:
     tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
              for name, kernel in (("forward", T._hop_fwd_tuned), ("backward", T._hop_bwd_tuned))}  # fmt: skip
     result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, config_override=override,
-                  autotune=T._use_autotune(), autotuned_configs=tuned, B=1, H=args.heads, head_dim=args.head_dim,
+                  autotune=T._use_autotune(torch.device("cuda")), autotuned_configs=tuned, B=1, H=args.heads, head_dim=args.head_dim,
                   dtype="bfloat16", rows=rows)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:

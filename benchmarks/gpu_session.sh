@@ -72,7 +72,7 @@ queue4() {  # session 5, one GPU: autotuned kernels (tests, then timings); forec
         --out "$R/attention_h200_autotune.json"
     job attention_16k_tuned 45 python3 benchmarks/attention.py --n 16384 --dims 32 32 16 --flex-modes \
         --out "$R/attention_h200_16k_order3_autotune.json"
-    job attention_table 60 python3 benchmarks/attention.py --n 131072 --modes causal --no-autotune \
+    job attention_table 60 python3 benchmarks/attention.py --n 131072 --modes causal --autotune off \
         --out "$R/attention_h200_table.json"
 }
 
@@ -84,6 +84,13 @@ forecast4() {  # look-back 2,048, patch 1: the week x day fold for seeds 0-4 and
         --seeds 0 1 2 3 4 --fold-block 7 48
     job forecast_full 70 python3 benchmarks/forecast.py $common --horizons 720 --models Forecaster-full --seeds 3 4
     cp benchmarks/results/forecast_cuda.json "$R/" 2>/dev/null
+}
+
+queue5() {  # session 5, last call: kernel tests (table path, forced autotune, every candidate), compiled 128k e2e
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job gpu_tests 240 python3 -m pytest -n 12 -q -p no:cacheprovider -rs --durations 10 tests/test_kernels_gpu.py
+    job llm_compile 230 python3 benchmarks/llm_e2e.py --lengths 131072 --decode --compile --reps 2 \
+        --out "$R/llm_e2e_compile_h200.json"
 }
 
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
@@ -98,6 +105,7 @@ case "${PART:-1}" in
     3) adapt 0 "${ADAPT0:-}" & adapt 1 "${ADAPT1:-}" & ;;
     3single) adapt 0 "${ADAPT0:-}" ;;
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
+    5) queue5 ;;
     *) queue0 & queue1 & ;;
 esac
 wait

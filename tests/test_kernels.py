@@ -261,3 +261,20 @@ def test_every_autotune_candidate_matches_reference(monkeypatch):
 def test_autotuners_have_several_configs():
     """triton.autotune skips tuning (and runs its first config) when it holds a single config."""
     assert len(T._hop_fwd_tuned.configs) > 1 and len(T._hop_bwd_tuned.configs) > 1
+
+
+def test_autotune_policy(monkeypatch):
+    """Table on the GPUs it was tuned on and whenever configs are overridden; autotune elsewhere or when forced."""
+    monkeypatch.setattr(T, "_INTERPRET", False)
+    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA H200")
+    assert not T._use_autotune("cuda")
+    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert T._use_autotune("cuda")
+    monkeypatch.setattr(T, "CONFIG_OVERRIDE", {"block": 32})
+    assert not T._use_autotune("cuda")
+    monkeypatch.setattr(T, "CONFIG_OVERRIDE", {})
+    monkeypatch.setattr(T, "AUTOTUNE", False)
+    assert not T._use_autotune("cuda")
+    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(T, "AUTOTUNE", True)
+    assert T._use_autotune("cuda")

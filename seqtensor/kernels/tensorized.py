@@ -44,6 +44,7 @@ TensorRoPE, head dims above 256) run the reference with a RuntimeWarning: see ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -553,9 +554,13 @@ class _Config:
 # Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table below.
 # A non-empty override also turns autotuning off, so the configs compared are the ones that run.
 CONFIG_OVERRIDE: dict = {}
-# On CUDA each hop shape is autotuned once per process (triton.autotune over the candidates below,
-# the table's config among them); the interpreter, AUTOTUNE = False and CONFIG_OVERRIDE use the table.
-AUTOTUNE = not _INTERPRET
+# None (default): on CUDA GPUs the table was not tuned on, each hop shape is autotuned once per
+# process (triton.autotune over the candidates below, the table's config among them). On the H200
+# the table wins: autotune picked configs up to 20% slower there (timing noise, restore copies in the
+# backward) and spent minutes tuning at 128k (benchmarks/NOTES.md). True / False: always / never.
+# The interpreter and CONFIG_OVERRIDE always use the table.
+AUTOTUNE: bool | None = None
+_TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
 
 
 def _config(nj: int, d: int, dv: int) -> _Config:
@@ -579,8 +584,15 @@ def _gpu_config(nj: int, d: int, dv: int) -> _Config:
     return _Config(bm, bn, bb, 8 if bm >= 128 else 4, 2, 4)
 
 
-def _use_autotune() -> bool:
-    return AUTOTUNE and not CONFIG_OVERRIDE
+def _use_autotune(device: torch.device) -> bool:
+    if _INTERPRET or CONFIG_OVERRIDE or AUTOTUNE is False:
+        return False
+    return AUTOTUNE or _device_name(device) not in _TABLE_GPUS
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
 
 
 # Autotune candidates (block_m, block_n, warps, stages) and (block, warps, stages), clipped to the
@@ -758,7 +770,7 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
             STORE_LSE=need_backward, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc, DOT_PREC=prec,
         )  # fmt: skip
         fibres = B * H * hop.P * hop.S
-        if _use_autotune():
+        if _use_autotune(q.device):
             _hop_fwd_tuned[lambda c: (fibres * triton.cdiv(hop.nj, c["BLOCK_M"]),)](*args, **meta)
         else:
             cfg = _config(hop.nj, d, dv)
@@ -816,7 +828,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
             DOT_PREC=prec,
         )  # fmt: skip
         programs = B * Hkv * hop.P * hop.S
-        if _use_autotune():
+        if _use_autotune(q.device):
             _hop_bwd_tuned[lambda c: (programs * triton.cdiv(hop.nj, c["BLOCK"]),)](*args, **meta)
         else:
             _hop_bwd_kernel[(programs * triton.cdiv(hop.nj, cfg.block),)](
