@@ -213,7 +213,7 @@ def run_speed(args, results: dict) -> None:
     for L in args.speed_look_backs:
         for P in args.speed_patch_lens:
             row = {"look_back": L, "patch_len": P, "tokens": math.ceil(L / P) + math.ceil(96 / P), "batch": args.speed_batch,
-                   "fold_block": args.fold_block}
+                   "fold_block": args.fold_block, "threads": args.threads}
             for attention in ("tensorized", "full"):
                 try:
                     t, peak = step_time(L, P, attention, args)
