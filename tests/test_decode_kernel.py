@@ -71,12 +71,18 @@ class Case:
         return q.to(dtype).transpose(1, 2), k.to(dtype), v.to(dtype)
 
 
-def run(case: Case, dtype, *, kernel: bool, top_room=None):
-    """Outputs (steps, B, H, dv) and the states after each step (rings and lengths, cloned)."""
+def run(case: Case, dtype, *, kernel: bool, top_room=None, trim_v=False):
+    """Outputs (steps, B, H, dv) and the states after each step (rings and lengths, cloned).
+
+    trim_v: V without the rows before ``values_needed_from()``, as the text adapter keeps it.
+    """
     state = case.state(dtype, top_room=top_room)
     outs, snaps = [], []
     for s in range(case.steps):
         q, k, v = case.step_inputs(s, dtype)
+        if trim_v and state.values_needed_from() is not None:
+            state.v_start = state.values_needed_from()
+            v = v[:, :, state.v_start :]
         plan = None if kernel else state.plan(1, dtype)  # the shared-plan route of the text adapter
         outs.append(state.step(q, k, v, plan, kernel=kernel)[:, :, 0])
         snaps.append(({h: r.clone() for h, r in state.rings.items()}, state.length.clone(), state.max_length))
@@ -119,6 +125,18 @@ def test_kernel_equals_pytorch_path(dims, coverage, rope):
     H, Hkv = GQA[(DIMS.index(dims) + rope) % len(GQA)]
     # 9 and 4 prefilled tokens, 14 steps: t crosses w - 1 borders of every hop, rings wrap
     check(Case(dims, coverage=coverage, rope=rope, H=H, Hkv=Hkv, prefill=(9, 4), steps=14, seed=len(dims)))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("dims", [(2, 3, 4), (5,)], ids=["2x3x4", "order1"])
+def test_trimmed_values_give_the_same_steps(dims, kernel):
+    """Dropping V rows before ``values_needed_from`` (the text adapter does) changes no output."""
+    case = Case(dims, rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10)
+    want, _ = run(case, f64, kernel=False)
+    got, _ = run(case, f64, kernel=kernel, trim_v=True)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    state = case.state(f64)
+    assert state.values_needed_from() == (None if len(dims) == 1 else max(case.prefill) - 3)
 
 
 @pytest.mark.parametrize("H,Hkv", GQA)

@@ -228,6 +228,23 @@ def test_cached_logits_equal_full_forward():
     assert memory["kv"] > 0 and memory["levels"] > 0
 
 
+def test_cache_keeps_only_the_values_later_steps_read():
+    """After prefill and steps, V holds at most two finest blocks; K and the logits are untouched."""
+    model = tensorize(_model(), fold=(2, 3, 4))
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :29], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for s in range(29, 40):
+            steps.append(model(ids[:, s : s + 1], use_cache=True, past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == 40 and layer.values.shape[2] < 2 * 4
+    k_bytes = sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+    assert k_bytes < cache_memory_bytes(cache)["kv"] < k_bytes * (1 + 8 / 40)  # V: < 8 of 40 rows
+
+
 def test_beam_search_follows_the_cache():
     model = tensorize(_model(), fold=(3, 4))
     ids = _ids(2, 14)

@@ -52,6 +52,7 @@ from .text_cache import CausalFold, LayerCache, block_levels
 
 try:
     from transformers import AttentionInterface
+    from transformers.cache_utils import DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("seqtensor.adapters.text needs transformers: pip install 'seqtensor[text]'") from err
@@ -207,6 +208,7 @@ def _attention(
         out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None)
         if cache is not None:
             _states(cache)[module.layer_idx] = state
+            _trim_values(cache, module.layer_idx, state)
     else:
         state = _states(cache).get(module.layer_idx) if cache is not None else None
         check(
@@ -220,7 +222,26 @@ def _attention(
             "(was the cache cropped or edited outside generation?)",
         )
         out = state.step(query, key, value, plan=_shared_plan(cache, state, L, query.dtype))
+        _trim_values(cache, module.layer_idx, state)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
+    """Drop the V rows of a ``DynamicLayer`` that no later step reads (``LayerCache.values_needed_from``).
+
+    Trimmed once at least a finest block's worth is droppable, by slicing: the layer's next update
+    concatenates into a new tensor, which frees the old one without an extra copy. Other cache
+    layers (static, sliding-window, quantized) keep all of V.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or type(layers[layer_idx]) is not DynamicLayer:
+        return
+    keep = state.values_needed_from()
+    if keep is None or keep - state.v_start < state.fold.hop_size(0):
+        return
+    layer = layers[layer_idx]
+    layer.values = layer.values[:, :, keep - state.v_start :]
+    state.v_start = keep
 
 
 def _shared_plan(cache, state: LayerCache, L: int, dtype: torch.dtype):

@@ -28,14 +28,17 @@ level 0 is V, level m the output. Hop l for token t, with digit ``a = d_l(t)`` a
 Both lie inside t's block of ``w_{l+1}`` tokens (the whole past for the top hop). Hence what is kept:
 
 - K, all tokens: every hop reads it (with tensor RoPE it is stored unrotated, and rotated at the
-  hop position after the gather). Kept by the Hugging Face cache, which also keeps V = level 0.
+  hop position after the gather). Kept by the Hugging Face cache, which also keeps V = level 0
+  (only the rows of the current finest block are needed).
 - level l for 1 <= l < m-1: a ring of ``w_{l+1}`` slots (slot = t mod w_{l+1}); bounded.
 - level m-1 (the input of the top hop): every token, per *query* head (H heads: after the first
   hop each query head has its own value state, GQA does not share it).
 
-A new token costs m hops over at most ``2 n_j`` keys each: O(sum n_j) instead of O(n). Memory per
-token and layer: K and V (Hkv heads each) + the top level (H heads), i.e. (2 + H / Hkv) / 2 times
-a plain K/V cache (1.5x without GQA, 3x for Llama-3's 32/8 heads); for m = 1 only K and V.
+A new token costs m hops over at most ``2 n_j`` keys each: O(sum n_j) instead of O(n). Only the
+first hop reads V, and only inside the new token's finest block, so the text adapter drops older V
+rows from the Hugging Face cache (``values_needed_from``; ``v_start`` counts them). Memory per token
+and layer: K (Hkv heads) + the top level (H heads), i.e. (1 + H / Hkv) / 2 times a plain K/V cache
+(1x without GQA, 2.5x for Llama-3's 32/8 heads); for m = 1 only K and V.
 
 Per step, the key indices, masks and RoPE tables depend only on token positions: ``plan`` builds
 them once and every layer reuses them. Keys are rotated by their position relative to the query
@@ -237,6 +240,8 @@ class LayerCache:
     length : (B,) real tokens seen per sample.
     stored : tokens in the backing K/V cache, padding included (``offset + length``).
     offset : (B,) cache position of compact index 0 (the left padding).
+    v_start : cache positions no longer held at the front of the V store (its row i is position
+        ``v_start + i``); the owner of the store may drop rows below ``values_needed_from()``.
     rings : level l (1 <= l <= m-1) -> (B, H, slots, dv); slots = w_{l+1}, or a growing capacity
         for the top level.
     """
@@ -254,6 +259,7 @@ class LayerCache:
         stored: int,
     ) -> None:
         self.stored = stored  # tokens in the backing K/V store (padding included)
+        self.v_start = 0  # cache positions dropped from the front of the V store (``values_needed_from``)
         self.fold, self.coverage, self.positional, self.scale = fold, coverage, positional, scale
         self.length, self.offset = length, offset
         self.max_length = int(length.max())  # host copy of max(length): no device syncs per step
@@ -355,8 +361,8 @@ class LayerCache:
     ) -> torch.Tensor:
         """Attention output for L new tokens.
 
-        q (B, H, L, d): the new queries. k_all, v_all (B, Hkv, T, d): the whole Hugging Face cache,
-        the new tokens included. ``plan``: from ``self.plan`` (built here if None). ``kernel``:
+        q (B, H, L, d): the new queries. k_all (B, Hkv, T, d): the whole Hugging Face key cache, the
+        new tokens included; v_all the same for values, less the first ``v_start`` positions. ``plan``: from ``self.plan`` (built here if None). ``kernel``:
         False runs the PyTorch path even where the decode kernel could (as ``DECODE_KERNEL = False``).
         Returns (B, H, L, dv).
         """
@@ -380,7 +386,8 @@ class LayerCache:
             scores = qh.transpose(2, 3) @ keys.transpose(-1, -2) + p["bias"]  # (B, Hkv, L, G, K)
             probs = torch.softmax(scores, dim=-1)
             if level is None:
-                vals = _gather_tokens(v_all, p["kv"]).to(work)  # (B, Hkv, L, K, dv)
+                # masked keys point at position offset + 0, which may be trimmed: any row will do
+                vals = _gather_tokens(v_all, (p["kv"] - self.v_start).clamp(min=0)).to(work)  # (B, Hkv, L, K, dv)
                 out = probs @ vals  # (B, Hkv, L, G, dv)
             else:
                 vals = self._level_values(hop, level, t, p)  # (B, H, L, K, dv)
@@ -394,6 +401,16 @@ class LayerCache:
         self.stored += L
         return level
 
+    def values_needed_from(self) -> int | None:
+        """First cache position of V that later steps read (None: all of V, for an order-1 fold).
+
+        Only the first hop reads V, and only the new token's finest block: at most n_m - 1 earlier
+        positions. Left padding aligns the rows' ends (``offset + length == stored``), so one
+        bound holds for every row and needs no device sync.
+        """
+        finest = self.fold.hop_size(0)
+        return None if finest is None else max(0, self.stored - (finest - 1))
+
     def _step_kernel(self, decode, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
         """One new token through ``kernels.decode``: one launch, which also advances ``length``."""
         self._grow_top(self.max_length)
@@ -405,6 +422,7 @@ class LayerCache:
         out, self.length = decode.decode_step(
             q, k_all, v_all, rings, self.length, self.offset, self.fold.dims, self._consts[key],
             summary=self.coverage == "full", rope=self.positional is not None, max_length=self.max_length,
+            v_shift=self.v_start,
         )  # fmt: skip
         self.max_length += 1
         self.stored += 1

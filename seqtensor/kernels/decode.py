@@ -50,7 +50,7 @@ _MAX_HEAD_DIM = 256
 def _decode_kernel(
     Q, K, Vals, O, Length, NewLength, Offset, Consts,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
-    stride_ob, stride_oh, stride_od, H, G,
+    stride_ob, stride_oh, stride_od, H, G, v_shift,
     W: tl.constexpr, R: tl.constexpr, BLOCK_B: tl.constexpr, M: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, SUMMARY: tl.constexpr, ROPE: tl.constexpr,
     HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
@@ -59,6 +59,7 @@ def _decode_kernel(
 
     Vals: (V, ring_1, ..., ring_{m-1}); stride_vals: their (batch, head, token, dim) strides, flat.
     W, R, BLOCK_B: per-hop stride, size (0 = top) and chunk of hop positions. Consts: [scale, inv_freq].
+    v_shift: cache positions dropped from the front of V (row ``i`` of V is position ``i + v_shift``).
     Tensors are (HEADS, keys, dim): the key indices are shared by the heads of a batch row.
     """
     HB = tl.cdiv(H, HEADS)
@@ -142,7 +143,7 @@ def _decode_kernel(
             p = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if hop == 0:
-                v_ptr = v_head + ((off + u) * stride_vals[2])[None, :, None]
+                v_ptr = v_head + ((off + u - v_shift) * stride_vals[2])[None, :, None]
                 v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok, other=0.0).to(ACC)
             else:
                 row = u
@@ -226,6 +227,7 @@ def decode_step(
     summary: bool,
     rope: bool,
     max_length: int,
+    v_shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One new token through all hops, in one launch.
 
@@ -233,7 +235,9 @@ def decode_step(
     1..m-1, (B, H, slots, dv) each (the top level must already hold room for index ``length``).
     length, offset (B,): the new token's compact index and the left padding. dims: the fold,
     coarsest first. consts: from ``decode_constants``. summary: ``coverage == "full"``. max_length:
-    host copy of ``length.max()``. Returns the output (B, H, 1, dv) and ``length + 1``.
+    host copy of ``length.max()``. v_shift: positions trimmed from the front of v (it holds positions
+    ``v_shift ..``; the first hop reads only the new token's finest block). Returns the output
+    (B, H, 1, dv) and ``length + 1``.
     """
     B, H, _, d = q.shape
     m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
@@ -259,7 +263,7 @@ def decode_step(
     _decode_kernel[(B * triton.cdiv(H, heads),)](
         q, k, vals, out, length, new_length, offset, consts,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), tuple(s for x in vals for s in x.stride()),
-        out.stride(0), out.stride(1), out.stride(3), H, G,
+        out.stride(0), out.stride(1), out.stride(3), H, G, v_shift,
         W=W, R=R, BLOCK_B=tuple(blocks), M=m, D1=D1, D2=D2, NDV=dv, SUMMARY=summary, ROPE=rope,
         HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv, ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         num_warps=cfg.num_warps,
