@@ -28,7 +28,8 @@ How it plugs into transformers (../shared/DATA.md, "Transformers integration fac
 - Generation: the incremental state of ``text_cache.LayerCache`` is attached to the Hugging Face
   cache object (``cache._seqtensor_states[layer_idx]``), so it lives and dies with it, and is
   reordered with it (beam search). Prefill with a cache also computes the value levels that
-  decoding needs (sum_{l<m} l extra hops); pass ``use_cache=False`` for scoring.
+  decoding needs (sum_{l<m} l extra hops); pass ``use_cache=False`` for scoring. V rows that no
+  later step reads (older than the current finest block) are dropped from ``DynamicCache`` layers.
 
 Saving: ``save_pretrained`` writes the weights and ``config.seqtensor`` (the settings);
 ``load_tensorized(path)`` is ``from_pretrained`` + ``tensorize`` with those settings.
