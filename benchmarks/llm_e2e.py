@@ -109,6 +109,8 @@ def build_model(args, device):
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -185,7 +187,7 @@ def profile_forward(model, n: int, device, top: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top)
 
 
-def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None):
+def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None, top_int8: bool = False):
     """A DynamicCache holding n random tokens per layer (plus value levels when tensorized)."""
     from transformers import DynamicCache
 
@@ -202,7 +204,7 @@ def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: Causa
             states[layer] = LayerCache(
                 tensorized_fold, coverage="full", positional=TensorRoPE(d, base=c.rope_parameters["rope_theta"]).to(device),
                 scale=d**-0.5, length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
-                levels=levels, stored=n,
+                levels=levels, stored=n, top_int8=top_int8,
             )
             del levels
     return cache
@@ -221,10 +223,10 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
     for method in ("sdpa", "tensorized"):
         fold = CausalFold(fold_for(n)) if method == "tensorized" else None
         if fold is not None:
-            tensorize(model, fold=fold.dims)
+            tensorize(model, fold=fold.dims, top_level_cache=args.top_level_cache)
         try:
             reset_peak(device)
-            cache = synthetic_cache(model, B, n, device, dtype, fold)
+            cache = synthetic_cache(model, B, n, device, dtype, fold, args.top_level_cache == "int8")
             ids = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
             step = lambda: model(ids, use_cache=True, **{key: cache})  # noqa: E731
             times = timed(step, device, args.decode_steps, 2)
@@ -322,6 +324,10 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", type=int, default=0, help="print per-kernel times of one tensorized forward at this n and exit")
     parser.add_argument("--contiguous-qkv", action="store_true",
                         help="experiment: copy q, k, v to (B, H, n, d) before the kernels (tests whether layout matters)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--top-level-cache", choices=["native", "int8"], default="native",
+                        help="how the tensorized decode cache stores the top hop's input (tensorize's top_level_cache)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.compile:  # our attention is already one fused kernel per hop: compile runs around it, not through it
@@ -339,7 +345,7 @@ def main(argv=None) -> None:
     model, dtype = build_model(args, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {"device": name, "backend": resolve_backend("auto", device), "dtype": str(dtype), "tiny": args.tiny,
-               "contiguous_qkv": args.contiguous_qkv, "compile": args.compile, "layers": args.layers,
+               "contiguous_qkv": args.contiguous_qkv, "top_level_cache": args.top_level_cache, "compile": args.compile, "layers": args.layers,
                "torch": torch.__version__, "build_s": round(time.time() - t0, 1)}
     print(f"model built in {results['build_s']} s on {name}", flush=True)
     if args.profile:

@@ -43,7 +43,7 @@ class Case:
         self.positional = TensorRoPE(d) if rope else None
         self.scale = d**-0.5
 
-    def state(self, dtype, *, top_room: int | None = None) -> LayerCache:
+    def state(self, dtype, *, top_room: int | None = None, top_int8: bool = False) -> LayerCache:
         """A cache after the prefill; ``top_room`` shrinks the top level so that it must grow soon."""
         p = max(self.prefill)
         q, k, v = (x[:, :, :p].to(dtype) for x in (self.q, self.k, self.v))
@@ -51,10 +51,12 @@ class Case:
                               scale=self.scale, backend="reference")  # fmt: skip
         length = torch.tensor(self.prefill)
         state = LayerCache(self.fold, coverage=self.coverage, positional=self.positional, scale=self.scale,
-                           length=length, offset=p - length, levels=levels, stored=p)  # fmt: skip
+                           length=length, offset=p - length, levels=levels, stored=p, top_int8=top_int8)  # fmt: skip
         top = self.fold.order - 1
         if top_room is not None and top > 0:
             state.rings[top] = state.rings[top][:, :, : p + top_room].clone()
+            if top_int8:
+                state.top_scale = state.top_scale[:, :, : p + top_room].clone()
         return state
 
     def step_inputs(self, s: int, dtype):
@@ -71,12 +73,13 @@ class Case:
         return q.to(dtype).transpose(1, 2), k.to(dtype), v.to(dtype)
 
 
-def run(case: Case, dtype, *, kernel: bool, top_room=None, trim_v=False):
+def run(case: Case, dtype, *, kernel: bool, top_room=None, trim_v=False, top_int8=False):
     """Outputs (steps, B, H, dv) and the states after each step (rings and lengths, cloned).
 
     trim_v: V without the rows before ``values_needed_from()``, as the text adapter keeps it.
+    top_int8: the top level stored as int8 rows with fp32 scales.
     """
-    state = case.state(dtype, top_room=top_room)
+    state = case.state(dtype, top_room=top_room, top_int8=top_int8)
     outs, snaps = [], []
     for s in range(case.steps):
         q, k, v = case.step_inputs(s, dtype)
@@ -85,13 +88,16 @@ def run(case: Case, dtype, *, kernel: bool, top_room=None, trim_v=False):
             v = v[:, :, state.v_start :]
         plan = None if kernel else state.plan(1, dtype)  # the shared-plan route of the text adapter
         outs.append(state.step(q, k, v, plan, kernel=kernel)[:, :, 0])
-        snaps.append(({h: r.clone() for h, r in state.rings.items()}, state.length.clone(), state.max_length))
+        rings = {h: r.clone() for h, r in state.rings.items()}
+        if top_int8:
+            rings["scale"] = state.top_scale.clone()
+        snaps.append((rings, state.length.clone(), state.max_length))
     return torch.stack(outs), snaps
 
 
-def check(case: Case, dtype=f64, *, top_room=None):
-    got, got_states = run(case, dtype, kernel=True, top_room=top_room)
-    want, want_states = run(case, dtype, kernel=False, top_room=top_room)
+def check(case: Case, dtype=f64, *, top_room=None, top_int8=False):
+    got, got_states = run(case, dtype, kernel=True, top_room=top_room, top_int8=top_int8)
+    want, want_states = run(case, dtype, kernel=False, top_room=top_room, top_int8=top_int8)
     assert torch.isfinite(got).all(), "unwritten or NaN output elements"
     if dtype == f64:
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
@@ -107,7 +113,10 @@ def check(case: Case, dtype=f64, *, top_room=None):
         assert rings.keys() == rings_w.keys()
         for hop in rings:
             assert rings[hop].shape == rings_w[hop].shape
-            torch.testing.assert_close(rings[hop], rings_w[hop], **ring_tol)
+            if rings[hop].dtype == torch.int8:  # both paths quantize in fp32: the same bytes
+                assert torch.equal(rings[hop], rings_w[hop])
+            else:
+                torch.testing.assert_close(rings[hop], rings_w[hop], **ring_tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +146,25 @@ def test_trimmed_values_give_the_same_steps(dims, kernel):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     state = case.state(f64)
     assert state.values_needed_from() == (None if len(dims) == 1 else max(case.prefill) - 3)
+
+
+@pytest.mark.parametrize("dims", [(2, 3, 4), (3, 5)], ids=["2x3x4", "3x5"])
+def test_int8_top_level_kernel_equals_pytorch_path(dims):
+    """Both paths store the same int8 bytes and scales and give the same outputs; the top level
+    grows past its capacity during the steps."""
+    check(Case(dims, rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10), top_room=4, top_int8=True)
+
+
+def test_int8_top_level_is_close_to_exact():
+    """int8 rows with a per-row scale: outputs within ~1% of the exact cache's."""
+    case = Case((2, 3, 4), rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10)
+    exact, _ = run(case, f64, kernel=False)
+    approx, _ = run(case, f64, kernel=False, top_int8=True)
+    err = ((approx - exact).norm() / exact.norm()).item()
+    assert 0 < err < 1e-2, err
+    q, scale = tc.quantize_rows(case.v[:, :, :5])
+    assert q.dtype == torch.int8 and q.abs().max() == 127  # every row uses the full range
+    torch.testing.assert_close(tc.dequantize_rows(q, scale), case.v[:, :, :5].float(), atol=scale.max().item() / 2, rtol=0)
 
 
 @pytest.mark.parametrize("H,Hkv", GQA)

@@ -245,6 +245,30 @@ def test_cache_keeps_only_the_values_later_steps_read():
     assert k_bytes < cache_memory_bytes(cache)["kv"] < k_bytes * (1 + 8 / 40)  # V: < 8 of 40 rows
 
 
+def test_int8_top_level_cache_is_close_and_smaller():
+    """top_level_cache="int8": cached steps within ~1% of the full forward's logits, a smaller cache."""
+    ids = _ids(2, 40)
+
+    def cached_run(top_level_cache):
+        model = tensorize(_model(), fold=(2, 3, 4), top_level_cache=top_level_cache)
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits
+            out = model(ids[:, :29], use_cache=True)
+            cache, steps = out.past_key_values, [out.logits]
+            steps += [model(ids[:, s : s + 3], use_cache=True, past_key_values=cache).logits for s in (29, 32)]
+            steps += [model(ids[:, s : s + 1], use_cache=True, past_key_values=cache).logits for s in range(35, 40)]
+        return full, torch.cat(steps, 1), cache_memory_bytes(cache)["levels"]
+
+    full, exact, native_bytes = cached_run("native")
+    _, approx, int8_bytes = cached_run("int8")
+    torch.testing.assert_close(exact, full, atol=1e-5, rtol=1e-5)
+    err = ((approx - full).norm() / full.norm()).item()
+    assert 0 < err < 1e-2, err
+    assert int8_bytes < 0.5 * native_bytes  # fp32 rows -> int8 rows + one fp32 scale per row
+    with pytest.raises(ValueError, match="top_level_cache"):
+        tensorize(_model(), fold=(2, 3, 4), top_level_cache="fp8")
+
+
 def test_beam_search_follows_the_cache():
     model = tensorize(_model(), fold=(3, 4))
     ids = _ids(2, 14)
@@ -272,13 +296,14 @@ def test_tensorize_untensorize_round_trip():
 
 
 def test_save_and_reload(tmp_path):
-    model = tensorize(_model(), fold=(3, 4), coverage="axial")
+    model = tensorize(_model(), fold=(3, 4), coverage="axial", top_level_cache="int8")
     ids = _ids(1, 25)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         model.save_pretrained(tmp_path)
         reloaded = load_tensorized(str(tmp_path))
-        assert reloaded.config.seqtensor == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial", "backend": "auto"}
+        assert reloaded.config.seqtensor == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial",
+                                             "backend": "auto", "top_level_cache": "int8"}  # fmt: skip
         torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
 
 

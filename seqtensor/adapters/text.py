@@ -85,17 +85,22 @@ class TextAdapterConfig:
         global index, with its configured scaling) or "none".
     coverage : causal coverage, "full" (every earlier token reachable) or "axial".
     backend : tensorized-attention backend, "auto", "reference" or "triton".
+    top_level_cache : how generation stores the top hop's input, the largest part of the cache:
+        "native" (the model's dtype; exact) or "int8" (a per-row scale; ~1% error, half the bytes
+        of bf16).
     """
 
     fold: tuple[int, ...] = (32, 32, 32)  # CausalFold dims, coarsest first
     positional: str = "tensor_rope"  # where positions come from (see above)
     coverage: str = "full"  # causal coverage scheme
     backend: str = "auto"  # "auto": Triton on CUDA, the reference elsewhere
+    top_level_cache: str = "native"  # "native" or "int8"
 
     def __post_init__(self) -> None:
         self.fold = CausalFold(tuple(self.fold)).dims
         check_choice("positional", self.positional, _POSITIONALS)
         check_choice("coverage", self.coverage, ("full", "axial"))
+        check_choice("top_level_cache", self.top_level_cache, ("native", "int8"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -295,6 +300,7 @@ def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool
             offset=offset,
             levels=levels,
             stored=n,
+            top_int8=cfg.top_level_cache == "int8",
         )
     if order is not None:
         out = out.gather(2, torch.argsort(order, dim=1)[:, None, :, None].expand_as(out))
@@ -447,6 +453,7 @@ def tensorize(
     positional: str = "tensor_rope",
     coverage: str = "full",
     backend: str = "auto",
+    top_level_cache: str = "native",
 ) -> nn.Module:
     """Switch a loaded Llama / Mistral / Qwen2-family causal LM to tensorized attention, in place.
 
@@ -460,13 +467,18 @@ def tensorize(
         its config) or "none".
     coverage : "full" (default) or "axial".
     backend : "auto" (Triton on CUDA), "reference" or "triton".
+    top_level_cache : "native" (default, exact) or "int8": generation stores the top hop's input,
+        the largest part of the cache, as int8 rows with a scale each (cache ~1.5x SDPA's instead
+        of 2.5x with 32/8 heads; outputs within ~1%).
 
     Returns
     -------
     The same model. Calling ``tensorize`` again replaces the settings (e.g. a longer fold).
     """
     _check_supported(model)
-    config = TextAdapterConfig(fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend)
+    config = TextAdapterConfig(
+        fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend, top_level_cache=top_level_cache
+    )
     resolve_backend(backend, next(model.parameters()).device)  # fail now on an unknown backend
     if is_tensorized(model):
         untensorize(model)

@@ -38,7 +38,9 @@ A new token costs m hops over at most ``2 n_j`` keys each: O(sum n_j) instead of
 first hop reads V, and only inside the new token's finest block, so the text adapter drops older V
 rows from the Hugging Face cache (``values_needed_from``; ``v_start`` counts them). Memory per token
 and layer: K (Hkv heads) + the top level (H heads), i.e. (1 + H / Hkv) / 2 times a plain K/V cache
-(1x without GQA, 2.5x for Llama-3's 32/8 heads); for m = 1 only K and V.
+(1x without GQA, 2.5x for Llama-3's 32/8 heads); for m = 1 only K and V. ``top_int8`` stores the
+top level as int8 rows with one fp32 scale each (``quantize_rows``), ~1.5x for 32/8 heads in bf16;
+an approximation (outputs within ~1%), so the exact default keeps the model's dtype.
 
 Per step, the key indices, masks and RoPE tables depend only on token positions: ``plan`` builds
 them once and every layer reuses them. Keys are rotated by their position relative to the query
@@ -69,7 +71,7 @@ from ..attention import tensorized_attention
 from ..folds import Fold
 from ..positional import PositionalScheme
 
-__all__ = ["CausalFold", "LayerCache", "StepPlan", "block_levels"]
+__all__ = ["CausalFold", "LayerCache", "StepPlan", "block_levels", "quantize_rows", "dequantize_rows"]
 
 # False: every step runs the PyTorch path (the oracle), even where the decode kernel could run.
 DECODE_KERNEL = True
@@ -140,6 +142,19 @@ class CausalFold:
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows and one fp32 scale per row (absmax / 127, rounding half up), as the decode kernel
+    stores them: both compute in fp32, so the two paths store identical bytes."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    q = torch.floor(x / torch.where(scale > 0, scale, 1.0)[..., None] + 0.5)
+    return q.to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[..., None]
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -244,6 +259,8 @@ class LayerCache:
         ``v_start + i``); the owner of the store may drop rows below ``values_needed_from()``.
     rings : level l (1 <= l <= m-1) -> (B, H, slots, dv); slots = w_{l+1}, or a growing capacity
         for the top level.
+    top_scale : (B, H, capacity) fp32 row scales when the top level is stored in int8 (``top_int8``:
+        a quarter of fp32, half of bf16; an approximation), else None.
     """
 
     def __init__(
@@ -257,6 +274,7 @@ class LayerCache:
         offset: torch.Tensor,
         levels: list[torch.Tensor],
         stored: int,
+        top_int8: bool = False,
     ) -> None:
         self.stored = stored  # tokens in the backing K/V store (padding included)
         self.v_start = 0  # cache positions dropped from the front of the V store (``values_needed_from``)
@@ -264,13 +282,19 @@ class LayerCache:
         self.length, self.offset = length, offset
         self.max_length = int(length.max())  # host copy of max(length): no device syncs per step
         self.rings: dict[int, torch.Tensor] = {}
+        self.top_scale: torch.Tensor | None = None
         self._consts: dict = {}  # (dtype, device) -> the decode kernel's [scale, inv_freq]
         m = fold.order
         for hop, level in enumerate(levels, start=1):
             if hop == m - 1:  # top level: every token, with room to grow
-                cap = level.shape[2] + 256
-                ring = level.new_zeros(*level.shape[:2], cap, level.shape[-1])
-                ring[:, :, : level.shape[2]] = level
+                cap, n = level.shape[2] + 256, level.shape[2]
+                if top_int8:
+                    ring = torch.zeros(*level.shape[:2], cap, level.shape[-1], dtype=torch.int8, device=level.device)
+                    self.top_scale = torch.zeros(*level.shape[:2], cap, device=level.device)
+                    ring[:, :, :n], self.top_scale[:, :, :n] = quantize_rows(level)
+                else:
+                    ring = level.new_zeros(*level.shape[:2], cap, level.shape[-1])
+                    ring[:, :, :n] = level
             else:
                 slots = fold.hop_stride(hop + 1)
                 # the last `slots` tokens of each sample: consecutive indices, so distinct slots
@@ -422,7 +446,7 @@ class LayerCache:
         out, self.length = decode.decode_step(
             q, k_all, v_all, rings, self.length, self.offset, self.fold.dims, self._consts[key],
             summary=self.coverage == "full", rope=self.positional is not None, max_length=self.max_length,
-            v_shift=self.v_start,
+            v_shift=self.v_start, top_scale=self.top_scale,
         )  # fmt: skip
         self.max_length += 1
         self.stored += 1
@@ -444,11 +468,31 @@ class LayerCache:
         One new token: store it first (the slot it overwrites is outside its block), then gather.
         Several: earlier tokens from the ring, this call's from ``level`` (the ring is written last).
         """
-        ring = self.rings[hop]
         if "past" not in p:
-            ring.scatter_(2, self._expand(p["slot"], level), level)
-            return _gather_tokens(ring, p["ring"])
-        return torch.where(p["past"], _gather_tokens(ring, p["ring"]), _gather_tokens(level, p["call"]))
+            self._store(hop, p["slot"], level)
+            return self._gather(hop, p["ring"])
+        if hop == self.fold.order - 1 and self.top_scale is not None:
+            level = dequantize_rows(*quantize_rows(level))  # as they will be stored: the same values later
+        return torch.where(p["past"], self._gather(hop, p["ring"]), _gather_tokens(level, p["call"]))
+
+    def _int8(self, hop: int) -> bool:
+        return hop == self.fold.order - 1 and self.top_scale is not None
+
+    def _store(self, hop: int, slots: torch.Tensor, level: torch.Tensor) -> None:
+        """Write tokens' level values (B, H, L, dv) into ring slots (B, L)."""
+        if self._int8(hop):
+            level, scale = quantize_rows(level)
+            self.top_scale.scatter_(2, slots[:, None, :].expand_as(scale), scale)
+        self.rings[hop].scatter_(2, self._expand(slots, level), level)
+
+    def _gather(self, hop: int, slots: torch.Tensor) -> torch.Tensor:
+        """Level values at ring slots (B, L, K) -> (B, H, L, K, dv)."""
+        vals = _gather_tokens(self.rings[hop], slots)
+        if not self._int8(hop):
+            return vals
+        B, H, _ = self.top_scale.shape
+        scale = self.top_scale.gather(2, slots.reshape(B, 1, -1).expand(B, H, -1)).reshape(vals.shape[:-1])
+        return dequantize_rows(vals, scale)
 
     def _grow_top(self, t_max: int) -> None:
         """Make room in the top level (every token) for tokens up to t_max."""
@@ -459,20 +503,26 @@ class LayerCache:
             grown = ring.new_zeros(*ring.shape[:2], cap, ring.shape[-1])
             grown[:, :, : ring.shape[2]] = ring
             self.rings[top] = grown
+            if self.top_scale is not None:
+                scale = self.top_scale.new_zeros(*ring.shape[:2], cap)
+                scale[:, :, : ring.shape[2]] = self.top_scale
+                self.top_scale = scale
 
     def _write(self, new_levels: dict[int, torch.Tensor], t: torch.Tensor) -> None:
         """Store a multi-token call's levels in the rings (only the last ``slots`` tokens: distinct slots)."""
         for hop, level in new_levels.items():
             slots = self._slots(hop)
-            tt, lv = t[:, -slots:], level[:, :, -slots:]
-            self.rings[hop].scatter_(2, self._expand(self._slot(hop, tt), lv), lv)
+            self._store(hop, self._slot(hop, t[:, -slots:]), level[:, :, -slots:])
 
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering, batch selection)."""
         self.length, self.offset = self.length[index], self.offset[index]
         self.max_length = int(self.length.max())
         self.rings = {hop: ring[index] for hop, ring in self.rings.items()}
+        if self.top_scale is not None:
+            self.top_scale = self.top_scale[index]
 
     def memory_bytes(self) -> int:
         """Bytes held by this state beyond the Hugging Face K/V cache."""
-        return sum(r.numel() * r.element_size() for r in self.rings.values())
+        held = [*self.rings.values()] + ([] if self.top_scale is None else [self.top_scale])
+        return sum(x.numel() * x.element_size() for x in held)

@@ -48,11 +48,12 @@ _MAX_HEAD_DIM = 256
 
 @triton.jit
 def _decode_kernel(
-    Q, K, Vals, O, Length, NewLength, Offset, Consts,
+    Q, K, Vals, O, Length, NewLength, Offset, Consts, TopScale,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
-    stride_ob, stride_oh, stride_od, H, G, v_shift,
+    stride_ob, stride_oh, stride_od, stride_sb, stride_sh, H, G, v_shift,
     W: tl.constexpr, R: tl.constexpr, BLOCK_B: tl.constexpr, M: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, SUMMARY: tl.constexpr, ROPE: tl.constexpr,
+    TOP_INT8: tl.constexpr,
     HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """All m hops for the new token of batch row b and query heads h0 .. h0 + HEADS - 1.
@@ -60,6 +61,8 @@ def _decode_kernel(
     Vals: (V, ring_1, ..., ring_{m-1}); stride_vals: their (batch, head, token, dim) strides, flat.
     W, R, BLOCK_B: per-hop stride, size (0 = top) and chunk of hop positions. Consts: [scale, inv_freq].
     v_shift: cache positions dropped from the front of V (row ``i`` of V is position ``i + v_shift``).
+    TOP_INT8: the top level holds int8 rows with fp32 scales in TopScale (B, H, slots), stored and
+    read as ``text_cache.quantize_rows`` / ``dequantize_rows`` do.
     Tensors are (HEADS, keys, dim): the key indices are shared by the heads of a batch row.
     """
     HB = tl.cdiv(H, HEADS)
@@ -97,8 +100,7 @@ def _decode_kernel(
         else:
             a = (t // w) % r
             start = (t // (w * r)) * (w * r)
-        # this token's level as the PyTorch path stores and reads it: in q's dtype, then the ring's
-        own = out.to(O.dtype.element_ty).to(Vals[hop].dtype.element_ty).to(ACC)
+        quantized = TOP_INT8 and hop == M - 1
         if hop == 0:
             v_head = Vals[0] + b * stride_vals[0] + kvh[:, None, None] * stride_vals[1]
         else:
@@ -106,8 +108,18 @@ def _decode_kernel(
             slot = t
             if r != 0:
                 slot = t % (w * r)
-            tl.store(v_head + slot * stride_vals[4 * hop + 2] + offs_dv[None, None, :] * stride_vals[4 * hop + 3],
-                     own[:, None, :].to(Vals[hop].dtype.element_ty), mask=dv_ok)  # fmt: skip
+            slot_ptr = v_head + slot * stride_vals[4 * hop + 2] + offs_dv[None, None, :] * stride_vals[4 * hop + 3]
+            # this token's level as the PyTorch path stores and reads it: in q's dtype, then the ring's
+            if quantized:
+                own = out.to(O.dtype.element_ty).to(tl.float32)
+                row_scale = tl.max(tl.abs(own), 1) / 127  # lanes past NDV hold zeros
+                own = tl.floor(own / tl.where(row_scale > 0, row_scale, 1.0)[:, None] + 0.5)
+                tl.store(slot_ptr, own[:, None, :].to(tl.int8), mask=dv_ok)
+                tl.store(TopScale + b * stride_sb + heads * stride_sh + slot, row_scale, mask=h_ok)
+                own = (own * row_scale[:, None]).to(ACC)
+            else:
+                own = out.to(O.dtype.element_ty).to(Vals[hop].dtype.element_ty).to(ACC)
+                tl.store(slot_ptr, own[:, None, :].to(Vals[hop].dtype.element_ty), mask=dv_ok)
         v_head += offs_dv[None, None, :] * stride_vals[4 * hop + 3]
 
         m_i = tl.full([HEADS], float("-inf"), ACC)
@@ -151,8 +163,12 @@ def _decode_kernel(
                     row = u % (w * r)
                 mine = (u == t)[None, :, None]
                 v_ptr = v_head + (row * stride_vals[4 * hop + 2])[None, :, None]
-                v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok & ~mine, other=0.0)
-                v = tl.where(mine, own[:, None, :], v.to(ACC))
+                v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok & ~mine, other=0).to(ACC)
+                if quantized:
+                    s_ptr = TopScale + b * stride_sb + heads[:, None] * stride_sh + row[None, :]
+                    row_scales = tl.load(s_ptr, mask=h_ok[:, None] & ok[None, :], other=0.0)
+                    v = (v.to(tl.float32) * row_scales[:, :, None]).to(ACC)
+                v = tl.where(mine, own[:, None, :], v)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
             m_i = m_new
         out = acc / l_i[:, None]
@@ -228,6 +244,7 @@ def decode_step(
     rope: bool,
     max_length: int,
     v_shift: int = 0,
+    top_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One new token through all hops, in one launch.
 
@@ -236,8 +253,8 @@ def decode_step(
     length, offset (B,): the new token's compact index and the left padding. dims: the fold,
     coarsest first. consts: from ``decode_constants``. summary: ``coverage == "full"``. max_length:
     host copy of ``length.max()``. v_shift: positions trimmed from the front of v (it holds positions
-    ``v_shift ..``; the first hop reads only the new token's finest block). Returns the output
-    (B, H, 1, dv) and ``length + 1``.
+    ``v_shift ..``; the first hop reads only the new token's finest block). top_scale: the fp32 row
+    scales (B, H, slots) of an int8 top level. Returns the output (B, H, 1, dv) and ``length + 1``.
     """
     B, H, _, d = q.shape
     m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
@@ -260,11 +277,16 @@ def decode_step(
     if POISON:
         out.fill_(float("nan"))
     new_length = torch.empty_like(length)
+    int8 = top_scale is not None
+    assert int8 == (len(rings) > 0 and rings[-1].dtype == torch.int8), "an int8 top level comes with its scales"
+    assert not int8 or top_scale.stride(2) == 1, "top_scale must be contiguous along tokens"
+    scales = top_scale if int8 else consts  # any tensor: not read without TOP_INT8
+    stride_sb, stride_sh = (top_scale.stride(0), top_scale.stride(1)) if int8 else (0, 0)
     _decode_kernel[(B * triton.cdiv(H, heads),)](
-        q, k, vals, out, length, new_length, offset, consts,
+        q, k, vals, out, length, new_length, offset, consts, scales,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), tuple(s for x in vals for s in x.stride()),
-        out.stride(0), out.stride(1), out.stride(3), H, G, v_shift,
-        W=W, R=R, BLOCK_B=tuple(blocks), M=m, D1=D1, D2=D2, NDV=dv, SUMMARY=summary, ROPE=rope,
+        out.stride(0), out.stride(1), out.stride(3), stride_sb, stride_sh, H, G, v_shift,
+        W=W, R=R, BLOCK_B=tuple(blocks), M=m, D1=D1, D2=D2, NDV=dv, SUMMARY=summary, ROPE=rope, TOP_INT8=int8,
         HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv, ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         num_warps=cfg.num_warps,
     )  # fmt: skip
