@@ -555,9 +555,10 @@ class _Config:
 # A non-empty override also turns autotuning off, so the configs compared are the ones that run.
 CONFIG_OVERRIDE: dict = {}
 # None (default): on CUDA GPUs the table was not tuned on, each hop shape is autotuned once per
-# process (triton.autotune over the candidates below, the table's config among them). On the H200
-# the table wins: autotune picked configs up to 20% slower there (timing noise, restore copies in the
-# backward) and spent minutes tuning at 128k (benchmarks/NOTES.md). True / False: always / never.
+# process (triton.autotune over the candidates below, the table's config among them). On the H200,
+# where the table was swept, autotune's picks were mixed (faster forwards on 128-long fibres, up to
+# 20% slower elsewhere: the backward's timings include restoring dq and dk) and tuning at 128k took
+# over a minute (benchmarks/NOTES.md, session 5), so the table stays. True / False: always / never.
 # The interpreter and CONFIG_OVERRIDE always use the table.
 AUTOTUNE: bool | None = None
 _TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
