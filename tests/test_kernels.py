@@ -255,7 +255,7 @@ def test_every_autotune_candidate_matches_reference(monkeypatch):
         override = dict(block_m=f.kwargs["BLOCK_M"], block_n=f.kwargs["BLOCK_N"], block=b.kwargs["BLOCK"])
         monkeypatch.setattr(T, "CONFIG_OVERRIDE", override)
         assert T._config(70, 16, 16).block == override["block"] < 70  # the multi-block backward runs
-        check_case((3, 70), 200, causal=True, rope=True, mask=True, H=2, Hkv=1)
+        check_case((2, 70), 130, causal=True, rope=True, mask=True, H=2, Hkv=1)
 
 
 def test_autotuners_have_several_configs():
