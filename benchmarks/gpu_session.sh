@@ -93,6 +93,15 @@ queue5() {  # session 5, last call: kernel tests (table path, forced autotune, e
         --out "$R/llm_e2e_compile_h200.json"
 }
 
+queue6() {  # next session: decode kernel with trimmed V and the int8 top level (tests, then timings)
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job gpu_decode_tests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k decode
+    job llm_decode 200 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 32768:1 --decode-steps 4 \
+        --out "$R/llm_e2e_decode_h200.json"
+    job llm_decode_int8 200 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 32768:1 --decode-steps 4 \
+        --top-level-cache int8 --out "$R/llm_e2e_decode_int8_h200.json"
+}
+
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
     export CUDA_VISIBLE_DEVICES=$1 GPU=$1
     job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
@@ -106,6 +115,7 @@ case "${PART:-1}" in
     3single) adapt 0 "${ADAPT0:-}" ;;
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
+    6) queue6 ;;
     *) queue0 & queue1 & ;;
 esac
 wait
