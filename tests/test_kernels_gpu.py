@@ -50,8 +50,6 @@ def _id(x):
 @pytest.mark.parametrize("case,dtype", PARAMS, ids=_id)
 def test_gpu_matches_float64_reference(case, dtype):
     """The default path (the config table on the H200, autotuned configs elsewhere)."""
-    from seqtensor.kernels import tensorized as T
-
     check_gpu(case, dtype)
 
 

@@ -210,61 +210,47 @@ def test_cached_generation_equals_uncached(kind, fold):
     assert len(set(cached[0, -30:].tolist())) > 3  # not a degenerate repetition
 
 
+def _stepped_logits(model, ids, prefill: int, widths: list[int]):
+    """Logits of a prefill, then of steps of the given widths through the same cache; and the cache."""
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, steps, s = out.past_key_values, [out.logits], prefill
+        for width in widths:
+            steps.append(model(ids[:, s : s + width], use_cache=True, **{cache_arg: cache}).logits)
+            s += width
+    return torch.cat(steps, 1), cache
+
+
 def test_cached_logits_equal_full_forward():
+    """Chunks of several tokens, then single tokens; V keeps under two finest blocks, K every token."""
     model = tensorize(_model(), fold=(2, 3, 4))
     ids = _ids(2, 45)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :10], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        for t in range(10, 45, 5):  # chunks of several tokens, then single tokens
-            width = 5 if t < 30 else 1
-            for s in range(t, min(t + 5, 45), width):
-                step = model(ids[:, s : s + width], use_cache=True, **{cache_arg: cache})
-                steps.append(step.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    stepped, cache = _stepped_logits(model, ids, 10, [5] * 4 + [1] * 15)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     memory = cache_memory_bytes(cache)
-    assert memory["kv"] > 0 and memory["levels"] > 0
-
-
-def test_cache_keeps_only_the_values_later_steps_read():
-    """After prefill and steps, V holds at most two finest blocks; K and the logits are untouched."""
-    model = tensorize(_model(), fold=(2, 3, 4))
-    ids = _ids(2, 40)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :29], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for s in range(29, 40):
-            steps.append(model(ids[:, s : s + 1], use_cache=True, past_key_values=cache).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    for layer in cache.layers:
-        assert layer.keys.shape[2] == 40 and layer.values.shape[2] < 2 * 4
+    assert memory["levels"] > 0
+    for layer in cache.layers:  # only the first hop reads V, inside the new token's finest block (4)
+        assert layer.keys.shape[2] == 45 and layer.values.shape[2] < 2 * 4
     k_bytes = sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
-    assert k_bytes < cache_memory_bytes(cache)["kv"] < k_bytes * (1 + 8 / 40)  # V: < 8 of 40 rows
+    assert k_bytes < memory["kv"] < k_bytes * (1 + 8 / 45)
 
 
 def test_int8_top_level_cache_is_close_and_smaller():
     """top_level_cache="int8": cached steps within ~1% of the full forward's logits, a smaller cache."""
-    ids = _ids(2, 40)
-
-    def cached_run(top_level_cache):
-        model = tensorize(_model(), fold=(2, 3, 4), top_level_cache=top_level_cache)
-        with torch.no_grad():
-            full = model(ids, use_cache=False).logits
-            out = model(ids[:, :29], use_cache=True)
-            cache, steps = out.past_key_values, [out.logits]
-            steps += [model(ids[:, s : s + 3], use_cache=True, past_key_values=cache).logits for s in (29, 32)]
-            steps += [model(ids[:, s : s + 1], use_cache=True, past_key_values=cache).logits for s in range(35, 40)]
-        return full, torch.cat(steps, 1), cache_memory_bytes(cache)["levels"]
-
-    full, exact, native_bytes = cached_run("native")
-    _, approx, int8_bytes = cached_run("int8")
+    ids, widths = _ids(2, 40), [3, 3, 1, 1, 1, 1, 1]
+    exact_model = tensorize(_model(), fold=(2, 3, 4))
+    with torch.no_grad():
+        full = exact_model(ids, use_cache=False).logits
+    exact, exact_cache = _stepped_logits(exact_model, ids, 29, widths)
+    approx, int8_cache = _stepped_logits(tensorize(_model(), fold=(2, 3, 4), top_level_cache="int8"), ids, 29, widths)
     torch.testing.assert_close(exact, full, atol=1e-5, rtol=1e-5)
     err = ((approx - full).norm() / full.norm()).item()
     assert 0 < err < 1e-2, err
-    assert int8_bytes < 0.5 * native_bytes  # fp32 rows -> int8 rows + one fp32 scale per row
+    # fp32 rows -> int8 rows + one fp32 scale per row
+    assert cache_memory_bytes(int8_cache)["levels"] < 0.5 * cache_memory_bytes(exact_cache)["levels"]
     with pytest.raises(ValueError, match="top_level_cache"):
         tensorize(_model(), fold=(2, 3, 4), top_level_cache="fp8")
 
