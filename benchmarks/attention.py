@@ -286,8 +286,8 @@ def main() -> None:
         _FLEX_MASKS.clear()
         torch.cuda.empty_cache()
 
-    tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-             for name, kernel in (("forward", T._hop_fwd_tuned), ("backward", T._hop_bwd_tuned))}  # fmt: skip
+    tuned = {f"{direction} fibres<={fib}": {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+             for (direction, fib), tuner in T._TUNERS.items()}  # fmt: skip
     result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, config_override=override,
                   autotune=T._use_autotune(torch.device("cuda")), autotuned_configs=tuned, B=1, H=args.heads, head_dim=args.head_dim,
                   dtype="bfloat16", rows=rows)  # fmt: skip

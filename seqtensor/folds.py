@@ -218,7 +218,7 @@ class BlockFold:
 
     def __post_init__(self) -> None:
         blocks = self.block if isinstance(self.block, (tuple, list)) else (self.block,)
-        ok = len(blocks) >= 1 and all(isinstance(b, int) and b >= 1 for b in blocks)
+        ok = len(blocks) >= 1 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)
         check(ok, f"block must be an int >= 1 or a tuple of them, got {self.block!r}")
         object.__setattr__(self, "block", tuple(blocks) if len(blocks) > 1 else blocks[0])
         order = len(blocks) + 1 if self.order is None else self.order
@@ -290,6 +290,4 @@ def fold_from_dict(spec: dict) -> FoldLike:
     check(kind in _STRATEGIES, f"unknown fold kind {kind!r}; expected dims, Fold or one of {sorted(_STRATEGIES)}")
     if kind == "FixedFold":
         spec["dims"] = tuple(spec["dims"])
-    if kind == "BlockFold" and isinstance(spec.get("block"), list):
-        spec["block"] = tuple(spec["block"])
     return _STRATEGIES[kind](**spec)

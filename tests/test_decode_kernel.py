@@ -146,6 +146,9 @@ def test_trimmed_values_give_the_same_steps(dims, kernel):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     state = case.state(f64)
     assert state.values_needed_from() == (None if len(dims) == 1 else max(case.prefill) - 3)
+    state.v_start = 2  # V must then come without its first 2 positions: a full V is refused, not misread
+    with pytest.raises(ValueError, match="value cache holds"):
+        state.step(*case.step_inputs(0, f64), kernel=kernel)
 
 
 @pytest.mark.parametrize("dims", [(2, 3, 4), (3, 5)], ids=["2x3x4", "3x5"])
@@ -162,6 +165,12 @@ def test_int8_top_level_is_close_to_exact():
     approx, _ = run(case, f64, kernel=False, top_int8=True)
     err = ((approx - exact).norm() / exact.norm()).item()
     assert 0 < err < 1e-2, err
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(f64)
+    try:  # the scales stay fp32 whatever the default dtype (the kernel stores fp32)
+        assert case.state(f64, top_int8=True).top_scale.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
     q, scale = tc.quantize_rows(case.v[:, :, :5])
     assert q.dtype == torch.int8 and q.abs().max() == 127  # every row uses the full range
     torch.testing.assert_close(tc.dequantize_rows(q, scale), case.v[:, :, :5].float(), atol=scale.max().item() / 2, rtol=0)

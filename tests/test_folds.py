@@ -126,6 +126,6 @@ def test_block_fold_nested_seasons():
     assert fold.dims == (7, 7, 48) and fold.padding == 7 * 7 * 48 - 2144
     assert fold.coords(336 + 2 * 48 + 5) == (1, 2, 5)
     assert BlockFold(24) == BlockFold(24, order=2) and BlockFold([7, 48]) == BlockFold((7, 48))
-    for bad in [dict(block=(7, 0)), dict(block=()), dict(block=(7, 48), order=2), dict(block=4.0)]:
+    for bad in [dict(block=(7, 0)), dict(block=()), dict(block=(7, 48), order=2), dict(block=4.0), dict(block=(7, True))]:
         with pytest.raises(ValueError, match="block|order"):
             BlockFold(**bad)

@@ -258,9 +258,13 @@ def test_every_autotune_candidate_matches_reference(monkeypatch):
         check_case((2, 70), 130, causal=True, rope=True, mask=True, H=2, Hkv=1)
 
 
-def test_autotuners_have_several_configs():
-    """triton.autotune skips tuning (and runs its first config) when it holds a single config."""
-    assert len(T._hop_fwd_tuned.configs) > 1 and len(T._hop_bwd_tuned.configs) > 1
+def test_autotuners_per_fibre_bucket_with_several_configs():
+    """One tuner per direction and power-of-two fibre length (not per shape), each holding several
+    configs: triton.autotune skips tuning (and runs its first config) when it holds a single one."""
+    for direction in ("fwd", "bwd"):
+        tuner = T._tuner(direction, 40)
+        assert tuner is T._tuner(direction, 64) and tuner is not T._tuner(direction, 65)
+        assert len(tuner.configs) > 1 and "NJ" not in tuner.keys and "P" not in tuner.keys
 
 
 def test_autotune_policy(monkeypatch):

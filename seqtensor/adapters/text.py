@@ -235,9 +235,10 @@ def _attention(
 def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
     """Drop the V rows of a ``DynamicLayer`` that no later step reads (``LayerCache.values_needed_from``).
 
-    Trimmed once at least a finest block's worth is droppable, by slicing: the layer's next update
-    concatenates into a new tensor, which frees the old one without an extra copy. Other cache
-    layers (static, sliding-window, quantized) keep all of V.
+    Trimmed once at least a finest block's worth is droppable, into a copy of at most two finest
+    blocks (a slice would keep the whole tensor alive). Other cache layers (static, sliding-window,
+    quantized) keep all of V. A cache trimmed this way has V shorter than K: it can only be continued
+    by a tensorized model.
     """
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers) or type(layers[layer_idx]) is not DynamicLayer:
@@ -246,7 +247,7 @@ def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
     if keep is None or keep - state.v_start < state.fold.hop_size(0):
         return
     layer = layers[layer_idx]
-    layer.values = layer.values[:, :, keep - state.v_start :]
+    layer.values = layer.values[:, :, keep - state.v_start :].clone()
     state.v_start = keep
 
 

@@ -146,7 +146,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 rows and one fp32 scale per row (absmax / 127, rounding half up), as the decode kernel
-    stores them: both compute in fp32, so the two paths store identical bytes."""
+    stores them: both compute in fp32 with correctly rounded division, so they store the same bytes."""
     x = x.float()
     scale = x.abs().amax(-1) / 127
     q = torch.floor(x / torch.where(scale > 0, scale, 1.0)[..., None] + 0.5)
@@ -290,7 +290,7 @@ class LayerCache:
                 cap, n = level.shape[2] + 256, level.shape[2]
                 if top_int8:
                     ring = torch.zeros(*level.shape[:2], cap, level.shape[-1], dtype=torch.int8, device=level.device)
-                    self.top_scale = torch.zeros(*level.shape[:2], cap, device=level.device)
+                    self.top_scale = torch.zeros(*level.shape[:2], cap, dtype=torch.float32, device=level.device)
                     ring[:, :, :n], self.top_scale[:, :, :n] = quantize_rows(level)
                 else:
                     ring = level.new_zeros(*level.shape[:2], cap, level.shape[-1])
@@ -391,6 +391,11 @@ class LayerCache:
         Returns (B, H, L, dv).
         """
         B, H, L, d = q.shape
+        check(
+            v_all.shape[2] + self.v_start == k_all.shape[2],
+            f"the value cache holds {v_all.shape[2]} positions from {self.v_start} but the key cache "
+            f"{k_all.shape[2]}: pass V without its first v_start positions (as the text adapter keeps it)",
+        )
         decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 else None
         if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
             return self._step_kernel(decode, q, k_all, v_all)
@@ -471,7 +476,7 @@ class LayerCache:
         if "past" not in p:
             self._store(hop, p["slot"], level)
             return self._gather(hop, p["ring"])
-        if hop == self.fold.order - 1 and self.top_scale is not None:
+        if self._int8(hop):
             level = dequantize_rows(*quantize_rows(level))  # as they will be stored: the same values later
         return torch.where(p["past"], self._gather(hop, p["ring"]), _gather_tokens(level, p["call"]))
 

@@ -112,8 +112,11 @@ def _decode_kernel(
             # this token's level as the PyTorch path stores and reads it: in q's dtype, then the ring's
             if quantized:
                 own = out.to(O.dtype.element_ty).to(tl.float32)
-                row_scale = tl.max(tl.abs(own), 1) / 127  # lanes past NDV hold zeros
-                own = tl.floor(own / tl.where(row_scale > 0, row_scale, 1.0)[:, None] + 0.5)
+                # div_rn: correctly rounded like PyTorch's division (plain '/' compiles to an approximate
+                # one on CUDA), so both paths store the same bytes; lanes past NDV hold zeros
+                row_scale = tl.math.div_rn(tl.max(tl.abs(own), 1), tl.full([HEADS], 127.0, tl.float32))
+                divisor = tl.where(row_scale > 0, row_scale, 1.0)[:, None]
+                own = tl.floor(tl.math.div_rn(own, tl.broadcast_to(divisor, own.shape)) + 0.5)
                 tl.store(slot_ptr, own[:, None, :].to(tl.int8), mask=dv_ok)
                 tl.store(TopScale + b * stride_sb + heads * stride_sh + slot, row_scale, mask=h_ok)
                 own = (own * row_scale[:, None]).to(ACC)

@@ -601,16 +601,15 @@ def _device_name(device: torch.device) -> str:
 _FWD_CANDIDATES = ((128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
                    (64, 32, 4, 3), (32, 32, 4, 2))  # fmt: skip
 _BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2))
-_TUNE_KEY = ["NJ", "P", "S", "H", "G", "D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
-
-
-def _hop_dims(args: dict) -> tuple[int, int, int]:
-    return args["NJ"], args["D1"] + args["D2"], args["NDV"]
+# Tuned once per fibre-length bucket (a power of two: one tuner each, ``_tuner``) and these settings,
+# not per shape: P, S and the coarsest n_j change with every sequence length, and retuning each
+# would stall variable-length inputs (a text model's prompts) for seconds per new length.
+_TUNE_KEY = ["D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
 
 
 def _fwd_candidates(configs, named_args, **kwargs) -> list:
     """Forward configs for this hop: blocks no larger than the fibre or the head dim's register room."""
-    nj, d, dv = _hop_dims({**named_args, **kwargs})
+    nj, d, dv = named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"]
     cap_m, cap_n, _ = _block_caps(nj, d, dv)
     table = _gpu_config(nj, d, dv)
     seen = {(table.block_m, table.block_n, table.num_warps, table.num_stages): None}
@@ -622,28 +621,46 @@ def _fwd_candidates(configs, named_args, **kwargs) -> list:
 
 def _bwd_candidates(configs, named_args, **kwargs) -> list:
     """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below it."""
-    args = {**named_args, **kwargs}
-    nj, d, dv = _hop_dims(args)
-    _, _, cap = _block_caps(nj, d, dv)
+    nj, d, dv = named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"]
     table = _gpu_config(nj, d, dv)
     seen = {(table.block, table.bwd_warps, table.num_stages): None}
     for block, warps, stages in _BWD_CANDIDATES:
-        block = cap if args["SINGLE"] else min(block, cap)
-        seen.setdefault((block, warps, stages), None)
+        seen.setdefault((table.block if kwargs["SINGLE"] else min(block, table.block), warps, stages), None)
     return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in seen]
 
 
-# The autotuner tunes only when given more than one config: the unclipped candidates go in, and the
-# prune functions replace them with the hop's clipped list.
-_hop_fwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _FWD_CANDIDATES],
-    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fwd_candidates},
-)(_hop_fwd_kernel)  # fmt: skip
-# dq and dk accumulate across hops in place: every timed run starts from (and restores) their values
-_hop_bwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in _BWD_CANDIDATES],
-    key=_TUNE_KEY, prune_configs_by={"early_config_prune": _bwd_candidates}, restore_value=["DQ", "DK"],
-)(_hop_bwd_kernel)  # fmt: skip
+_TUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
+
+
+def _tuner(direction: str, nj: int) -> triton.runtime.Autotuner:
+    """The autotuned kernel of one direction for fibres of up to next_pow2(nj) rows.
+
+    triton.autotune only tunes when it holds more than one config: it gets the unclipped candidates,
+    and the prune functions replace them with the hop's clipped list. The backward accumulates dq and
+    dk in place across hops, so every timed run restores them.
+    """
+    key = (direction, triton.next_power_of_2(nj))
+    if key not in _TUNERS:
+        if direction == "fwd":
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                       for bm, bn, w, s in _FWD_CANDIDATES]  # fmt: skip
+            tune = triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fwd_candidates})
+            _TUNERS[key] = tune(_hop_fwd_kernel)
+        else:
+            configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in _BWD_CANDIDATES]
+            tune = triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _bwd_candidates},
+                                   restore_value=["DQ", "DK"])  # fmt: skip
+            _TUNERS[key] = tune(_hop_bwd_kernel)
+    return _TUNERS[key]
+
+
+def _launch(direction: str, kernel, programs: int, nj: int, fixed: dict, device, args: tuple, meta: dict) -> None:
+    """One hop kernel over ``programs`` fibres (x the fibre's row blocks): autotuned or the table's ``fixed``."""
+    block = "BLOCK_M" if direction == "fwd" else "BLOCK"
+    if _use_autotune(device):
+        _tuner(direction, nj)[lambda c: (programs * triton.cdiv(nj, c[block]),)](*args, **meta)
+    else:
+        kernel[(programs * triton.cdiv(nj, fixed[block]),)](*args, **meta, **fixed)
 
 
 def _blk(x: int) -> int:
@@ -770,15 +787,9 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
             D1=D1, D2=D2, NDV=dv, CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked,
             STORE_LSE=need_backward, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc, DOT_PREC=prec,
         )  # fmt: skip
-        fibres = B * H * hop.P * hop.S
-        if _use_autotune(q.device):
-            _hop_fwd_tuned[lambda c: (fibres * triton.cdiv(hop.nj, c["BLOCK_M"]),)](*args, **meta)
-        else:
-            cfg = _config(hop.nj, d, dv)
-            _hop_fwd_kernel[(fibres * triton.cdiv(hop.nj, cfg.block_m),)](
-                *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )  # fmt: skip
+        cfg = _config(hop.nj, d, dv)
+        fixed = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch("fwd", _hop_fwd_kernel, B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if need_backward and not last:
             states.append(out)
         vin = out
@@ -828,13 +839,8 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
             DELTA_OUT=not first, SINGLE=hop.nj <= cfg.block, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc,
             DOT_PREC=prec,
         )  # fmt: skip
-        programs = B * Hkv * hop.P * hop.S
-        if _use_autotune(q.device):
-            _hop_bwd_tuned[lambda c: (programs * triton.cdiv(hop.nj, c["BLOCK"]),)](*args, **meta)
-        else:
-            _hop_bwd_kernel[(programs * triton.cdiv(hop.nj, cfg.block),)](
-                *args, **meta, BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages
-            )
+        fixed = dict(BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
+        _launch("bwd", _hop_bwd_kernel, B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if hop.summary:
             dvs = _summary_backward(
                 q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
