@@ -470,7 +470,7 @@ def tensorize(
     backend : "auto" (Triton on CUDA), "reference" or "triton".
     top_level_cache : "native" (default, exact) or "int8": generation stores the top hop's input,
         the largest part of the cache, as int8 rows with a scale each (cache ~1.5x SDPA's instead
-        of 2.5x with 32/8 heads; outputs within ~1%).
+        of 2.5x with 32/8 heads; outputs within ~1%). An order-1 fold has no levels: no effect.
 
     Returns
     -------

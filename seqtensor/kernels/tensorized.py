@@ -654,9 +654,9 @@ def _tuner(direction: str, nj: int) -> triton.runtime.Autotuner:
     return _TUNERS[key]
 
 
-def _launch(direction: str, kernel, programs: int, nj: int, fixed: dict, device, args: tuple, meta: dict) -> None:
+def _launch(direction: str, programs: int, nj: int, fixed: dict, device, args: tuple, meta: dict) -> None:
     """One hop kernel over ``programs`` fibres (x the fibre's row blocks): autotuned or the table's ``fixed``."""
-    block = "BLOCK_M" if direction == "fwd" else "BLOCK"
+    kernel, block = (_hop_fwd_kernel, "BLOCK_M") if direction == "fwd" else (_hop_bwd_kernel, "BLOCK")
     if _use_autotune(device):
         _tuner(direction, nj)[lambda c: (programs * triton.cdiv(nj, c[block]),)](*args, **meta)
     else:
@@ -789,7 +789,7 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
         )  # fmt: skip
         cfg = _config(hop.nj, d, dv)
         fixed = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _launch("fwd", _hop_fwd_kernel, B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
+        _launch("fwd", B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if need_backward and not last:
             states.append(out)
         vin = out
@@ -840,7 +840,7 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
             DOT_PREC=prec,
         )  # fmt: skip
         fixed = dict(BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
-        _launch("bwd", _hop_bwd_kernel, B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
+        _launch("bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if hop.summary:
             dvs = _summary_backward(
                 q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
