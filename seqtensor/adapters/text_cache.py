@@ -386,9 +386,9 @@ class LayerCache:
         """Attention output for L new tokens.
 
         q (B, H, L, d): the new queries. k_all (B, Hkv, T, d): the whole Hugging Face key cache, the
-        new tokens included; v_all the same for values, less the first ``v_start`` positions. ``plan``: from ``self.plan`` (built here if None). ``kernel``:
-        False runs the PyTorch path even where the decode kernel could (as ``DECODE_KERNEL = False``).
-        Returns (B, H, L, dv).
+        new tokens included; v_all the same for values, less the first ``v_start`` positions.
+        ``plan``: from ``self.plan`` (built here if None). ``kernel``: False runs the PyTorch path
+        even where the decode kernel could (as ``DECODE_KERNEL = False``). Returns (B, H, L, dv).
         """
         B, H, L, d = q.shape
         check(
