@@ -554,8 +554,8 @@ class _Config:
 # Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table below.
 # A non-empty override also turns autotuning off, so the configs compared are the ones that run.
 CONFIG_OVERRIDE: dict = {}
-# None (default): on CUDA GPUs the table was not tuned on, each hop shape is autotuned once per
-# process (triton.autotune over the candidates below, the table's config among them). On the H200,
+# None (default): on CUDA GPUs the table was not tuned on, hops are autotuned once per process and
+# fibre-length bucket (``_tuner``: triton.autotune over the candidates below, the table's among them). On the H200,
 # where the table was swept, autotune's picks were mixed (faster forwards on 128-long fibres, up to
 # 20% slower elsewhere: the backward's timings include restoring dq and dk) and tuning at 128k took
 # over a minute (benchmarks/NOTES.md, session 5), so the table stays. True / False: always / never.
@@ -572,15 +572,13 @@ def _config(nj: int, d: int, dv: int) -> _Config:
     return cfg
 
 
-def _block_caps(nj: int, d: int, dv: int) -> tuple[int, int, int]:
-    """Largest useful (block_m, block_n, block): the fibre rounded up, and register room for wide heads."""
-    fib = max(16, triton.next_power_of_2(nj))
-    wide = max(d, dv) > 128
-    return min(fib, 64 if wide else 128), min(fib, 32 if wide else 64), min(fib, 32 if wide else 64)
-
-
 def _gpu_config(nj: int, d: int, dv: int) -> _Config:
-    bm, bn, bb = _block_caps(nj, d, dv)
+    """Blocks as large as useful: the fibre rounded up, capped by the register room of the head dim."""
+    fib = _blk(nj)
+    wide = max(d, dv) > 128
+    bm = min(fib, 64 if wide else 128)
+    bn = min(fib, 32 if wide else 64)
+    bb = min(fib, 32 if wide else 64)
     # bwd_warps 4: 20.1 ms against 25.0 ms with 8 (128k causal fwd+bwd, H200, benchmarks/NOTES.md)
     return _Config(bm, bn, bb, 8 if bm >= 128 else 4, 2, 4)
 
@@ -597,7 +595,8 @@ def _device_name(device: torch.device) -> str:
 
 
 # Autotune candidates (block_m, block_n, warps, stages) and (block, warps, stages), clipped to the
-# hop by the prune functions below; the table's config is always among them.
+# hop by the prune functions below (the table's blocks are the largest useful); the table's config
+# is always among them.
 _FWD_CANDIDATES = ((128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
                    (64, 32, 4, 3), (32, 32, 4, 2))  # fmt: skip
 _BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2))
@@ -609,20 +608,17 @@ _TUNE_KEY = ["D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
 
 def _fwd_candidates(configs, named_args, **kwargs) -> list:
     """Forward configs for this hop: blocks no larger than the fibre or the head dim's register room."""
-    nj, d, dv = named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"]
-    cap_m, cap_n, _ = _block_caps(nj, d, dv)
-    table = _gpu_config(nj, d, dv)
+    table = _gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
     seen = {(table.block_m, table.block_n, table.num_warps, table.num_stages): None}
     for bm, bn, warps, stages in _FWD_CANDIDATES:
-        bm, bn = min(bm, cap_m), min(bn, cap_n)
+        bm, bn = min(bm, table.block_m), min(bn, table.block_n)
         seen.setdefault((bm, bn, warps if bm >= 64 else 4, stages), None)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 
 def _bwd_candidates(configs, named_args, **kwargs) -> list:
     """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below it."""
-    nj, d, dv = named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"]
-    table = _gpu_config(nj, d, dv)
+    table = _gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
     seen = {(table.block, table.bwd_warps, table.num_stages): None}
     for block, warps, stages in _BWD_CANDIDATES:
         seen.setdefault((table.block if kwargs["SINGLE"] else min(block, table.block), warps, stages), None)
@@ -633,13 +629,13 @@ _TUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
 
 
 def _tuner(direction: str, nj: int) -> triton.runtime.Autotuner:
-    """The autotuned kernel of one direction for fibres of up to next_pow2(nj) rows.
+    """The autotuned kernel of one direction for fibres of up to ``_blk(nj)`` rows (one clipped candidate list).
 
     triton.autotune only tunes when it holds more than one config: it gets the unclipped candidates,
     and the prune functions replace them with the hop's clipped list. The backward accumulates dq and
     dk in place across hops, so every timed run restores them.
     """
-    key = (direction, triton.next_power_of_2(nj))
+    key = (direction, _blk(nj))
     if key not in _TUNERS:
         if direction == "fwd":
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
