@@ -145,6 +145,7 @@ def run_accuracy(args, results: dict) -> None:
                         steps = max((r["step"] for r in est.history_), default=0)
                         row = {"dataset": data_name, "h": h, "look_back": L, "model": kind, "patch_len": P, "seed": seed,
                                "dropout": args.dropout if kind != "DLinear" else None,
+                               "mlp_hidden": ModelConfig(d_model=args.d_model).mlp_hidden if kind != "DLinear" else None,
                                "size": variant,
                                "windows": n_windows, "train_s": est.fit_time_, "wall_s": wall, "steps": steps,
                                "s_per_step": est.fit_time_ / max(steps, 1), **score(cv, est.model_name)}  # fmt: skip
@@ -176,8 +177,8 @@ def naive_frame(df: pd.DataFrame, cv: pd.DataFrame, h: int, season: int) -> pd.D
 # ---------------------------------------------------------------------------------------------
 
 
-def step_time(L: int, P: int, attention: str, args, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds per training step and peak GiB (CUDA) of the network at look-back L."""
+def training_step(L: int, P: int, attention: str, args):
+    """A function running one training step (forward + backward + AdamW) of the network at look-back L."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     fold = {} if args.fold_block is None else {"fold": BlockFold(args.fold_block)}
     enc = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, attention=attention, **fold)
@@ -188,24 +189,37 @@ def step_time(L: int, P: int, attention: str, args, repeats: int = 5) -> tuple[f
              "hist": torch.zeros(B, 0, L, device=device), "static": torch.zeros(B, 0, device=device),
              "target": torch.randn(B, 1, 96, device=device)}  # fmt: skip
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step() -> None:
         with amp:
             loss = forecast_loss(model(batch), batch["target"], "mse")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:  # warm-up steps excluded
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return float(np.median(times)), peak
+
+    return step, device
+
+
+def step_times(L: int, P: int, args, attentions=("tensorized", "full"), repeats: int = 9) -> dict[str, tuple[float, float]]:
+    """Median seconds per training step and peak GiB (CUDA) for each attention at look-back L.
+
+    The models' steps alternate, so drift in a shared machine's speed hits them alike."""
+    steps = {attention: training_step(L, P, attention, args) for attention in attentions}
+    times: dict[str, list[float]] = {attention: [] for attention in steps}
+    peaks = dict.fromkeys(steps, float("nan"))
+    for i in range(repeats + 2):
+        for attention, (step, device) in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peaks[attention] = max(torch.cuda.max_memory_allocated(device) / 2**30, np.nan_to_num(peaks[attention]))
+            if i >= 2:  # warm-up steps excluded
+                times[attention].append(time.perf_counter() - start)
+    return {attention: (float(np.median(times[attention])), peaks[attention]) for attention in steps}
 
 
 def run_speed(args, results: dict) -> None:
@@ -213,13 +227,18 @@ def run_speed(args, results: dict) -> None:
     for L in args.speed_look_backs:
         for P in args.speed_patch_lens:
             row = {"look_back": L, "patch_len": P, "tokens": math.ceil(L / P) + math.ceil(96 / P), "batch": args.speed_batch,
-                   "fold_block": args.fold_block, "threads": args.threads}
-            for attention in ("tensorized", "full"):
-                try:
-                    t, peak = step_time(L, P, attention, args)
-                except torch.OutOfMemoryError:
-                    t, peak = float("nan"), float("nan")
+                   "fold_block": args.fold_block, "threads": args.threads, "mlp_hidden": ModelConfig(d_model=args.d_model).mlp_hidden}
+            try:
+                measured = step_times(L, P, args)
+            except torch.OutOfMemoryError:  # measure each alone: one of them may fit
+                measured = {}
+                for attention in ("tensorized", "full"):
                     torch.cuda.empty_cache()
+                    try:
+                        measured.update(step_times(L, P, args, (attention,)))
+                    except torch.OutOfMemoryError:
+                        measured[attention] = (float("nan"), float("nan"))
+            for attention, (t, peak) in measured.items():
                 row[f"{attention}_s"], row[f"{attention}_peak_gib"] = t, peak
             row["speedup"] = row["full_s"] / row["tensorized_s"]
             block = "" if args.fold_block is None else f"|fold_block={block_text(args.fold_block)}"
@@ -240,7 +259,7 @@ def run_max_look_back(args, results: dict) -> None:
         L, row = args.speed_look_backs[0], {"longest": None, "stopped_by": "cap", "step_s": None, "peak_gib": None}
         while L <= args.max_look_back_cap:
             try:
-                t, peak = step_time(L, P, attention, args, repeats=1)
+                t, peak = step_times(L, P, args, (attention,), repeats=1)[attention]
             except torch.OutOfMemoryError:
                 row["stopped_by"] = f"out of memory at L={L}"
                 break

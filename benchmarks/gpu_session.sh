@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh [SECONDS_PER_QUEUE]      (default 480)
 #   PART=2 bash benchmarks/gpu_session.sh 240                   (decode configs, profile, 16k, flex)
 #   PART=4 bash benchmarks/gpu_session.sh 560                   (one GPU: autotune tests + timings, forecasts)
+#   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py)
 set -u
@@ -102,6 +103,27 @@ queue6() {  # next session: decode kernel with trimmed V and the int8 top level 
         --top-level-cache int8 --out "$R/llm_e2e_decode_int8_h200.json"
 }
 
+queue7() {  # session 6: kernel tests (reference rewritten; decode with trimmed V and int8), decode timings
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job gpu_tests 270 python3 -m pytest -n 8 -q -p no:cacheprovider -rs --durations 8 tests/test_kernels_gpu.py
+    job llm_decode 130 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 \
+        --out "$R/llm_e2e_decode_h200.json"
+    job llm_decode_int8 130 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 --decode-steps 4 \
+        --top-level-cache int8 --out "$R/llm_e2e_decode_int8_h200.json"
+}
+
+forecast7() {  # look-back 2,048, patch 1, SwiGLU width 176: week x day fold and full attention, seeds 0-9
+    export CUDA_VISIBLE_DEVICES=0 GPU=f
+    local s
+    for s in 0 1 2 3 4 5 6 7 8 9; do
+        job "forecast_s$s" $((BUDGET - 20)) python3 benchmarks/forecast.py --device cuda --datasets electricity \
+            --look-backs 2048 --patch-lens 1 --skip speed max_look_back --horizons 96 192 336 720 \
+            --models Forecaster Forecaster-full --seeds $s --fold-block 7 48 --tag "cuda_mlp176_s$s" &
+    done
+    wait
+    cp benchmarks/results/forecast_cuda_mlp176_s*.json "$R/" 2>/dev/null
+}
+
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
     export CUDA_VISIBLE_DEVICES=$1 GPU=$1
     job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
@@ -116,6 +138,7 @@ case "${PART:-1}" in
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
     6) queue6 ;;
+    7) forecast7 & queue7 ;;
     *) queue0 & queue1 & ;;
 esac
 wait

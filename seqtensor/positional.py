@@ -87,6 +87,12 @@ class TensorRoPE(PositionalScheme):
     def hop(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return rotate(x, positions, self.inv_freq)
 
+    def phase(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rotation as unit complex numbers (len(positions), d/2) for real ``dtype`` float32/64:
+        ``view_as_complex`` of interleaved pairs (x1_i, x2_i) times it equals ``hop``."""
+        angles = positions.to(dtype).unsqueeze(-1) * self.inv_freq.to(device=positions.device, dtype=dtype)
+        return torch.polar(torch.ones_like(angles), angles)
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"
 

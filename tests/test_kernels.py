@@ -210,11 +210,11 @@ def test_validity_levels_match_reference_relays():
         valid = levels[0]
         _, _, _, want = R._prepare(q, q, q, n, plan.N, kpm)
         torch.testing.assert_close(levels[0], want)
+        valid = valid.unflatten(1, dims)
+        qg = torch.zeros(B, 1, 1, *dims, 1, dtype=f64)
         for i, hop in enumerate(plan.hops):
-            qg = torch.zeros(B, 1, 1, plan.N, 1, dtype=f64)
-            _, want = R._hop(qg, qg, qg, valid, hop.P, hop.nj, hop.S, causal, hop.summary, 1.0, None)
-            torch.testing.assert_close(levels[i + 1], want)
-            valid = want
+            _, valid = R._hop(qg, qg, qg, valid, hop.dim, causal, hop.summary, 1.0, None)
+            torch.testing.assert_close(levels[i + 1], valid.flatten(1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,13 +26,18 @@ import math
 
 import torch
 
-from ..positional import PositionalScheme
+from ..positional import PositionalScheme, TensorRoPE
 
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
 
 
-def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None):
-    """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions."""
+def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None, pairs: bool = False):
+    """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions.
+
+    ``pairs`` reorders q's and k's head dim from rotary halves to (x1_0, x2_0, x1_1, ...) in the
+    same copy, so a hop's rotation is one complex multiply; scores are unchanged because q and k
+    move alike.
+    """
     B, H, _, d = q.shape
     Hkv = k.shape[1]
     work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
@@ -40,12 +45,17 @@ def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dty
     valid = torch.zeros(B, N, dtype=torch.bool, device=q.device)
     valid[:, :n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
 
-    def fold(x: torch.Tensor, heads: int) -> torch.Tensor:
-        x = torch.nn.functional.pad(x.to(work), (0, 0, 0, N - n))
-        x = x.masked_fill(~valid[:, None, :, None], 0.0)
-        return x.reshape(B, Hkv, heads // Hkv, N, x.shape[-1])  # (B, Hkv, G|1, N, d)
+    def fold(x: torch.Tensor, heads: int, pairs: bool) -> torch.Tensor:
+        e, x = x.shape[-1], x.to(work)
+        if key_padding_mask is not None:
+            x = x.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        if pairs:
+            x = x.unflatten(-1, (2, e // 2)).transpose(-1, -2)
+        if N > n:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.ndim - 3) + (0, N - n))  # padded rows are zero
+        return x.reshape(B, Hkv, heads // Hkv, N, e)  # (B, Hkv, G|1, N, e)
 
-    return fold(q, H), fold(k, Hkv), fold(v, Hkv), valid
+    return fold(q, H, pairs), fold(k, Hkv, pairs), fold(v, Hkv, False), valid
 
 
 def fibre_attention_reference(
@@ -74,60 +84,98 @@ def fibre_attention_reference(
     m, N = len(dims), math.prod(dims)
     hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype)
+    work = compute_dtype or (q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32)
+    complex_rotary = isinstance(hop_positional, TensorRoPE) and work in (torch.float32, torch.float64)
+    qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype, complex_rotary)
+    # States stay (B, Hkv, G|1, n_1, ..., n_m, e) between hops (a permuted view, no copy back).
+    qg, kg, vg, valid = qg.unflatten(3, dims), kg.unflatten(3, dims), vg.unflatten(3, dims), valid.unflatten(1, dims)
     processed: set[int] = set()
     for j in hop_order:
-        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
-        with_summary = causal and coverage == "full" and S > 1 and processed == set(range(j + 1, m))
-        vg, valid = _hop(qg, kg, vg, valid, P, nj, S, causal, with_summary, scale, hop_positional)
+        with_summary = causal and coverage == "full" and math.prod(dims[j + 1 :]) > 1 and processed == set(range(j + 1, m))
+        vg, valid = _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary)
         processed.add(j)
-    out = vg.expand(B, k.shape[1], H // k.shape[1], N, vg.shape[-1]).reshape(B, H, N, -1)
-    return out[:, :, :n].to(q.dtype)
+    # Returned as a (B, H, n, dv) view of (B, N, H, dv) memory: the caller's transpose back to
+    # (B, n, H * dv) is then free.
+    out = vg.expand(B, k.shape[1], H // k.shape[1], *dims, vg.shape[-1]).permute(0, *range(3, 3 + m), 1, 2, -1)
+    return out.reshape(B, N, H, -1)[:, :n].transpose(1, 2).to(q.dtype)
 
 
-def _hop(qg, kg, vg, valid, P, nj, S, causal, with_summary, scale, hop_positional):
-    """One hop along a dim of size nj; returns the new value state and validity.
+def _to_fibres(x: torch.Tensor, j: int) -> torch.Tensor:
+    """(B, Hkv, g, n_1..n_m, e) -> (B * Hkv * P * S, g, n_j, e): one fibre along dim j per row.
 
-    Each fibre becomes one row of a (B*P*S, heads, nj, d) batch for SDPA, so the per-hop work runs
-    in PyTorch's fused attention; summary keys are appended to every fibre's keys.
+    Kv heads stay outside the fibres, so the finest hop's fibres of a contiguous state with g == 1
+    (k, v, and q without GQA) are a view, not a copy.
     """
-    B, Hkv, G = qg.shape[:3]
+    m = x.ndim - 4
+    x = x.permute(0, 1, *[3 + i for i in range(m) if i != j], 2, 3 + j, x.ndim - 1)
+    return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
 
-    def fibres(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, g, N, d) -> (B, P, S, Hkv*g, nj, d)
-        x = x.reshape(B, Hkv, x.shape[2], P, nj, S, x.shape[-1]).permute(0, 3, 5, 1, 2, 4, 6)
-        return x.reshape(B, P, S, -1, nj, x.shape[-1])
 
-    qf, kf, vf = fibres(qg), fibres(kg), fibres(vg)
-    if hop_positional is not None:
-        pos = torch.arange(nj, device=qg.device)
-        qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
-    key_ok = valid.reshape(B, P, nj, S).transpose(-1, -2)[:, :, :, None, :]  # (B, P, S, 1, nj) over keys
+def _from_fibres(y: torch.Tensor, j: int, lead: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``_to_fibres`` for ``lead`` = (B, Hkv, g): a permuted view, no copy."""
+    m = len(dims)
+    y = y.reshape(lead[0], lead[1], *[dims[i] for i in range(m) if i != j], lead[2], dims[j], y.shape[-1])
+    rest = iter(range(2, m + 1))
+    return y.permute(0, 1, m + 1, *[m + 2 if i == j else next(rest) for i in range(m)], m + 3)
+
+
+def _hop_keys(valid: torch.Tensor, j: int, causal: bool, with_summary: bool):
+    """Keys each query of hop j may see and which queries see any.
+
+    ``valid`` (B, n_1..n_m) -> ``key_ok`` (F, nj, nj [+ nj summary keys]) over the F = B * P * S
+    fibres, and ``has_key`` (F, nj): rows that received something stay valid for the next hop.
+    """
+    dims = tuple(valid.shape[1:])
+    nj, S = dims[j], math.prod(dims[j + 1 :])
+    fibre_valid = _to_fibres(valid[:, None, None, ..., None], j).reshape(-1, nj)  # (F, nj)
+    key_ok = fibre_valid[:, None, :].expand(-1, nj, nj)
     if causal:
-        key_ok = key_ok & torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril()
+        key_ok = key_ok & torch.ones(nj, nj, dtype=torch.bool, device=valid.device).tril()
     if with_summary:
         # Summary keys: the last token (finer coords all last) of each earlier sibling block.
-        ks, vs = kf[:, :, S - 1 :], vf[:, :, S - 1 :]  # (B, P, 1, heads, nj, d)
-        kf = torch.cat([kf, ks.expand_as(kf)], dim=-2)
-        vf = torch.cat([vf, vs.expand(*vf.shape[:2], S, *vs.shape[3:])], dim=-2)
-        earlier = torch.ones(nj, nj, dtype=torch.bool, device=qg.device).tril(-1)
-        not_dup = (torch.arange(S, device=qg.device) != S - 1)[:, None, None]  # summary == fibre key at s = S-1
-        sum_ok = valid.reshape(B, P, nj, S)[:, :, None, None, :, S - 1] & earlier & not_dup  # (B, P, S, nj, nj)
-        key_ok = torch.cat([key_ok.expand(B, P, S, nj, nj), sum_ok], dim=-1)
-    key_ok = key_ok.expand(B, P, S, nj, key_ok.shape[-1])
-    has_key = key_ok.any(-1)  # (B, P, S, nj): rows that received something stay valid
-    mask = None if bool(key_ok.all()) else (key_ok | ~has_key[..., None]).reshape(B * P * S, 1, nj, -1)
-    heads = qf.shape[3]
+        last = fibre_valid.reshape(-1, S, nj)[:, S - 1 :]  # (B*P, 1, nj)
+        earlier = torch.ones(nj, nj, dtype=torch.bool, device=valid.device).tril(-1)
+        not_dup = (torch.arange(S, device=valid.device) != S - 1)[:, None, None]  # summary == fibre key at s = S-1
+        sum_ok = (last[:, :, None, :] & earlier & not_dup).reshape(-1, nj, nj)
+        key_ok = torch.cat([key_ok, sum_ok], dim=-1)
+    return key_ok, key_ok.any(-1)
+
+
+def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary=False):
+    """One hop along dim j; returns the new value state and validity in the same layouts.
+
+    Each fibre becomes one row of a (F, heads, nj, d) batch for SDPA, so the per-hop work runs in
+    PyTorch's fused attention; summary keys are appended to every fibre's keys.
+    """
+    B, Hkv, G = qg.shape[:3]
+    dims = tuple(qg.shape[3:-1])
+    nj, S = dims[j], math.prod(dims[j + 1 :])
+    qf, kf, vf = _to_fibres(qg, j), _to_fibres(kg, j), _to_fibres(vg, j)
+    if complex_rotary:
+        phase = hop_positional.phase(torch.arange(nj, device=qg.device), qf.dtype)  # (nj, d/2)
+        qf, kf = (torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * phase).flatten(-2) for x in (qf, kf))
+    elif hop_positional is not None:
+        pos = torch.arange(nj, device=qg.device)
+        qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
+    key_ok, has_key = _hop_keys(valid, j, causal, with_summary)  # per (B, P, S) fibre, shared by kv heads
+    if with_summary:
+        def with_summaries(x: torch.Tensor) -> torch.Tensor:
+            x = x.unflatten(0, (-1, S))
+            return torch.cat([x, x[:, S - 1 :].expand_as(x)], dim=-2).flatten(0, 1)
+
+        kf, vf = with_summaries(kf), with_summaries(vf)
+    all_have_keys = bool(has_key.all())
+    mask = None
+    if not bool(key_ok.all()):
+        mask = key_ok if all_have_keys else key_ok | ~has_key[..., None]
+        mask = mask.unflatten(0, (B, 1, -1)).expand(B, Hkv, -1, *mask.shape[1:]).reshape(-1, 1, *mask.shape[1:])
     out = torch.nn.functional.scaled_dot_product_attention(
-        qf.reshape(B * P * S, heads, nj, -1),
-        kf.reshape(B * P * S, kf.shape[3], kf.shape[4], -1),
-        vf.reshape(B * P * S, vf.shape[3], vf.shape[4], -1),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=kf.shape[3] != heads or vf.shape[3] != heads,
+        qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
     )
-    out = out.reshape(B, P, S, heads, nj, -1) * has_key[:, :, :, None, :, None]
-    out = out.reshape(B, P, S, Hkv, G, nj, -1).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, Hkv, G, P * nj * S, -1)
-    return out, has_key.transpose(-1, -2).reshape(B, P * nj * S)
+    if not all_have_keys:
+        out = (out.unflatten(0, (B, Hkv, -1)) * has_key.unflatten(0, (B, 1, -1))[:, :, :, None, :, None]).flatten(0, 2)
+    new_valid = _from_fibres(has_key[:, None, :, None], j, (B, 1, 1), dims)[:, 0, 0, ..., 0]
+    return _from_fibres(out, j, (B, Hkv, G), dims), new_valid
 
 
 def kronecker_attention_reference(

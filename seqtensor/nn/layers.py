@@ -78,7 +78,7 @@ class Block(nn.Module):
         self.cross_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps) if cross else None
         self.cross = CrossAttention(config.d_model, config.n_heads, config.bias) if cross else None
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, int(round(config.mlp_ratio * config.d_model)), config.bias)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
