@@ -280,6 +280,15 @@ def run_max_look_back(args, results: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def save(args, results: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=float))
@@ -345,7 +354,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for section in ("accuracy", "speed", "max_look_back"):
         results.setdefault(section, {})
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     results["meta"] = {"device": device_name, "torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
                        "settings": {k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
     if "accuracy" not in args.skip:

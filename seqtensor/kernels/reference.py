@@ -122,13 +122,14 @@ def _from_fibres(y: torch.Tensor, j: int, lead: tuple[int, ...], dims: tuple[int
 def _hop_keys(valid: torch.Tensor, j: int, causal: bool, with_summary: bool):
     """Keys each query of hop j may see and which queries see any.
 
-    ``valid`` (B, n_1..n_m) -> ``key_ok`` (F, nj, nj [+ nj summary keys]) over the F = B * P * S
-    fibres, and ``has_key`` (F, nj): rows that received something stay valid for the next hop.
+    ``valid`` (B, n_1..n_m) -> ``key_ok`` (F, nj | 1, nj [+ nj summary keys]) over the F = B * P * S
+    fibres (query dim 1 when every query sees the same keys), and ``has_key`` (F, nj): rows that
+    received something stay valid for the next hop.
     """
     dims = tuple(valid.shape[1:])
     nj, S = dims[j], math.prod(dims[j + 1 :])
     fibre_valid = _to_fibres(valid[:, None, None, ..., None], j).reshape(-1, nj)  # (F, nj)
-    key_ok = fibre_valid[:, None, :].expand(-1, nj, nj)
+    key_ok = fibre_valid[:, None, :]
     if causal:
         key_ok = key_ok & torch.ones(nj, nj, dtype=torch.bool, device=valid.device).tril()
     if with_summary:
@@ -137,8 +138,8 @@ def _hop_keys(valid: torch.Tensor, j: int, causal: bool, with_summary: bool):
         earlier = torch.ones(nj, nj, dtype=torch.bool, device=valid.device).tril(-1)
         not_dup = (torch.arange(S, device=valid.device) != S - 1)[:, None, None]  # summary == fibre key at s = S-1
         sum_ok = (last[:, :, None, :] & earlier & not_dup).reshape(-1, nj, nj)
-        key_ok = torch.cat([key_ok, sum_ok], dim=-1)
-    return key_ok, key_ok.any(-1)
+        key_ok = torch.cat([key_ok.expand(-1, nj, nj), sum_ok], dim=-1)
+    return key_ok, key_ok.any(-1).expand(-1, nj)
 
 
 def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary=False):
