@@ -310,6 +310,12 @@ def save_and_reload(model, dtype, device, results, folder: str | None = None):
 # ----------------------------------------------------------------------------- main
 
 
+def load_volumes(data: Path, join: int) -> list[np.ndarray]:
+    """The eval volumes, ``join`` consecutive ones concatenated (longer documents for longer L)."""
+    volumes = list(np.load(data / "eval.npz").values())
+    return [np.concatenate(volumes[i : i + join]) for i in range(0, len(volumes), join)]
+
+
 def protocols(volumes, lengths, args, results):
     """(volumes for ``ppl`` or None, ``fixed`` spans for ``ppl_fixed`` or None), per ``--ppl-protocols``."""
     fixed = None
@@ -330,7 +336,7 @@ def evaluate_saved(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     clock = Clock(args.budget_s, Path(args.out))
-    volumes, fixed = protocols(list(np.load(Path(args.data) / "eval.npz").values()), args.lengths, args, results)
+    volumes, fixed = protocols(load_volumes(Path(args.data), args.join_volumes), args.lengths, args, results)
     model = load_tensorized(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
     spec = model.config.seqtensor  # the settings it was trained with
     train_fold = tuple(spec["fold"])
@@ -349,7 +355,7 @@ def run(args) -> None:
     clock = Clock(args.budget_s, out)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     data = Path(args.data)
-    volumes = list(np.load(data / "eval.npz").values())
+    volumes = load_volumes(data, args.join_volumes)
     volumes, fixed = protocols(volumes, args.lengths_before + args.lengths_after, args, results)
     stream = np.load(data / "train.npy")
     model, tokenizer = load_model(gguf_path(args.gguf), torch.float32, device)
@@ -436,6 +442,7 @@ def main(argv=None) -> None:
     r.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"],
                    help="first: last quarter of the first L tokens (ppl); fixed: the same tokens at every L (ppl_fixed)")
     r.add_argument("--ppl-score-tokens", type=int, default=4096, help="S of the fixed protocol (at most max(lengths) / 4)")
+    r.add_argument("--join-volumes", type=int, default=1, help="concatenate this many eval volumes (~140k tokens each) per document")
     r.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="default: every evaluated length")
     r.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time")
     r.add_argument("--reserve-s", type=float, default=150.0, help="time kept for evaluation after training")
@@ -449,6 +456,7 @@ def main(argv=None) -> None:
     e.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     e.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"])
     e.add_argument("--ppl-score-tokens", type=int, default=4096)
+    e.add_argument("--join-volumes", type=int, default=1)
     e.add_argument("--budget-s", type=float, default=3600.0)
     args = parser.parse_args(argv)
     if args.command == "evaluate":
