@@ -198,7 +198,7 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
-    cfg = _Config(0, 1 << 20, 1) if _INTERPRET else _Config(1, 16384, 8)
+    cfg = _Config(0, 1 << 20, 1) if _INTERPRET else _Config(1, 4096, 8)  # tile swept on the H200 (benchmarks/NOTES.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 
