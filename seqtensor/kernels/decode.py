@@ -125,12 +125,12 @@ def _decode_partial_kernel(
             else:
                 v_head = Vals[hop] + b * stride_vals[4 * hop] + heads[:, None, None] * stride_vals[4 * hop + 1]
             v_head += offs_dv[None, None, :] * stride_vals[4 * hop + 3]
-            lo = split * SPAN[hop]
+            lo = split.to(tl.int64) * SPAN[hop]
             hi = tl.minimum(a + 1, lo + SPAN[hop])
             if split == SPLITS[hop] - 1:
                 hi = a + 1
             if split >= SPLITS[hop]:
-                hi = lo * 0
+                hi = lo
             for c in range(lo, hi, BLOCK_B[hop]):
                 if SUMMARY and hop > 0:  # fibre and summary keys of the same b interleaved
                     j = tl.arange(0, 2 * BLOCK_B[hop])
