@@ -31,6 +31,11 @@ from ..positional import PositionalScheme, TensorRoPE
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
 
 
+def _work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The working precision: ``compute_dtype`` if given, else float32 for half inputs."""
+    return compute_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+
+
 def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None, pairs: bool = False):
     """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions.
 
@@ -40,8 +45,7 @@ def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dty
     """
     B, H, _, d = q.shape
     Hkv = k.shape[1]
-    work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    work = work if compute_dtype is None else compute_dtype
+    work = _work_dtype(q.dtype, compute_dtype)
     valid = torch.zeros(B, N, dtype=torch.bool, device=q.device)
     valid[:, :n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
 
@@ -84,8 +88,8 @@ def fibre_attention_reference(
     m, N = len(dims), math.prod(dims)
     hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    work = compute_dtype or (q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32)
-    complex_rotary = isinstance(hop_positional, TensorRoPE) and work in (torch.float32, torch.float64)
+    # TensorRoPE as a complex multiply needs complex64/128, i.e. a float32/64 working precision
+    complex_rotary = isinstance(hop_positional, TensorRoPE) and _work_dtype(q.dtype, compute_dtype) in (torch.float32, torch.float64)
     qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype, complex_rotary)
     # States stay (B, Hkv, G|1, n_1, ..., n_m, e) between hops (a permuted view, no copy back).
     qg, kg, vg, valid = qg.unflatten(3, dims), kg.unflatten(3, dims), vg.unflatten(3, dims), valid.unflatten(1, dims)
