@@ -39,8 +39,8 @@ def _work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.
 def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None, pairs: bool = False):
     """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions.
 
-    ``pairs`` reorders q's and k's head dim from rotary halves to (x1_0, x2_0, x1_1, ...) in the
-    same copy, so a hop's rotation is one complex multiply; scores are unchanged because q and k
+    ``pairs`` reorders q's and k's head dim from rotary halves to interleaved pairs (x1_0, x2_0,
+    x1_1, ...), so a hop's rotation is one complex multiply; scores are unchanged because q and k
     move alike.
     """
     B, H, _, d = q.shape
