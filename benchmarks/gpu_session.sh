@@ -11,6 +11,7 @@
 #   PART=2 bash benchmarks/gpu_session.sh 240                   (decode configs, profile, 16k, flex)
 #   PART=4 bash benchmarks/gpu_session.sh 560                   (one GPU: autotune tests + timings, forecasts)
 #   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
+#   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels of f5e5c6f)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py)
 set -u
@@ -124,6 +125,15 @@ forecast7() {  # look-back 2,048, patch 1, SwiGLU width 176: week x day fold and
     cp benchmarks/results/forecast_cuda_mlp176_s*.json "$R/" 2>/dev/null
 }
 
+queue8() {  # next session: the split (flash-decoding) decode kernels of commit f5e5c6f, tests then the graphed sweep
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    git checkout f5e5c6f -- seqtensor/kernels/decode.py seqtensor/adapters/text_cache.py tests/test_decode_kernel.py \
+        tests/test_kernels_gpu.py benchmarks/llm_e2e.py
+    job gpu_decode_tests 150 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k decode
+    job decode_split 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 32768:1 --decode-steps 6 --decode-sweep \
+        --out "$R/llm_e2e_decode_split_h200.json"
+}
+
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
     export CUDA_VISIBLE_DEVICES=$1 GPU=$1
     job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
@@ -139,6 +149,7 @@ case "${PART:-1}" in
     5) queue5 ;;
     6) queue6 ;;
     7) forecast7 & queue7 ;;
+    8) queue8 ;;
     *) queue0 & queue1 & ;;
 esac
 wait
