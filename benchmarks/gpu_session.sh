@@ -125,10 +125,10 @@ forecast7() {  # look-back 2,048, patch 1, SwiGLU width 176: week x day fold and
     cp benchmarks/results/forecast_cuda_mlp176_s*.json "$R/" 2>/dev/null
 }
 
-queue8() {  # next session: the split (flash-decoding) decode kernels of commit f5e5c6f, tests then the graphed sweep
+queue8() {  # next session: the split (flash-decoding) decode kernels, tests then the graphed sweep; check them out
+    # here first (the device copy may have no .git): git checkout f5e5c6f -- seqtensor/kernels/decode.py \
+    #   seqtensor/adapters/text_cache.py tests/test_decode_kernel.py tests/test_kernels_gpu.py benchmarks/llm_e2e.py
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    git checkout f5e5c6f -- seqtensor/kernels/decode.py seqtensor/adapters/text_cache.py tests/test_decode_kernel.py \
-        tests/test_kernels_gpu.py benchmarks/llm_e2e.py
     job gpu_decode_tests 150 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k decode
     job decode_split 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 32768:1 --decode-steps 6 --decode-sweep \
         --out "$R/llm_e2e_decode_split_h200.json"
