@@ -32,13 +32,18 @@ __all__ = [
 ]
 
 
+def _angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """Rotary angles ``positions x inv_freq``: (..., L) -> (..., L, d/2) in ``dtype``."""
+    return positions.to(dtype).unsqueeze(-1) * inv_freq.to(device=device, dtype=dtype)
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
     """Rotary embedding of ``x`` (..., L, d) at ``positions`` broadcastable to (..., L).
 
     Angles are computed in float32 (float64 for float64 inputs) and the result cast back.
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    angles = positions.to(work).unsqueeze(-1) * inv_freq.to(device=x.device, dtype=work)  # (..., L, d/2)
+    angles = _angles(positions, inv_freq, work, x.device)  # (..., L, d/2)
     cos = torch.cos(angles) * mscale
     sin = torch.sin(angles) * mscale
     x1, x2 = x.to(work).chunk(2, dim=-1)
@@ -90,7 +95,7 @@ class TensorRoPE(PositionalScheme):
     def phase(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rotation as unit complex numbers (len(positions), d/2) for real ``dtype`` float32/64:
         ``view_as_complex`` of interleaved pairs (x1_i, x2_i) times it equals ``hop``."""
-        angles = positions.to(dtype).unsqueeze(-1) * self.inv_freq.to(device=positions.device, dtype=dtype)
+        angles = _angles(positions, self.inv_freq, dtype, positions.device)
         return torch.polar(torch.ones_like(angles), angles)
 
     def extra_repr(self) -> str:

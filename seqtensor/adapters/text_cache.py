@@ -69,6 +69,7 @@ import torch
 from .._validation import check
 from ..attention import tensorized_attention
 from ..folds import Fold
+from ..kernels.reference import work_dtype
 from ..positional import PositionalScheme
 
 __all__ = ["CausalFold", "LayerCache", "StepPlan", "block_levels", "quantize_rows", "dequantize_rows"]
@@ -138,10 +139,6 @@ class CausalFold:
         while math.prod(dims) < length:
             dims = (min(dims[0], -(-length // math.prod(dims))),) + dims
         return cls(dims)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +344,7 @@ class LayerCache:
     def _plan_hops(self, first, offset, max_length: int, L: int, dtype: torch.dtype) -> list[dict]:
         """The hops of ``plan`` for the state (length ``first``, ``offset``) it was asked for: layers
         that already stepped have moved on, so a plan built late must not read ``self.length``."""
-        work = _work_dtype(dtype)
+        work = work_dtype(dtype)
         t = first[:, None] + torch.arange(L, device=first.device)  # (B, L)
         hops = []
         for hop in range(self.fold.order):
@@ -400,7 +397,7 @@ class LayerCache:
         if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
             return self._step_kernel(decode, q, k_all, v_all)
         Hkv, G = k_all.shape[1], H // k_all.shape[1]
-        work = _work_dtype(q.dtype)
+        work = work_dtype(q.dtype)
         plan = self.plan(L, q.dtype) if plan is None else plan
         t = self.length[:, None] + torch.arange(L, device=q.device)  # (B, L)
         self._grow_top(self.max_length + L - 1)

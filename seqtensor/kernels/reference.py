@@ -31,8 +31,9 @@ from ..positional import PositionalScheme, TensorRoPE
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
 
 
-def _work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
-    """The working precision: ``compute_dtype`` if given, else float32 for half inputs."""
+def work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The working precision: ``compute_dtype`` if given, else float32 for half inputs (also the
+    decode cache's, ``adapters.text_cache``)."""
     return compute_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
 
 
@@ -45,7 +46,7 @@ def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dty
     """
     B, H, _, d = q.shape
     Hkv = k.shape[1]
-    work = _work_dtype(q.dtype, compute_dtype)
+    work = work_dtype(q.dtype, compute_dtype)
     valid = torch.zeros(B, N, dtype=torch.bool, device=q.device)
     valid[:, :n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
 
@@ -89,7 +90,7 @@ def fibre_attention_reference(
     hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # TensorRoPE as a complex multiply needs complex64/128, i.e. a float32/64 working precision
-    complex_rotary = isinstance(hop_positional, TensorRoPE) and _work_dtype(q.dtype, compute_dtype) in (torch.float32, torch.float64)
+    complex_rotary = isinstance(hop_positional, TensorRoPE) and work_dtype(q.dtype, compute_dtype) in (torch.float32, torch.float64)
     qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype, complex_rotary)
     # States stay (B, Hkv, G|1, n_1, ..., n_m, e) between hops (a permuted view, no copy back).
     qg, kg, vg, valid = qg.unflatten(3, dims), kg.unflatten(3, dims), vg.unflatten(3, dims), valid.unflatten(1, dims)
