@@ -89,10 +89,9 @@ def graphed(row: dict, key: str, fn, device, reps: int) -> None:
 
 
 # Decode-kernel configs (kernels.decode.CONFIG_OVERRIDE) timed by --decode-sweep in the graphed attention share.
-DECODE_SWEEP = {"warps4": {"num_warps": 4}, "warps2": {"num_warps": 2}, "tile32k": {"tile": 32768},
-                "tile32k_warps4": {"tile": 32768, "num_warps": 4}, "heads2": {"heads": 2},
-                "warps16": {"num_warps": 16}, "tile8k": {"tile": 8192}, "tile4k": {"tile": 4096},
-                "tile8k_warps16": {"tile": 8192, "num_warps": 16}, "tile4k_warps4": {"tile": 4096, "num_warps": 4}}
+DECODE_SWEEP = {"no_split": {"split_chunks": 0}, "split1": {"split_chunks": 1}, "split4": {"split_chunks": 4},
+                "tile8k": {"tile": 8192}, "tile2k_split1": {"tile": 2048, "split_chunks": 1}, "warps4": {"num_warps": 4},
+                "tile16k_no_split": {"tile": 16384, "split_chunks": 0}}
 
 
 def fold_for(n: int) -> tuple[int, ...]:

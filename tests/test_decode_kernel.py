@@ -158,6 +158,16 @@ def test_int8_top_level_kernel_equals_pytorch_path(dims):
     check(Case(dims, rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10), top_room=4, top_int8=True)
 
 
+def test_split_hops_with_int8_top_level_and_trimmed_values(monkeypatch):
+    """Hops split over programs (GPU layout) with the int8 top level and with V trimmed."""
+    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"heads": 1, "tile": 16, "split_chunks": 1})
+    case = Case((2, 3, 4), rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10)
+    check(case, top_room=4, top_int8=True)
+    want, _ = run(case, f64, kernel=False)
+    got, _ = run(case, f64, kernel=True, trim_v=True)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def test_int8_top_level_is_close_to_exact():
     """int8 rows with a per-row scale: outputs within ~1% of the exact cache's."""
     case = Case((2, 3, 4), rope=True, H=4, Hkv=2, prefill=(11, 23), steps=10)
@@ -200,9 +210,11 @@ def test_lower_precision(dtype):
     check(Case((2, 3, 4), rope=True, H=4, Hkv=2, d=16, prefill=(13, 7), steps=6), dtype)
 
 
-def test_gpu_config_one_head_per_program_and_chunked_hops(monkeypatch):
-    """The GPU layout (one head per program), with tiles so small that every hop loops over chunks."""
-    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"heads": 1, "tile": 16})
+@pytest.mark.parametrize("split_chunks", [0, 1, 2])
+def test_gpu_config_one_head_per_program_and_chunked_hops(monkeypatch, split_chunks):
+    """The GPU layout (one head per program), with tiles so small that every hop loops over chunks,
+    and hops split over programs (1-2 chunks each; splits left empty for short hops)."""
+    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"heads": 1, "tile": 16, "split_chunks": split_chunks})
     check(Case((3, 5), rope=True, H=4, Hkv=2, prefill=(14, 9), steps=8))
     check(Case((2, 3, 4), coverage="axial", H=2, Hkv=2, prefill=(17, 12), steps=4))
     check(Case((6,), H=2, Hkv=1, prefill=(5, 2), steps=5))

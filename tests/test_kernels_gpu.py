@@ -119,16 +119,17 @@ def check_gpu(case, dtype):
         assert err <= tol, f"{name}: error {err:.3e} > 2 x same-precision PyTorch {err_base:.3e}"
 
 
-@pytest.mark.parametrize("config", [{}, {"tile": 1024}], ids=["default", "small_tiles"])
+@pytest.mark.parametrize("config", [{}, {"tile": 1024, "split_chunks": 1}], ids=["default", "many_splits"])
 @pytest.mark.parametrize("top_int8", [False, True], ids=["native", "int8"])
 @pytest.mark.parametrize("coverage", ["full", "axial"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_decode_kernel_matches_float64(dtype, coverage, top_int8, config, monkeypatch):
-    """The one-launch decode kernel (seqtensor.kernels.decode) at a Llama-like shape, several steps.
+    """The decode kernels (seqtensor.kernels.decode) at a Llama-like shape, several steps.
 
     Same rule: its error is at most twice the PyTorch step's error in the same dtype, both against
     the float64 PyTorch step (all three with an int8 top level in the int8 cases). The kernel gets V
-    without the rows the text adapter drops. ``small_tiles``: 4-position chunks, so every hop loops.
+    without the rows the text adapter drops. ``many_splits``: 4-position chunks, one per program,
+    so every hop is split over several programs.
     """
     from seqtensor.kernels import decode
 

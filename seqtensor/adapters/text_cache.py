@@ -51,7 +51,7 @@ call's own tensors, and the rings are written once at the end, so no slot is ove
 it is read.
 
 One new token on CUDA (or on CPU under ``TRITON_INTERPRET=1``) runs ``kernels.decode``: all hops in
-one launch, key indices computed in the kernel, so the plan is never built (it is lazy). The
+two launches (partials, then their combine), key indices computed in the kernel, so the plan is never built (it is lazy). The
 PyTorch path here stays the oracle: ``DECODE_KERNEL = False`` or ``step(..., kernel=False)`` forces it,
 and it serves every call the kernel does not support (``decode.fallback_reason``).
 """
@@ -438,7 +438,7 @@ class LayerCache:
         return None if finest is None else max(0, self.stored - (finest - 1))
 
     def _step_kernel(self, decode, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
-        """One new token through ``kernels.decode``: one launch, which also advances ``length``."""
+        """One new token through ``kernels.decode`` (two launches), which also advances ``length``."""
         self._grow_top(self.max_length)
         key = (q.dtype, q.device)
         if key not in self._consts:
