@@ -13,7 +13,7 @@
 #   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
 #   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels of f5e5c6f)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
-#   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py)
+#   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
 BUDGET=${1:-480}
 R=${OUT:-/tmp/out}/r
@@ -134,10 +134,10 @@ queue8() {  # next session: the split (flash-decoding) decode kernels, tests the
         --out "$R/llm_e2e_decode_split_h200.json"
 }
 
-adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol)
-    export CUDA_VISIBLE_DEVICES=$1 GPU=$1
-    job "adapt_llm_$1" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
-        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_$1.json" $2
+adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol), run name $3
+    export CUDA_VISIBLE_DEVICES=$1 GPU=${3:-$1}
+    job "adapt_llm_${3:-$1}" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
+        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_${3:-$1}.json" $2
 }
 
 case "${PART:-1}" in
@@ -145,6 +145,7 @@ case "${PART:-1}" in
     2single) queue3; queue2 ;;  # one-GPU machine: both queues in turn on GPU 0
     3) adapt 0 "${ADAPT0:-}" & adapt 1 "${ADAPT1:-}" & ;;
     3single) adapt 0 "${ADAPT0:-}" ;;
+    3shared) adapt 0 "${ADAPT0:-}" a & adapt 0 "${ADAPT1:-}" b & ;;  # two small runs share one GPU
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
     6) queue6 ;;

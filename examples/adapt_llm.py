@@ -239,6 +239,36 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+class FoldMix(Callback):
+    """Train on a different fold each step (``--fold-mix``), drawn uniformly with a fixed seed.
+
+    Why: hops share q/k, so a fold grown past training (``CausalFold.extrapolating`` adds levels)
+    asks the model to compose more hops than it was trained on; folds of several orders in training
+    teach that composition. The switch happens after a step's backward, so gradient checkpointing
+    recomputes each step with the fold it ran with.
+    """
+
+    def __init__(self, model, folds: list[tuple[int, ...]], backend: str, positional: str, seed: int = 0) -> None:
+        self.model, self.folds, self.backend, self.positional = model, folds, backend, positional
+        self.rng = np.random.default_rng(seed)
+        self.counts = [0] * len(folds)
+        self.on_step_end(None, {})
+
+    def on_step_end(self, trainer, record) -> None:
+        i = int(self.rng.integers(len(self.folds)))
+        self.counts[i] += 1
+        tensorize(self.model, fold=self.folds[i], backend=self.backend, positional=self.positional)
+
+
+def parse_folds(specs: list[str], context: int) -> list[tuple[int, ...]]:
+    """``"2,4,2048"`` -> (2, 4, 2048); each must cover ``context`` exactly."""
+    folds = [tuple(int(d) for d in spec.split(",")) for spec in specs]
+    for fold in folds:
+        if math.prod(fold) != context:
+            raise SystemExit(f"--fold-mix {fold}: product {math.prod(fold)} != --train-context {context}")
+    return folds
+
+
 def pick_backend(model, fold, requested: str, results, length: int = 2048, positional: str = "tensor_rope") -> str:
     """``requested`` if a forward + backward through it works here, else the reference (recorded)."""
     device = next(model.parameters()).device
@@ -274,8 +304,14 @@ def continue_pretraining(model, stream, args, results, clock):
         log_every=max(1, args.steps // 20), progress=False, seed=0,
     )
     deadline = time.time() + max(0.0, clock.left() - args.reserve_s)
+    callbacks = [StopAt(deadline)]
+    if args.fold_mix:
+        mix = FoldMix(model, parse_folds(args.fold_mix, args.train_context), results["backend"], args.positional)
+        callbacks.append(mix)
     t0 = time.time()
-    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=[StopAt(deadline)]).fit(data)
+    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=callbacks).fit(data)
+    if args.fold_mix:  # saved with (and extrapolated from) the main fold
+        tensorize(model, fold=tuple(args.fold), backend=results["backend"], positional=args.positional)
     seconds = time.time() - t0
     model.eval()
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
@@ -288,6 +324,8 @@ def continue_pretraining(model, stream, args, results, clock):
         "tokens_per_s": round(steps * args.batch_size * args.train_context / max(seconds, 1e-9)),
         "loss": [(r["step"], round(r["loss"], 4)) for r in trainer.history_ if "loss" in r],
     }
+    if args.fold_mix:
+        results["training"]["fold_mix"] = {spec: n for spec, n in zip(args.fold_mix, mix.counts)}
     print(f"trained {steps} steps in {seconds:.0f} s, last loss {results['training']['loss'][-1:]}", flush=True)
     clock.save(results)
     return model
@@ -431,6 +469,8 @@ def main(argv=None) -> None:
     r.add_argument("--positional", default="tensor_rope", choices=["tensor_rope", "rope"],
                    help="tensor_rope: per-hop local positions (extrapolates); rope: the model's own global RoPE "
                         "(starts closer to the stock model: untrained ppl 257 vs 866 at 2k on CPU, NOTES)")
+    r.add_argument("--fold-mix", nargs="*", default=[], metavar="DIMS",
+                   help='train on these folds (e.g. "8,2048" "2,2,2,2048"), one drawn per step; --fold stays the saved one')
     r.add_argument("--train-context", type=int, default=16384)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--batch-size", type=int, default=1)
@@ -467,6 +507,7 @@ def main(argv=None) -> None:
         return
     if args.smoke:
         args.fold, args.train_context, args.steps = [2, 4, 16], 128, 2
+        args.fold_mix = ["2,4,16", "2,2,2,16"] if args.fold_mix else []
         args.lengths_before, args.lengths_after, args.passkey_lengths = [128, 256], [128, 256, 512], [128]
         args.reserve_s, args.precision = 0.0, "auto"
     run(args)
