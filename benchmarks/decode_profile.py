@@ -79,8 +79,11 @@ def main() -> None:
             end = state.stored + 1
             state.step(q, k[:, :, :end], v[:, :, :end])
 
-        row = {"kernels_us": kernel_times(layer_step, args.reps)}
-        row["graph_ms"] = graph_ms(lambda: [layer_step() for _ in range(args.layers)], dev, args.reps)
+        try:
+            row = {"kernels_us": kernel_times(layer_step, args.reps)}
+            row["graph_ms"] = graph_ms(lambda: [layer_step() for _ in range(args.layers)], dev, args.reps)
+        except Exception as err:  # noqa: BLE001 - a config that does not compile: record and go on
+            row = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(name, json.dumps(row), flush=True)
         result["configs"][name] = row
     decode.CONFIG_OVERRIDE.clear()
