@@ -29,8 +29,10 @@ from seqtensor.adapters.text_cache import CausalFold, LayerCache  # noqa: E402
 from seqtensor.kernels import decode  # noqa: E402
 from seqtensor.positional import TensorRoPE  # noqa: E402
 
-CONFIGS = {"default": {}, "warps4": {"num_warps": 4}, "warps2": {"num_warps": 2}, "heads4": {"heads": 4},
-           "heads4_warps4": {"heads": 4, "num_warps": 4}, "split1_warps4": {"split_chunks": 1, "num_warps": 4}}
+# "rope": False drops the rotation (LayerCache without a positional scheme): what its sin/cos cost.
+CONFIGS = {"default": {}, "no_rope": {"rope": False}, "split1": {"split_chunks": 1}, "tile2k_split1": {"tile": 2048, "split_chunks": 1},
+           "tile8k_split1": {"tile": 8192, "split_chunks": 1}, "warps16": {"num_warps": 16}, "combine_warps1": {"combine_warps": 1},
+           "combine_warps4": {"combine_warps": 4}, "warps4": {"num_warps": 4}}
 
 
 @triton.jit
@@ -70,8 +72,10 @@ def main() -> None:
     result["graph_floor_ms"] = graph_ms(lambda: [_empty_kernel[(32,)](x) for _ in range(2 * args.layers)], dev, args.reps)
     for name in args.configs:
         decode.CONFIG_OVERRIDE.clear()
-        decode.CONFIG_OVERRIDE.update(CONFIGS[name])
-        state = LayerCache(fold, coverage="full", positional=rope, scale=d**-0.5, length=torch.full((B,), n, device=dev),
+        override = dict(CONFIGS[name])
+        with_rope = override.pop("rope", True)
+        decode.CONFIG_OVERRIDE.update(override)
+        state = LayerCache(fold, coverage="full", positional=rope if with_rope else None, scale=d**-0.5, length=torch.full((B,), n, device=dev),
                            offset=torch.zeros(B, dtype=torch.long, device=dev), stored=n,
                            levels=[torch.randn(B, H, n, d, device=dev, dtype=dt) for _ in range(fold.order - 1)])
 

@@ -150,18 +150,7 @@ def _decode_partial_kernel(
                 k_ptr = k_head + ((off + u) * stride_kt)[None, :, None]
                 k1 = tl.load(k_ptr, mask=ok[None, :, None] & k1_ok, other=0.0).to(ACC)  # (HEADS, keys, BLOCK_DH)
                 k2 = tl.load(k_ptr + D1 * stride_kd, mask=ok[None, :, None] & k2_ok, other=0.0).to(ACC)
-                if ROPE:  # rotate by the key's position relative to the query's: b - a
-                    ang = (pos - a).to(ACC)[:, None] * inv[None, :]
-                    cos = tl.cos(ang)[None, :, :]
-                    sin = tl.sin(ang)[None, :, :]
-                    k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
-                sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
-                sc = tl.where(ok[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep l and acc at 0
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(sc - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                # V is loaded before the scores need it: both HBM reads in flight at once
                 if hop == 0:
                     v_ptr = v_head + ((off + u - v_shift) * stride_vals[2])[None, :, None]
                     v = tl.load(v_ptr, mask=ok[None, :, None] & dv_ok, other=0.0).to(ACC)
@@ -175,6 +164,18 @@ def _decode_partial_kernel(
                         s_ptr = TopScale + b * stride_sb + heads[:, None] * stride_sh + row[None, :]
                         row_scales = tl.load(s_ptr, mask=h_ok[:, None] & ok[None, :], other=0.0)
                         v = (v.to(tl.float32) * row_scales[:, :, None]).to(ACC)
+                if ROPE:  # rotate by the key's position relative to the query's: b - a
+                    ang = (pos - a).to(ACC)[:, None] * inv[None, :]
+                    cos = tl.cos(ang)[None, :, :]
+                    sin = tl.sin(ang)[None, :, :]
+                    k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+                sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
+                sc = tl.where(ok[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep l and acc at 0
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(sc - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
                 m_i = m_new
 
@@ -269,6 +270,7 @@ class _Config:
     tile: int  # max heads x key lanes x head-dim lanes of one key or value tile (registers)
     num_warps: int  # warps per program
     split_chunks: int  # chunks of hop positions per program of the partial kernel (0: one program per hop)
+    combine_warps: int  # warps per program of the combine kernel (tiny tensors: more warps only add barriers)
 
 
 # Benchmarks set fields here (e.g. {"num_warps": 4}) to compare configs without editing _config.
@@ -277,7 +279,7 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
-    cfg = _Config(0, 1 << 20, 1, 0) if _INTERPRET else _Config(1, 4096, 8, 2)  # tile swept on the H200 (benchmarks/NOTES.md)
+    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 8, 2, 2)  # tile swept on the H200 (benchmarks/NOTES.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 
@@ -371,19 +373,20 @@ def decode_step(
     scales = top_scale if int8 else consts  # any tensor: not read without TOP_INT8
     stride_sb, stride_sh = (top_scale.stride(0), top_scale.stride(1)) if int8 else (0, 0)
     common = dict(M=m, D1=D1, D2=D2, NDV=dv, ROPE=rope, TOP_INT8=int8, HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv,
-                  ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=cfg.num_warps)  # fmt: skip
+                  ACC=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
     programs = B * triton.cdiv(H, heads)
     val_strides = tuple(s for x in vals for s in x.stride())
     _decode_partial_kernel[(programs, m, max(splits))](
         q, k, vals, part, length, offset, consts, scales,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
         stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
-        W=W, R=R, BLOCK_B=tuple(blocks), SPAN=tuple(spans), SPLITS=tuple(splits), SUMMARY=summary, **common,
+        W=W, R=R, BLOCK_B=tuple(blocks), SPAN=tuple(spans), SPLITS=tuple(splits), SUMMARY=summary,
+        num_warps=cfg.num_warps, **common,
     )  # fmt: skip
     _decode_combine_kernel[(programs,)](
         q, k, vals, part, out, length, new_length, offset, consts, scales,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
         out.stride(0), out.stride(1), out.stride(3), stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
-        W=W, R=R, SPLITS=tuple(splits), **common,
+        W=W, R=R, SPLITS=tuple(splits), num_warps=cfg.combine_warps, **common,
     )  # fmt: skip
     return out, new_length
