@@ -30,9 +30,8 @@ from seqtensor.kernels import decode  # noqa: E402
 from seqtensor.positional import TensorRoPE  # noqa: E402
 
 # "rope": False drops the rotation (LayerCache without a positional scheme): what its sin/cos cost.
-CONFIGS = {"default": {}, "no_rope": {"rope": False}, "split1": {"split_chunks": 1}, "tile2k_split1": {"tile": 2048, "split_chunks": 1},
-           "tile8k_split1": {"tile": 8192, "split_chunks": 1}, "warps16": {"num_warps": 16}, "combine_warps1": {"combine_warps": 1},
-           "combine_warps4": {"combine_warps": 4}, "warps4": {"num_warps": 4}}
+CONFIGS = {"default": {}, "no_rope": {"rope": False}, "split2": {"split_chunks": 2}, "combine_warps1": {"combine_warps": 1},
+           "tile2k": {"tile": 2048}, "tile8k": {"tile": 8192}, "warps4": {"num_warps": 4}}
 
 
 @triton.jit

@@ -45,6 +45,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this to fill the output with NaN first (catches unwritten elements).
 POISON = False
 _MAX_HEAD_DIM = 256
+# Rows of the rotation table in ``decode_constants``: chunks of at most this many positions rotate
+# their keys with it (angle-sum rule) instead of a sin and cos per key and frequency.
+_ROPE_TABLE = 64
 
 
 @triton.jit
@@ -79,7 +82,7 @@ def _decode_partial_kernel(
     stride_sb, stride_sh, stride_pb, stride_ph, stride_pm, stride_ps, H, G, v_shift,
     W: tl.constexpr, R: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, SPLITS: tl.constexpr,
     M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, SUMMARY: tl.constexpr,
-    ROPE: tl.constexpr, TOP_INT8: tl.constexpr,
+    ROPE: tl.constexpr, TOP_INT8: tl.constexpr, ROPE_TABLE: tl.constexpr,
     HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Hop ``program_id(1)``, positions ``[split * SPAN, (split + 1) * SPAN)`` with split ``program_id(2)``:
@@ -165,9 +168,22 @@ def _decode_partial_kernel(
                         row_scales = tl.load(s_ptr, mask=h_ok[:, None] & ok[None, :], other=0.0)
                         v = (v.to(tl.float32) * row_scales[:, :, None]).to(ACC)
                 if ROPE:  # rotate by the key's position relative to the query's: b - a
-                    ang = (pos - a).to(ACC)[:, None] * inv[None, :]
-                    cos = tl.cos(ang)[None, :, :]
-                    sin = tl.sin(ang)[None, :, :]
+                    if BLOCK_B[hop] <= ROPE_TABLE:
+                        # angle (c - a) + j: sin/cos of the chunk's first angle, then the angle-sum rule with
+                        # the table of j (sin/cos per key and frequency was ~25% of this kernel's time)
+                        first = (c - a).to(ACC) * inv
+                        cos_c = tl.cos(first)[None, :]
+                        sin_c = tl.sin(first)[None, :]
+                        tab = Consts + 1 + D1 + (pos - c)[:, None] * D1 + offs_h[None, :]
+                        in_d = offs_h[None, :] < D1
+                        cos_j = tl.load(tab, mask=in_d, other=1.0)
+                        sin_j = tl.load(tab + ROPE_TABLE * D1, mask=in_d, other=0.0)
+                        cos = (cos_c * cos_j - sin_c * sin_j)[None, :, :]
+                        sin = (sin_c * cos_j + cos_c * sin_j)[None, :, :]
+                    else:
+                        ang = (pos - a).to(ACC)[:, None] * inv[None, :]
+                        cos = tl.cos(ang)[None, :, :]
+                        sin = tl.sin(ang)[None, :, :]
                     k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
                 sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
                 sc = tl.where(ok[None, :], sc, float("-inf"))
@@ -279,7 +295,7 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
-    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 8, 2, 2)  # tile swept on the H200 (benchmarks/NOTES.md)
+    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 8, 1, 2)  # swept on the H200 (benchmarks/NOTES.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 
@@ -306,12 +322,17 @@ def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positiona
 
 
 def decode_constants(scale: float, inv_freq: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
-    """[scale, inv_freq...] in the kernel's accumulator dtype: a tensor, so fp64 keeps its precision
-    (a Python float argument would reach the kernel as fp32). Build once per layer and dtype."""
+    """[scale, inv_freq, cos table, sin table] in the kernel's accumulator dtype: a tensor, so fp64
+    keeps its precision (a Python float argument would reach the kernel as fp32). The tables hold
+    cos / sin(j * inv_freq) for j < ``_ROPE_TABLE`` (rows of len(inv_freq)), computed in fp64.
+    Build once per layer and dtype."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     head = torch.tensor([scale], dtype=work)
-    tail = torch.empty(0, dtype=work) if inv_freq is None else inv_freq.detach().to("cpu", work)
-    return torch.cat([head, tail]).to(device)
+    if inv_freq is None:
+        return head.to(device)
+    inv = inv_freq.detach().to("cpu", torch.float64)
+    angles = torch.arange(_ROPE_TABLE, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([head, inv.to(work), angles.cos().flatten().to(work), angles.sin().flatten().to(work)]).to(device)
 
 
 def decode_step(
@@ -381,7 +402,7 @@ def decode_step(
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
         stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
         W=W, R=R, BLOCK_B=tuple(blocks), SPAN=tuple(spans), SPLITS=tuple(splits), SUMMARY=summary,
-        num_warps=cfg.num_warps, **common,
+        ROPE_TABLE=_ROPE_TABLE, num_warps=cfg.num_warps, **common,
     )  # fmt: skip
     _decode_combine_kernel[(programs,)](
         q, k, vals, part, out, length, new_length, offset, consts, scales,
