@@ -30,8 +30,8 @@ from seqtensor.kernels import decode  # noqa: E402
 from seqtensor.positional import TensorRoPE  # noqa: E402
 
 # "rope": False drops the rotation (LayerCache without a positional scheme): what its sin/cos cost.
-CONFIGS = {"default": {}, "no_rope": {"rope": False}, "split2": {"split_chunks": 2}, "combine_warps1": {"combine_warps": 1},
-           "tile2k": {"tile": 2048}, "tile8k": {"tile": 8192}, "warps4": {"num_warps": 4}}
+CONFIGS = {"default": {}, "no_rope": {"rope": False}, "warps8": {"num_warps": 8}, "warps2": {"num_warps": 2},
+           "combine_warps2": {"combine_warps": 2}, "split2": {"split_chunks": 2}, "tile8k": {"tile": 8192}}
 
 
 @triton.jit

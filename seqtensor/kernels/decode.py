@@ -295,7 +295,7 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
-    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 8, 1, 2)  # swept on the H200 (benchmarks/NOTES.md)
+    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 4, 1, 1)  # swept on the H200 (benchmarks/NOTES.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 
