@@ -378,3 +378,31 @@ def test_smollm2_real_weights():
         cached = model.generate(**prompt, max_new_tokens=6, do_sample=False)
         uncached = model.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_adapt_llm_fold_mix_switches_the_fold_each_step():
+    """examples/adapt_llm.py --fold-mix: each step end draws a fold, and the model then computes exactly
+    what a model tensorized with that fold computes; folds that miss the context are refused."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
+    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folds = example.parse_folds(["2,4,4", "2,2,2,4"], 32)
+    assert folds == [(2, 4, 4), (2, 2, 2, 4)]
+    with pytest.raises(SystemExit, match="product 24"):
+        example.parse_folds(["2,3,4"], 32)
+
+    model, fresh = _model().eval(), _model().eval()
+    ids = _ids(1, 32)
+    mix = example.FoldMix(model, folds, "reference", "tensor_rope", seed=0)
+    seen = set()
+    for _ in range(12):
+        mix.on_step_end(None, {})
+        fold = tuple(model.config.seqtensor["fold"])
+        seen.add(fold)
+        tensorize(fresh, fold=fold, backend="reference")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+    assert seen == set(folds) and sum(mix.counts) == 13
