@@ -106,6 +106,10 @@ def load_model(path: Path, dtype: torch.dtype, device: str):
     return model.to(device).eval(), tokenizer
 
 
+# The before stage: stock RoPE, transformers' RoPE scalings x4 (from SmolLM2's 8k), tensorized untrained.
+BEFORE_VARIANTS = ("stock", "yarn_x4", "linear_x4", "tensorized_untrained")
+
+
 def with_rope_scaling(model, rope_type: str | None, factor: float = 4.0):
     """Stock model with transformers' RoPE scaling (YaRN / linear), or back to the default (None)."""
     config, original = model.config, 8192
@@ -406,13 +410,16 @@ def run(args) -> None:
     keys = set(before + after) if args.passkey_lengths is None else set(args.passkey_lengths)
 
     if "before" in args.stages:
-        evaluate(model, tokenizer, volumes, before, keys, "stock", results, clock, fixed)
-        with_rope_scaling(model, "yarn", 4.0)
-        evaluate(model, tokenizer, volumes, before, keys, "yarn_x4", results, clock, fixed)
-        with_rope_scaling(model, None)
-        tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
-        evaluate(model, tokenizer, volumes, before, keys, "tensorized_untrained", results, clock, fixed)
-        untensorize(model)
+        for variant in args.before_variants:
+            if variant == "tensorized_untrained":
+                tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
+            elif variant != "stock":
+                with_rope_scaling(model, variant.removesuffix("_x4"), 4.0)
+            evaluate(model, tokenizer, volumes, before, keys, variant, results, clock, fixed)
+            if variant == "tensorized_untrained":
+                untensorize(model)
+            elif variant != "stock":
+                with_rope_scaling(model, None)
 
     if "train" in args.stages and clock.left() > args.reserve_s + 30:
         model.to(torch.float32)  # fp32 master weights; the trainer autocasts to bf16
@@ -434,7 +441,7 @@ def run(args) -> None:
 
 
 def print_table(results) -> None:
-    order = ("stock", "yarn_x4", "tensorized_untrained", "tensorized_trained", "tensorized_trained_grow_coarsest")
+    order = (*BEFORE_VARIANTS, "tensorized_trained", "tensorized_trained_grow_coarsest")
     labels = [k for k in order if k in results]
     lengths = sorted({int(L) for k in labels for L in results[k]})
     for key, title in (("ppl", "ppl: last quarter of the first L tokens (passkey)"),
@@ -477,6 +484,8 @@ def main(argv=None) -> None:
     r.add_argument("--lr", type=float, default=3e-4)
     r.add_argument("--precision", default="bf16")
     r.add_argument("--backend", default="auto", help="tensorized-attention backend (falls back to the reference if it fails)")
+    r.add_argument("--before-variants", nargs="+", default=list(BEFORE_VARIANTS), choices=BEFORE_VARIANTS,
+                   help="models measured by the before stage")
     r.add_argument("--lengths-before", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     r.add_argument("--lengths-after", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
     r.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"],
