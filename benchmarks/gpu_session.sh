@@ -11,7 +11,7 @@
 #   PART=2 bash benchmarks/gpu_session.sh 240                   (decode configs, profile, 16k, flex)
 #   PART=4 bash benchmarks/gpu_session.sh 560                   (one GPU: autotune tests + timings, forecasts)
 #   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
-#   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels of f5e5c6f)
+#   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
@@ -125,9 +125,8 @@ forecast7() {  # look-back 2,048, patch 1, SwiGLU width 176: week x day fold and
     cp benchmarks/results/forecast_cuda_mlp176_s*.json "$R/" 2>/dev/null
 }
 
-queue8() {  # next session: the split (flash-decoding) decode kernels, tests then the graphed sweep; check them out
-    # here first (the device copy may have no .git): git checkout f5e5c6f -- seqtensor/kernels/decode.py \
-    #   seqtensor/adapters/text_cache.py tests/test_decode_kernel.py tests/test_kernels_gpu.py benchmarks/llm_e2e.py
+queue8() {  # session 7: the split (flash-decoding) decode kernels, tests then the graphed sweep
+    # (then benchmarks/decode_profile.py for per-kernel times)
     export CUDA_VISIBLE_DEVICES=0 GPU=0
     job gpu_decode_tests 150 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k decode
     job decode_split 150 python3 benchmarks/llm_e2e.py --lengths --decode 131072:1 32768:1 --decode-steps 6 --decode-sweep \
