@@ -200,6 +200,12 @@ def test_order_four_and_long_top_hop():
     check(Case((3, 2, 2, 2), H=2, Hkv=1, prefill=(20, 13), steps=8))
 
 
+def test_rope_table_rows_in_chunks_of_a_long_top_hop():
+    """A top hop of ~80 positions with RoPE: chunks capped at the rotation table's 64 rows, so keys
+    64+ positions before the query are rotated from a chunk start other than 0 (angle-sum rule)."""
+    check(Case((2, 2), rope=True, H=2, Hkv=1, prefill=(150, 137), steps=12))
+
+
 def test_odd_head_dims_and_value_dim():
     check(Case((3, 4), H=2, Hkv=1, d=5, dv=7, prefill=(6, 3), steps=6))
     check(Case((3, 4), rope=True, H=2, Hkv=2, d=6, dv=3, prefill=(6, 3), steps=6))

@@ -45,8 +45,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this to fill the output with NaN first (catches unwritten elements).
 POISON = False
 _MAX_HEAD_DIM = 256
-# Rows of the rotation table in ``decode_constants``: chunks of at most this many positions rotate
-# their keys with it (angle-sum rule) instead of a sin and cos per key and frequency.
+# Rows of the rotation table in ``decode_constants``; with RoPE, chunks hold at most this many
+# positions and rotate their keys with it (angle-sum rule) instead of a sin and cos per key and frequency.
 _ROPE_TABLE = 64
 
 
@@ -167,23 +167,18 @@ def _decode_partial_kernel(
                         s_ptr = TopScale + b * stride_sb + heads[:, None] * stride_sh + row[None, :]
                         row_scales = tl.load(s_ptr, mask=h_ok[:, None] & ok[None, :], other=0.0)
                         v = (v.to(tl.float32) * row_scales[:, :, None]).to(ACC)
-                if ROPE:  # rotate by the key's position relative to the query's: b - a
-                    if BLOCK_B[hop] <= ROPE_TABLE:
-                        # angle (c - a) + j: sin/cos of the chunk's first angle, then the angle-sum rule with
-                        # the table of j (sin/cos per key and frequency was ~25% of this kernel's time)
-                        first = (c - a).to(ACC) * inv
-                        cos_c = tl.cos(first)[None, :]
-                        sin_c = tl.sin(first)[None, :]
-                        tab = Consts + 1 + D1 + (pos - c)[:, None] * D1 + offs_h[None, :]
-                        in_d = offs_h[None, :] < D1
-                        cos_j = tl.load(tab, mask=in_d, other=1.0)
-                        sin_j = tl.load(tab + ROPE_TABLE * D1, mask=in_d, other=0.0)
-                        cos = (cos_c * cos_j - sin_c * sin_j)[None, :, :]
-                        sin = (sin_c * cos_j + cos_c * sin_j)[None, :, :]
-                    else:
-                        ang = (pos - a).to(ACC)[:, None] * inv[None, :]
-                        cos = tl.cos(ang)[None, :, :]
-                        sin = tl.sin(ang)[None, :, :]
+                if ROPE:  # rotate by the key's position relative to the query's: b - a = (c - a) + j
+                    # sin/cos of the chunk's first angle, then the angle-sum rule with the table of j
+                    # (BLOCK_B <= ROPE_TABLE; a sin and cos per key and frequency was ~25% of this kernel)
+                    first = (c - a).to(ACC) * inv
+                    cos_c = tl.cos(first)[None, :]
+                    sin_c = tl.sin(first)[None, :]
+                    tab = Consts + 1 + D1 + (pos - c)[:, None] * D1 + offs_h[None, :]
+                    in_d = offs_h[None, :] < D1
+                    cos_j = tl.load(tab, mask=in_d, other=1.0)
+                    sin_j = tl.load(tab + ROPE_TABLE * D1, mask=in_d, other=0.0)
+                    cos = (cos_c * cos_j - sin_c * sin_j)[None, :, :]
+                    sin = (sin_c * cos_j + cos_c * sin_j)[None, :, :]
                     k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
                 sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
                 sc = tl.where(ok[None, :], sc, float("-inf"))
@@ -376,6 +371,8 @@ def decode_step(
     for hop in range(m):
         count = R[hop] if R[hop] else max_length // W[hop] + 1  # hop positions b of the largest t
         cap = max(1, cfg.tile // (lanes * (2 if summary and hop else 1)))
+        if rope:  # chunks rotate their keys from the table of _ROPE_TABLE rows
+            cap = min(cap, _ROPE_TABLE)
         blocks.append(min(_pow2(count), 1 << (cap.bit_length() - 1)))  # a power of two <= cap
     # splits of each hop's positions over programs (flash-decoding): chunks of BLOCK_B per split
     counts = [R[hop] if R[hop] else max_length // W[hop] + 1 for hop in range(m)]
