@@ -31,7 +31,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,10 @@ class _Position:
     batch: int
     rng: dict[str, Any]  # global generators right after the step
     epoch_rng: dict[str, Any]  # global generators when the epoch's iterator was created (replayed on resume)
+    # While the work after a step or an epoch (logging, evaluation, callbacks) runs: the history length,
+    # early-stopping state, best weights and step stats from before it. A checkpoint written then
+    # (Ctrl-C, or a callback) stores these, and the resumed run redoes that work.
+    pending: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +377,7 @@ class Trainer:
         self.checkpoint_path_: Path | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
         self._stats: dict[str, float] = {}
+        self._redo_stats: dict[str, float] | None = None  # resumed inside a step's after-work: its stats
         self._updating = False
         # The random state after each step is snapshot (about 0.2 ms, NumPy's being slow) only when something
         # can need it: a checkpoint (periodic or Ctrl-C) or a callback whose RNG use must be undone.
@@ -390,7 +395,7 @@ class Trainer:
             atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
         self._bar = tqdm(
             total=self._total_steps,
-            initial=self.global_step_,
+            initial=self.global_step_ - (self._redo_stats is not None),
             disable=not (cfg.progress and main),
             desc="train",
             unit="step",
@@ -414,6 +419,10 @@ class Trainer:
         self._finish()
 
     def _train(self) -> None:
+        if self._redo_stats is not None:  # the checkpoint came during the last step's after-work: redo it
+            self._stats, self._redo_stats = self._redo_stats, None
+            if self._after_step():
+                return
         while not (self._done() or self._stopping.stopped):
             if self._batch == 0:
                 self._call("on_epoch_start", self.epoch_)
@@ -488,7 +497,7 @@ class Trainer:
         """Log, evaluate, call back and checkpoint after a step; True when training must stop."""
         cfg, step = self._cfg, self.global_step_
         if self._track_rng:
-            self._mark()
+            self._mark(pending=self._stats)
         record: dict[str, Any] = {"step": step, "epoch": self.epoch_}
         if step % cfg.log_every == 0:
             record.update(self._stats)
@@ -499,6 +508,8 @@ class Trainer:
             self._log(record)
         self._bar.update(1)
         self._call("on_step_end", record)
+        if self._track_rng:
+            self._position = replace(self._position, pending=None)
         if cfg.checkpoint_dir is not None and cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if self._track_rng:  # callbacks leave the training randomness as it was (evaluation restores its own)
@@ -507,6 +518,8 @@ class Trainer:
 
     def _end_epoch(self) -> bool:
         """Epoch-end evaluation and callbacks, then on to the next epoch; True when training must stop."""
+        if self._track_rng:  # a resumed run repeats the epoch end (its position is the epoch's last step)
+            self._position = replace(self._position, pending=self._snapshot(None))
         if self._val_loader is not None and self._cfg.eval_every is None:
             self._log({"step": self.global_step_, "epoch": self.epoch_, **self._evaluate_and_track()})
         self._call("on_epoch_end", self.epoch_)
@@ -590,10 +603,18 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device_)
         self._metric_sums: dict[str, torch.Tensor] = {}
 
-    def _mark(self) -> None:
-        """Record the resumable position: the step, the data position and the random state now."""
+    def _mark(self, pending: dict[str, float] | None = None) -> None:
+        """Record the resumable position: the step, the data position and the random state now.
+
+        ``pending``: the stats of the step whose after-work starts now (see ``_Position.pending``).
+        """
         rng = capture_rng(self.device_)
-        self._position = _Position(self.global_step_, self.epoch_, self._batch, rng, self._epoch_rng)
+        snapshot = None if pending is None else self._snapshot(pending)
+        self._position = _Position(self.global_step_, self.epoch_, self._batch, rng, self._epoch_rng, snapshot)
+
+    def _snapshot(self, stats: dict[str, float] | None) -> dict[str, Any]:
+        return {"history_len": len(self.history_), "early_stopping": self._stopping.state_dict(),
+                "best_model": self._best_state, "stats": stats}  # fmt: skip
 
     def _done(self) -> bool:
         cfg = self._cfg
@@ -678,6 +699,10 @@ class Trainer:
         optim = optimizer_state(self._wrapped, self._optimizer) if sharded or env.is_main else None
         if not env.is_main:
             return None
+        before = pos.pending or {  # the tracked state before the after-work in progress, if any
+            "history_len": len(self.history_), "early_stopping": self._stopping.state_dict(),
+            "best_model": self._best_state, "stats": None,
+        }  # fmt: skip
         return {
             "format": CHECKPOINT_FORMAT,
             "model": model,
@@ -691,9 +716,10 @@ class Trainer:
             "world_size": env.world_size,
             "strategy": self._strategy,
             "rng": rngs,
-            "early_stopping": self._stopping.state_dict(),
-            "best_model": self._best_state,
-            "history": list(self.history_),
+            "early_stopping": before["early_stopping"],
+            "best_model": before["best_model"],
+            "history": list(self.history_[: before["history_len"]]),
+            "redo_step_stats": before["stats"],  # not None: the resumed run redoes this step's after-work
             "trainer_config": cfg.to_dict(),
             "model_config": self._model_config,
             "fingerprint": self._fingerprint,
@@ -739,6 +765,7 @@ class Trainer:
         self._stopping.load_state_dict(state["early_stopping"])
         self._best_state = state["best_model"]
         self.history_ = list(state["history"])
+        self._redo_stats = state.get("redo_step_stats")
         self.global_step_, self.epoch_ = state["step"], state["epoch"]
         self._batch = batches_to_skip(
             state, batch_size=self._cfg.batch_size, world_size=self._env.world_size, epoch_len=self._epoch_len

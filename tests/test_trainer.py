@@ -349,6 +349,49 @@ def test_ctrl_c_mid_accumulation_saves_and_resumes_exactly(tmp_path):
     assert torch.equal(flat(resumed.model), flat(straight.model))
 
 
+class InterruptOnce(Callback):
+    """Ctrl-C from inside the after-work of step ``step``: its evaluation or its step-end callback."""
+
+    def __init__(self, hook: str, step: int) -> None:
+        self.hook, self.step, self.armed = hook, step, True
+
+    def _maybe(self, trainer, hook: str) -> None:
+        if self.armed and hook == self.hook and trainer.global_step_ == self.step:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def on_eval_end(self, trainer, metrics) -> None:
+        self._maybe(trainer, "on_eval_end")
+
+    def on_step_end(self, trainer, record) -> None:
+        self._maybe(trainer, "on_step_end")
+
+    def on_epoch_end(self, trainer, epoch) -> None:
+        self._maybe(trainer, "on_epoch_end")
+
+
+@pytest.mark.parametrize(
+    "hook, eval_every, step",
+    [("on_eval_end", 2, 4), ("on_step_end", 2, 4), ("on_epoch_end", None, 10)],
+)
+def test_ctrl_c_during_evaluation_or_callbacks_resumes_exactly(tmp_path, hook, eval_every, step):
+    """An interrupt while a step's (or an epoch's) evaluation or callbacks run: the checkpoint keeps the
+    state from before that work and the resumed run redoes it, so weights, history and early
+    stopping end as in an uninterrupted run (the evaluation already updated early stopping when
+    on_eval_end fires)."""
+    kw = dict(max_steps=16, eval_every=eval_every, checkpoint_every=1, restore_best=True, patience=50, seed=5)
+    val = make_data(8, seed=9)
+    straight = Trainer(make_model(), mse, config(**kw)).fit(make_data(), val_data=val)
+    cfg = config(**kw, checkpoint_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_model(), mse, cfg, callbacks=[InterruptOnce(hook, step)]).fit(make_data(), val_data=val)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == step
+    resumed = Trainer(make_model(seed=1), mse, cfg).fit(make_data(), val_data=val, resume=True)
+    assert torch.equal(flat(resumed.model), flat(straight.model))
+    assert resumed.history_ == straight.history_
+    assert resumed.best_step_ == straight.best_step_
+
+
 @pytest.mark.parametrize("kind", ["dataloader", "list"])
 def test_resume_with_a_user_loader_is_exact(tmp_path, kind):
     """A DataLoader shuffling from the global generator: the epoch's start is replayed on resume."""
