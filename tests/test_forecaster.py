@@ -215,6 +215,31 @@ def test_futr_df_missing_rows_or_columns(tmp_path):
     pd.testing.assert_frame_equal(fc.predict(futr_df=extra), fc.predict(futr_df=futr))
 
 
+def test_shorter_h_with_known_future_inputs_matches_the_full_forecast():
+    """predict(h=k) with a futr_df covering the model's window equals the first k steps of predict();
+    a futr_df of only k steps is used, with a warning that the rest of the window is unknown."""
+    df = exog_frame()
+    fc = Forecaster(h=8, input_size=32, **{**TINY, "max_steps": 3}).fit(df, futr_exog=["promo"])
+    futr = future_frame(df, 8)
+    full = fc.predict(futr_df=futr)
+    part = fc.predict(h=3, futr_df=futr)
+    pd.testing.assert_frame_equal(part, full.groupby("unique_id").head(3).reset_index(drop=True))
+    with pytest.warns(UserWarning, match="not all 8 of the model's window"):
+        assert len(fc.predict(h=3, futr_df=future_frame(df, 3))) == 6
+
+
+def test_refit_does_not_reuse_old_static_features():
+    """A refit reads static features only from its own static_df, as a fresh estimator does."""
+    df = seasonal_frame(n=120)
+    fc = Forecaster(h=4, input_size=16, **{**TINY, "max_steps": 1})
+    fc.fit(df, pd.DataFrame({"unique_id": ["a", "b"], "size": [0.0, 1.0]}))
+    with pytest.raises(ValueError, match=r"static features missing for series \['b'\]"):
+        fc.fit(df, pd.DataFrame({"unique_id": ["a"], "size": [5.0]}))
+    # predicting for a fitted series still falls back to the fitted table
+    out = fc.predict(static_df=pd.DataFrame({"unique_id": ["a"], "size": [0.0]}))
+    assert len(out) == 8
+
+
 def test_channel_mixing():
     df = seasonal_frame(n=200, ids=("a", "b", "c"))
     fc = Forecaster(h=6, input_size=24, channel_mixing=True, **{**TINY, "max_steps": 3}).fit(df)

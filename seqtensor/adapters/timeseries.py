@@ -13,6 +13,7 @@ the original scale.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,7 @@ class Forecaster(BaseEstimator):
             check(not static_df[cols].isna().any().any(), "static_df has NaN values")
             table = static_df.set_index(id_col)[cols].astype(float)
         absent = [i for i in ids if i not in table.index]
-        if absent and hasattr(self, "static_table_"):
+        if absent and not fitting and hasattr(self, "static_table_"):  # a refit uses only the data it is given
             absent = [i for i in absent if i not in self.static_table_.index]
         check(not absent, f"static features missing for series {absent[:5]}")
         values = np.stack([(table.loc[i] if i in table.index else self.static_table_.loc[i]).to_numpy(float) for i in ids])
@@ -501,7 +502,9 @@ class Forecaster(BaseEstimator):
         futr_df : pd.DataFrame, optional
             Rows ``id_col``, ``time_col`` and the ``futr_exog`` columns for every step of the
             horizon of every series (required when the model has known-future inputs). Extra rows
-            are ignored; a missing row or column raises ValueError.
+            are ignored, except the rows up to the end of the model's window when h is shorter
+            (so predict(h=k) equals the first k steps of predict()); a missing row or column raises
+            ValueError.
         quantiles : sequence of float, optional
             Quantiles to return (a subset of the trained ones); default all of them.
         static_df : pd.DataFrame, optional
@@ -525,7 +528,16 @@ class Forecaster(BaseEstimator):
         static = self._static_matrix(static_df, panel.ids, self.columns_["id_col"], fitting=False)
         if self.channel_mixing:
             check(list(panel.ids) == list(self.ids_), f"channel_mixing=True forecasts exactly the fitted series {self.ids_}")
-        ahead = future_exog(futr_df, panel, h, id_col=self.columns_["id_col"], time_col=self.columns_["time_col"])
+        cols = {"id_col": self.columns_["id_col"], "time_col": self.columns_["time_col"]}
+        ahead = future_exog(futr_df, panel, h, **cols)
+        span = -(-h // self.h) * self.h  # the network sees whole windows of h_trained steps
+        if self.futr_cols_ and span > h:  # so the first h steps match a longer forecast, use futr_df's later rows
+            try:
+                ahead = future_exog(futr_df, panel, span, **cols)
+            except ValueError:
+                warnings.warn(f"futr_df gives the {h} requested steps but not all {span} of the model's window: the "
+                              "rest use the training mean, so these steps can differ from a forecast with a longer futr_df",
+                              stacklevel=2)  # fmt: skip
         out = self._roll_out(panel, static, ahead, h)  # (S, h, Q) original scale
         return self._frame(panel, out, h, q_cols)
 
