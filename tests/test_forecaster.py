@@ -92,6 +92,17 @@ def test_predict_continues_at_inferred_frequency(freq, start, step):
     assert list(out["ds"]) == [last + (i + 1) * step for i in range(6)]
 
 
+def test_calendar_frequency_with_missing_steps_is_inferred():
+    """Month starts with gaps (31-day steps are the most common difference, yet not a grid): the
+    calendar step is still found and the missing months are inserted."""
+    df = seasonal_frame(n=60, ids=("x", "y"), freq="MS", start="2000-01-01", period=12).drop(index=[10, 11, 75])
+    fc = Forecaster(h=3, input_size=12, **{**TINY, "patch_len": 4, "max_steps": 1})
+    with pytest.warns(UserWarning, match="missing"):
+        fc.fit(df)
+    assert fc.freq_ == pd.tseries.frequencies.to_offset("MS")
+    assert list(fc.missing_report_["inserted_steps"]) == [2, 1]
+
+
 def test_integer_time_steps():
     df = seasonal_frame(n=100, ids=("x",))
     df["ds"] = np.arange(10, 10 + 3 * len(df), 3)

@@ -38,9 +38,9 @@ __all__ = ["Panel", "to_long", "build_panel", "infer_freq", "future_times", "fre
 def infer_freq(times: Sequence[pd.Series]) -> Any:
     """The step of a set of series: a pandas offset for timestamps, an int for integer steps.
 
-    ``pd.infer_freq`` is tried on each complete series (it knows calendar steps such as "MS");
-    otherwise the most common difference between consecutive stamps is used, so a few gaps do not
-    change the answer.
+    ``pd.infer_freq`` is tried on each complete series (it knows calendar steps such as "MS"), then
+    on windows of 3 consecutive stamps spread over each series (so a few gaps do not hide a calendar
+    step); otherwise the most common difference between consecutive stamps is used.
     """
     if pd.api.types.is_integer_dtype(times[0].dtype):
         diffs = np.concatenate([np.diff(t.to_numpy()) for t in times])
@@ -50,12 +50,19 @@ def infer_freq(times: Sequence[pd.Series]) -> Any:
     with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset; both work below
         warnings.simplefilter("ignore")
         named = [pd.infer_freq(t) for t in times if len(t) >= 3]
+        if not any(named):  # gaps: most short windows are still complete
+            named = [pd.infer_freq(t.iloc[i : i + 3]) for t in times if len(t) >= 3 for i in _window_starts(len(t))]
     named = [pd.tseries.frequencies.to_offset(f) for f in named if f is not None]
     if named:
         return max(set(named), key=named.count)
     diffs = pd.concat([t.diff().dropna() for t in times])
     check(len(diffs) > 0, "cannot infer the frequency from series of one step each; pass freq")
     return pd.tseries.frequencies.to_offset(diffs.mode().iloc[0])
+
+
+def _window_starts(n: int, count: int = 32) -> np.ndarray:
+    """Starts of up to ``count`` windows of 3 stamps spread over a series of n >= 3 stamps."""
+    return np.unique(np.linspace(0, n - 3, min(count, n - 2)).astype(int))
 
 
 def future_times(last: Any, freq: Any, h: int) -> pd.Index:
