@@ -148,16 +148,16 @@ class _SequenceEstimator(BaseEstimator):
                 isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be an int >= 1, got {value!r}",
             )
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        check(isinstance(self.learning_rate, numbers.Real) and self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        check(isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.vocab_size is not None:
             check(
-                isinstance(self.vocab_size, numbers.Integral) and self.vocab_size >= 1,
+                isinstance(self.vocab_size, numbers.Integral) and not isinstance(self.vocab_size, bool) and self.vocab_size >= 1,
                 f"vocab_size must be None or an int >= 1, got {self.vocab_size!r}",
             )
         if self.validation_fraction is not None:
             check(
-                0.0 < self.validation_fraction < 1.0,
+                isinstance(self.validation_fraction, numbers.Real) and 0.0 < self.validation_fraction < 1.0,
                 f"validation_fraction must be None or in (0, 1), got {self.validation_fraction!r}",
             )
 

@@ -257,6 +257,19 @@ def test_one_kernel_call_per_step_and_no_plan_built(monkeypatch):
     assert len(calls) == case.steps
 
 
+def test_decode_step_refuses_a_top_ring_without_room():
+    """The caller must leave a top-level slot for the new token; without one the kernel would write
+    past the ring, so the launcher checks it."""
+    case = Case((2, 3, 4), rope=True, prefill=(9, 9), steps=1)
+    state = case.state(f64)
+    q, k, v = case.step_inputs(0, f64)
+    consts = decode.decode_constants(state.scale, state.positional.inv_freq, f64, q.device)
+    rings = [state.rings[1], state.rings[2][:, :, :9].clone()]
+    with pytest.raises(ValueError, match="top ring has 9 slots"):
+        decode.decode_step(q, k, v, rings, state.length, state.offset, case.fold.dims, consts, summary=True,
+                           rope=True, max_length=9)  # fmt: skip
+
+
 def test_pytorch_path_when_disabled_or_unsupported(monkeypatch):
     monkeypatch.setattr(decode, "decode_step", lambda *a, **kw: pytest.fail("kernel called"))
     case = Case((3, 4), prefill=(5, 5), steps=1)

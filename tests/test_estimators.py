@@ -92,6 +92,9 @@ def test_not_fitted_error_before_fit():
         (dict(validation_fraction=1.0), "validation_fraction"),
         (dict(positional="alibi"), "positional"),
         (dict(d_model=10, n_heads=4), "divisible"),
+        (dict(learning_rate=None), "learning_rate"),
+        (dict(dropout=None), "dropout"),
+        (dict(vocab_size=True), "vocab_size"),
     ],
 )
 def test_bad_hyper_parameters_fail_in_fit_with_named_errors(params, match):

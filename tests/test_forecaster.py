@@ -103,6 +103,19 @@ def test_calendar_frequency_with_missing_steps_is_inferred():
     assert list(fc.missing_report_["inserted_steps"]) == [2, 1]
 
 
+def test_freq_of_the_wrong_kind_for_the_time_column_raises():
+    df = seasonal_frame(n=60, ids=("x",))
+    with pytest.raises(TypeError, match="freq=1 does not fit the datetime64"):
+        Forecaster(h=3, input_size=12, **TINY).fit(df, freq=1)
+    with pytest.raises(TypeError, match="freq='D' does not fit the int64"):
+        Forecaster(h=3, input_size=12, **TINY).fit(df.assign(ds=np.arange(len(df))), freq="D")
+    fc = Forecaster(h=3, input_size=12, **{**TINY, "max_steps": 1}).fit(df)
+    with pytest.raises(TypeError, match="does not fit the int64"):  # predict from a frame with other time steps
+        fc.predict(df=df.assign(ds=np.arange(len(df))))
+    with pytest.raises(ValueError, match="h must be a positive int"):
+        fc.predict(h=True)
+
+
 def test_integer_time_steps():
     df = seasonal_frame(n=100, ids=("x",))
     df["ds"] = np.arange(10, 10 + 3 * len(df), 3)

@@ -210,6 +210,64 @@ def test_cached_generation_equals_uncached(kind, fold):
     assert len(set(cached[0, -30:].tolist())) > 3  # not a degenerate repetition
 
 
+def test_inputs_the_fold_cannot_honour_raise_clear_errors():
+    """Masks and caches whose meaning tensorized attention cannot keep raise instead of being ignored;
+    a 4-D mask that is causal attention over the kept tokens is accepted and equals the 2-D mask."""
+    from transformers import StaticCache
+
+    model = tensorize(_model(), fold=(2, 3, 4))
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids, mask = _left_pad([_ids(1, 21, seed=2)[0], _ids(1, 14, seed=3)[0]])
+    n = ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = model(ids, attention_mask=(causal & mask.bool()[:, None, :])[:, None], use_cache=False).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+        packed = torch.cat([torch.arange(9), torch.arange(12)])[None]
+        with pytest.raises(ValueError, match="position_ids restart inside a row"):
+            model(_ids(1, 21), position_ids=packed, use_cache=False)
+        blocks = causal[:21, :21].clone()
+        blocks[9:, :9] = False
+        with pytest.raises(ValueError, match="4-D attention mask other than causal"):
+            model(_ids(1, 21), attention_mask=blocks[None, None], use_cache=False)
+
+        x = _ids(1, 20)
+        cache = model(x[:, :10], use_cache=True).past_key_values
+        chunk_mask = torch.ones(1, 15, dtype=torch.long)
+        chunk_mask[0, 10:12] = 0
+        with pytest.raises(ValueError, match="padding among the new tokens"):
+            model(x[:, 10:15], attention_mask=chunk_mask, use_cache=True, **{cache_arg: cache})
+        cache = model(x[:, :10], use_cache=True).past_key_values  # (the failed call above appended to its K/V)
+        tensorize(model, fold=(3, 4))
+        with pytest.raises(ValueError, match="prefill again after tensorize"):
+            model(x[:, 10:11], use_cache=True, **{cache_arg: cache})
+        static = StaticCache(config=model.config, max_cache_len=32)
+        with pytest.raises(ValueError, match="StaticLayer caches are not supported"):
+            model(x[:, :10], use_cache=True, **{cache_arg: static})
+
+
+def test_deep_copied_cache_branches_independently():
+    """A prefilled cache copied with copy.deepcopy (two continuations of one prompt): a batch edit on
+    the copy leaves the original alone, and both continue like full forwards."""
+    import copy
+
+    model = tensorize(_model(), fold=(2, 3, 4))
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    x, nxt = _ids(2, 10), _ids(2, 1, seed=3)
+    idx = torch.tensor([1, 0])
+    with torch.no_grad():
+        cache = model(x, use_cache=True).past_key_values
+        branch = copy.deepcopy(cache)
+        branch.reorder_cache(idx)
+        got_branch = model(nxt, use_cache=True, **{cache_arg: branch}).logits[:, -1]
+        got_orig = model(nxt, use_cache=True, **{cache_arg: cache}).logits[:, -1]
+        want_branch = model(torch.cat([x[idx], nxt], 1), use_cache=False).logits[:, -1]
+        want_orig = model(torch.cat([x, nxt], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(got_branch, want_branch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_orig, want_orig, atol=1e-5, rtol=1e-5)
+
+
 def _stepped_logits(model, ids, prefill: int, widths: list[int]):
     """Logits of a prefill, then of steps of the given widths through the same cache; and the cache."""
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -288,9 +346,25 @@ def test_save_and_reload(tmp_path):
         ref = model(ids, use_cache=False).logits
         model.save_pretrained(tmp_path)
         reloaded = load_tensorized(str(tmp_path))
-        assert reloaded.config.seqtensor == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial",
-                                             "backend": "auto", "top_level_cache": "int8"}  # fmt: skip
+        spec = dict(reloaded.config.seqtensor)
+        spec.pop("stock_windows")
+        assert spec == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial", "backend": "auto",
+                        "top_level_cache": "int8"}  # fmt: skip
         torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind, extra", [("mistral", {"sliding_window": 5}),
+                                         ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1})])
+def test_reloaded_model_untensorizes_to_the_stock_sliding_windows(tmp_path, kind, extra):
+    """config.json holds the windows tensorize switched off; load_tensorized puts the stock ones back,
+    so untensorize after a reload gives the stock model."""
+    model = _model(kind, **extra)
+    ids = _ids(1, 30)
+    with torch.no_grad():
+        stock = model(ids).logits
+        tensorize(model, fold=(3, 4)).save_pretrained(tmp_path)
+        reloaded = untensorize(load_tensorized(str(tmp_path)))
+        torch.testing.assert_close(reloaded(ids).logits, stock, atol=1e-6, rtol=1e-6)
 
 
 def test_training_step_backpropagates_with_checkpointing():

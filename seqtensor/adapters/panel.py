@@ -225,8 +225,13 @@ def build_panel(
     times = [g[time_col].reset_index(drop=True) for g in groups]
     if freq is None:
         freq = infer_freq(times)
-    elif not isinstance(freq, (int, np.integer)):
-        freq = pd.tseries.frequencies.to_offset(freq)
+    else:
+        integer_time, integer_freq = pd.api.types.is_integer_dtype(times[0].dtype), isinstance(freq, (int, np.integer))
+        check(integer_time == integer_freq and not isinstance(freq, bool),
+              f"freq={freq!r} does not fit the {times[0].dtype} time column {time_col!r}: integer time steps take an "
+              "int freq, timestamps a pandas frequency such as 'h' or 'MS'", TypeError)  # fmt: skip
+        if not integer_freq:
+            freq = pd.tseries.frequencies.to_offset(freq)
     ys, futrs, hists, rows = [], [], [], []
     for g, t in zip(groups, times):
         sid = g[id_col].iloc[0]

@@ -159,15 +159,45 @@ def _padding_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: 
     return None if bool(mask.all()) else mask
 
 
-def _key_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """(B, T) bool keep-mask from what transformers passes (2-D from ours, 4-D if a user built one)."""
+def _key_mask(attention_mask: torch.Tensor | None, L: int, T: int) -> torch.Tensor | None:
+    """(B, T) bool keep-mask from what transformers passes (2-D from ours, 4-D if a user built one).
+
+    A 4-D mask must be causal attention over the kept keys, nothing else (packed documents or other
+    patterns would be silently ignored by the fold, so they raise).
+    """
     if attention_mask is None:
         return None
-    if attention_mask.ndim == 4:  # the last query row of a causal mask sees every kept key
-        row = attention_mask[:, 0, -1, :]
-        attention_mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    if attention_mask.ndim == 4:
+        full = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        check(full.shape[-2:] == (L, T), f"4-D attention mask of shape {tuple(full.shape)}, expected (..., {L}, {T})")
+        keep = full[:, 0, -1, :]  # the last query row of a causal mask sees every kept key
+        causal = torch.arange(T, device=full.device) <= torch.arange(T - L, T, device=full.device)[:, None]  # (L, T)
+        real_rows = keep[:, None, T - L :, None]
+        # a padding query's row sees nothing, or everything (transformers unmasks such rows for SDPA)
+        blank = full.all(-1, keepdim=True) | ~full.any(-1, keepdim=True)
+        check(
+            bool(((full == (causal & keep[:, None, None, :])) | (~real_rows & blank)).all()),
+            "a 4-D attention mask other than causal attention over the kept tokens (e.g. packed documents) is not "
+            "supported by tensorized attention: the fold decides which tokens meet; run documents as separate rows",
+        )
+        attention_mask = keep
     check(attention_mask.shape[-1] == T, f"attention mask covers {attention_mask.shape[-1]} keys, expected {T}")
     return attention_mask.to(torch.bool)
+
+
+def _check_one_sequence_per_row(position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    """Packed documents (position ids restarting inside a row, which transformers turns into a
+    block-diagonal mask) would attend to each other through the fold: refuse them."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return
+    falls = position_ids[..., 1:] <= position_ids[..., :-1]
+    if mask is not None:  # left padding carries arbitrary positions
+        falls = falls & mask[:, 1:] & mask[:, :-1]
+    check(
+        not bool(falls.any()),
+        "position_ids restart inside a row (packed documents): tensorized attention cannot keep documents "
+        "apart within one row; run them as separate rows (with left padding)",
+    )
 
 
 def _common_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -208,9 +238,12 @@ def _attention(
     L, T = query.shape[2], key.shape[2]
     query, key, value = _common_dtype(query, key, value)
     scale = module.scaling if scaling is None else scaling
-    mask = _key_mask(attention_mask, T)
+    mask = _key_mask(attention_mask, L, T)
     cache = getattr(module, "_seqtensor_cache", None)
+    if cache is not None:
+        _check_dynamic(cache, module.layer_idx)
     if T == L:
+        _check_one_sequence_per_row(kwargs.get("position_ids"), mask)
         out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None)
         if cache is not None:
             _states(cache)[module.layer_idx] = state
@@ -227,9 +260,32 @@ def _attention(
             f"layer {module.layer_idx}: the cache holds {T - L} tokens but the tensorized state {state.stored} "
             "(was the cache cropped or edited outside generation?)",
         )
+        check(
+            (state.fold, state.coverage) == (settings.fold, settings.config.coverage)
+            and (state.positional is None) == (settings.config.positional != "tensor_rope"),
+            f"layer {module.layer_idx}: the cache was prefilled with fold {state.fold.dims} ({state.coverage}) but the "
+            f"model is now tensorized with {settings.fold.dims} ({settings.config.coverage}, {settings.config.positional}): "
+            "prefill again after tensorize",
+        )
+        check(
+            mask is None or bool(mask[:, T - L :].all()),
+            "padding among the new tokens of a cached call: tensorized generation supports left padding in the "
+            "prefill only",
+        )
         out = state.step(query, key, value, plan=_shared_plan(cache, state, L, query.dtype))
         _trim_values(cache, module.layer_idx, state)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_dynamic(cache, layer_idx: int) -> None:
+    """Fixed-size cache layers (static, sliding window) hold max_cache_len slots, not the tokens seen."""
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    check(
+        getattr(layer, "max_cache_len", None) is None,
+        f"{type(layer).__name__} caches are not supported by tensorized generation (its K/V length is the fixed "
+        "max_cache_len, not the tokens seen): use the default DynamicCache (no cache_implementation)",
+    )
 
 
 def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
@@ -322,34 +378,35 @@ def _states(cache) -> dict[int, LayerCache]:
     if states is None:
         states = {}
         cache._seqtensor_states = states
-        _follow_batch_edits(cache, states)
+        _follow_batch_edits(cache)
     return states
 
 
-def _follow_batch_edits(cache, states: dict[int, LayerCache]) -> None:
+class _FollowBatchEdit:
+    """``cache.<name>(arg)`` (beam search's batch edits), then the same rows kept in the tensorized
+    states. An object holding the cache rather than a closure, so a deep copy of the cache (branching
+    a prefilled prompt) edits itself, not the original."""
+
+    def __init__(self, cache, name: str) -> None:
+        self.cache, self.name = cache, name
+
+    def __call__(self, arg) -> None:
+        getattr(type(self.cache), self.name)(self.cache, arg)
+        states = self.cache._seqtensor_states
+        if not states:
+            return
+        index = arg
+        if self.name == "batch_repeat_interleave":
+            index = torch.arange(next(iter(states.values())).length.shape[0]).repeat_interleave(arg)
+        for state in states.values():
+            state.select(index.to(state.length.device))
+
+
+def _follow_batch_edits(cache) -> None:
     """Make the cache's batch edits (beam search) apply to our states too; refuse crops."""
-
-    def batch_size() -> int:
-        return next(iter(states.values())).length.shape[0]
-
-    edits = {
-        "reorder_cache": lambda idx: idx,
-        "batch_select_indices": lambda idx: idx,
-        "batch_repeat_interleave": lambda r: torch.arange(batch_size()).repeat_interleave(r),
-    }
-    for name, to_index in edits.items():
-        original = getattr(cache, name, None)
-        if original is None:
-            continue
-
-        def edited(arg, _original=original, _to_index=to_index):
-            _original(arg)
-            if states:
-                index = _to_index(arg)
-                for state in states.values():
-                    state.select(index.to(state.length.device))
-
-        setattr(cache, name, edited)
+    for name in ("reorder_cache", "batch_select_indices", "batch_repeat_interleave"):
+        if hasattr(cache, name):
+            setattr(cache, name, _FollowBatchEdit(cache, name))
 
     def crop(*args, **kwargs):
         raise NotImplementedError(
@@ -510,7 +567,10 @@ def tensorize(
         # always_call: a forward that raises (e.g. out of memory) must not keep the cache alive
         restore["hooks"].append(attn.register_forward_hook(_release_cache, with_kwargs=True, always_call=True))
     _set_attn_implementation(model, ATTENTION_NAME)
-    mc.seqtensor = config.to_dict()
+    # the sliding windows switched off above, saved beside the settings: config.json holds the edited
+    # values, and load_tensorized puts these back so that untensorize restores them
+    stock = {k: restore[k] for k in ("sliding_window", "layer_types", "module_windows")}
+    mc.seqtensor = {**config.to_dict(), "stock_windows": stock}
     model._seqtensor_restore = restore
     return model
 
@@ -552,4 +612,18 @@ def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
     check(spec is not None, f"{path} has no config.seqtensor: it was not saved from a tensorized model")
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    stock = spec.get("stock_windows")
+    if stock is not None:  # the stock sliding windows, as tensorize found them (see tensorize)
+        if stock["layer_types"] is not None:
+            model.config.layer_types = list(stock["layer_types"])
+            if hasattr(model.model, "has_sliding_layers"):  # Qwen2 reads it, set at construction
+                model.model.has_sliding_layers = "sliding_attention" in stock["layer_types"]
+            for attn, layer_type in zip(_attention_modules(model), stock["layer_types"]):
+                if hasattr(attn, "layer_type"):
+                    attn.layer_type = layer_type
+        elif hasattr(model.config, "sliding_window"):
+            model.config.sliding_window = stock["sliding_window"]
+        for attn, window in zip(_attention_modules(model), stock["module_windows"]):
+            if hasattr(attn, "sliding_window"):
+                attn.sliding_window = window
     return tensorize(model, **TextAdapterConfig.from_dict(spec).__dict__)

@@ -518,7 +518,7 @@ class Forecaster(BaseEstimator):
         """
         self._check_fitted()
         h = self.h if h is None else h
-        check(isinstance(h, (int, np.integer)) and h >= 1, f"h must be a positive int, got {h!r}")
+        check(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1, f"h must be a positive int, got {h!r}")
         q_cols = self._quantile_columns(quantiles)
         if df is None:
             panel = self.panel_

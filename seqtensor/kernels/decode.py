@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validation import check
+
 __all__ = ["decode_step", "decode_constants", "fallback_reason"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -358,7 +360,9 @@ def decode_step(
     """
     B, H, _, d = q.shape
     m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
-    assert len(rings) == m - 1, "one ring per intermediate level"
+    check(len(rings) == m - 1, f"decode_step needs {m - 1} rings (one per level above V), got {len(rings)}")
+    check(m == 1 or rings[-1].shape[2] > max_length,
+          f"the top ring has {rings[-1].shape[2] if rings else 0} slots: it needs one for index max_length={max_length}")  # fmt: skip
     D1, D2 = (d + 1) // 2, d // 2
     block_dh, block_dv = _pow2(D1), _pow2(dv)
     cfg = _config()
@@ -386,8 +390,9 @@ def decode_step(
     part = torch.empty((B, H, m, max(splits), 2 + block_dv), dtype=acc, device=q.device)  # (max, sum, values)
     new_length = torch.empty_like(length)
     int8 = top_scale is not None
-    assert int8 == (len(rings) > 0 and rings[-1].dtype == torch.int8), "an int8 top level comes with its scales"
-    assert not int8 or top_scale.stride(2) == 1, "top_scale must be contiguous along tokens"
+    check(int8 == (len(rings) > 0 and rings[-1].dtype == torch.int8), "an int8 top level comes with its scales (top_scale)")
+    check(not int8 or (top_scale.stride(2) == 1 and top_scale.shape[2] > max_length),
+          "top_scale must be contiguous along tokens, with a slot for index max_length")  # fmt: skip
     scales = top_scale if int8 else consts  # any tensor: not read without TOP_INT8
     stride_sb, stride_sh = (top_scale.stride(0), top_scale.stride(1)) if int8 else (0, 0)
     common = dict(M=m, D1=D1, D2=D2, NDV=dv, ROPE=rope, TOP_INT8=int8, HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv,
