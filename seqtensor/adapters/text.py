@@ -16,8 +16,9 @@ How it plugs into transformers (../shared/DATA.md, "Transformers integration fac
 - RoPE is applied before the attention function. With ``positional="tensor_rope"`` the model's
   rotary embedding is replaced by an identity (cos = 1, sin = 0, exact) and tensor RoPE (frequencies
   from the model's rope_theta, without its RoPE scaling such as llama3's; position = coordinate in
-  the hop's dim) is applied inside every hop; the Hugging Face cache then holds unrotated keys. ``positional="rope"`` keeps the model's RoPE
-  (and its configured scaling): with an order-1 fold this is the stock model.
+  the hop's dim) is applied inside every hop; the Hugging Face cache then holds unrotated keys.
+  ``positional="rope"`` keeps the model's RoPE (and its configured scaling): with an order-1 fold
+  this is the stock model.
 - Padding: tokens are compacted (real tokens first, in order) before folding, so a token's fold
   coordinates are its index among the real tokens and do not shift with left padding; the
   padding then sits after the sequence, where causal attention never reads it.
