@@ -699,10 +699,7 @@ class Trainer:
         optim = optimizer_state(self._wrapped, self._optimizer) if sharded or env.is_main else None
         if not env.is_main:
             return None
-        before = pos.pending or {  # the tracked state before the after-work in progress, if any
-            "history_len": len(self.history_), "early_stopping": self._stopping.state_dict(),
-            "best_model": self._best_state, "stats": None,
-        }  # fmt: skip
+        before = pos.pending or self._snapshot(None)  # the tracked state before the after-work in progress
         return {
             "format": CHECKPOINT_FORMAT,
             "model": model,
