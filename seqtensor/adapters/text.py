@@ -160,11 +160,11 @@ def _padding_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: 
     return None if bool(mask.all()) else mask
 
 
-def _key_mask(attention_mask: torch.Tensor | None, L: int, T: int) -> torch.Tensor | None:
+def _key_mask(attention_mask: torch.Tensor | None, L: int, T: int, validate: bool = True) -> torch.Tensor | None:
     """(B, T) bool keep-mask from what transformers passes (2-D from ours, 4-D if a user built one).
 
     A 4-D mask must be causal attention over the kept keys, nothing else (packed documents or other
-    patterns would be silently ignored by the fold, so they raise).
+    patterns would be silently ignored by the fold, so they raise; ``validate=False`` skips that check).
     """
     if attention_mask is None:
         return None
@@ -177,7 +177,7 @@ def _key_mask(attention_mask: torch.Tensor | None, L: int, T: int) -> torch.Tens
         # a padding query's row sees nothing, or everything (transformers unmasks such rows for SDPA)
         blank = full.all(-1, keepdim=True) | ~full.any(-1, keepdim=True)
         check(
-            bool(((full == (causal & keep[:, None, None, :])) | (~real_rows & blank)).all()),
+            not validate or bool(((full == (causal & keep[:, None, None, :])) | (~real_rows & blank)).all()),
             "a 4-D attention mask other than causal attention over the kept tokens (e.g. packed documents) is not "
             "supported by tensorized attention: the fold decides which tokens meet; run documents as separate rows",
         )
@@ -239,12 +239,14 @@ def _attention(
     L, T = query.shape[2], key.shape[2]
     query, key, value = _common_dtype(query, key, value)
     scale = module.scaling if scaling is None else scaling
-    mask = _key_mask(attention_mask, L, T)
+    first_layer = module.layer_idx == 0  # checks that read the device once per forward, not per layer
+    mask = _key_mask(attention_mask, L, T, validate=first_layer)
     cache = getattr(module, "_seqtensor_cache", None)
     if cache is not None:
         _check_dynamic(cache, module.layer_idx)
     if T == L:
-        _check_one_sequence_per_row(kwargs.get("position_ids"), mask)
+        if first_layer:
+            _check_one_sequence_per_row(kwargs.get("position_ids"), mask)
         out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None)
         if cache is not None:
             _states(cache)[module.layer_idx] = state
@@ -269,7 +271,7 @@ def _attention(
             "prefill again after tensorize",
         )
         check(
-            mask is None or bool(mask[:, T - L :].all()),
+            mask is None or not first_layer or bool(mask[:, T - L :].all()),
             "padding among the new tokens of a cached call: tensorized generation supports left padding in the "
             "prefill only",
         )
