@@ -5,6 +5,7 @@ Legend: B batch, H query heads, Hkv kv heads, n length, d head dim, m fold order
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -68,6 +69,7 @@ def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
     check(q.device == k.device == v.device, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, H, n, d = q.shape
     check(n > 0, f"sequence length must be positive, got q of shape {tuple(q.shape)}")
+    check(H > 0 and d > 0 and v.shape[3] > 0, f"heads and head dims must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     check(
         k.shape[0] == B and k.shape[2] == n and k.shape[3] == d,
         f"k must have shape (B={B}, H_kv, n={n}, d={d}), got {tuple(k.shape)}",
@@ -78,18 +80,22 @@ def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
         f"query heads H={H} must be a multiple of kv heads H_kv={k.shape[1]}",
     )
     if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=2)
-        check(
-            tuple(key_padding_mask.shape) == (B, n),
-            f"key_padding_mask must have shape (B={B}, n={n}), got {tuple(key_padding_mask.shape)}",
-        )
-        check(key_padding_mask.dtype == torch.bool, f"key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}", TypeError)
+        check_key_padding_mask(key_padding_mask, B, n)
+
+
+def check_key_padding_mask(mask: torch.Tensor, B: int, n: int) -> None:
+    """A (B, n) bool key padding mask (True = keep), or a named error."""
+    check_tensor("key_padding_mask", mask, ndim=2)
+    check(tuple(mask.shape) == (B, n), f"key_padding_mask must have shape (B={B}, n={n}), got {tuple(mask.shape)}")
+    check(mask.dtype == torch.bool, f"key_padding_mask must be bool (True = keep), got {mask.dtype}", TypeError)
 
 
 def _resolve_hop_order(hop_order: Sequence[int] | None, m: int, causal: bool, coverage: str) -> tuple[int, ...]:
     default = tuple(range(m - 1, -1, -1))
     if hop_order is None:
         return default
+    check(not isinstance(hop_order, str) and all(isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hop_order),
+          f"hop_order must be a sequence of int dims, got {hop_order!r}", TypeError)  # fmt: skip
     order = tuple(int(j) for j in hop_order)
     check(sorted(order) == list(range(m)), f"hop_order must be a permutation of dims 0..{m - 1}, got {tuple(hop_order)}")
     # Only finest-to-coarsest keeps summary tokens in the past: other orders would leak the future.
@@ -102,10 +108,16 @@ def _resolve_hop_order(hop_order: Sequence[int] | None, m: int, causal: bool, co
 
 def _prepare_call(q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values):
     _validate_qkv(q, k, v, key_padding_mask, validate_values)
+    check(causal in (True, False) and not isinstance(causal, str), f"causal must be a bool, got {causal!r}", TypeError)
     check_choice("coverage", coverage, ("full", "axial"))
     check_choice("mode", mode, ("fibre", "kronecker"))
     n, d = q.shape[2], q.shape[3]
     fold = resolve_fold(fold, n)
+    check(
+        positional != "learned",
+        "positional='learned' has parameters, which a function call would draw afresh each time: build "
+        "seqtensor.positional.Learned(max_len, d) once (trained with the model) and pass it",
+    )
     if isinstance(positional, str) or positional is None:
         positional = make_positional(positional, d, max_len=fold.size)
     check(
@@ -113,6 +125,8 @@ def _prepare_call(q, k, v, fold, causal, coverage, mode, positional, key_padding
         f"positional must be a name or a PositionalScheme, got {positional!r}",
         TypeError,
     )
+    dim = None if positional is None else positional.dim
+    check(dim is None or dim == d, f"{type(positional).__name__} was built for head dim {dim}, but q has head dim {d}")
     hop_positional = positional if positional is not None and positional.per_hop else None
     if positional is not None and not positional.per_hop:
         q, k = positional.apply(q, k)
@@ -169,6 +183,11 @@ def tensorized_attention(
     )
     if mode == "kronecker":
         return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
+    if q.shape[0] == 0:  # an empty batch, as SDPA allows
+        return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
+    if key_padding_mask is not None:  # NaN/inf at masked tokens must not leak through 0 * NaN in the kernels
+        keep = key_padding_mask[:, None, :, None]
+        q, k, v = (x.masked_fill(~keep, 0) for x in (q, k, v))
     fn = _BACKENDS[resolve_backend(backend, q_in.device)]
     return fn(
         q,
@@ -204,6 +223,8 @@ def attention_matrix(
     Every hop is linear in V, so ``tensorized_attention(q, k, v, ...) == M @ v``. Computed by
     pushing the identity through the hops as the value tensor.
     """
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
     B, n = q.shape[0], q.shape[2]
     check(n <= 8192, f"attention_matrix builds an n x n matrix; n={n} is too large (max 8192)")
     eye = torch.eye(n, dtype=q.dtype, device=q.device).expand(B, k.shape[1], n, n)

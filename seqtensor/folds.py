@@ -54,7 +54,7 @@ class Fold:
         self.dims: tuple[int, ...] = dims
         self.size: int = math.prod(dims)
         if n is not None:
-            check(isinstance(n, int) and n > 0, f"sequence length n must be a positive int, got {n!r}")
+            check(isinstance(n, int) and not isinstance(n, bool) and n > 0, f"sequence length n must be a positive int, got {n!r}")
             check(
                 n <= self.size,
                 f"fold {dims} holds {self.size} tokens and does not cover a sequence of n={n}",
@@ -90,6 +90,7 @@ class Fold:
 
     def coords(self, t: int) -> tuple[int, ...]:
         """Coordinates ``(i_1, ..., i_m)`` of token t."""
+        check(isinstance(t, int) and not isinstance(t, bool), f"token index must be an int, got {t!r}", TypeError)
         check(0 <= t < self.size, f"token index {t} is outside the fold of size {self.size}")
         return tuple((t // s) % d for s, d in zip(self.strides, self.dims))
 

@@ -56,9 +56,22 @@ def _inv_freq(head_dim: int, base: float) -> torch.Tensor:
 
 
 class PositionalScheme(nn.Module):
-    """Base class. ``per_hop`` schemes implement ``hop``; global ones implement ``apply``."""
+    """Base class. ``per_hop`` schemes implement ``hop``; global ones implement ``apply``.
+
+    ``dim``: the head dim the scheme was built for (None: any).
+    """
 
     per_hop: bool = False
+    dim: int | None = None
+
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16) would round inv_freq, and the angles at position ~4k would then be off
+        # by radians: the buffer follows the device, never a lower precision
+        inv = getattr(self, "inv_freq", None)
+        super()._apply(fn, recurse)
+        if inv is not None and self.inv_freq.dtype != inv.dtype:
+            self.inv_freq = inv.to(self.inv_freq.device)
+        return self
 
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
@@ -87,6 +100,7 @@ class TensorRoPE(PositionalScheme):
         check(head_dim > 0 and head_dim % 2 == 0, f"head_dim must be a positive even int, got {head_dim}")
         check(base > 1.0, f"base must be > 1, got {base}")
         self.head_dim, self.base = head_dim, float(base)
+        self.dim = head_dim
         self.register_buffer("inv_freq", _inv_freq(head_dim, base), persistent=False)
 
     def hop(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -128,6 +142,7 @@ class RoPE(PositionalScheme):
         check_choice("scaling", scaling, (None, "linear", "ntk", "yarn"))
         check(factor >= 1.0, f"factor must be >= 1, got {factor}")
         self.head_dim, self.base, self.scaling, self.factor = head_dim, float(base), scaling, float(factor)
+        self.dim = head_dim
         self.original_max_len = original_max_len
         self.position_scale, self.mscale = 1.0, 1.0
         if scaling == "linear":
@@ -199,7 +214,7 @@ class Learned(PositionalScheme):
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__()
         check(max_len > 0 and dim > 0, f"max_len and dim must be positive, got {max_len}, {dim}")
-        self.max_len = max_len
+        self.max_len, self.dim = max_len, dim
         self.embedding = nn.Embedding(max_len, dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
 

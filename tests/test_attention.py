@@ -248,3 +248,36 @@ def test_fold_attention_matrix_inspection():
     fold = st.Fold((3, 4), n=12)
     torch.testing.assert_close(fold.attention_matrix(q, k, causal=True), st.attention_matrix(q, k, fold, causal=True))
     assert math.isclose(float(fold.attention_matrix(q, k).sum()), 12.0)
+
+
+def test_positional_schemes_must_fit_the_head_dim_and_learned_must_be_a_module():
+    q = k = v = torch.randn(1, 2, 12, 4)
+    for scheme in (TensorRoPE(2), TensorRoPE(8), st.RoPE(8), st.Sinusoidal(8), st.Learned(12, 8)):
+        with pytest.raises(ValueError, match="built for head dim"):
+            st.tensorized_attention(q, k, v, (3, 4), positional=scheme)
+    with pytest.raises(ValueError, match="positional='learned' has parameters"):
+        st.tensorized_attention(q, k, v, (3, 4), positional="learned")
+    learned = st.Learned(12, 4)  # a module: the same result on every call
+    torch.testing.assert_close(st.tensorized_attention(q, k, v, (3, 4), positional=learned),
+                               st.tensorized_attention(q, k, v, (3, 4), positional=learned), rtol=0, atol=0)  # fmt: skip
+
+
+def test_empty_batch_and_zero_sized_heads():
+    q, k, v = torch.randn(0, 2, 12, 4), torch.randn(0, 1, 12, 4), torch.randn(0, 1, 12, 6)
+    assert st.tensorized_attention(q, k, v, (3, 4), causal=True).shape == (0, 2, 12, 6)
+    with pytest.raises(ValueError, match="heads and head dims must be positive"):
+        st.tensorized_attention(torch.randn(1, 2, 12, 0), torch.randn(1, 1, 12, 0), torch.randn(1, 1, 12, 4), (3, 4))
+
+
+def test_argument_types_are_checked_by_name():
+    q = torch.randn(1, 1, 12, 4)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        st.tensorized_attention(q, q, q, (3, 4), causal="no")
+    with pytest.raises(TypeError, match="hop_order must be a sequence of int dims"):
+        st.tensorized_attention(q, q, q, (3, 4), hop_order="10")
+    with pytest.raises(ValueError, match="sequence length n must be a positive int"):
+        st.Fold((3,), n=True)
+    with pytest.raises(TypeError, match="token index must be an int"):
+        st.Fold((3, 4)).coords(1.5)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        st.attention_matrix([1], q, (3, 4))

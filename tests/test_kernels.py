@@ -282,3 +282,30 @@ def test_autotune_policy(monkeypatch):
     monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(T, "AUTOTUNE", True)
     assert T._use_autotune("cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_values_at_masked_tokens_do_not_leak(backend, causal):
+    """NaN / inf in q, k, v at masked tokens (garbage the mask says to ignore): kept tokens get the
+    outputs and gradients they get with zeros there."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 3] = mask[0, 9:] = mask[1, :2] = False
+    drop = ~mask[:, None, :, None]
+
+    def run(fill):
+        xs = [x.masked_fill(drop, fill).requires_grad_() for x in (q, k, v)]
+        out = tensorized_attention(*xs, (3, 4), causal=causal, key_padding_mask=mask, backend=backend,
+                                   validate_values=False)  # fmt: skip
+        out = out.masked_fill(drop, 0)
+        out.sum().backward()
+        return out, [x.grad.masked_fill(drop, 0) for x in xs]
+
+    want, want_grads = run(0.0)
+    for fill in (float("nan"), float("inf")):
+        got, grads = run(fill)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

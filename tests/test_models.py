@@ -67,6 +67,10 @@ def test_config_from_dict_accepts_fold_as_list_and_rejects_unknown_fields():
         (dict(coverage="diagonal"), "coverage"),
         (dict(positional="alibi"), "positional"),
         (dict(n_layers=0), "positive"),
+        (dict(backend="cuda"), "backend"),
+        (dict(dropout=2.0), "dropout"),
+        (dict(mlp_ratio=-1.0), "mlp_ratio"),
+        (dict(d_model=16, n_heads=2, n_kv_heads=3), "multiple of n_kv_heads"),
     ],
 )
 def test_config_rejects_bad_values_with_named_errors(bad, match):

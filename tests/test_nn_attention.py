@@ -51,3 +51,18 @@ def test_public_api_is_exported_and_import_stays_light():
     code = "import sys, seqtensor; print('transformers' in sys.modules); print(all(hasattr(seqtensor, n) for n in seqtensor.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"], out
+
+
+@pytest.mark.parametrize(
+    "mask, error, match",
+    [
+        (torch.ones(2, 6, dtype=torch.uint8), TypeError, "must be bool"),
+        (torch.ones(2, 5, dtype=torch.bool), ValueError, r"shape \(B=2, n=6\)"),
+        (torch.ones(6, dtype=torch.bool), ValueError, "2 dimensions"),
+    ],
+)
+def test_both_layers_reject_the_same_bad_key_padding_masks(mask, error, match):
+    x = torch.randn(2, 6, 16)
+    for layer in (st.nn.FullAttention(16, 2), st.nn.TensorizedAttention(16, 2, fold=(2, 3))):
+        with pytest.raises(error, match=match):
+            layer(x, mask)

@@ -78,3 +78,16 @@ def test_make_positional_names_and_errors():
         make_positional("alibi", 8)
     with pytest.raises(ValueError, match="even"):
         TensorRoPE(7)
+
+
+def test_inv_freq_keeps_its_precision_when_the_module_is_cast():
+    """module.to(bfloat16) must not round the frequencies: at position ~4k that is radians of error."""
+    for scheme in (TensorRoPE(64), RoPE(64), Sinusoidal(64)):
+        exact = scheme.inv_freq.clone()
+        scheme.to(torch.bfloat16)
+        assert torch.equal(scheme.inv_freq, exact)
+    x = torch.randn(1, 1, 4096, 64)
+    cast = RoPE(64).to(torch.bfloat16)
+    q, _ = cast.apply(x, x)
+    q_ref, _ = RoPE(64).apply(x, x)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check, check_tensor
-from ..attention import resolve_backend, tensorized_attention
+from ..attention import check_key_padding_mask, resolve_backend, tensorized_attention
 from ..folds import ExtrapolatingFold, FoldLike
 from ..positional import PositionalScheme, make_positional
 
@@ -83,6 +83,8 @@ class _AttentionLayer(nn.Module):
         check_tensor("x", x, ndim=3, floating=True)
         B, n, D = x.shape
         check(D == self.embed_dim, f"x must have last dim embed_dim={self.embed_dim}, got shape {tuple(x.shape)}")
+        if key_padding_mask is not None:  # here, so FullAttention and TensorizedAttention reject the same masks
+            check_key_padding_mask(key_padding_mask, B, n)
         # (B, n, H*d) -> (B, H, n, d) as strided views: the Triton backend reads them in place
         q = self.q_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -39,6 +39,13 @@ class ModelConfig:
         check_choice("attention", self.attention, ("tensorized", "full"))
         check_choice("coverage", self.coverage, ("full", "axial"))
         check_choice("positional", self.positional, ("tensor_rope", "rope", "sinusoidal", "learned", "none"))
+        check_choice("backend", self.backend, ("auto", "reference", "triton"))
+        check(
+            self.n_kv_heads is None or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+            f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
+        )
+        check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.fold, list):
             self.fold = tuple(self.fold)
 
