@@ -9,11 +9,13 @@ text at several depths, answered by greedy decoding.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ._validation import check
@@ -29,14 +31,20 @@ __all__ = [
 
 
 def _documents(token_ids) -> list[torch.Tensor]:
-    """One 1-D LongTensor, a list of ints, or a list of either (documents) -> list of 1-D tensors."""
+    """One 1-D tensor / array / list of ints, a 2-D one (one row a document), or a list of 1-D ones
+    (documents) -> list of 1-D LongTensors."""
+    if not isinstance(token_ids, torch.Tensor) and (hasattr(token_ids, "__array__") or not isinstance(token_ids, (list, tuple))):
+        token_ids = torch.as_tensor(np.asarray(token_ids))
     if isinstance(token_ids, torch.Tensor):
         check(token_ids.ndim in (1, 2), f"token_ids must be 1-D (or 2-D, one row a document), got shape {tuple(token_ids.shape)}")
+        check(not token_ids.is_floating_point() and not token_ids.is_complex() and token_ids.dtype != torch.bool,
+              f"token ids must be integers, got dtype {token_ids.dtype}", TypeError)  # fmt: skip
+        token_ids = token_ids.long()
         return [token_ids] if token_ids.ndim == 1 else list(token_ids)
     token_ids = list(token_ids)
-    if token_ids and isinstance(token_ids[0], (int,)):
-        return [torch.tensor(token_ids, dtype=torch.long)]
-    return [torch.as_tensor(doc, dtype=torch.long).reshape(-1) for doc in token_ids]
+    if token_ids and all(isinstance(t, numbers.Integral) for t in token_ids):  # one document of ints
+        return [torch.tensor([int(t) for t in token_ids], dtype=torch.long)]
+    return [doc.reshape(-1) for x in token_ids for doc in _documents(x)]
 
 
 @torch.no_grad()
@@ -149,19 +157,26 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
 def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
     """Token ids of a passkey prompt of exactly ``length`` tokens, the key at relative ``depth``.
 
-    Filler sentences surround one needle sentence; the needle starts at the filler-sentence
-    boundary nearest ``depth`` (0 = right after the instructions, 1 = right before the question).
+    Whole filler sentences surround one needle sentence, which starts at the sentence boundary
+    nearest ``depth`` (0 = right after the instructions, 1 = right before the question); the tokens
+    that do not fill a whole sentence are the end of one sentence, right after the instructions.
     """
     check(0.0 <= depth <= 1.0, f"depth must be in [0, 1], got {depth}")
     head = _encode(tokenizer, _PREFIX, True)
     needle = _encode(tokenizer, _NEEDLE.format(key=key), False)
     question = _encode(tokenizer, _QUESTION, False)
-    unit = _encode(tokenizer, _FILLER, False)
+    sentences = [_encode(tokenizer, " " + part.strip() + ".", False) for part in _FILLER.split(".") if part.strip()]
     n_fill = length - len(head) - len(needle) - len(question)
     check(n_fill >= 0, f"length={length} is shorter than the passkey prompt without filler ({length - n_fill} tokens)")
-    before = min(n_fill, round(depth * n_fill / len(unit)) * len(unit))
-    filler = unit * (n_fill // len(unit) + 1)
-    return head + filler[:before] + needle + filler[: n_fill - before] + question
+    whole: list[list[int]] = []
+    while sum(map(len, whole)) + len(sentences[len(whole) % len(sentences)]) <= n_fill:
+        whole.append(sentences[len(whole) % len(sentences)])
+    rest = n_fill - sum(map(len, whole))
+    fragment = sentences[len(whole) % len(sentences)][-rest:] if rest else []
+    ends = np.cumsum([0] + [len(x) for x in whole]) + rest  # needle positions in the filler
+    j = int(np.argmin(np.abs(ends - depth * n_fill)))
+    flat = [t for x in whole for t in x]
+    return head + fragment + flat[: ends[j] - rest] + needle + flat[ends[j] - rest :] + question
 
 
 @dataclass
@@ -197,6 +212,8 @@ def passkey_accuracy(
     Keys are drawn from ``random.Random(seed)``, so stock and adapted models see the same prompts.
     """
     check(trials >= 1, f"trials must be >= 1, got {trials}")
+    depths = tuple(depths)
+    check(len(depths) > 0, "depths must not be empty")
     device = next(model.parameters()).device
     rng = random.Random(seed)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -223,5 +240,5 @@ def passkey_accuracy(
                 result.answers.append((length, depth, trial, key, text))
             result.by_depth[(length, depth)] = hits / trials
             solved += hits
-        result.accuracy[length] = solved / (trials * len(depths))
+        result.accuracy[length] = solved / (trials * len(depths))  # depths checked non-empty above
     return result

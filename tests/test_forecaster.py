@@ -114,6 +114,8 @@ def test_freq_of_the_wrong_kind_for_the_time_column_raises():
         fc.predict(df=df.assign(ds=np.arange(len(df))))
     with pytest.raises(ValueError, match="h must be a positive int"):
         fc.predict(h=True)
+    with pytest.raises(ValueError, match="n_windows must be a positive int"):
+        fc.cross_validation(df, n_windows=True)
 
 
 def test_integer_time_steps():

@@ -518,7 +518,8 @@ class Forecaster(BaseEstimator):
         """
         self._check_fitted()
         h = self.h if h is None else h
-        check(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1, f"h must be a positive int, got {h!r}")
+        check(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1,
+              f"h must be a positive int, got {h!r}")  # fmt: skip
         q_cols = self._quantile_columns(quantiles)
         if df is None:
             panel = self.panel_
@@ -618,7 +619,8 @@ class Forecaster(BaseEstimator):
         """
         self._check_params()
         step = self.h if step_size is None else step_size
-        check(isinstance(n_windows, (int, np.integer)) and n_windows >= 1, f"n_windows must be a positive int, got {n_windows!r}")
+        check(isinstance(n_windows, (int, np.integer)) and not isinstance(n_windows, bool) and n_windows >= 1,
+              f"n_windows must be a positive int, got {n_windows!r}")  # fmt: skip
         check(isinstance(step, (int, np.integer)) and step >= 1, f"step_size must be a positive int, got {step!r}")
         self.columns_ = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
         panel = build_panel(df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **self.columns_)
