@@ -32,6 +32,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'seqtensor' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy text-adapter names too (tab completion, help)
+    return sorted(set(globals()) | set(_TEXT_ADAPTER))
+
+
 __all__ = [
     # folds and positions
     "Fold",

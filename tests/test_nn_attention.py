@@ -48,7 +48,7 @@ def test_public_api_is_exported_and_import_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, seqtensor; print('transformers' in sys.modules); print(all(hasattr(seqtensor, n) for n in seqtensor.__all__))"
+    code = "import sys, seqtensor; print('transformers' in sys.modules); print(all(hasattr(seqtensor, n) for n in seqtensor.__all__) and set(seqtensor.__all__) <= set(dir(seqtensor)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"], out
 
