@@ -185,9 +185,6 @@ def tensorized_attention(
         return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
-    if key_padding_mask is not None:  # NaN/inf at masked tokens must not leak through 0 * NaN in the kernels
-        keep = key_padding_mask[:, None, :, None]
-        q, k, v = (x.masked_fill(~keep, 0) for x in (q, k, v))
     fn = _BACKENDS[resolve_backend(backend, q_in.device)]
     return fn(
         q,

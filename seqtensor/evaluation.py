@@ -33,8 +33,8 @@ __all__ = [
 def _documents(token_ids) -> list[torch.Tensor]:
     """One 1-D tensor / array / list of ints, a 2-D one (one row a document), or a list of 1-D ones
     (documents) -> list of 1-D LongTensors."""
-    if not isinstance(token_ids, torch.Tensor) and (hasattr(token_ids, "__array__") or not isinstance(token_ids, (list, tuple))):
-        token_ids = torch.as_tensor(np.asarray(token_ids))
+    if isinstance(token_ids, np.ndarray):
+        token_ids = torch.from_numpy(token_ids)
     if isinstance(token_ids, torch.Tensor):
         check(token_ids.ndim in (1, 2), f"token_ids must be 1-D (or 2-D, one row a document), got shape {tuple(token_ids.shape)}")
         check(not token_ids.is_floating_point() and not token_ids.is_complex() and token_ids.dtype != torch.bool,
@@ -44,7 +44,7 @@ def _documents(token_ids) -> list[torch.Tensor]:
     token_ids = list(token_ids)
     if token_ids and all(isinstance(t, numbers.Integral) for t in token_ids):  # one document of ints
         return [torch.tensor([int(t) for t in token_ids], dtype=torch.long)]
-    return [doc.reshape(-1) for x in token_ids for doc in _documents(x)]
+    return [doc for x in token_ids for doc in _documents(x)]
 
 
 @torch.no_grad()

@@ -52,8 +52,9 @@ it is read.
 
 One new token on CUDA (or on CPU under ``TRITON_INTERPRET=1``) runs ``kernels.decode``: all hops in
 two launches (partials, then their combine), key indices computed in the kernel, so the plan is
-never built (it is lazy). The PyTorch path here stays the oracle: ``DECODE_KERNEL = False`` or ``step(..., kernel=False)`` forces it,
-and it serves every call the kernel does not support (``decode.fallback_reason``).
+never built (it is lazy). The PyTorch path here stays the oracle: ``DECODE_KERNEL = False`` or
+``step(..., kernel=False)`` forces it, and it serves every call the kernel does not support
+(``decode.fallback_reason``).
 """
 
 from __future__ import annotations

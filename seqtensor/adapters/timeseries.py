@@ -530,12 +530,16 @@ class Forecaster(BaseEstimator):
         if self.channel_mixing:
             check(list(panel.ids) == list(self.ids_), f"channel_mixing=True forecasts exactly the fitted series {self.ids_}")
         cols = {"id_col": self.columns_["id_col"], "time_col": self.columns_["time_col"]}
-        ahead = future_exog(futr_df, panel, h, **cols)
         span = -(-h // self.h) * self.h  # the network sees whole windows of h_trained steps
+        ahead = None
         if self.futr_cols_ and span > h:  # so the first h steps match a longer forecast, use futr_df's later rows
             try:
                 ahead = future_exog(futr_df, panel, span, **cols)
             except ValueError:
+                pass
+        if ahead is None:
+            ahead = future_exog(futr_df, panel, h, **cols)  # raises when the requested steps are missing
+            if self.futr_cols_ and span > h:
                 warnings.warn(f"futr_df gives the {h} requested steps but not all {span} of the model's window: the "
                               "rest use the training mean, so these steps can differ from a forecast with a longer futr_df",
                               stacklevel=2)  # fmt: skip

@@ -951,6 +951,9 @@ def tensorized_fibre_attention(
             q, k, v, dims, n, causal=causal, coverage=coverage, hop_order=hop_order, scale=scale,
             hop_positional=hop_positional, key_padding_mask=key_padding_mask,
         )  # fmt: skip
+    if key_padding_mask is not None:  # masked tokens zeroed, as the reference does: NaN/inf there would leak via 0 * NaN
+        keep = key_padding_mask[:, None, :, None]
+        q, k, v = (x.masked_fill(~keep, 0) for x in (q, k, v))
     plan = _make_plan(dims, n, q.shape[-1], causal, coverage, hop_order, scale, key_padding_mask)
     rotation = None
     if hop_positional is not None:
