@@ -12,7 +12,7 @@
 #   PART=4 bash benchmarks/gpu_session.sh 560                   (one GPU: autotune tests + timings, forecasts)
 #   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
 #   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels)
-#   PART=9 bash benchmarks/gpu_session.sh 570                   (one GPU: two SmolLM2 runs, GGUF in /tmp/smol)
+#   PART=9 bash benchmarks/gpu_session.sh 570                   (one GPU: SmolLM2 with / without hop gates, GGUF in /tmp/smol)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
@@ -140,13 +140,12 @@ adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra argument
         --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_${3:-$1}.json" $2
 }
 
-adapt9() {  # next session (GGUF in /tmp/smol): finest dim 2,048 (stock quality inside a block) with equal
-    # coarse dims, no mix: 4x4x2048 at 32k (4x / 16x = 128k / 512k) and 2x2x2x2048 at 16k (64k / 256k)
-    local common="--stages train --steps 700 --reserve-s 150 --ppl-protocols fixed --passkey-lengths 8192 16384 32768"
-    adapt 0 "$common --train-context 32768 --fold 4 4 2048 --join-volumes 4 \
-        --lengths-after 32768 65536 131072 262144 524288" a &
-    adapt 0 "$common --train-context 16384 --fold 2 2 2 2048 --join-volumes 2 \
-        --lengths-after 16384 32768 65536 131072 262144" b &
+adapt9() {  # session 8 (GGUF in /tmp/smol): finest dim 2,048 with equal coarse dims, 4x4x2048 at 32k
+    # (4x / 16x = 128k / 512k), with learned hop gates (reference backend) against without (Triton)
+    local common="--stages train --steps 700 --reserve-s 200 --ppl-protocols fixed --passkey-lengths 8192 16384 32768
+        --train-context 32768 --fold 4 4 2048 --join-volumes 4 --lengths-after 32768 65536 131072 262144 524288"
+    adapt 0 "$common --hop-gate 0.05" gated &
+    adapt 0 "$common" ungated &
 }
 
 case "${PART:-1}" in

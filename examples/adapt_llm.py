@@ -252,8 +252,8 @@ class FoldMix(Callback):
     recomputes each step with the fold it ran with.
     """
 
-    def __init__(self, model, folds: list[tuple[int, ...]], backend: str, positional: str, seed: int = 0) -> None:
-        self.model, self.folds, self.backend, self.positional = model, folds, backend, positional
+    def __init__(self, model, folds: list[tuple[int, ...]], settings: dict, seed: int = 0) -> None:
+        self.model, self.folds, self.settings = model, folds, settings
         self.rng = np.random.default_rng(seed)
         self.counts = [0] * len(folds)
         self.on_step_end(None, {})
@@ -261,7 +261,7 @@ class FoldMix(Callback):
     def on_step_end(self, trainer, record) -> None:
         i = int(self.rng.integers(len(self.folds)))
         self.counts[i] += 1
-        tensorize(self.model, fold=self.folds[i], backend=self.backend, positional=self.positional)
+        tensorize(self.model, fold=self.folds[i], **self.settings)
 
 
 def parse_folds(specs: list[str], context: int) -> list[tuple[int, ...]]:
@@ -271,6 +271,36 @@ def parse_folds(specs: list[str], context: int) -> list[tuple[int, ...]]:
         if math.prod(fold) != context:
             raise SystemExit(f"--fold-mix {fold}: product {math.prod(fold)} != --train-context {context}")
     return folds
+
+
+def adapter_settings(args, backend: str) -> dict:
+    """The ``tensorize`` keywords every stage of a run shares (all but the fold)."""
+    return dict(backend=backend, positional=args.positional, hop_gate=args.hop_gate)
+
+
+def gate_summary(model) -> dict:
+    """Learned hop gates: mean over layers and heads per coarse level, and per layer."""
+    gates = torch.stack([layer.self_attn.hop_gate_logits.detach().float().sigmoid() for layer in model.model.layers])
+    return {"mean_per_level": [round(x, 4) for x in gates.mean((0, 1)).tolist()],
+            "mean_per_layer": [round(x, 4) for x in gates.mean((1, 2)).tolist()],
+            "min": round(gates.min().item(), 4), "max": round(gates.max().item(), 4)}  # fmt: skip
+
+
+def with_optimizer(args):
+    """The Trainer's default AdamW, with the hop-gate logits in their own group at ``--gate-lr``: at the
+    model's lr they would move ~lr per step, too slowly to learn in a few hundred steps."""
+    if args.hop_gate is None:
+        return None
+
+    def factory(model, config):
+        gates = [p for name, p in model.named_parameters() if name.endswith("hop_gate_logits")]
+        rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("hop_gate_logits")]
+        groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+                  {"params": gates, "weight_decay": 0.0, "lr": args.gate_lr}]  # fmt: skip
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+
+    return factory
 
 
 def pick_backend(model, fold, requested: str, results, length: int = 2048, positional: str = "tensor_rope") -> str:
@@ -310,12 +340,12 @@ def continue_pretraining(model, stream, args, results, clock):
     deadline = time.time() + max(0.0, clock.left() - args.reserve_s)
     callbacks = [StopAt(deadline)]
     if args.fold_mix:
-        mix = FoldMix(model, parse_folds(args.fold_mix, args.train_context), results["backend"], args.positional)
+        mix = FoldMix(model, parse_folds(args.fold_mix, args.train_context), adapter_settings(args, results["backend"]))
         callbacks.append(mix)
     t0 = time.time()
-    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=callbacks).fit(data)
+    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=callbacks, optimizer_factory=with_optimizer(args)).fit(data)
     if args.fold_mix:  # saved with (and extrapolated from) the main fold
-        tensorize(model, fold=tuple(args.fold), backend=results["backend"], positional=args.positional)
+        tensorize(model, fold=tuple(args.fold), **adapter_settings(args, results["backend"]))
     seconds = time.time() - t0
     model.eval()
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
@@ -328,6 +358,8 @@ def continue_pretraining(model, stream, args, results, clock):
         "tokens_per_s": round(steps * args.batch_size * args.train_context / max(seconds, 1e-9)),
         "loss": [(r["step"], round(r["loss"], 4)) for r in trainer.history_ if "loss" in r],
     }
+    if args.hop_gate is not None:
+        results["training"]["hop_gates"] = gate_summary(model)
     if args.fold_mix:
         results["training"]["fold_mix"] = {spec: n for spec, n in zip(args.fold_mix, mix.counts)}
     print(f"trained {steps} steps in {seconds:.0f} s, last loss {results['training']['loss'][-1:]}", flush=True)
@@ -384,7 +416,8 @@ def evaluate_saved(args) -> None:
     train_fold = tuple(spec["fold"])
     results["fold_after"] = list(CausalFold.extrapolating(train_fold, max(args.lengths)).dims)
     for label, fold in (("tensorized_trained", results["fold_after"]), ("tensorized_trained_grow_coarsest", train_fold)):
-        tensorize(model, fold=tuple(fold), positional=spec["positional"], coverage=spec["coverage"], backend=spec["backend"])
+        tensorize(model, fold=tuple(fold), positional=spec["positional"], coverage=spec["coverage"], backend=spec["backend"],
+                  hop_gate=spec.get("hop_gate"))
         evaluate(model, None, volumes, args.lengths, (), label, results, clock, fixed)
     clock.save(results)
     print_table(results)
@@ -412,7 +445,7 @@ def run(args) -> None:
     if "before" in args.stages:
         for variant in args.before_variants:
             if variant == "tensorized_untrained":
-                tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
+                tensorize(model, fold=train_fold, **adapter_settings(args, backend))
             elif variant != "stock":
                 with_rope_scaling(model, variant.removesuffix("_x4"), 4.0)
             evaluate(model, tokenizer, volumes, before, keys, variant, results, clock, fixed)
@@ -423,16 +456,18 @@ def run(args) -> None:
 
     if "train" in args.stages and clock.left() > args.reserve_s + 30:
         model.to(torch.float32)  # fp32 master weights; the trainer autocasts to bf16
-        tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
+        tensorize(model, fold=train_fold, **adapter_settings(args, backend))
         model = continue_pretraining(model, stream, args, results, clock)
         model = save_and_reload(model, eval_dtype, device, results, args.save_to)
         clock.save(results)
         long_fold = CausalFold.extrapolating(train_fold, max(after))
-        tensorize(model, fold=long_fold, backend=backend, positional=args.positional)
+        tensorize(model, fold=long_fold, **adapter_settings(args, backend))
         results["fold_after"] = list(long_fold.dims)
         evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed)
+        if args.hop_gate is not None:  # the same model with every coarse hop shut: block-local attention
+            evaluate_gates_closed(model, volumes, after, results, clock, fixed)
         if "grow" in args.stages:  # same model, coarsest dim grown instead of the order
-            tensorize(model, fold=train_fold, backend=backend, positional=args.positional)
+            tensorize(model, fold=train_fold, **adapter_settings(args, backend))
             long = [L for L in after if L > math.prod(train_fold)]
             evaluate(model, tokenizer, volumes, long, (), "tensorized_trained_grow_coarsest", results, clock, fixed)
     results["wall_s"] = round(time.time() - clock.start, 1)
@@ -440,8 +475,23 @@ def run(args) -> None:
     print_table(results)
 
 
+def evaluate_gates_closed(model, volumes, lengths, results, clock, fixed) -> None:
+    """Perplexity with every hop gate at 0 (only the finest, block-local hop): what the coarse hops add."""
+    logits = [layer.self_attn.hop_gate_logits for layer in model.model.layers]
+    saved = [p.detach().clone() for p in logits]
+    with torch.no_grad():
+        for p in logits:
+            p.fill_(-float("inf"))
+    try:
+        evaluate(model, None, volumes, lengths, (), "tensorized_trained_gates_closed", results, clock, fixed)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(logits, saved):
+                p.copy_(value)
+
+
 def print_table(results) -> None:
-    order = (*BEFORE_VARIANTS, "tensorized_trained", "tensorized_trained_grow_coarsest")
+    order = (*BEFORE_VARIANTS, "tensorized_trained", "tensorized_trained_gates_closed", "tensorized_trained_grow_coarsest")
     labels = [k for k in order if k in results]
     lengths = sorted({int(L) for k in labels for L in results[k]})
     for key, title in (("ppl", "ppl: last quarter of the first L tokens (passkey)"),
@@ -478,6 +528,9 @@ def main(argv=None) -> None:
                         "(starts closer to the stock model: untrained ppl 257 vs 866 at 2k on CPU, NOTES)")
     r.add_argument("--fold-mix", nargs="*", default=[], metavar="DIMS",
                    help='train on these folds (e.g. "8,2048" "2,2,2,2048"), one drawn per step; --fold stays the saved one')
+    r.add_argument("--hop-gate", type=float, default=None,
+                   help="learned hop gates starting at this value in (0, 1) (tensorize(hop_gate=...)); default: none")
+    r.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the hop-gate logits")
     r.add_argument("--train-context", type=int, default=16384)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--batch-size", type=int, default=1)

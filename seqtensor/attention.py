@@ -155,6 +155,7 @@ def tensorized_attention(
     hop_order: Sequence[int] | None = None,
     backend: str = "auto",
     validate_values: bool = True,
+    hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-hop attention over a folded sequence.
 
@@ -172,6 +173,10 @@ def tensorized_attention(
     hop_order : dims to hop along, 0-based (0 = coarsest); default finest to coarsest.
     backend : "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
     validate_values : check q, k, v for NaN/inf (one reduction; turn off inside trusted models).
+    hop_gates : optional (H, m - 1) values in [0, 1], an extension of SPEC's hop (fibre mode): the
+        i-th hop after the first updates ``V <- V + g[:, i] * (hop(V) - V)`` instead of
+        ``V <- hop(V)``, so a model can keep its local (first-hop) result and take only part of the
+        coarser mixtures. All ones is the plain method. Runs on the reference backend.
 
     Returns
     -------
@@ -183,9 +188,13 @@ def tensorized_attention(
     )
     if mode == "kronecker":
         return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
+    if hop_gates is not None:
+        check(mode == "fibre", "hop_gates apply to mode='fibre' only")
+        check_hop_gates(hop_gates, q.shape[1], fold.order, values=validate_values)
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
     fn = _BACKENDS[resolve_backend(backend, q_in.device)]
+    gated = {} if hop_gates is None else {"hop_gates": hop_gates}
     return fn(
         q,
         k,
@@ -198,6 +207,17 @@ def tensorized_attention(
         scale=scale,
         hop_positional=hop_positional,
         key_padding_mask=key_padding_mask,
+        **gated,
+    )
+
+
+def check_hop_gates(gates: torch.Tensor, H: int, m: int, values: bool = True) -> None:
+    """(H, m - 1) floating gates in [0, 1] (the range read only with ``values``: a device sync), or a named error."""
+    check_tensor("hop_gates", gates, ndim=2, floating=True)
+    check(tuple(gates.shape) == (H, m - 1), f"hop_gates must have shape (H={H}, m-1={m - 1}), got {tuple(gates.shape)}")
+    check(
+        not values or bool(((gates >= 0) & (gates <= 1)).all()),
+        "hop_gates must lie in [0, 1] (e.g. a sigmoid of learned logits); NaN is not a gate",
     )
 
 
@@ -214,6 +234,7 @@ def attention_matrix(
     scale: float | None = None,
     hop_order: Sequence[int] | None = None,
     backend: str = "reference",
+    hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The effective (B, H, n, n) matrix M of the whole multi-hop process, for small n.
 
@@ -238,4 +259,5 @@ def attention_matrix(
         scale=scale,
         hop_order=hop_order,
         backend="reference" if backend == "auto" else backend,
+        hop_gates=hop_gates,
     )

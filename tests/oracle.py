@@ -53,11 +53,13 @@ def hop_keys(query, j, dims, causal, coverage, processed):
     return keys
 
 
-def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=None, scale=None, rope_base=None, valid=None):
+def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=None, scale=None, rope_base=None, valid=None,
+                     gates=None):
     """(H, n, n) effective matrix for one batch element. q (H, n, d), k (Hkv, n, d), float64.
 
     valid: (n,) bool of kept tokens (default all). Padded/masked positions have zero q and k,
     are keys only once they received a valid key (relays), as the SPEC requires.
+    gates: (H, m - 1) hop gates; the i-th hop after the first is then (1 - g) I + g A.
     """
     H, n, d = q.shape
     G = H // k.shape[0]
@@ -75,7 +77,7 @@ def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=Non
         M = torch.eye(N, dtype=torch.float64)
         ok = list(ok0)
         processed: list[int] = []
-        for j in order:
+        for i, j in enumerate(order):
             A = torch.zeros(N, N, dtype=torch.float64)
             new_ok = [False] * N
             for t in range(N):
@@ -93,6 +95,9 @@ def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=Non
                 p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
                 for u, w in zip(keys, p):
                     A[t, u] = w
+            if gates is not None and i > 0:
+                g = float(gates[h][i - 1])
+                A = (1 - g) * torch.eye(N, dtype=torch.float64) + g * A
             M = A @ M
             ok = new_ok
             processed.append(j)

@@ -281,3 +281,68 @@ def test_argument_types_are_checked_by_name():
         st.Fold((3, 4)).coords(1.5)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         st.attention_matrix([1], q, (3, 4))
+
+
+GATED_CASES = [
+    # dims, n, causal, positional, Hkv
+    ((2, 3, 4), 24, True, "tensor_rope", 1),
+    ((3, 3, 3), 25, True, None, 2),
+    ((2, 2, 2, 3), 21, True, "tensor_rope", 1),
+    ((4, 6), 24, False, None, 2),
+]
+
+
+@pytest.mark.parametrize("dims, n, causal, positional, Hkv", GATED_CASES)
+def test_hop_gates_match_brute_force_oracle(dims, n, causal, positional, Hkv):
+    q, k, v = qkv(B=1, H=2, Hkv=Hkv, n=n, d=6)
+    gates = torch.rand(2, len(dims) - 1, dtype=f64)
+    opts = dict(causal=causal, positional=positional, hop_gates=gates)
+    M = st.attention_matrix(q, k, dims, **opts)
+    oracle = effective_matrix(q[0], expand_kv(k, 2)[0] if Hkv == 2 else k[0], dims, causal=causal,
+                              rope_base=1e4 if positional else None, gates=gates)  # fmt: skip
+    torch.testing.assert_close(M[0], oracle, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(st.tensorized_attention(q, k, v, dims, **opts), M @ expand_kv(v, 2), rtol=1e-10, atol=1e-12)
+
+
+def test_hop_gates_closed_forms():
+    """Open gates are the plain method; closed gates leave the first (finest, block-local) hop; with
+    one coarse hop the output is linear in the gate."""
+    q, k, v = qkv(B=2, H=4, Hkv=2, n=30, d=8)
+    dims = (5, 6)
+    plain = st.tensorized_attention(q, k, v, dims, causal=True)
+    torch.testing.assert_close(st.tensorized_attention(q, k, v, dims, causal=True, hop_gates=torch.ones(4, 1, dtype=f64)), plain)
+    local = st.tensorized_attention(q, k, v, dims, causal=True, hop_gates=torch.zeros(4, 1, dtype=f64))
+    blocks = lambda x: x.reshape(2, x.shape[1], 5, 6, 8).transpose(1, 2).reshape(10, x.shape[1], 6, 8)  # noqa: E731
+    dense = F.scaled_dot_product_attention(blocks(q), blocks(expand_kv(k, 4)), blocks(expand_kv(v, 4)), is_causal=True)
+    torch.testing.assert_close(local, dense.reshape(2, 5, 4, 6, 8).transpose(1, 2).reshape(2, 4, 30, 8))
+    g = torch.tensor([[0.1], [0.5], [0.7], [0.95]], dtype=f64)
+    mixed = st.tensorized_attention(q, k, v, dims, causal=True, hop_gates=g)
+    torch.testing.assert_close(mixed, (1 - g[None, :, :, None]) * local + g[None, :, :, None] * plain)
+
+
+def test_hop_gates_are_differentiable_and_causal():
+    q, k, v = qkv(B=1, H=2, Hkv=1, n=24, d=4)
+    logits = torch.zeros(2, 2, dtype=f64, requires_grad=True)
+    out = st.tensorized_attention(q, k, v, (2, 3, 4), causal=True, positional="tensor_rope", hop_gates=logits.sigmoid())
+    out.square().sum().backward()
+    assert logits.grad.abs().min() > 0
+    v2 = v.clone()
+    v2[:, :, 13:] += 1.0
+    out2 = st.tensorized_attention(q, k, v2, (2, 3, 4), causal=True, positional="tensor_rope", hop_gates=logits.sigmoid())
+    torch.testing.assert_close(out2[:, :, :13], out[:, :, :13].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "gates, match",
+    [
+        (torch.ones(2, 2), r"shape \(H=2, m-1=1\)"),
+        (torch.ones(2), "2 dimensions"),
+        (torch.full((2, 1), 1.5), r"\[0, 1\]"),
+        (torch.full((2, 1), float("nan")), "NaN"),
+        (torch.ones(2, 1, dtype=torch.long), "floating"),
+    ],
+)
+def test_hop_gates_bad_input_is_named(gates, match):
+    q, k, v = qkv(B=1, H=2, Hkv=1, n=12, d=4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        st.tensorized_attention(q, k, v, (3, 4), causal=True, hop_gates=gates.to(f64) if gates.is_floating_point() else gates)

@@ -309,3 +309,12 @@ def test_non_finite_values_at_masked_tokens_do_not_leak(backend, causal):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
         for a, b in zip(grads, want_grads):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_hop_gates_run_on_the_reference_with_a_warning():
+    _, (q, k, v), _ = make_inputs(1, 2, 1, 24, 8, f64)
+    gates = torch.tensor([[0.2, 0.9], [0.6, 0.4]], dtype=f64)
+    with pytest.warns(RuntimeWarning, match="hop_gates"):
+        out = tensorized_attention(q, k, v, (2, 3, 4), causal=True, backend="triton", hop_gates=gates)
+    ref = tensorized_attention(q, k, v, (2, 3, 4), causal=True, backend="reference", hop_gates=gates)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -349,7 +349,7 @@ def test_save_and_reload(tmp_path):
         spec = dict(reloaded.config.seqtensor)
         spec.pop("stock_windows")
         assert spec == {"fold": [3, 4], "positional": "tensor_rope", "coverage": "axial", "backend": "auto",
-                        "top_level_cache": "int8"}  # fmt: skip
+                        "top_level_cache": "int8", "hop_gate": None}  # fmt: skip
         torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
 
 
@@ -470,7 +470,7 @@ def test_adapt_llm_fold_mix_switches_the_fold_each_step():
 
     model, fresh = _model().eval(), _model().eval()
     ids = _ids(1, 32)
-    mix = example.FoldMix(model, folds, "reference", "tensor_rope", seed=0)
+    mix = example.FoldMix(model, folds, {"backend": "reference", "positional": "tensor_rope", "hop_gate": None}, seed=0)
     seen = set()
     for _ in range(12):
         mix.on_step_end(None, {})
@@ -480,3 +480,109 @@ def test_adapt_llm_fold_mix_switches_the_fold_each_step():
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
     assert seen == set(folds) and sum(mix.counts) == 13
+
+
+def test_adapt_llm_trains_hop_gates_at_their_own_rate():
+    """examples/adapt_llm.py --hop-gate: the gate logits get their own AdamW group at --gate-lr, so
+    one step moves them by ~gate_lr while the weights move by ~lr."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
+    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = Namespace(hop_gate=0.2, gate_lr=0.05, positional="tensor_rope")
+    model = tensorize(_model(), fold=(2, 3, 4), **example.adapter_settings(args, "reference")).train()
+    from seqtensor.trainer import TrainerConfig
+
+    optimizer = example.with_optimizer(args)(model, TrainerConfig(lr=1e-4, weight_decay=0.0))
+    gate = model.model.layers[0].self_attn.hop_gate_logits
+    before, weight = gate.detach().clone(), model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    ids = _ids(1, 24)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    torch.testing.assert_close((gate.detach() - before).abs(), torch.full_like(before, 0.05), rtol=0.01, atol=0)
+    assert (model.model.layers[0].self_attn.q_proj.weight.detach() - weight).abs().max() <= 1.01e-4
+    summary = example.gate_summary(model)
+    assert len(summary["mean_per_level"]) == 2 and len(summary["mean_per_layer"]) == 2
+    assert example.with_optimizer(Namespace(hop_gate=None)) is None
+
+
+# ----------------------------------------------------------------------------- learned hop gates
+
+
+def _gated_model(fold=(2, 3, 4), seed: int = 3, **kwargs):
+    """A tiny model with hop gates drawn per layer, head and level (not the initial constant)."""
+    model = tensorize(_model(**kwargs), fold=fold, hop_gate=0.3)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.hop_gate_logits.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("dims", [(3, 4, 5), (2, 2, 2, 2)])
+def test_gated_layer_cache_matches_whole_sequence(dims):
+    torch.manual_seed(0)
+    B, H, Hkv, n, d = 2, 4, 2, 47, 8
+    q = torch.randn(B, H, n, d, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, n, d, dtype=torch.float64) for _ in range(2))
+    fold, rope = CausalFold(dims), TensorRoPE(d)
+    gates = torch.rand(H, len(dims) - 1, dtype=torch.float64)
+    ref = tensorized_attention(q, k, v, fold.for_length(n), causal=True, positional=rope, backend="reference", hop_gates=gates)
+    assert (ref - tensorized_attention(q, k, v, fold.for_length(n), causal=True, positional=rope)).abs().max() > 1e-3
+    for p, chunk in ((1, 1), (20, 7)):
+        levels = block_levels(q[:, :, :p], k[:, :, :p], v[:, :, :p], fold, coverage="full", positional=rope, scale=d**-0.5,
+                              backend="reference", hop_gates=gates)  # fmt: skip
+        state = LayerCache(fold, coverage="full", positional=rope, scale=d**-0.5, length=torch.full((B,), p),
+                           offset=torch.zeros(B, dtype=torch.long), levels=levels, stored=p, hop_gates=gates)  # fmt: skip
+        outs = [state.step(q[:, :, s : s + chunk], k[:, :, : s + chunk], v[:, :, : s + chunk]) for s in range(p, n, chunk)]
+        torch.testing.assert_close(torch.cat(outs, 2)[:, :, : n - p], ref[:, :, p:], atol=1e-12, rtol=0)
+
+
+def test_gated_model_generates_and_steps_like_its_full_forward():
+    model = _gated_model(fold=(2, 3, 4))
+    ids = _ids(2, 45)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    stepped, _ = _stepped_logits(model, ids, 10, [5] * 4 + [1] * 15)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    padded, mask = _left_pad([_ids(1, 19, seed=5)[0], _ids(1, 11, seed=6)[0]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(padded, **kwargs), model.generate(padded, use_cache=False, **kwargs))
+
+
+def test_hop_gates_train_save_reload_and_extrapolate(tmp_path):
+    model = _gated_model(fold=(3, 4))
+    ids = _ids(1, 36)
+    logits = [layer.self_attn.hop_gate_logits for layer in model.model.layers]
+    assert logits[0].shape == (4, 1)
+    loss = model.train()(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().min() > 0 for p in logits)
+    model.eval()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        model.save_pretrained(tmp_path)
+        reloaded = load_tensorized(str(tmp_path))
+        assert reloaded.config.seqtensor["hop_gate"] == 0.3
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
+        # a longer fold keeps the learned gates; its new (coarsest) level repeats the coarsest trained one
+        tensorize(model, fold=CausalFold.extrapolating((3, 4), 36), hop_gate=0.3)  # (3, 3, 4)
+        assert model.model.layers[0].self_attn.hop_gate_logits is logits[0]
+        grown = model(ids, use_cache=False).logits
+        for p in logits:
+            p.data = torch.cat([p.data, p.data], dim=1)
+        torch.testing.assert_close(model(ids, use_cache=False).logits, grown, atol=0, rtol=0)
+        stock = untensorize(reloaded)(ids).logits
+        assert not any(name.endswith("hop_gate_logits") for name, _ in reloaded.named_parameters())
+        torch.testing.assert_close(stock, _model()(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_hop_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="hop_gate must be"):
+        tensorize(_model(), fold=(3, 4), hop_gate=1.0)
+    with pytest.raises(ValueError, match="order >= 2"):
+        tensorize(_model(), fold=(12,), hop_gate=0.5)

@@ -39,6 +39,7 @@ Saving: ``save_pretrained`` writes the weights and ``config.seqtensor`` (the set
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -89,6 +90,10 @@ class TextAdapterConfig:
     top_level_cache : how generation stores the top hop's input, the largest part of the cache:
         "native" (the model's dtype; exact) or "int8" (a per-row scale; ~1% error, half the bytes
         of bf16).
+    hop_gate : None (the method as SPEC defines it) or the initial value in (0, 1) of learned hop
+        gates: per layer, head and coarse level, ``V <- V + g * (hop(V) - V)``
+        (``tensorized_attention(hop_gates=...)``). Levels beyond those trained use the coarsest
+        trained gate. Gated attention runs on the reference backend.
     """
 
     fold: tuple[int, ...] = (32, 32, 32)  # CausalFold dims, coarsest first
@@ -96,9 +101,15 @@ class TextAdapterConfig:
     coverage: str = "full"  # causal coverage scheme
     backend: str = "auto"  # "auto": Triton on CUDA, the reference elsewhere
     top_level_cache: str = "native"  # "native" or "int8"
+    hop_gate: float | None = None  # initial learned gate of the coarse hops; None: no gates
 
     def __post_init__(self) -> None:
         self.fold = CausalFold(tuple(self.fold)).dims
+        check(
+            self.hop_gate is None or (isinstance(self.hop_gate, (int, float)) and not isinstance(self.hop_gate, bool) and 0 < self.hop_gate < 1),
+            f"hop_gate must be None or a number in (0, 1), got {self.hop_gate!r}",
+        )
+        check(self.hop_gate is None or len(self.fold) >= 2, f"hop_gate needs a fold of order >= 2 (coarse hops to gate), got {self.fold}")
         check_choice("positional", self.positional, _POSITIONALS)
         check_choice("coverage", self.coverage, ("full", "axial"))
         check_choice("top_level_cache", self.top_level_cache, ("native", "int8"))
@@ -247,7 +258,8 @@ def _attention(
     if T == L:
         if first_layer:
             _check_one_sequence_per_row(kwargs.get("position_ids"), mask)
-        out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None)
+        gates = _hop_gates(module, settings.fold.order)
+        out, state = _prefill(settings, query, key, value, mask, scale, with_state=cache is not None, hop_gates=gates)
         if cache is not None:
             _states(cache)[module.layer_idx] = state
             _trim_values(cache, module.layer_idx, state)
@@ -320,7 +332,18 @@ def _shared_plan(cache, state: LayerCache, L: int, dtype: torch.dtype):
     return cached[1]
 
 
-def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool):
+def _hop_gates(module: nn.Module, m: int) -> torch.Tensor | None:
+    """The layer's (H, m - 1) gates for an order-m fold: levels past the trained ones repeat the coarsest."""
+    logits = getattr(module, "hop_gate_logits", None)
+    if logits is None:
+        return None
+    extra = m - 1 - logits.shape[1]
+    if extra > 0:
+        logits = torch.cat([logits, logits[:, -1:].expand(-1, extra)], dim=1)
+    return logits[:, : m - 1].sigmoid()
+
+
+def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool, hop_gates: torch.Tensor | None = None):
     """Whole-sequence tensorized attention on the compacted sequence, and the decoding state."""
     B, H, n, _ = q.shape
     device = q.device
@@ -342,6 +365,7 @@ def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool
         scale=scale,
         backend=cfg.backend,
         validate_values=False,
+        hop_gates=hop_gates,
     )  # (B, H, n, dv), compact order
     state = None
     if with_state:
@@ -350,7 +374,9 @@ def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool
         if mask is not None:
             left = torch.arange(n, device=device) >= offset[:, None]
             check(bool((left == mask).all()), "cached generation with tensorized attention needs left padding (pad tokens first)")
-        levels = block_levels(q, k, v, settings.fold, coverage=cfg.coverage, positional=positional, scale=scale, backend=cfg.backend)
+        levels = block_levels(
+            q, k, v, settings.fold, coverage=cfg.coverage, positional=positional, scale=scale, backend=cfg.backend, hop_gates=hop_gates
+        )
         state = LayerCache(
             settings.fold,
             coverage=cfg.coverage,
@@ -361,6 +387,7 @@ def _prefill(settings: _LayerSettings, q, k, v, mask, scale, *, with_state: bool
             levels=levels,
             stored=n,
             top_int8=cfg.top_level_cache == "int8",
+            hop_gates=None if hop_gates is None else hop_gates.detach(),
         )
     if order is not None:
         out = out.gather(2, torch.argsort(order, dim=1)[:, None, :, None].expand_as(out))
@@ -515,6 +542,7 @@ def tensorize(
     coverage: str = "full",
     backend: str = "auto",
     top_level_cache: str = "native",
+    hop_gate: float | None = None,
 ) -> nn.Module:
     """Switch a loaded Llama / Mistral / Qwen2-family causal LM to tensorized attention, in place.
 
@@ -538,9 +566,11 @@ def tensorize(
     """
     _check_supported(model)
     config = TextAdapterConfig(
-        fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend, top_level_cache=top_level_cache
-    )
+        fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend, top_level_cache=top_level_cache,
+        hop_gate=hop_gate,
+    )  # fmt: skip
     resolve_backend(backend, next(model.parameters()).device)  # fail now on an unknown backend
+    trained_gates = [getattr(attn, "hop_gate_logits", None) for attn in _attention_modules(model)]
     if is_tensorized(model):
         untensorize(model)
     mc = model.config
@@ -561,9 +591,11 @@ def tensorize(
     if config.positional != "rope":
         model.model.rotary_emb = _IdentityRotary(model.model.rotary_emb, head_dim)
     restore["module_windows"] = [getattr(attn, "sliding_window", None) for attn in _attention_modules(model)]
-    for attn in _attention_modules(model):
+    for attn, gates in zip(_attention_modules(model), trained_gates):
         attn._seqtensor = settings
         attn._seqtensor_cache = None
+        if config.hop_gate is not None:  # a re-tensorized model (e.g. a longer fold) keeps its learned gates
+            attn.hop_gate_logits = gates if gates is not None else _new_gate_logits(attn, mc.num_attention_heads, config)
         if hasattr(attn, "sliding_window"):
             attn.sliding_window = None
         restore["hooks"].append(attn.register_forward_pre_hook(_capture_cache, with_kwargs=True))
@@ -578,8 +610,15 @@ def tensorize(
     return model
 
 
+def _new_gate_logits(attn: nn.Module, heads: int, config: TextAdapterConfig) -> nn.Parameter:
+    weight = attn.q_proj.weight
+    logit = math.log(config.hop_gate / (1 - config.hop_gate))
+    return nn.Parameter(torch.full((heads, len(config.fold) - 1), logit, dtype=weight.dtype, device=weight.device))
+
+
 def untensorize(model: nn.Module) -> nn.Module:
-    """Undo ``tensorize``: stock attention, RoPE and sliding windows again. Returns the model."""
+    """Undo ``tensorize``: stock attention, RoPE and sliding windows again (learned hop gates are
+    dropped). Returns the model."""
     restore = getattr(model, "_seqtensor_restore", None)
     check(restore is not None, "untensorize: this model is not tensorized")
     for handle in restore["hooks"]:
@@ -593,6 +632,8 @@ def untensorize(model: nn.Module) -> nn.Module:
         mc.layer_types = restore["layer_types"]
     for attn, window in zip(_attention_modules(model), restore["module_windows"]):
         del attn._seqtensor, attn._seqtensor_cache
+        if hasattr(attn, "hop_gate_logits"):
+            del attn.hop_gate_logits
         if hasattr(attn, "sliding_window"):
             attn.sliding_window = window
     _set_attn_implementation(model, restore["attn_implementation"])
@@ -629,4 +670,30 @@ def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
         for attn, window in zip(_attention_modules(model), stock["module_windows"]):
             if hasattr(attn, "sliding_window"):
                 attn.sliding_window = window
-    return tensorize(model, **TextAdapterConfig.from_dict(spec).__dict__)
+    config = TextAdapterConfig.from_dict(spec)
+    tensorize(model, **config.__dict__)
+    if config.hop_gate is not None:
+        _load_gate_logits(model, path)
+    return model
+
+
+def _load_gate_logits(model: nn.Module, path: str) -> None:
+    """The learned hop gates from a local checkpoint folder (stock ``from_pretrained`` skips them)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    saved = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            saved.update({key: f.get_tensor(key) for key in f.keys() if key.endswith("hop_gate_logits")})
+    params = {name: p for name, p in model.named_parameters() if name.endswith("hop_gate_logits")}
+    check(
+        set(saved) == set(params),
+        f"{path} was saved with hop gates but holds {len(saved)} of the model's {len(params)} gate tensors "
+        "(load_tensorized reads them from the folder's .safetensors files)",
+    )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])

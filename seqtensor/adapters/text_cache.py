@@ -173,13 +173,14 @@ def block_levels(
     positional: PositionalScheme | None,
     scale: float | None,
     backend: str,
+    hop_gates: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Value levels 1..m-1 (the states after the first l hops) for a whole sequence.
 
     Level l only mixes tokens inside blocks of ``w_l`` tokens, so it is the full multi-hop
     attention of the l finest dims run on each block as its own sequence. Each level is one
     ``tensorized_attention`` call (any backend). q (B, H, n, d), k, v (B, Hkv, n, d) ->
-    [(B, H, n, dv)] * (m - 1).
+    [(B, H, n, dv)] * (m - 1). ``hop_gates`` (H, m - 1): those of the model (see ``tensorized_attention``).
     """
     B, H, n, _ = q.shape
     levels = []
@@ -202,6 +203,7 @@ def block_levels(
             scale=scale,
             backend=backend,
             validate_values=False,
+            hop_gates=None if hop_gates is None else hop_gates[:, : hop - 1],
         )  # (B * N/w, H, w, dv)
         out = out.reshape(B, N // w, H, w, -1).transpose(1, 2).reshape(B, H, N, -1)
         levels.append(out[:, :, :n])
@@ -259,6 +261,7 @@ class LayerCache:
         for the top level.
     top_scale : (B, H, capacity) fp32 row scales when the top level is stored in int8 (``top_int8``:
         a quarter of fp32, half of bf16; an approximation), else None.
+    hop_gates : (H, m - 1) or None, as in ``tensorized_attention`` (such steps run the PyTorch path).
     """
 
     def __init__(
@@ -273,7 +276,9 @@ class LayerCache:
         levels: list[torch.Tensor],
         stored: int,
         top_int8: bool = False,
+        hop_gates: torch.Tensor | None = None,
     ) -> None:
+        self.hop_gates = hop_gates
         self.stored = stored  # tokens in the backing K/V store (padding included)
         self.v_start = 0  # cache positions dropped from the front of the V store (``values_needed_from``)
         self.fold, self.coverage, self.positional, self.scale = fold, coverage, positional, scale
@@ -394,7 +399,7 @@ class LayerCache:
             f"the value cache holds {v_all.shape[2]} positions from {self.v_start} but the key cache "
             f"{k_all.shape[2]}: pass V without its first v_start positions (as the text adapter keeps it)",
         )
-        decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 else None
+        decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 and self.hop_gates is None else None
         if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
             return self._step_kernel(decode, q, k_all, v_all)
         Hkv, G = k_all.shape[1], H // k_all.shape[1]
@@ -420,7 +425,11 @@ class LayerCache:
                 vals = self._level_values(hop, level, t, p)  # (B, H, L, K, dv)
                 vals = vals.to(work).reshape(B, Hkv, G, L, -1, vals.shape[-1]).transpose(2, 3)  # (B, Hkv, L, G, K, dv)
                 out = (probs.unsqueeze(-2) @ vals).squeeze(-2)  # (B, Hkv, L, G, dv)
-            level = out.transpose(2, 3).reshape(B, H, L, -1).to(q.dtype)
+            out = out.transpose(2, 3).reshape(B, H, L, -1)
+            if self.hop_gates is not None and hop > 0:  # this token's own value at the level below, as the prefill mixes it
+                g = self.hop_gates[:, hop - 1].to(work)[None, :, None, None]
+                out = level.to(work) + g * (out - level.to(work))
+            level = out.to(q.dtype)
             if hop + 1 < self.fold.order and L > 1:
                 new_levels[hop + 1] = level
         self._write(new_levels, t)

@@ -77,13 +77,15 @@ def fibre_attention_reference(
     hop_positional: PositionalScheme | None = None,
     key_padding_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-hop fibre attention. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n, dv).
 
     Inputs are assumed validated (``seqtensor.tensorized_attention`` does that); ``hop_order``
     lists dims 0-based (0 = coarsest), default finest to coarsest. ``compute_dtype`` overrides the
     working precision (default: float32 for half inputs); the kernel tests use the inputs' own
-    dtype to measure what plain PyTorch loses at that precision.
+    dtype to measure what plain PyTorch loses at that precision. ``hop_gates`` (H, m - 1): the
+    i-th hop after the first mixes ``V + g[:, i] * (hop(V) - V)`` (see ``tensorized_attention``).
     """
     B, H, _, d = q.shape
     m, N = len(dims), math.prod(dims)
@@ -95,9 +97,13 @@ def fibre_attention_reference(
     # States stay (B, Hkv, G|1, n_1, ..., n_m, e) between hops (a permuted view, no copy back).
     qg, kg, vg, valid = qg.unflatten(3, dims), kg.unflatten(3, dims), vg.unflatten(3, dims), valid.unflatten(1, dims)
     processed: set[int] = set()
-    for j in hop_order:
+    for i, j in enumerate(hop_order):
         with_summary = causal and coverage == "full" and math.prod(dims[j + 1 :]) > 1 and processed == set(range(j + 1, m))
+        v_in = vg
         vg, valid = _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary)
+        if hop_gates is not None and i > 0:
+            g = hop_gates[:, i - 1].to(vg.dtype).reshape(1, k.shape[1], H // k.shape[1], *[1] * (m + 1))
+            vg = v_in + g * (vg - v_in)
         processed.add(j)
     # Returned as a (B, H, n, dv) view of (B, N, H, dv) memory: the caller's transpose back to
     # (B, n, H * dv) is then free.

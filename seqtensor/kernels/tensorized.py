@@ -912,8 +912,10 @@ class _FibreAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional) -> str | None:
+def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional, hop_gates=None) -> str | None:
     """Why the Triton kernels cannot run this call (None when they can); such calls use the reference."""
+    if hop_gates is not None:
+        return "hop_gates have no kernel yet"
     if not (q.is_cuda or _INTERPRET):
         return f"tensors on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -938,18 +940,19 @@ def tensorized_fibre_attention(
     scale: float | None = None,
     hop_positional=None,
     key_padding_mask: torch.Tensor | None = None,
+    hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-hop fibre attention on Triton. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n, dv).
 
     Same signature and results as ``fibre_attention_reference``; inputs may be strided views.
     Calls the kernels cannot run (see ``fallback_reason``) go to the reference with a warning.
     """
-    reason = fallback_reason(q, k, v, hop_positional)
+    reason = fallback_reason(q, k, v, hop_positional, hop_gates)
     if reason is not None:
         warnings.warn(f"seqtensor triton backend: using the reference ({reason})", RuntimeWarning, stacklevel=2)
         return fibre_attention_reference(
             q, k, v, dims, n, causal=causal, coverage=coverage, hop_order=hop_order, scale=scale,
-            hop_positional=hop_positional, key_padding_mask=key_padding_mask,
+            hop_positional=hop_positional, key_padding_mask=key_padding_mask, hop_gates=hop_gates,
         )  # fmt: skip
     if key_padding_mask is not None:  # masked tokens zeroed, as the reference does: NaN/inf there would leak via 0 * NaN
         keep = key_padding_mask[:, None, :, None]
