@@ -13,6 +13,7 @@
 #   PART=7 bash benchmarks/gpu_session.sh 540                   (one GPU: kernel tests, decode timings, forecasts)
 #   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels)
 #   PART=9 bash benchmarks/gpu_session.sh 570                   (one GPU: SmolLM2 with / without hop gates, GGUF in /tmp/smol)
+#   PART=10 bash benchmarks/gpu_session.sh 570                  (one GPU: the gated SmolLM2 run alone, GGUF in /tmp/smol)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
@@ -148,6 +149,17 @@ adapt9() {  # session 8 (GGUF in /tmp/smol): finest dim 2,048 with equal coarse 
     adapt 0 "$common" ungated &
 }
 
+adapt10() {  # session 8, alone on the GPU: the gated 4x4x2048 run at 32k (Triton), evaluated 8k-512k; then the
+    # GPU tests of the gated kernels
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job adapt_llm_gated_long $((BUDGET - 90)) python3 examples/adapt_llm.py run --data .carry/llm \
+        --budget-s $((BUDGET - 110)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_long.json" \
+        --stages train --steps 320 --reserve-s 210 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
+        --train-context 32768 --fold 4 4 2048 --join-volumes 4 --hop-gate 0.05 \
+        --lengths-after 8192 16384 32768 65536 131072 262144 524288
+    job gpu_gate_tests 80 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k "gate"
+}
+
 case "${PART:-1}" in
     2) queue2 & queue3 & ;;
     2single) queue3; queue2 ;;  # one-GPU machine: both queues in turn on GPU 0
@@ -155,6 +167,7 @@ case "${PART:-1}" in
     3single) adapt 0 "${ADAPT0:-}" ;;
     3shared) adapt 0 "${ADAPT0:-}" a & adapt 0 "${ADAPT1:-}" b & ;;  # two small runs share one GPU
     9) adapt9 ;;
+    10) adapt10 ;;
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
     6) queue6 ;;

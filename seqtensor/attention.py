@@ -176,7 +176,7 @@ def tensorized_attention(
     hop_gates : optional (H, m - 1) values in [0, 1], an extension of SPEC's hop (fibre mode): the
         i-th hop after the first updates ``V <- V + g[:, i] * (hop(V) - V)`` instead of
         ``V <- hop(V)``, so a model can keep its local (first-hop) result and take only part of the
-        coarser mixtures. All ones is the plain method. Runs on the reference backend.
+        coarser mixtures. All ones is the plain method. Differentiable (gates too), both backends.
 
     Returns
     -------

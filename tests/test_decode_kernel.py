@@ -31,7 +31,7 @@ class Case:
     """Compact sequences q (B, H, N, d), k, v (B, Hkv, N, d|dv) and a prefill of ``prefill[i]`` tokens per row."""
 
     def __init__(self, dims, *, coverage="full", rope=False, H=2, Hkv=1, d=8, dv=None, prefill=(9, 4), steps=10,
-                 dtype=f64, seed=0):  # fmt: skip
+                 dtype=f64, seed=0, gates=False):  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         self.B, self.H, self.d, self.dv = len(prefill), H, d, dv or d
         self.prefill, self.steps, self.dtype = prefill, steps, dtype
@@ -42,16 +42,18 @@ class Case:
         self.fold, self.coverage = CausalFold(dims), coverage
         self.positional = TensorRoPE(d) if rope else None
         self.scale = d**-0.5
+        self.hop_gates = torch.rand(H, len(dims) - 1, generator=g, dtype=f64) if gates else None
 
     def state(self, dtype, *, top_room: int | None = None, top_int8: bool = False) -> LayerCache:
         """A cache after the prefill; ``top_room`` shrinks the top level so that it must grow soon."""
         p = max(self.prefill)
         q, k, v = (x[:, :, :p].to(dtype) for x in (self.q, self.k, self.v))
         levels = block_levels(q, k, v, self.fold, coverage=self.coverage, positional=self.positional,
-                              scale=self.scale, backend="reference")  # fmt: skip
+                              scale=self.scale, backend="reference", hop_gates=self.hop_gates)  # fmt: skip
         length = torch.tensor(self.prefill)
         state = LayerCache(self.fold, coverage=self.coverage, positional=self.positional, scale=self.scale,
-                           length=length, offset=p - length, levels=levels, stored=p, top_int8=top_int8)  # fmt: skip
+                           length=length, offset=p - length, levels=levels, stored=p, top_int8=top_int8,
+                           hop_gates=self.hop_gates)  # fmt: skip
         top = self.fold.order - 1
         if top_room is not None and top > 0:
             state.rings[top] = state.rings[top][:, :, : p + top_room].clone()
@@ -226,17 +228,24 @@ def test_gpu_config_one_head_per_program_and_chunked_hops(monkeypatch, split_chu
     check(Case((6,), H=2, Hkv=1, prefill=(5, 2), steps=5))
 
 
-def test_equals_whole_sequence_reference():
+@pytest.mark.parametrize("gates", [False, True], ids=["plain", "gated"])
+def test_equals_whole_sequence_reference(gates):
     """Kernel steps after a prefill equal tensorized attention over the whole sequence."""
     from seqtensor import tensorized_attention
 
-    case = Case((2, 3, 4), rope=True, H=4, Hkv=2, prefill=(10, 10), steps=9)
+    case = Case((2, 3, 4), rope=True, H=4, Hkv=2, prefill=(10, 10), steps=9, gates=gates)
     got, _ = run(case, f64, kernel=True)
     n = 19
     q, k, v = (x[:, :, :n] for x in (case.q, case.k, case.v))
     ref = tensorized_attention(q, k, v, case.fold.for_length(n), causal=True, positional=case.positional,
-                               scale=case.scale, backend="reference")  # fmt: skip
+                               scale=case.scale, backend="reference", hop_gates=case.hop_gates)  # fmt: skip
     torch.testing.assert_close(got.permute(1, 2, 0, 3), ref[:, :, 10:], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("top_int8", [False, True], ids=["native", "int8"])
+@pytest.mark.parametrize("dims,coverage", [((3, 4), "full"), ((2, 3, 4), "axial"), ((2, 2, 3, 2), "full")])
+def test_hop_gates_kernel_equals_pytorch_path(dims, coverage, top_int8):
+    check(Case(dims, coverage=coverage, rope=True, H=4, Hkv=2, gates=True), top_int8=top_int8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,22 +67,33 @@ def run_all(fn, leaves, views, dims, n, kw, grad_seed=1):
 
 
 def check_case(dims, n, *, H=2, Hkv=1, d=16, dv=None, causal=False, coverage="full", hop_order=None, rope=False,
-               mask=False, layout="bhnd", dtype=f64, B=1, seed=0):  # fmt: skip
+               mask=False, layout="bhnd", dtype=f64, B=1, seed=0, gates=False):  # fmt: skip
+    """Triton against the float64 reference: output and gradients of q, k, v (and of the hop gates)."""
     leaves, views, kpm = make_inputs(B, H, Hkv, n, d, dtype, dv=dv, layout=layout, mask=mask, seed=seed)
     kw = dict(
         causal=causal, coverage=coverage, hop_order=hop_order, scale=None,
         hop_positional=TensorRoPE(d) if rope else None, key_padding_mask=kpm,
     )  # fmt: skip
-    got = run_all(T.tensorized_fibre_attention, leaves, views, dims, n, kw)
+    gate = torch.rand(H, len(dims) - 1, generator=torch.Generator().manual_seed(seed + 7), dtype=f64) if gates else None
+
+    def with_gates(leaves, dtype):
+        if gate is None:
+            return list(leaves), kw
+        leaf = gate.to(dtype).requires_grad_()
+        return [*leaves, leaf], {**kw, "hop_gates": leaf}
+
+    all_leaves, kw_low = with_gates(leaves, dtype)
+    got = run_all(T.tensorized_fibre_attention, all_leaves, views, dims, n, kw_low)
     leaves64 = [x.detach().double().requires_grad_() for x in leaves]
     views64 = [x.view(v.transpose(1, 2).shape).transpose(1, 2) if layout == "bnhd" else x for x, v in zip(leaves64, views)]
-    want = run_all(R.fibre_attention_reference, leaves64, views64, dims, n, kw)
+    all64, kw64 = with_gates(leaves64, f64)
+    want = run_all(R.fibre_attention_reference, all64, views64, dims, n, kw64)
     if dtype in (torch.float32, f64):
-        base = run_all(R.fibre_attention_reference, leaves, views, dims, n, kw)
+        base = run_all(R.fibre_attention_reference, all_leaves, views, dims, n, kw_low)
     else:
-        base = run_all(eager_same_precision, leaves, views, dims, n, kw)
+        base = run_all(eager_same_precision, all_leaves, views, dims, n, kw_low)
     eps = torch.finfo(dtype).eps
-    for name, x, y, z in zip(("out", "dq", "dk", "dv"), got, want, base):
+    for name, x, y, z in zip(("out", "dq", "dk", "dv", "dgates"), got, want, base):
         assert torch.isfinite(x).all(), f"{name}: non-finite (unwritten) elements"
         err, err_base = (x - y).abs().max().item(), (z - y).abs().max().item()
         tol = 2 * err_base + 10 * eps * max(1.0, y.abs().max().item())
@@ -311,10 +322,16 @@ def test_non_finite_values_at_masked_tokens_do_not_leak(backend, causal):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_hop_gates_run_on_the_reference_with_a_warning():
-    _, (q, k, v), _ = make_inputs(1, 2, 1, 24, 8, f64)
-    gates = torch.tensor([[0.2, 0.9], [0.6, 0.4]], dtype=f64)
-    with pytest.warns(RuntimeWarning, match="hop_gates"):
-        out = tensorized_attention(q, k, v, (2, 3, 4), causal=True, backend="triton", hop_gates=gates)
-    ref = tensorized_attention(q, k, v, (2, 3, 4), causal=True, backend="reference", hop_gates=gates)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+GATED_CASES = [
+    ((4, 5), 20, dict(causal=True, rope=True)),
+    ((2, 3, 4), 24, dict(causal=True, rope=True, H=4, Hkv=2, dtype=torch.float32)),
+    ((2, 5, 3), 28, dict(causal=True, mask=True, layout="bnhd")),
+    ((3, 2, 5), 27, dict(rope=True, dtype=torch.float32)),
+    ((2, 2, 3, 2), 22, dict(causal=True, coverage="axial", H=2, Hkv=1)),
+    ((2, 20), 37, dict(causal=True, rope=True, dtype=torch.float16)),
+]
+
+
+@pytest.mark.parametrize("dims,n,opts", GATED_CASES, ids=[f"{'x'.join(map(str, c[0]))}-n{c[1]}" for c in GATED_CASES])
+def test_hop_gates_forward_and_gradients_match_reference(dims, n, opts):
+    check_case(dims, n, gates=True, **opts)

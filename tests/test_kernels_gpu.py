@@ -53,6 +53,12 @@ def test_gpu_matches_float64_reference(case, dtype):
     check_gpu(case, dtype)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_hop_gates_match_float64(case, dtype):
+    check_gpu(case, dtype, gates=True)
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=_id)
 def test_gpu_autotuned_path_matches_float64(case, monkeypatch):
     """triton.autotune (the default on GPUs the table was not tuned on) picks a config and stays correct."""
@@ -79,7 +85,7 @@ def test_gpu_every_autotune_candidate_matches_float64(monkeypatch):
         check_gpu(case, torch.bfloat16)
 
 
-def check_gpu(case, dtype):
+def check_gpu(case, dtype, gates=False):
     from seqtensor.kernels import tensorized as T
 
     dims, n, B, H, Hkv, d, layout, causal, coverage, rope, mask = case
@@ -99,17 +105,22 @@ def check_gpu(case, dtype):
         hop_positional=TensorRoPE(d).cuda() if rope else None, key_padding_mask=kpm,
     )  # fmt: skip
     g = torch.randn(B, H, n, d, device="cuda", generator=gen, dtype=f64)
+    l64 = [x.detach().double().requires_grad_() for x in leaves]
+    v64 = [x.view(B, n, -1, d).transpose(1, 2) if layout == "bnhd" else x for x in l64]
+    kw64 = kw
+    if gates:  # learned hop gates: their gradient is checked too
+        gate = torch.rand(H, len(dims) - 1, device="cuda", generator=gen)
+        low, high = gate.to(dtype).requires_grad_(), gate.double().requires_grad_()
+        leaves, l64, kw, kw64 = (*leaves, low), [*l64, high], {**kw, "hop_gates": low}, {**kw, "hop_gates": high}
     T.POISON = True
     try:
         got = outputs(T.tensorized_fibre_attention, leaves, views, dims, n, kw, g)
     finally:
         T.POISON = False
-    l64 = [x.detach().double().requires_grad_() for x in leaves]
-    v64 = [x.view(B, n, -1, d).transpose(1, 2) if layout == "bnhd" else x for x in l64]
-    want = outputs(R.fibre_attention_reference, l64, v64, dims, n, kw, g)
+    want = outputs(R.fibre_attention_reference, l64, v64, dims, n, kw64, g)
     base_fn = R.fibre_attention_reference if dtype == torch.float32 else eager_same_precision
     base = outputs(base_fn, leaves, views, dims, n, kw, g)
-    for name, x, y, z in zip(("out", "dq", "dk", "dv"), got, want, base):
+    for name, x, y, z in zip(("out", "dq", "dk", "dv", "dgates"), got, want, base):
         assert torch.isfinite(x).all(), f"{name}: non-finite (unwritten) elements"
         err, err_base = (x - y).norm().item(), (z - y).norm().item()
         tol = 2 * err_base + 1e-6 * y.norm().item()
@@ -119,11 +130,12 @@ def check_gpu(case, dtype):
         assert err <= tol, f"{name}: error {err:.3e} > 2 x same-precision PyTorch {err_base:.3e}"
 
 
+@pytest.mark.parametrize("gates", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("config", [{}, {"tile": 1024, "split_chunks": 1}], ids=["default", "many_splits"])
 @pytest.mark.parametrize("top_int8", [False, True], ids=["native", "int8"])
 @pytest.mark.parametrize("coverage", ["full", "axial"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_decode_kernel_matches_float64(dtype, coverage, top_int8, config, monkeypatch):
+def test_gpu_decode_kernel_matches_float64(dtype, coverage, top_int8, config, gates, monkeypatch):
     """The decode kernels (seqtensor.kernels.decode) at a Llama-like shape, several steps.
 
     Same rule: its error is at most twice the PyTorch step's error in the same dtype, both against
@@ -142,11 +154,13 @@ def test_gpu_decode_kernel_matches_float64(dtype, coverage, top_int8, config, mo
     q, k, v = (torch.randn(B, h, n0 + steps, d, device="cuda", dtype=f64, generator=g) for h in (H, Hkv, Hkv))
     rope = TensorRoPE(d, base=10000.0).cuda()
     kw = dict(coverage=coverage, positional=rope, scale=d**-0.5)
+    hop_gates = torch.rand(H, 2, device="cuda", dtype=f64, generator=g) if gates else None
 
     def state(dt):
-        levels = block_levels(q[:, :, :n0].to(dt), k[:, :, :n0].to(dt), v[:, :, :n0].to(dt), fold, backend="reference", **kw)
+        levels = block_levels(q[:, :, :n0].to(dt), k[:, :, :n0].to(dt), v[:, :, :n0].to(dt), fold, backend="reference",
+                              hop_gates=hop_gates, **kw)  # fmt: skip
         return LayerCache(fold, length=torch.full((B,), n0, device="cuda"), offset=torch.zeros(B, dtype=torch.long, device="cuda"),
-                          levels=levels, stored=n0, top_int8=top_int8, **kw)  # fmt: skip
+                          levels=levels, stored=n0, top_int8=top_int8, hop_gates=hop_gates, **kw)  # fmt: skip
 
     exact, fused, eager = state(f64), state(dtype), state(dtype)
     calls = []

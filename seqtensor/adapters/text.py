@@ -93,7 +93,7 @@ class TextAdapterConfig:
     hop_gate : None (the method as SPEC defines it) or the initial value in (0, 1) of learned hop
         gates: per layer, head and coarse level, ``V <- V + g * (hop(V) - V)``
         (``tensorized_attention(hop_gates=...)``). Levels beyond those trained use the coarsest
-        trained gate. Gated attention runs on the reference backend.
+        trained gate.
     """
 
     fold: tuple[int, ...] = (32, 32, 32)  # CausalFold dims, coarsest first

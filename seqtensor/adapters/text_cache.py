@@ -261,7 +261,7 @@ class LayerCache:
         for the top level.
     top_scale : (B, H, capacity) fp32 row scales when the top level is stored in int8 (``top_int8``:
         a quarter of fp32, half of bf16; an approximation), else None.
-    hop_gates : (H, m - 1) or None, as in ``tensorized_attention`` (such steps run the PyTorch path).
+    hop_gates : (H, m - 1) or None, as in ``tensorized_attention``.
     """
 
     def __init__(
@@ -399,7 +399,7 @@ class LayerCache:
             f"the value cache holds {v_all.shape[2]} positions from {self.v_start} but the key cache "
             f"{k_all.shape[2]}: pass V without its first v_start positions (as the text adapter keeps it)",
         )
-        decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 and self.hop_gates is None else None
+        decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 else None
         if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
             return self._step_kernel(decode, q, k_all, v_all)
         Hkv, G = k_all.shape[1], H // k_all.shape[1]
@@ -458,7 +458,7 @@ class LayerCache:
         out, self.length = decode.decode_step(
             q, k_all, v_all, rings, self.length, self.offset, self.fold.dims, self._consts[key],
             summary=self.coverage == "full", rope=self.positional is not None, max_length=self.max_length,
-            v_shift=self.v_start, top_scale=self.top_scale,
+            v_shift=self.v_start, top_scale=self.top_scale, hop_gates=self.hop_gates,
         )  # fmt: skip
         self.max_length += 1
         self.stored += 1

@@ -200,19 +200,21 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    Q, K, Vals, Part, O, Length, NewLength, Offset, Consts, TopScale,
+    Q, K, Vals, Part, O, Length, NewLength, Offset, Consts, TopScale, Gates,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
     stride_ob, stride_oh, stride_od, stride_sb, stride_sh, stride_pb, stride_ph, stride_pm, stride_ps, H, G, v_shift,
+    stride_gh,
     W: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr, M: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, ROPE: tl.constexpr, TOP_INT8: tl.constexpr,
-    HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    GATED: tl.constexpr, HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """The hops in order for the new token: each merges its partials with the new token's own key.
 
     The own key is the same at every hop (k_t, rotated by 0: RoPE is relative); its value is V[t] at
     hop 0 and the previous hop's output at hop l >= 1, which is first stored in its ring slot (the
     slot it overwrites lies outside its block), rounded to the ring's dtype (or int8 with a scale) as
-    the PyTorch path stores it. Head 0's program also writes ``length + 1``.
+    the PyTorch path stores it. Head 0's program also writes ``length + 1``. GATED: hop l >= 1's
+    output is mixed with that previous output, ``prev + g[h, l-1] * (out - prev)`` (hop gates).
     """
     b, h0, heads, h_ok, t, off, q1, q2, inv, k_base = _head_setup(
         Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, H, G,
@@ -230,8 +232,10 @@ def _decode_combine_kernel(
     own = tl.load(v_ptr + offs_dv[None, :] * stride_vals[3], mask=dv_ok, other=0.0).to(ACC)  # (HEADS, BLOCK_DV)
 
     out = own
+    prev = own
     for hop in tl.static_range(M):
         if hop > 0:  # this token's level-hop value: the previous output, stored as the PyTorch path stores it
+            prev = out.to(O.dtype.element_ty).to(ACC)  # before any int8 rounding: what the gate mixes
             w = W[hop]
             r = R[hop]
             slot = t
@@ -267,6 +271,9 @@ def _decode_combine_kernel(
             acc = acc * alpha[:, None] + acc_p * beta[:, None]
             m_i = m_new
         out = acc / l_i[:, None]
+        if GATED and hop > 0:
+            gate = tl.load(Gates + heads * stride_gh + (hop - 1), mask=h_ok, other=0.0).to(ACC)
+            out = prev + gate[:, None] * (out - prev)
 
     o_ptr = O + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=dv_ok)
@@ -347,6 +354,7 @@ def decode_step(
     max_length: int,
     v_shift: int = 0,
     top_scale: torch.Tensor | None = None,
+    hop_gates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One new token through all hops, in two launches: per-(hop, split) partials, then their combine.
 
@@ -356,7 +364,8 @@ def decode_step(
     coarsest first. consts: from ``decode_constants``. summary: ``coverage == "full"``. max_length:
     host copy of ``length.max()``. v_shift: positions trimmed from the front of v (it holds positions
     ``v_shift ..``; the first hop reads only the new token's finest block). top_scale: the fp32 row
-    scales (B, H, slots) of an int8 top level. Returns the output (B, H, 1, dv) and ``length + 1``.
+    scales (B, H, slots) of an int8 top level. hop_gates: (H, m - 1) learned hop gates, or None.
+    Returns the output (B, H, 1, dv) and ``length + 1``.
     """
     B, H, _, d = q.shape
     m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
@@ -394,6 +403,7 @@ def decode_step(
     check(not int8 or (top_scale.stride(2) == 1 and top_scale.shape[2] > max_length),
           "top_scale must be contiguous along tokens, with a slot for index max_length")  # fmt: skip
     scales = top_scale if int8 else consts  # any tensor: not read without TOP_INT8
+    gates = consts if hop_gates is None else hop_gates.to(acc).contiguous()  # consts: a placeholder, not read
     stride_sb, stride_sh = (top_scale.stride(0), top_scale.stride(1)) if int8 else (0, 0)
     common = dict(M=m, D1=D1, D2=D2, NDV=dv, ROPE=rope, TOP_INT8=int8, HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv,
                   ACC=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
@@ -407,9 +417,10 @@ def decode_step(
         ROPE_TABLE=_ROPE_TABLE, num_warps=cfg.num_warps, **common,
     )  # fmt: skip
     _decode_combine_kernel[(programs,)](
-        q, k, vals, part, out, length, new_length, offset, consts, scales,
+        q, k, vals, part, out, length, new_length, offset, consts, scales, gates,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
         out.stride(0), out.stride(1), out.stride(3), stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
-        W=W, R=R, SPLITS=tuple(splits), num_warps=cfg.combine_warps, **common,
+        m - 1 if hop_gates is not None else 0,
+        W=W, R=R, SPLITS=tuple(splits), GATED=hop_gates is not None, num_warps=cfg.combine_warps, **common,
     )  # fmt: skip
     return out, new_length

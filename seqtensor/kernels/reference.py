@@ -170,6 +170,13 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
     elif hop_positional is not None:
         pos = torch.arange(nj, device=qg.device)
         qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
+    if causal and not with_summary and bool(valid.all()):
+        # every fibre is a plain causal sequence: SDPA's own causal path, no (F, nj, nj) mask (n_j = 2048 at
+        # 512k tokens would make that mask gigabytes)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qf, kf, vf, is_causal=True, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
+        )
+        return _from_fibres(out, j, (B, Hkv, G), dims), valid
     key_ok, has_key = _hop_keys(valid, j, causal, with_summary)  # per (B, P, S) fibre, shared by kv heads
     if with_summary:
         def with_summaries(x: torch.Tensor) -> torch.Tensor:

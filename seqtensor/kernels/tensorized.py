@@ -756,8 +756,11 @@ def _kernel_dtypes(dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
-    """All hops; returns the output, the m - 1 intermediate states and the (m, B, H, N) logsumexp."""
+def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=None):
+    """All hops; returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and, with
+    ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
+
+    A gated hop's kernel writes its raw output; ``torch.lerp`` then mixes it with the hop's input."""
     B, H, n, d = q.shape
     G, dv, N, m = H // k.shape[1], v.shape[-1], plan.N, len(plan.hops)
     acc, prec = _kernel_dtypes(q.dtype)
@@ -768,10 +771,11 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
-    states, vin = [], v
+    states, raws, vin = [], [], v
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
-        out = _out_like_q(q, dv) if last else _empty((B, H, N, dv), q.dtype, q.device)
+        gate = None if gates is None or first else gates[:, idx - 1].to(q.dtype)[None, :, None, None]
+        out = _out_like_q(q, dv) if last and gate is None else _empty((B, H, N, dv), q.dtype, q.device)
         args = (
             q, k, vin, out, lse[idx if need_backward else 0],
             dummy[idx] if valid is not None else dummy, dummy[0] if valid is not None else dummy, rot,
@@ -786,10 +790,16 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool):
         cfg = _config(hop.nj, d, dv)
         fixed = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _launch("fwd", B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
+        if gate is not None:
+            if need_backward:
+                raws.append(out)
+            out = torch.lerp(vin, out, gate)  # vin + g * (out - vin); rows >= n of the last hop are dropped below
         if need_backward and not last:
             states.append(out)
         vin = out
-    return vin, states, lse
+    if gates is not None:
+        vin = vin[:, :, :n]
+    return vin, states, lse, raws
 
 
 def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
@@ -798,7 +808,12 @@ def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
     return max(1, min(S - 1, -(-target // (B * H * P * nb))))
 
 
-def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan):
+def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan, gates=None, raws=()):
+    """dq, dk, dv (and the gates' gradient, (H, m - 1), or None).
+
+    A gated hop (``V' = V + g (hop(V) - V)``) back-propagates g * dV' through its kernel, (1 - g) * dV'
+    straight to V, and rowsum(dV' * (hop(V) - V)) to g. Its rowsum(dO * O) is then computed here for
+    every hop (DELTA_IN), since the kernels' fused DELTA_OUT is rowsum over the unmixed rows."""
     B, H, n, d = q.shape
     Hkv = k.shape[1]
     G, dv, N, m = H // Hkv, v.shape[-1], plan.N, len(plan.hops)
@@ -808,12 +823,24 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
     dq, dk = _empty_like(q), _empty_like(k)
+    dgates = None if gates is None else torch.zeros(gates.shape, dtype=lse.dtype, device=q.device)
     do, delta = grad_out, None
     for idx in range(m - 1, -1, -1):
         hop = plan.hops[idx]
         first, last = idx == 0, idx == m - 1
         o = out if last else states[idx]
         vin = v if first else states[idx - 1]
+        mixed_grad, wt = None, lse.dtype  # fp32 (fp64 for fp64 inputs), as the kernels accumulate
+        if gates is not None:
+            if not first:  # o is the mixed output: the kernel sees the raw one and g * dV'
+                o, mixed_grad = raws[idx - 1], do
+                g = gates[:, idx - 1].to(wt)[None, :, None, None]
+                rows = o.shape[2] if not last else n
+                dgates[:, idx - 1] = (do.to(wt) * (o[:, :, :rows].to(wt) - vin[:, :, :rows].to(wt))).sum((0, 2, 3))
+                do = (g * do.to(wt)).to(q.dtype)
+            delta = (do.to(wt) * o[:, :, : do.shape[2]].to(wt)).sum(-1).to(lse.dtype)
+            if do.shape[2] < N:  # the last hop's rows past n have no gradient
+                delta = torch.nn.functional.pad(delta, (0, N - do.shape[2])).contiguous()
         # dv is allocated last: one (B, H, n, dv) buffer less at the peak of the backward
         dvin = _empty_like(v) if first else _empty((B, H, N, dv), q.dtype, q.device)
         if delta is None:  # last hop: rowsum(dO * O) from the output, stored for the summary kernel
@@ -829,11 +856,12 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
             n, N, H, G, hop.P, hop.nj, hop.S, n if first else N, n if last else N, n if first else N,
             plan.scale, plan.scale * math.log2(math.e),
         )  # fmt: skip
+        gated = gates is not None
         meta = dict(
             D1=D1, D2=D2, NDV=dv, CAUSAL=plan.causal, SUMMARY=hop.summary, ROPE=rope, MASKED=plan.masked,
-            FIRST=first, ACCUM=not last, STORE_DELTA=last and hop.summary, DELTA_IN=not last,
-            DELTA_OUT=not first, SINGLE=hop.nj <= cfg.block, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv), ACC=acc,
-            DOT_PREC=prec,
+            FIRST=first, ACCUM=not last, STORE_DELTA=last and hop.summary and not gated, DELTA_IN=gated or not last,
+            DELTA_OUT=not first and not gated, SINGLE=hop.nj <= cfg.block, BLOCK_DH=_blk(D1), BLOCK_DV=_blk(dv),
+            ACC=acc, DOT_PREC=prec,
         )  # fmt: skip
         fixed = dict(BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
         _launch("bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
@@ -842,11 +870,13 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan)
                 q, k, vin, do, dk, dvin, lse[idx], delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
             )
             # the summary rows' dV grew by dvs: their rowsum(dV * V) for the next backward hop too
-            if not first:
+            if not first and not gated:
                 vrows = vin.view(B, H, hop.P, hop.nj, hop.S, dv)[:, :, :, :, hop.S - 1]
                 delta_next.view(B, H, hop.P, hop.nj, hop.S)[..., hop.S - 1] += (dvs * vrows.to(dvs.dtype)).sum(-1)
+        if mixed_grad is not None:
+            dvin[:, :, : mixed_grad.shape[2]] += ((1 - g) * mixed_grad.to(wt)).to(dvin.dtype)
         do, delta = dvin, delta_next
-    return dq, dk, do
+    return dq, dk, do, dgates
 
 
 def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last):
@@ -890,32 +920,32 @@ def _summary_backward(q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, rot, rop
 
 class _FibreAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rotation, plan, key_padding_mask):
-        need_backward = any(ctx.needs_input_grad[:3])
+    def forward(ctx, q, k, v, rotation, plan, key_padding_mask, gates):
+        need_backward = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[6]
         valid = _validity(plan, q.shape[0], key_padding_mask, q.device) if plan.masked else None
-        out, states, lse = _forward(q, k, v, plan, rotation, valid, need_backward)
+        out, states, lse, raws = _forward(q, k, v, plan, rotation, valid, need_backward, gates)
         if need_backward:
-            ctx.plan, ctx.n_states = plan, len(states)
-            ctx.has_valid, ctx.has_rope = valid is not None, rotation is not None
-            extra = [x for x in (valid, rotation) if x is not None]
-            ctx.save_for_backward(q, k, v, out, lse, *states, *extra)
+            ctx.plan, ctx.n_states, ctx.n_raws = plan, len(states), len(raws)
+            ctx.has_valid, ctx.has_rope, ctx.has_gates = valid is not None, rotation is not None, gates is not None
+            extra = [x for x in (valid, rotation, gates) if x is not None]
+            ctx.save_for_backward(q, k, v, out, lse, *states, *raws, *extra)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, *rest = ctx.saved_tensors
-        states, rest = rest[: ctx.n_states], rest[ctx.n_states :]
+        states, raws, rest = rest[: ctx.n_states], rest[ctx.n_states : ctx.n_states + ctx.n_raws], rest[ctx.n_states + ctx.n_raws :]
         valid = rest.pop(0) if ctx.has_valid else None
         rotation = rest.pop(0) if ctx.has_rope else None
-        dq, dk, dv = _backward(grad_out, q, k, v, out, states, lse, valid, rotation, ctx.plan)
-        return dq, dk, dv, None, None, None
+        gates = rest.pop(0) if ctx.has_gates else None
+        dq, dk, dv, dgates = _backward(grad_out, q, k, v, out, states, lse, valid, rotation, ctx.plan, gates, raws)
+        dgates = None if dgates is None else dgates.to(gates.dtype)
+        return dq, dk, dv, None, None, None, dgates
 
 
-def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional, hop_gates=None) -> str | None:
+def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional) -> str | None:
     """Why the Triton kernels cannot run this call (None when they can); such calls use the reference."""
-    if hop_gates is not None:
-        return "hop_gates have no kernel yet"
     if not (q.is_cuda or _INTERPRET):
         return f"tensors on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -947,7 +977,7 @@ def tensorized_fibre_attention(
     Same signature and results as ``fibre_attention_reference``; inputs may be strided views.
     Calls the kernels cannot run (see ``fallback_reason``) go to the reference with a warning.
     """
-    reason = fallback_reason(q, k, v, hop_positional, hop_gates)
+    reason = fallback_reason(q, k, v, hop_positional)
     if reason is not None:
         warnings.warn(f"seqtensor triton backend: using the reference ({reason})", RuntimeWarning, stacklevel=2)
         return fibre_attention_reference(
@@ -962,7 +992,7 @@ def tensorized_fibre_attention(
     if hop_positional is not None:
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         rotation = _rotation_table(hop_positional.inv_freq, max(dims), work, q.device)
-    return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask)
+    return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask, hop_gates)
 
 
 def _rotation_table(inv_freq: torch.Tensor, max_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
