@@ -774,7 +774,7 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=N
     states, raws, vin = [], [], v
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
-        gate = None if gates is None or first else gates[:, idx - 1].to(q.dtype)[None, :, None, None]
+        gate = None if gates is None or first else gates[:, idx - 1].to(lse.dtype)[None, :, None, None]
         out = _out_like_q(q, dv) if last and gate is None else _empty((B, H, N, dv), q.dtype, q.device)
         args = (
             q, k, vin, out, lse[idx if need_backward else 0],
@@ -793,7 +793,8 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=N
         if gate is not None:
             if need_backward:
                 raws.append(out)
-            out = torch.lerp(vin, out, gate)  # vin + g * (out - vin); rows >= n of the last hop are dropped below
+            # vin + g * (out - vin) in fp32 (fp64), rounded once; rows >= n of the last hop are dropped below
+            out = torch.lerp(vin.to(gate.dtype), out.to(gate.dtype), gate).to(q.dtype)
         if need_backward and not last:
             states.append(out)
         vin = out
@@ -837,12 +838,15 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan,
                 g = gates[:, idx - 1].to(wt)[None, :, None, None]
                 rows = o.shape[2] if not last else n
                 dgates[:, idx - 1] = (do.to(wt) * (o[:, :, :rows].to(wt) - vin[:, :, :rows].to(wt))).sum((0, 2, 3))
-                do = (g * do.to(wt)).to(q.dtype)
+                do = g * do.to(wt)
+            do = do.to(q.dtype)  # what the kernel reads; delta from the same rows keeps dS consistent
             delta = (do.to(wt) * o[:, :, : do.shape[2]].to(wt)).sum(-1).to(lse.dtype)
             if do.shape[2] < N:  # the last hop's rows past n have no gradient
                 delta = torch.nn.functional.pad(delta, (0, N - do.shape[2])).contiguous()
         # dv is allocated last: one (B, H, n, dv) buffer less at the peak of the backward
-        dvin = _empty_like(v) if first else _empty((B, H, N, dv), q.dtype, q.device)
+        # gated: the gradient of an intermediate state stays in fp32 (fp64), since it feeds the gates' sums
+        # and the residual path besides the next kernel (which gets it rounded to q's dtype)
+        dvin = _empty_like(v) if first else _empty((B, H, N, dv), lse.dtype if gates is not None else q.dtype, q.device)
         if delta is None:  # last hop: rowsum(dO * O) from the output, stored for the summary kernel
             delta = torch.empty((B, H, N), dtype=lse.dtype, device=q.device) if hop.summary else lse[idx]
         delta_next = lse[idx] if first else torch.empty((B, H, N), dtype=lse.dtype, device=q.device)
