@@ -14,6 +14,7 @@
 #   PART=8 bash benchmarks/gpu_session.sh 300                   (one GPU: the split decode kernels)
 #   PART=9 bash benchmarks/gpu_session.sh 570                   (one GPU: SmolLM2 with / without hop gates, GGUF in /tmp/smol)
 #   PART=10 bash benchmarks/gpu_session.sh 570                  (one GPU: the gated SmolLM2 run alone, GGUF in /tmp/smol)
+#   PART=11 bash benchmarks/gpu_session.sh 420                  (one GPU: gated, finest 8,192, lr 5e-5, GGUF in /tmp/smol)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
@@ -160,6 +161,16 @@ adapt10() {  # session 8, alone on the GPU: the gated 4x4x2048 run at 32k (Trito
     job gpu_gate_tests 80 python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k "gate"
 }
 
+adapt11() {  # session 8, last call: gated, finest dim 8,192 (SmolLM2's own context), 4x8192 at 32k, lr 5e-5 (keeps more
+    # of the instruct model: the lr 3e-4 runs lost even in-block passkey copying)
+    export CUDA_VISIBLE_DEVICES=0 GPU=0
+    job adapt_llm_gated_8192 $((BUDGET - 5)) python3 examples/adapt_llm.py run --data .carry/llm \
+        --budget-s $((BUDGET - 20)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_8192.json" \
+        --stages train --steps 200 --lr 5e-5 --reserve-s 150 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
+        --train-context 32768 --fold 4 8192 --join-volumes 4 --hop-gate 0.05 \
+        --lengths-after 8192 16384 32768 131072 524288
+}
+
 case "${PART:-1}" in
     2) queue2 & queue3 & ;;
     2single) queue3; queue2 ;;  # one-GPU machine: both queues in turn on GPU 0
@@ -168,6 +179,7 @@ case "${PART:-1}" in
     3shared) adapt 0 "${ADAPT0:-}" a & adapt 0 "${ADAPT1:-}" b & ;;  # two small runs share one GPU
     9) adapt9 ;;
     10) adapt10 ;;
+    11) adapt11 ;;
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
     6) queue6 ;;
