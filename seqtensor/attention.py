@@ -190,11 +190,11 @@ def tensorized_attention(
         return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
     if hop_gates is not None:
         check(mode == "fibre", "hop_gates apply to mode='fibre' only")
-        check_hop_gates(hop_gates, q.shape[1], fold.order, values=validate_values)
+        _check_hop_gates(hop_gates, q.shape[1], fold.order, values=validate_values)
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
     fn = _BACKENDS[resolve_backend(backend, q_in.device)]
-    gated = {} if hop_gates is None else {"hop_gates": hop_gates}
+    gated = {} if hop_gates is None else {"hop_gates": hop_gates}  # backends registered without gates still work
     return fn(
         q,
         k,
@@ -211,7 +211,7 @@ def tensorized_attention(
     )
 
 
-def check_hop_gates(gates: torch.Tensor, H: int, m: int, values: bool = True) -> None:
+def _check_hop_gates(gates: torch.Tensor, H: int, m: int, values: bool = True) -> None:
     """(H, m - 1) floating gates in [0, 1] (the range read only with ``values``: a device sync), or a named error."""
     check_tensor("hop_gates", gates, ndim=2, floating=True)
     check(tuple(gates.shape) == (H, m - 1), f"hop_gates must have shape (H={H}, m-1={m - 1}), got {tuple(gates.shape)}")
