@@ -186,11 +186,11 @@ def tensorized_attention(
     q, k, fold, hop_positional, hop_order = _prepare_call(
         q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values
     )
-    if mode == "kronecker":
-        return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
     if hop_gates is not None:
         check(mode == "fibre", "hop_gates apply to mode='fibre' only")
-        _check_hop_gates(hop_gates, q.shape[1], fold.order, values=validate_values)
+        _check_hop_gates(hop_gates, q, fold.order, values=validate_values)
+    if mode == "kronecker":
+        return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
     fn = _BACKENDS[resolve_backend(backend, q_in.device)]
@@ -211,10 +211,13 @@ def tensorized_attention(
     )
 
 
-def _check_hop_gates(gates: torch.Tensor, H: int, m: int, values: bool = True) -> None:
-    """(H, m - 1) floating gates in [0, 1] (the range read only with ``values``: a device sync), or a named error."""
+def _check_hop_gates(gates: torch.Tensor, q: torch.Tensor, m: int, values: bool = True) -> None:
+    """(H, m - 1) floating gates in [0, 1] on q's device (the range read only with ``values``: a device
+    sync), or a named error."""
     check_tensor("hop_gates", gates, ndim=2, floating=True)
+    H = q.shape[1]
     check(tuple(gates.shape) == (H, m - 1), f"hop_gates must have shape (H={H}, m-1={m - 1}), got {tuple(gates.shape)}")
+    check(gates.device == q.device, f"hop_gates are on {gates.device} but q is on {q.device}")
     check(
         not values or bool(((gates >= 0) & (gates <= 1)).all()),
         "hop_gates must lie in [0, 1] (e.g. a sigmoid of learned logits); NaN is not a gate",

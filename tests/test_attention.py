@@ -346,3 +346,11 @@ def test_hop_gates_bad_input_is_named(gates, match):
     q, k, v = qkv(B=1, H=2, Hkv=1, n=12, d=4)
     with pytest.raises((ValueError, TypeError), match=match):
         st.tensorized_attention(q, k, v, (3, 4), causal=True, hop_gates=gates.to(f64) if gates.is_floating_point() else gates)
+
+
+def test_hop_gates_are_refused_where_they_cannot_apply():
+    q, k, v = qkv(B=1, H=2, Hkv=1, n=12, d=4)
+    with pytest.raises(ValueError, match="mode='fibre' only"):
+        st.tensorized_attention(q, k, v, (3, 4), mode="kronecker", hop_gates=torch.zeros(2, 1, dtype=f64))
+    with pytest.raises(ValueError, match="on meta but q is on cpu"):
+        st.tensorized_attention(q, k, v, (3, 4), causal=True, hop_gates=torch.zeros(2, 1, dtype=f64, device="meta"))

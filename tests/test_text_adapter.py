@@ -586,3 +586,32 @@ def test_hop_gate_settings_are_checked():
         tensorize(_model(), fold=(3, 4), hop_gate=1.0)
     with pytest.raises(ValueError, match="order >= 2"):
         tensorize(_model(), fold=(12,), hop_gate=0.5)
+
+
+@pytest.mark.parametrize("new_fold", [(2, 2, 3, 6), (6, 6)], ids=["more_levels", "fewer_levels"])
+def test_retensorized_gated_model_keeps_its_gates_and_reloads(tmp_path, new_fold):
+    """tensorize again without hop_gate keeps the learned gates (and the setting); a model saved under
+    a fold of another order loads back with the gates it was trained with."""
+    model = _gated_model(fold=(2, 3, 6))
+    trained = [layer.self_attn.hop_gate_logits.detach().clone() for layer in model.model.layers]
+    tensorize(model, fold=new_fold)
+    assert model.config.seqtensor["hop_gate"] == 0.3
+    assert all(torch.equal(layer.self_attn.hop_gate_logits, g) for layer, g in zip(model.model.layers, trained))
+    ids = _ids(1, 36)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        model.save_pretrained(tmp_path)
+        reloaded = load_tensorized(str(tmp_path))
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
+        untensorize(model)
+        tensorize(model, fold=new_fold)  # after untensorize the gates are gone: the plain method
+        assert not hasattr(model.model.layers[0].self_attn, "hop_gate_logits")
+
+
+def test_layer_cache_refuses_gates_of_the_wrong_shape():
+    q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64) for _ in range(3))
+    fold = CausalFold((3, 4))
+    levels = block_levels(q, k, v, fold, coverage="full", positional=None, scale=0.5, backend="reference")
+    with pytest.raises(ValueError, match=r"hop_gates must have shape \(H, m-1=1\)"):
+        LayerCache(fold, coverage="full", positional=None, scale=0.5, length=torch.full((1,), 12),
+                   offset=torch.zeros(1, dtype=torch.long), levels=levels, stored=12, hop_gates=torch.rand(2, 2))  # fmt: skip

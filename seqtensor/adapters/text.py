@@ -559,12 +559,18 @@ def tensorize(
     top_level_cache : "native" (default, exact) or "int8": generation stores the top hop's input,
         the largest part of the cache, as int8 rows with a scale each (cache ~1.5x SDPA's instead
         of 2.5x with 32/8 heads; outputs within ~1%). An order-1 fold has no levels: no effect.
+    hop_gate : None (default) or the initial value in (0, 1) of learned hop gates (see
+        ``TextAdapterConfig``). A model that already has learned gates keeps them, and this
+        setting, when tensorized again (``untensorize`` first to drop them).
 
     Returns
     -------
     The same model. Calling ``tensorize`` again replaces the settings (e.g. a longer fold).
     """
     _check_supported(model)
+    previous = model.config.seqtensor if is_tensorized(model) else {}
+    if hop_gate is None and previous.get("hop_gate") is not None:  # keep the learned gates (see above)
+        hop_gate = previous["hop_gate"]
     config = TextAdapterConfig(
         fold=_as_fold_dims(fold), positional=positional, coverage=coverage, backend=backend, top_level_cache=top_level_cache,
         hop_gate=hop_gate,
@@ -694,6 +700,7 @@ def _load_gate_logits(model: nn.Module, path: str) -> None:
         f"{path} was saved with hop gates but holds {len(saved)} of the model's {len(params)} gate tensors "
         "(load_tensorized reads them from the folder's .safetensors files)",
     )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
+    for name, p in params.items():
+        # as saved: the levels they were trained for (a model saved with a longer fold keeps fewer columns)
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        module.hop_gate_logits = nn.Parameter(saved[name].to(dtype=p.dtype, device=p.device))

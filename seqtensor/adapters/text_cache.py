@@ -278,6 +278,10 @@ class LayerCache:
         top_int8: bool = False,
         hop_gates: torch.Tensor | None = None,
     ) -> None:
+        check(
+            hop_gates is None or tuple(hop_gates.shape) == (levels[0].shape[1] if levels else hop_gates.shape[0], fold.order - 1),
+            f"hop_gates must have shape (H, m-1={fold.order - 1}), got {None if hop_gates is None else tuple(hop_gates.shape)}",
+        )
         self.hop_gates = hop_gates
         self.stored = stored  # tokens in the backing K/V store (padding included)
         self.v_start = 0  # cache positions dropped from the front of the V store (``values_needed_from``)

@@ -420,7 +420,7 @@ def decode_step(
         q, k, vals, part, out, length, new_length, offset, consts, scales, gates,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
         out.stride(0), out.stride(1), out.stride(3), stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
-        m - 1 if hop_gates is not None else 0,
+        gates.stride(0) if hop_gates is not None else 0,
         W=W, R=R, SPLITS=tuple(splits), GATED=hop_gates is not None, num_warps=cfg.combine_warps, **common,
     )  # fmt: skip
     return out, new_length
