@@ -543,13 +543,13 @@ def test_gated_layer_cache_matches_whole_sequence(dims):
 
 def test_gated_model_generates_and_steps_like_its_full_forward():
     model = _gated_model(fold=(2, 3, 4))
-    ids = _ids(2, 45)
+    ids = _ids(2, 36)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    stepped, _ = _stepped_logits(model, ids, 10, [5] * 4 + [1] * 15)
+    stepped, _ = _stepped_logits(model, ids, 10, [5] * 3 + [1] * 11)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     padded, mask = _left_pad([_ids(1, 19, seed=5)[0], _ids(1, 11, seed=6)[0]])
-    kwargs = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(padded, **kwargs), model.generate(padded, use_cache=False, **kwargs))
 
