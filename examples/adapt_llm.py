@@ -232,6 +232,52 @@ class PackedSequences(torch.utils.data.Dataset):
         return torch.as_tensor(self.stream[i * self.context : (i + 1) * self.context].astype(np.int64))
 
 
+class RetrievalMix(torch.utils.data.Dataset):
+    """``PackedSequences`` with a share of them made into retrieval documents (``--retrieval-mix``).
+
+    A retrieval document is a window of training text with ``keys`` sentences "The code for <word> is
+    NNNNN." inserted at random token positions, and at its end the same words queried in a shuffled
+    order, each followed by its code, so the loss rewards fetching codes from anywhere in the
+    context. Wording and filler differ from the passkey evaluation (``passkey_prompt``: fixed filler
+    sentences, one "pass key"). Deterministic per index.
+    """
+
+    WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle",
+             "forest", "silver", "harbor", "garden", "rocket", "violet", "winter", "marble")  # fmt: skip
+
+    def __init__(self, base: PackedSequences, tokenizer, share: float, keys: int = 8, seed: int = 0) -> None:
+        if not 0.0 <= share <= 1.0 or not 1 <= keys <= len(self.WORDS):
+            raise SystemExit(f"--retrieval-mix needs a share in [0, 1] and 1..{len(self.WORDS)} keys, got {share}, {keys}")
+        self.base, self.tokenizer, self.share, self.keys, self.seed = base, tokenizer, share, keys, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.as_tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        seq = self.base[i]
+        rng = np.random.default_rng((self.seed, i))
+        if rng.random() >= self.share:
+            return seq
+        words = rng.choice(self.WORDS, self.keys, replace=False)
+        codes = [str(c) for c in rng.integers(10000, 100000, self.keys)]
+        needles = [self._encode(f" The code for {w} is {c}.") for w, c in zip(words, codes)]
+        order = rng.permutation(self.keys)
+        tail = self._encode(" Now the codes." + "".join(f" The code for {words[j]} is {codes[j]}." for j in order))
+        room = len(seq) - sum(map(len, needles)) - len(tail)
+        if room < 0:
+            raise SystemExit(f"--retrieval-mix: {self.keys} codes take {len(seq) - room} tokens, more than the context {len(seq)}")
+        filler = seq[:room]
+        cuts = np.sort(rng.integers(0, len(filler) + 1, self.keys))
+        parts, start = [], 0
+        for cut, needle in zip(cuts, needles):
+            parts += [filler[start:cut], needle]
+            start = cut
+        return torch.cat([*parts, filler[start:], tail])
+
+
 class StopAt(Callback):
     """Stop training when the wall-clock deadline passes."""
 
@@ -326,12 +372,14 @@ def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
-def continue_pretraining(model, stream, args, results, clock):
+def continue_pretraining(model, stream, args, results, clock, tokenizer=None):
     """Continued pretraining of the tensorized model at ``--train-context`` through the shared Trainer."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     model.config.use_cache = False
     data = PackedSequences(stream, args.train_context)
+    if args.retrieval_mix:
+        data = RetrievalMix(data, tokenizer, args.retrieval_mix)
     config = TrainerConfig(
         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
         schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, precision=args.precision,
@@ -457,7 +505,7 @@ def run(args) -> None:
     if "train" in args.stages and clock.left() > args.reserve_s + 30:
         model.to(torch.float32)  # fp32 master weights; the trainer autocasts to bf16
         tensorize(model, fold=train_fold, **adapter_settings(args, backend))
-        model = continue_pretraining(model, stream, args, results, clock)
+        model = continue_pretraining(model, stream, args, results, clock, tokenizer)
         model = save_and_reload(model, eval_dtype, device, results, args.save_to)
         clock.save(results)
         long_fold = CausalFold.extrapolating(train_fold, max(after))
@@ -531,6 +579,8 @@ def main(argv=None) -> None:
     r.add_argument("--hop-gate", type=float, default=None,
                    help="learned hop gates starting at this value in (0, 1) (tensorize(hop_gate=...)); default: none")
     r.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the hop-gate logits")
+    r.add_argument("--retrieval-mix", type=float, default=0.0,
+                   help="share of training sequences made into retrieval documents (RetrievalMix); default 0")
     r.add_argument("--train-context", type=int, default=16384)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--batch-size", type=int, default=1)

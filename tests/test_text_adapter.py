@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -480,6 +482,44 @@ def test_adapt_llm_fold_mix_switches_the_fold_each_step():
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
     assert seen == set(folds) and sum(mix.counts) == 13
+
+
+def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
+    """examples/adapt_llm.py --retrieval-mix: the chosen share of sequences carries code sentences at
+    random places and, at its end, every code again after its word; the rest are left as they were."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
+    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    class CharTokenizer:  # one id per character (ids >= 200, the stream below uses 3..99)
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [200 + ord(c) for c in text]}
+
+    decode = lambda ids: "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)  # noqa: E731
+    stream = np.random.default_rng(0).integers(3, 100, 40 * 1024)
+    base = example.PackedSequences(stream, 1024)
+    mixed = example.RetrievalMix(base, CharTokenizer(), share=0.5, keys=4)
+    changed = 0
+    for i in range(len(base)):
+        seq = mixed[i]
+        assert seq.shape == (1024,) and torch.equal(seq, mixed[i])  # deterministic per index
+        if torch.equal(seq, base[i]):
+            continue
+        changed += 1
+        text = decode(seq.tolist())
+        body, tail = text.split(" Now the codes.")
+        hidden = dict(re.findall(r"The code for (\w+) is (\d{5})\.", body))
+        asked = dict(re.findall(r"The code for (\w+) is (\d{5})\.", tail))
+        assert len(hidden) == 4 and hidden == asked
+        assert text.endswith(".") and set(seq[seq < 200].tolist()) <= set(range(3, 100))
+    assert 10 <= changed <= 30
+    untouched = example.RetrievalMix(base, CharTokenizer(), share=0.0)
+    assert all(torch.equal(untouched[i], base[i]) for i in range(len(base)))
+    with pytest.raises(SystemExit, match="more than the context"):
+        example.RetrievalMix(example.PackedSequences(stream, 100), CharTokenizer(), share=1.0, keys=4)[0]
 
 
 def test_adapt_llm_trains_hop_gates_at_their_own_rate():
