@@ -849,7 +849,8 @@ def _backward(grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan,
         dvin = _empty_like(v) if first else _empty((B, H, N, dv), lse.dtype if gates is not None else q.dtype, q.device)
         if delta is None:  # last hop: rowsum(dO * O) from the output, stored for the summary kernel
             delta = torch.empty((B, H, N), dtype=lse.dtype, device=q.device) if hop.summary else lse[idx]
-        delta_next = lse[idx] if first else torch.empty((B, H, N), dtype=lse.dtype, device=q.device)
+        # written only with DELTA_OUT (not for the first hop, nor when gated): else any buffer will do
+        delta_next = lse[idx] if first or gates is not None else torch.empty((B, H, N), dtype=lse.dtype, device=q.device)
         vin_lvl = dummy[idx] if valid is not None else dummy
         v0 = dummy[0] if valid is not None else dummy
         cfg = _config(hop.nj, d, dv)
