@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqtensor.adapters.text import CausalFold, load_tensorized, tensorize, untensorize  # noqa: E402
 from seqtensor.evaluation import fixed_span_nll, passkey_accuracy, sliding_window_nll  # noqa: E402
-from seqtensor.trainer import Callback, Trainer, TrainerConfig  # noqa: E402
+from seqtensor.trainer import Callback, Trainer, TrainerConfig, default_optimizer  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -339,12 +339,13 @@ def with_optimizer(args):
         return None
 
     def factory(model, config):
+        optimizer = default_optimizer(model, config)
         gates = [p for name, p in model.named_parameters() if name.endswith("hop_gate_logits")]
-        rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("hop_gate_logits")]
-        groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": config.weight_decay},
-                  {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
-                  {"params": gates, "weight_decay": 0.0, "lr": args.gate_lr}]  # fmt: skip
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+        ids = {id(p) for p in gates}
+        for group in optimizer.param_groups:  # before any step: no optimizer state to move yet
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": gates, "weight_decay": 0.0, "lr": args.gate_lr})
+        return optimizer
 
     return factory
 

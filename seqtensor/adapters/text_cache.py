@@ -431,8 +431,8 @@ class LayerCache:
                 out = (probs.unsqueeze(-2) @ vals).squeeze(-2)  # (B, Hkv, L, G, dv)
             out = out.transpose(2, 3).reshape(B, H, L, -1)
             if self.hop_gates is not None and hop > 0:  # this token's own value at the level below, as the prefill mixes it
-                g = self.hop_gates[:, hop - 1].to(work)[None, :, None, None]
-                out = level.to(work) + g * (out - level.to(work))
+                g, prev = self.hop_gates[:, hop - 1].to(work)[None, :, None, None], level.to(work)
+                out = prev + g * (out - prev)
             level = out.to(q.dtype)
             if hop + 1 < self.fold.order and L > 1:
                 new_levels[hop + 1] = level
