@@ -16,6 +16,7 @@
 #   PART=10 bash benchmarks/gpu_session.sh 570                  (one GPU: the gated SmolLM2 run alone, GGUF in /tmp/smol)
 #   PART=11 bash benchmarks/gpu_session.sh 420                  (one GPU: gated, finest 8,192, lr 5e-5, GGUF in /tmp/smol)
 #   PART=12 bash benchmarks/gpu_session.sh 570                  (one GPU: gated + retrieval documents, GGUF in /tmp/smol)
+#   PART=gatetests bash benchmarks/gpu_session.sh 200           (one GPU: the gated kernels' CUDA tests)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
 #   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
 set -u
@@ -172,14 +173,15 @@ adapt11() {  # session 8, last call: gated, finest dim 8,192 (SmolLM2's own cont
         --lengths-after 8192 16384 32768 131072 524288
 }
 
-adapt12() {  # next session (not run yet): gated 4x4x2048 at 32k with half the sequences made into retrieval documents
-    # (examples/adapt_llm.py RetrievalMix): does a loss that rewards fetching far codes open the gates and the passkey?
+adapt12() {  # session 9: gated 4x4x2048 at 32k with half the sequences made into retrieval documents
+    # (examples/adapt_llm.py RetrievalMix, the asked codes' loss added at weight 1): does a loss that pays for
+    # fetching far codes open the gates and the passkey? Teacher-forced code retrieval on held-out documents.
     export CUDA_VISIBLE_DEVICES=0 GPU=0
     job adapt_llm_gated_retrieval $((BUDGET - 5)) python3 examples/adapt_llm.py run --data .carry/llm \
         --budget-s $((BUDGET - 20)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_retrieval.json" \
-        --stages train --steps 320 --reserve-s 200 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
+        --stages train --steps 320 --reserve-s 220 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
         --train-context 32768 --fold 4 4 2048 --join-volumes 4 --hop-gate 0.05 --retrieval-mix 0.5 \
-        --lengths-after 8192 16384 32768 131072 524288
+        --lengths-after 8192 32768 131072 524288 --code-lengths 32768 131072 524288
 }
 
 case "${PART:-1}" in
@@ -192,6 +194,7 @@ case "${PART:-1}" in
     10) adapt10 ;;
     11) adapt11 ;;
     12) adapt12 ;;
+    gatetests) export CUDA_VISIBLE_DEVICES=0 GPU=0; job gpu_gate_tests $((BUDGET - 5)) python3 -m pytest -n 8 -q -p no:cacheprovider -rs tests/test_kernels_gpu.py -k gate ;;
     4) forecast4 & FORECAST_PID=$!; queue4 ;;
     5) queue5 ;;
     6) queue6 ;;

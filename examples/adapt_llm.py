@@ -55,6 +55,7 @@ the trained model with the coarsest dim grown (instead of more dims) past the tr
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import json
@@ -169,10 +170,11 @@ def prepare(args) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock, fixed=None) -> None:
+def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock, fixed=None, codes=None) -> None:
     """Perplexity and passkey at each length: ``ppl`` (last quarter of the first L tokens of each
     volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (the last S tokens of
-    each span at every L: ``seqtensor.evaluation.fixed_span_nll``)."""
+    each span at every L: ``seqtensor.evaluation.fixed_span_nll``), ``code_retrieval`` if ``codes =
+    (stream, documents, near, lengths)`` (held-out retrieval documents cut from ``stream``)."""
     rows = results.setdefault(label, {})
     for L in lengths:
         if clock.left() < 20:
@@ -193,11 +195,43 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
             pk = passkey_accuracy(model, tokenizer, [L], DEPTHS, trials=1, seed=L)
             row.update(passkey=round(pk.accuracy[L] * len(DEPTHS)), passkey_of=len(DEPTHS), passkey_s=round(time.time() - t0, 2),
                        answers=[a[4] for a in pk.answers])
+        if codes is not None and L in codes[3]:
+            stream, count, near, _ = codes
+            documents = RetrievalMix(PackedSequences(stream, L), tokenizer, 1.0, seed=1)
+            row.update(code_retrieval(model, documents, count, near))
         rows[str(L)] = row
         ppls = ", ".join(f"{k} {row[k]:.2f}" for k in ("ppl", "ppl_fixed") if k in row)
         passkey = f", passkey {row['passkey']}/{len(DEPTHS)}" if "passkey" in row else ""
-        print(f"[{label}] L={L}: {ppls}{passkey}", flush=True)
+        fetched = f", codes {row['codes_right']}/{row['codes']} (far {row['far_right']}/{row['far']})" if "codes" in row else ""
+        print(f"[{label}] L={L}: {ppls}{passkey}{fetched}", flush=True)
         clock.save(results)
+
+
+@torch.no_grad()
+def code_retrieval(model, documents: "RetrievalMix", count: int, near: int) -> dict:
+    """Teacher-forced retrieval on held-out ``RetrievalMix`` documents: a code counts as fetched when
+    every one of its asked tokens is the argmax next token. ``far`` counts the codes hidden at least
+    ``near`` tokens (the finest block) before they are asked, which only the coarse hops can reach.
+    Only the asked positions go through the LM head (full logits of a 512k document are 50 GB)."""
+    right = total = far_right = far_total = 0
+    for i in range(min(count, len(documents))):
+        item = documents[i]
+        ids, asked = item["input_ids"], item["answer_mask"]
+        hidden = model.model(input_ids=ids[None].to(model.device), use_cache=False).last_hidden_state[0]
+        targets = asked.nonzero().squeeze(1)
+        predicted = model.lm_head(hidden[targets - 1]).argmax(-1).cpu() == ids[targets]
+        edges = torch.diff(asked.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
+        starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+        offset = 0
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            ok = bool(predicted[offset : offset + end - start].all())
+            offset += end - start
+            windows = ids[: int(starts[0])].unfold(0, end - start, 1)
+            hidden_at = int((windows == ids[start:end]).all(1).nonzero()[0])
+            right, total = right + ok, total + 1
+            if start - hidden_at >= near:
+                far_right, far_total = far_right + ok, far_total + 1
+    return {"codes_right": right, "codes": total, "far_right": far_right, "far": far_total}
 
 
 class Clock:
@@ -235,11 +269,13 @@ class PackedSequences(torch.utils.data.Dataset):
 class RetrievalMix(torch.utils.data.Dataset):
     """``PackedSequences`` with a share of them made into retrieval documents (``--retrieval-mix``).
 
-    A retrieval document is a window of training text with ``keys`` sentences "The code for <word> is
-    NNNNN." inserted at random token positions, and at its end the same words queried in a shuffled
-    order, each followed by its code, so the loss rewards fetching codes from anywhere in the
-    context. Wording and filler differ from the passkey evaluation (``passkey_prompt``: fixed filler
-    sentences, one "pass key"). Deterministic per index.
+    A retrieval document is a window of training text with 1 to ``keys`` sentences "The code for
+    <word> is NNNNN." inserted at random token positions, and at its end the same words queried in a
+    shuffled order, each followed by its code. Items are ``{"input_ids", "answer_mask"}``; the mask
+    marks the asked codes, which ``causal_lm_loss`` weights on top of the language-model loss: left
+    to the plain loss, 8 codes are ~0.1% of a 32k sequence's tokens. Wording and filler differ from
+    the passkey evaluation (``passkey_prompt``: fixed filler sentences, one "pass key").
+    Deterministic per index.
     """
 
     WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle",
@@ -256,26 +292,32 @@ class RetrievalMix(torch.utils.data.Dataset):
     def _encode(self, text: str) -> torch.Tensor:
         return torch.as_tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         seq = self.base[i]
         rng = np.random.default_rng((self.seed, i))
         if rng.random() >= self.share:
-            return seq
-        words = rng.choice(self.WORDS, self.keys, replace=False)
-        codes = [str(c) for c in rng.integers(10000, 100000, self.keys)]
-        needles = [self._encode(f" The code for {w} is {c}.") for w, c in zip(words, codes)]
-        order = rng.permutation(self.keys)
-        tail = self._encode(" Now the codes." + "".join(f" The code for {words[j]} is {codes[j]}." for j in order))
-        room = len(seq) - sum(map(len, needles)) - len(tail)
+            return {"input_ids": seq, "answer_mask": torch.zeros_like(seq, dtype=torch.bool)}
+        keys = int(rng.integers(1, self.keys + 1))
+        words = rng.choice(self.WORDS, keys, replace=False)
+        # a code is encoded apart from its sentence so that it is the same tokens where hidden and where asked
+        sentences = [(self._encode(f" The code for {w} is"), self._encode(f" {c}."))
+                     for w, c in zip(words, rng.integers(10000, 100000, keys))]
+        tail = [(self._encode(" Now the codes."), False)]
+        for j in rng.permutation(keys):
+            tail += [(sentences[j][0], False), (sentences[j][1], True)]
+        room = len(seq) - 2 * sum(len(a) + len(b) for a, b in sentences) - len(tail[0][0])
         if room < 0:
-            raise SystemExit(f"--retrieval-mix: {self.keys} codes take {len(seq) - room} tokens, more than the context {len(seq)}")
+            raise SystemExit(f"--retrieval-mix: {keys} codes take {len(seq) - room} tokens, more than the context {len(seq)}")
         filler = seq[:room]
-        cuts = np.sort(rng.integers(0, len(filler) + 1, self.keys))
+        cuts = np.sort(rng.integers(0, len(filler) + 1, keys))
         parts, start = [], 0
-        for cut, needle in zip(cuts, needles):
-            parts += [filler[start:cut], needle]
+        for cut, (sentence, code) in zip(cuts, sentences):
+            parts += [(filler[start:cut], False), (sentence, False), (code, False)]
             start = cut
-        return torch.cat([*parts, filler[start:], tail])
+        parts += [(filler[start:], False), *tail]
+        ids = torch.cat([x for x, _ in parts])
+        answer = torch.cat([torch.full_like(x, asked, dtype=torch.bool) for x, asked in parts])
+        return {"input_ids": ids, "answer_mask": answer}
 
 
 class StopAt(Callback):
@@ -369,8 +411,18 @@ def pick_backend(model, fold, requested: str, results, length: int = 2048, posit
         untensorize(model)
 
 
-def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
+def causal_lm_loss(model, batch, answer_weight: float = 1.0):
+    """Mean next-token loss. For a ``RetrievalMix`` batch, plus ``answer_weight`` times the mean loss
+    of the asked codes (``answer_mask``), returned with the metrics ``answer_nll`` (that mean, 0 for
+    a batch without codes) and ``retrieval_docs`` (1 or 0): their ratio over a log window is the
+    mean code loss of its retrieval documents."""
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    ids, answer = batch["input_ids"], batch["answer_mask"][:, 1:]
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    answer_nll = nll[answer].mean() if answer.any() else nll.new_zeros(())
+    return nll.mean() + answer_weight * answer_nll, {"answer_nll": answer_nll.detach(), "retrieval_docs": answer.any().float()}
 
 
 def continue_pretraining(model, stream, args, results, clock, tokenizer=None):
@@ -392,7 +444,8 @@ def continue_pretraining(model, stream, args, results, clock, tokenizer=None):
         mix = FoldMix(model, parse_folds(args.fold_mix, args.train_context), adapter_settings(args, results["backend"]))
         callbacks.append(mix)
     t0 = time.time()
-    trainer = Trainer(model.train(), causal_lm_loss, config, callbacks=callbacks, optimizer_factory=with_optimizer(args)).fit(data)
+    loss = functools.partial(causal_lm_loss, answer_weight=args.retrieval_weight)
+    trainer = Trainer(model.train(), loss, config, callbacks=callbacks, optimizer_factory=with_optimizer(args)).fit(data)
     if args.fold_mix:  # saved with (and extrapolated from) the main fold
         tensorize(model, fold=tuple(args.fold), **adapter_settings(args, results["backend"]))
     seconds = time.time() - t0
@@ -407,6 +460,9 @@ def continue_pretraining(model, stream, args, results, clock, tokenizer=None):
         "tokens_per_s": round(steps * args.batch_size * args.train_context / max(seconds, 1e-9)),
         "loss": [(r["step"], round(r["loss"], 4)) for r in trainer.history_ if "loss" in r],
     }
+    if args.retrieval_mix:
+        results["training"]["answer_nll"] = [(r["step"], round(r["answer_nll"] / r["retrieval_docs"], 4))
+                                             for r in trainer.history_ if r.get("retrieval_docs")]
     if args.hop_gate is not None:
         results["training"]["hop_gates"] = gate_summary(model)
     if args.fold_mix:
@@ -512,9 +568,12 @@ def run(args) -> None:
         long_fold = CausalFold.extrapolating(train_fold, max(after))
         tensorize(model, fold=long_fold, **adapter_settings(args, backend))
         results["fold_after"] = list(long_fold.dims)
-        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed)
+        codes = None
+        if args.code_lengths:
+            codes = (np.concatenate(load_volumes(data, 1)), args.code_documents, args.fold[-1], args.code_lengths)
+        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed, codes)
         if args.hop_gate is not None:  # the same model with every coarse hop shut: block-local attention
-            evaluate_gates_closed(model, volumes, after, results, clock, fixed)
+            evaluate_gates_closed(model, tokenizer, volumes, after, results, clock, fixed, codes)
         if "grow" in args.stages:  # same model, coarsest dim grown instead of the order
             tensorize(model, fold=train_fold, **adapter_settings(args, backend))
             long = [L for L in after if L > math.prod(train_fold)]
@@ -524,7 +583,7 @@ def run(args) -> None:
     print_table(results)
 
 
-def evaluate_gates_closed(model, volumes, lengths, results, clock, fixed) -> None:
+def evaluate_gates_closed(model, tokenizer, volumes, lengths, results, clock, fixed, codes=None) -> None:
     """Perplexity with every hop gate at 0 (only the finest, block-local hop): what the coarse hops add."""
     logits = [layer.self_attn.hop_gate_logits for layer in model.model.layers]
     saved = [p.detach().clone() for p in logits]
@@ -532,7 +591,7 @@ def evaluate_gates_closed(model, volumes, lengths, results, clock, fixed) -> Non
         for p in logits:
             p.fill_(-float("inf"))
     try:
-        evaluate(model, None, volumes, lengths, (), "tensorized_trained_gates_closed", results, clock, fixed)
+        evaluate(model, tokenizer, volumes, lengths, (), "tensorized_trained_gates_closed", results, clock, fixed, codes)
     finally:
         with torch.no_grad():
             for p, value in zip(logits, saved):
@@ -582,6 +641,11 @@ def main(argv=None) -> None:
     r.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the hop-gate logits")
     r.add_argument("--retrieval-mix", type=float, default=0.0,
                    help="share of training sequences made into retrieval documents (RetrievalMix); default 0")
+    r.add_argument("--code-lengths", type=int, nargs="*", default=[],
+                   help="after training, teacher-forced code retrieval (code_retrieval) on held-out documents of these lengths")
+    r.add_argument("--code-documents", type=int, default=4, help="documents per --code-lengths length")
+    r.add_argument("--retrieval-weight", type=float, default=1.0,
+                   help="weight of the asked codes' mean loss, added to the language-model loss")
     r.add_argument("--train-context", type=int, default=16384)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--batch-size", type=int, default=1)

@@ -456,15 +456,20 @@ def test_smollm2_real_weights():
     assert torch.equal(cached, uncached)
 
 
-def test_adapt_llm_fold_mix_switches_the_fold_each_step():
-    """examples/adapt_llm.py --fold-mix: each step end draws a fold, and the model then computes exactly
-    what a model tensorized with that fold computes; folds that miss the context are refused."""
+def _adapt_llm_example():
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
     spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_adapt_llm_fold_mix_switches_the_fold_each_step():
+    """examples/adapt_llm.py --fold-mix: each step end draws a fold, and the model then computes exactly
+    what a model tensorized with that fold computes; folds that miss the context are refused."""
+    example = _adapt_llm_example()
     folds = example.parse_folds(["2,4,4", "2,2,2,4"], 32)
     assert folds == [(2, 4, 4), (2, 2, 2, 4)]
     with pytest.raises(SystemExit, match="product 24"):
@@ -485,14 +490,10 @@ def test_adapt_llm_fold_mix_switches_the_fold_each_step():
 
 
 def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
-    """examples/adapt_llm.py --retrieval-mix: the chosen share of sequences carries code sentences at
-    random places and, at its end, every code again after its word; the rest are left as they were."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
-    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    """examples/adapt_llm.py --retrieval-mix: the chosen share of sequences carries 1..keys code
+    sentences at random places and, at its end, every code again after its word, the asked codes
+    marked in ``answer_mask``; the rest are left as they were, with an empty mask."""
+    example = _adapt_llm_example()
 
     class CharTokenizer:  # one id per character (ids >= 200, the stream below uses 3..99)
         def __call__(self, text, add_special_tokens=False):
@@ -502,36 +503,105 @@ def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
     stream = np.random.default_rng(0).integers(3, 100, 40 * 1024)
     base = example.PackedSequences(stream, 1024)
     mixed = example.RetrievalMix(base, CharTokenizer(), share=0.5, keys=4)
-    changed = 0
+    changed, key_counts = 0, set()
     for i in range(len(base)):
-        seq = mixed[i]
-        assert seq.shape == (1024,) and torch.equal(seq, mixed[i])  # deterministic per index
+        item = mixed[i]
+        seq, answer = item["input_ids"], item["answer_mask"]
+        assert seq.shape == answer.shape == (1024,) and torch.equal(seq, mixed[i]["input_ids"])  # deterministic
         if torch.equal(seq, base[i]):
+            assert not answer.any()
             continue
         changed += 1
         text = decode(seq.tolist())
         body, tail = text.split(" Now the codes.")
         hidden = dict(re.findall(r"The code for (\w+) is (\d{5})\.", body))
-        asked = dict(re.findall(r"The code for (\w+) is (\d{5})\.", tail))
-        assert len(hidden) == 4 and hidden == asked
+        asked = re.findall(r"The code for (\w+) is (\d{5})\.", tail)
+        assert 1 <= len(hidden) <= 4 and hidden == dict(asked) and len(asked) == len(hidden)
+        key_counts.add(len(hidden))
+        assert decode(seq[answer].tolist()) == "".join(f" {code}." for _, code in asked)
+        assert not answer[: len(seq) - len(tail)].any()
         assert text.endswith(".") and set(seq[seq < 200].tolist()) <= set(range(3, 100))
-    assert 10 <= changed <= 30
+    assert 10 <= changed <= 30 and len(key_counts) >= 3
     untouched = example.RetrievalMix(base, CharTokenizer(), share=0.0)
-    assert all(torch.equal(untouched[i], base[i]) for i in range(len(base)))
+    assert all(torch.equal(untouched[i]["input_ids"], base[i]) for i in range(len(base)))
     with pytest.raises(SystemExit, match="more than the context"):
-        example.RetrievalMix(example.PackedSequences(stream, 100), CharTokenizer(), share=1.0, keys=4)[0]
+        tight = example.RetrievalMix(example.PackedSequences(stream, 60), CharTokenizer(), share=1.0, keys=4)
+        [tight[i] for i in range(len(tight))]
+
+
+def test_adapt_llm_code_retrieval_counts_fetched_codes():
+    """examples/adapt_llm.py code_retrieval: against a model that predicts every next token except one
+    digit of the second asked code, the counts (all, and hidden >= ``near`` tokens back) match those
+    read off the documents' text."""
+    example = _adapt_llm_example()
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [200 + ord(c) for c in text]}
+
+    class Oracle(torch.nn.Module):  # hidden state = one-hot of the next token; lm_head = identity
+        device = torch.device("cpu")
+
+        def __init__(self, wrong_at: int | None):
+            super().__init__()
+            self.lm_head, self.wrong_at = torch.nn.Identity(), wrong_at
+            self.model = lambda input_ids, use_cache: Namespace(last_hidden_state=self.hidden(input_ids))
+
+        def hidden(self, ids):
+            following = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            if self.wrong_at is not None:
+                following[0, self.wrong_at] = 0
+            return torch.nn.functional.one_hot(following, 200 + 128).float()
+
+    from argparse import Namespace
+
+    decode = lambda ids: "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)  # noqa: E731
+    stream = np.random.default_rng(0).integers(3, 100, 6000)
+    documents = example.RetrievalMix(example.PackedSequences(stream, 600), CharTokenizer(), 1.0, keys=4, seed=1)
+    near, sentence = 250, r"The code for (\w+) is (\d{5})"
+    expected = {"codes_right": 0, "codes": 0, "far_right": 0, "far": 0}
+    got = dict.fromkeys(expected, 0)
+    for i in range(len(documents)):
+        text = decode(documents[i]["input_ids"].tolist())
+        split = text.index(" Now the codes.")
+        hidden = {m.group(1): m.start(2) for m in re.finditer(sentence, text[:split])}
+        asked = [(m.group(1), split + m.start(2)) for m in re.finditer(sentence, text[split:])]
+        for j, (word, at) in enumerate(asked):
+            far = at - hidden[word] >= near
+            expected = {k: v + {"codes_right": j != 1, "codes": 1, "far_right": far and j != 1, "far": far}[k]
+                        for k, v in expected.items()}
+        wrong_at = asked[1][1] + 2 - 1 if len(asked) > 1 else None  # the output that predicts its third digit
+        for k, v in example.code_retrieval(Oracle(wrong_at), [documents[i]], 1, near).items():
+            got[k] += v
+    assert got == expected
+    assert 0 < expected["far"] < expected["codes"] and expected["codes_right"] < expected["codes"]
+
+
+def test_adapt_llm_loss_adds_the_weighted_code_loss():
+    """causal_lm_loss on a RetrievalMix batch = the model's own mean next-token loss + weight x its
+    loss over the asked codes alone (both from transformers' labels path, -100 elsewhere)."""
+    example = _adapt_llm_example()
+    model = _model().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, 30:35] = answer[1, 37:] = True
+    loss, metrics = example.causal_lm_loss(model, {"input_ids": ids, "answer_mask": answer}, answer_weight=2.5)
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids).loss
+        codes = model(input_ids=ids, labels=torch.where(answer, ids, -100)).loss
+    torch.testing.assert_close(loss, plain + 2.5 * codes)
+    torch.testing.assert_close(metrics["answer_nll"], codes)
+    assert metrics["retrieval_docs"] == 1
+    loss, metrics = example.causal_lm_loss(model, {"input_ids": ids, "answer_mask": torch.zeros_like(answer)})
+    torch.testing.assert_close(loss, plain)
+    assert metrics["answer_nll"] == 0 and metrics["retrieval_docs"] == 0
 
 
 def test_adapt_llm_trains_hop_gates_at_their_own_rate():
     """examples/adapt_llm.py --hop-gate: the gate logits get their own AdamW group at --gate-lr, so
     one step moves them by ~gate_lr while the weights move by ~lr."""
     from argparse import Namespace
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "adapt_llm.py"
-    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _adapt_llm_example()
     args = Namespace(hop_gate=0.2, gate_lr=0.05, positional="tensor_rope")
     model = tensorize(_model(), fold=(2, 3, 4), **example.adapter_settings(args, "reference")).train()
     from seqtensor.trainer import TrainerConfig
