@@ -414,8 +414,8 @@ def pick_backend(model, fold, requested: str, results, length: int = 2048, posit
 def causal_lm_loss(model, batch, answer_weight: float = 1.0):
     """Mean next-token loss. For a ``RetrievalMix`` batch, plus ``answer_weight`` times the mean loss
     of the asked codes (``answer_mask``), returned with the metrics ``answer_nll`` (that mean, 0 for
-    a batch without codes) and ``retrieval_docs`` (1 or 0): their ratio over a log window is the
-    mean code loss of its retrieval documents."""
+    a batch without codes) and ``retrieval_docs`` (1 or 0; their ratio is the code loss of a batch
+    of retrieval documents)."""
     if isinstance(batch, torch.Tensor):
         return model(input_ids=batch, labels=batch, use_cache=False).loss
     ids, answer = batch["input_ids"], batch["answer_mask"][:, 1:]
@@ -546,6 +546,9 @@ def run(args) -> None:
                                                 args.positional)
     before, after = args.lengths_before, args.lengths_after
     keys = set(before + after) if args.passkey_lengths is None else set(args.passkey_lengths)
+    codes = None
+    if args.code_lengths:  # held-out retrieval documents; "far" = hidden at least one finest block back
+        codes = (np.concatenate(load_volumes(data, 1)), args.code_documents, args.fold[-1], args.code_lengths)
 
     if "before" in args.stages:
         for variant in args.before_variants:
@@ -553,7 +556,7 @@ def run(args) -> None:
                 tensorize(model, fold=train_fold, **adapter_settings(args, backend))
             elif variant != "stock":
                 with_rope_scaling(model, variant.removesuffix("_x4"), 4.0)
-            evaluate(model, tokenizer, volumes, before, keys, variant, results, clock, fixed)
+            evaluate(model, tokenizer, volumes, before, keys, variant, results, clock, fixed, codes)
             if variant == "tensorized_untrained":
                 untensorize(model)
             elif variant != "stock":
@@ -568,9 +571,6 @@ def run(args) -> None:
         long_fold = CausalFold.extrapolating(train_fold, max(after))
         tensorize(model, fold=long_fold, **adapter_settings(args, backend))
         results["fold_after"] = list(long_fold.dims)
-        codes = None
-        if args.code_lengths:
-            codes = (np.concatenate(load_volumes(data, 1)), args.code_documents, args.fold[-1], args.code_lengths)
         evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed, codes)
         if args.hop_gate is not None:  # the same model with every coarse hop shut: block-local attention
             evaluate_gates_closed(model, tokenizer, volumes, after, results, clock, fixed, codes)
