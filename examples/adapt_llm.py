@@ -174,7 +174,7 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
     """Perplexity and passkey at each length: ``ppl`` (last quarter of the first L tokens of each
     volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (the last S tokens of
     each span at every L: ``seqtensor.evaluation.fixed_span_nll``), ``code_retrieval`` if ``codes =
-    (stream, documents, near, lengths)`` (held-out retrieval documents cut from ``stream``)."""
+    (stream, documents per length, near, lengths)`` (held-out retrieval documents cut from ``stream``)."""
     rows = results.setdefault(label, {})
     for L in lengths:
         if clock.left() < 20:

@@ -489,20 +489,24 @@ def test_adapt_llm_fold_mix_switches_the_fold_each_step():
     assert seen == set(folds) and sum(mix.counts) == 13
 
 
+class _CharTokenizer:  # one id per character, ids >= 200 (the test streams use 3..99)
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [200 + ord(c) for c in text]}
+
+
+def _char_decode(ids) -> str:
+    return "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)
+
+
 def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
     """examples/adapt_llm.py --retrieval-mix: the chosen share of sequences carries 1..keys code
     sentences at random places and, at its end, every code again after its word, the asked codes
     marked in ``answer_mask``; the rest are left as they were, with an empty mask."""
     example = _adapt_llm_example()
 
-    class CharTokenizer:  # one id per character (ids >= 200, the stream below uses 3..99)
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [200 + ord(c) for c in text]}
-
-    decode = lambda ids: "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)  # noqa: E731
     stream = np.random.default_rng(0).integers(3, 100, 40 * 1024)
     base = example.PackedSequences(stream, 1024)
-    mixed = example.RetrievalMix(base, CharTokenizer(), share=0.5, keys=4)
+    mixed = example.RetrievalMix(base, _CharTokenizer(), share=0.5, keys=4)
     changed, key_counts = 0, set()
     for i in range(len(base)):
         item = mixed[i]
@@ -512,20 +516,20 @@ def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
             assert not answer.any()
             continue
         changed += 1
-        text = decode(seq.tolist())
+        text = _char_decode(seq.tolist())
         body, tail = text.split(" Now the codes.")
         hidden = dict(re.findall(r"The code for (\w+) is (\d{5})\.", body))
         asked = re.findall(r"The code for (\w+) is (\d{5})\.", tail)
         assert 1 <= len(hidden) <= 4 and hidden == dict(asked) and len(asked) == len(hidden)
         key_counts.add(len(hidden))
-        assert decode(seq[answer].tolist()) == "".join(f" {code}." for _, code in asked)
+        assert _char_decode(seq[answer].tolist()) == "".join(f" {code}." for _, code in asked)
         assert not answer[: len(seq) - len(tail)].any()
         assert text.endswith(".") and set(seq[seq < 200].tolist()) <= set(range(3, 100))
     assert 10 <= changed <= 30 and len(key_counts) >= 3
-    untouched = example.RetrievalMix(base, CharTokenizer(), share=0.0)
+    untouched = example.RetrievalMix(base, _CharTokenizer(), share=0.0)
     assert all(torch.equal(untouched[i]["input_ids"], base[i]) for i in range(len(base)))
     with pytest.raises(SystemExit, match="more than the context"):
-        tight = example.RetrievalMix(example.PackedSequences(stream, 60), CharTokenizer(), share=1.0, keys=4)
+        tight = example.RetrievalMix(example.PackedSequences(stream, 60), _CharTokenizer(), share=1.0, keys=4)
         [tight[i] for i in range(len(tight))]
 
 
@@ -533,11 +537,9 @@ def test_adapt_llm_code_retrieval_counts_fetched_codes():
     """examples/adapt_llm.py code_retrieval: against a model that predicts every next token except one
     digit of the second asked code, the counts (all, and hidden >= ``near`` tokens back) match those
     read off the documents' text."""
-    example = _adapt_llm_example()
+    from argparse import Namespace
 
-    class CharTokenizer:
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [200 + ord(c) for c in text]}
+    example = _adapt_llm_example()
 
     class Oracle(torch.nn.Module):  # hidden state = one-hot of the next token; lm_head = identity
         device = torch.device("cpu")
@@ -553,16 +555,13 @@ def test_adapt_llm_code_retrieval_counts_fetched_codes():
                 following[0, self.wrong_at] = 0
             return torch.nn.functional.one_hot(following, 200 + 128).float()
 
-    from argparse import Namespace
-
-    decode = lambda ids: "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)  # noqa: E731
     stream = np.random.default_rng(0).integers(3, 100, 6000)
-    documents = example.RetrievalMix(example.PackedSequences(stream, 600), CharTokenizer(), 1.0, keys=4, seed=1)
+    documents = example.RetrievalMix(example.PackedSequences(stream, 600), _CharTokenizer(), 1.0, keys=4, seed=1)
     near, sentence = 250, r"The code for (\w+) is (\d{5})"
     expected = {"codes_right": 0, "codes": 0, "far_right": 0, "far": 0}
     got = dict.fromkeys(expected, 0)
     for i in range(len(documents)):
-        text = decode(documents[i]["input_ids"].tolist())
+        text = _char_decode(documents[i]["input_ids"].tolist())
         split = text.index(" Now the codes.")
         hidden = {m.group(1): m.start(2) for m in re.finditer(sentence, text[:split])}
         asked = [(m.group(1), split + m.start(2)) for m in re.finditer(sentence, text[split:])]
