@@ -208,7 +208,7 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
 
 
 @torch.no_grad()
-def code_retrieval(model, documents: "RetrievalMix", count: int, near: int) -> dict:
+def code_retrieval(model, documents: RetrievalMix, count: int, near: int) -> dict:
     """Teacher-forced retrieval on held-out ``RetrievalMix`` documents: a code counts as fetched when
     every one of its asked tokens is the argmax next token. ``far`` counts the codes hidden at least
     ``near`` tokens (the finest block) before they are asked, which only the coarse hops can reach.
