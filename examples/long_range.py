@@ -1,4 +1,4 @@
-"""Long-distance matching: does a model connect two tokens thousands of positions apart?
+"""Long-distance matching and passkey copying: does a model connect tokens thousands of positions apart?
 
 Task. A sequence of n noise tokens (ids 5..15) carries two *signal* tokens (ids 1..4): one at a
 random position in the first eighth, one in the last eighth, so they are at least 3n/4 apart
@@ -7,8 +7,14 @@ random position in the first eighth, one in the last eighth, so they are at leas
 features of a different pair are the midpoint of two equal pairs'), so the two tokens must meet
 through attention.
 
-Models. Token embedding -> 2-layer stack -> max pooling -> linear head, identical except for
-attention, trained through ``seqtensor.Trainer`` with the same data, seed and steps:
+Task ``--task passkey`` (causal models only): noise tokens with a marker and a 5-digit key hidden
+in the first half, and at the end the marker ``ASK`` followed by the same digits; the model is a
+language model scored on those 5 digits only (teacher-forced; a sequence counts when all 5 are the
+argmax). The key is >= n/2 positions back, so with a fold of finest dim b < n/2 only the coarse hops
+can bring it: what an adapted LLM's passkey needs, learnt from scratch.
+
+Models. Token embedding -> 2-layer stack -> max pooling -> linear head (passkey: a linear head on
+every position), identical except for attention, trained through ``seqtensor.Trainer`` with the same data, seed and steps:
 
 - ``full``: bidirectional dense attention (global RoPE);
 - ``tensorized``: bidirectional tensorized attention (``ExtrapolatingFold(64)``, tensor RoPE);
@@ -23,6 +29,7 @@ optimizer step (warm-up steps excluded), tokens per second and the fold. JSON go
     python examples/long_range.py                          # CPU-sized: n = 1024, a few minutes
     python examples/long_range.py --threads 1 --lengths 1024 4096 --full-max 1024   # the recorded CPU run
     python examples/long_range.py --device cuda --lengths 1024 4096 16384 --steps 300
+    python examples/long_range.py --task passkey --layers 3 --d-model 64 --heads 4 --lengths 256 --steps 1500   # the recorded passkey run (CPU)
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ VARIANTS = {  # name -> (attention, causal, coverage)
     "tensorized-causal-axial": ("tensorized", True, "axial"),
 }
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+KEY, ASK, DIGITS, PASSKEY_VOCAB = 1, 2, 3, 32  # digits 3..12, noise 13..31
+KEY_LENGTH = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +83,42 @@ def matching_task(n_samples: int, length: int, seed: int) -> TensorDataset:
     ids[rows, rng.randint(0, length // 8, size=n_samples)] = first
     ids[rows, rng.randint(length - length // 8, length, size=n_samples)] = second
     return TensorDataset(torch.from_numpy(ids), torch.from_numpy(same.astype(np.int64)))
+
+
+def passkey_task(n_samples: int, length: int, seed: int) -> TensorDataset:
+    """(ids (N, n) int64,): noise, ``KEY`` + 5 digits at a random place in the first half, and the
+    last 6 tokens ``ASK`` + the same digits."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(DIGITS + 10, PASSKEY_VOCAB, size=(n_samples, length))
+    digits = rng.randint(DIGITS, DIGITS + 10, size=(n_samples, KEY_LENGTH))
+    at = rng.randint(0, length // 2 - KEY_LENGTH, size=n_samples)
+    rows = np.arange(n_samples)[:, None]
+    ids[rows, at[:, None] + np.arange(KEY_LENGTH + 1)] = np.concatenate([np.full((n_samples, 1), KEY), digits], 1)
+    ids[:, -KEY_LENGTH - 1 :] = np.concatenate([np.full((n_samples, 1), ASK), digits], 1)
+    return TensorDataset(torch.from_numpy(ids))
+
+
+class Copier(nn.Module):
+    """ids (B, n) -> embedding -> causal Decoder -> next-token logits (B, n, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(PASSKEY_VOCAB, config.d_model)
+        self.stack = Decoder(config)
+        self.head = nn.Linear(config.d_model, PASSKEY_VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stack(self.embed(ids)))
+
+
+def key_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 5, vocab) of the asked digits: the outputs at ASK and the first 4 asked digits."""
+    return model(ids)[:, -KEY_LENGTH - 1 : -1]
+
+
+def key_loss(model: nn.Module, batch) -> torch.Tensor:
+    (ids,) = batch
+    return nn.functional.cross_entropy(key_logits(model, ids).transpose(1, 2), ids[:, -KEY_LENGTH:])
 
 
 class Matcher(nn.Module):
@@ -110,12 +155,17 @@ class StepTimer(Callback):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int) -> float:
+    """Share of test sequences right: the label (matching), or all 5 asked digits (passkey)."""
     model.eval()
-    ids, labels = data.tensors
+    ids = data.tensors[0]
     correct = 0
     for start in range(0, len(ids), batch_size):
-        logits = model(ids[start : start + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum())
+        chunk = ids[start : start + batch_size]
+        if len(data.tensors) == 2:
+            right = model(chunk.to(device)).argmax(-1).cpu() == data.tensors[1][start : start + batch_size]
+        else:
+            right = (key_logits(model, chunk.to(device)).argmax(-1).cpu() == chunk[:, -KEY_LENGTH:]).all(1)
+        correct += int(right.sum())
     return correct / len(ids)
 
 
@@ -136,11 +186,11 @@ def run_one(variant: str, length: int, train: TensorDataset, test: TensorDataset
         backend=args.backend,
     )
     torch.manual_seed(args.seed)  # identical initial weights for every attention (same parameter set)
-    model = Matcher(config, causal)
+    model = Copier(config) if args.task == "passkey" else Matcher(config, causal)
     timer = StepTimer()
     trainer = Trainer(
         model,
-        cross_entropy,
+        key_loss if args.task == "passkey" else cross_entropy,
         TrainerConfig(
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -194,8 +244,10 @@ def print_table(rows: list[dict]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    p.add_argument("--task", default="match", choices=["match", "passkey"], help="see the module docstring")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024], help="sequence lengths (default 1024)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default: all (passkey: the causal ones)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per model")
     p.add_argument(
         "--full-max", type=int, default=None, help="skip full attention above this length (its cost grows as n^2)"
@@ -215,6 +267,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.lengths) < 16:
         p.error(f"--lengths must be >= 16 (the signals sit in the first and last eighth), got {args.lengths}")
+    if args.variants is None:
+        args.variants = [v for v, (_, causal, _) in VARIANTS.items() if causal or args.task == "match"]
+    if args.task == "passkey" and not all(VARIANTS[v][1] for v in args.variants):
+        p.error(f"--task passkey trains language models: causal variants only, got {args.variants}")
     return args
 
 
@@ -225,8 +281,8 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     rows, skipped = [], []
     for length in args.lengths:
-        train = matching_task(args.train_size, length, seed=args.seed)
-        test = matching_task(args.test_size, length, seed=args.seed + 1)
+        task = passkey_task if args.task == "passkey" else matching_task
+        train, test = task(args.train_size, length, seed=args.seed), task(args.test_size, length, seed=args.seed + 1)
         for variant in args.variants:
             if VARIANTS[variant][0] == "full" and args.full_max is not None and length > args.full_max:
                 skipped.append({"variant": variant, "length": length, "reason": f"n > --full-max={args.full_max}"})
@@ -238,17 +294,18 @@ def main(argv=None) -> list[dict]:
     print()
     print_table(rows)
     name = "cpu" if device.type == "cpu" else device.type
-    out = args.out or RESULTS / f"long_range_{name}.json"
+    out = args.out or RESULTS / f"long_range_{'' if args.task == 'match' else 'passkey_'}{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "task": "long-distance matching: label = (signal in first n/8) == (signal in last n/8)",
+        "task": {"match": "long-distance matching: label = (signal in first n/8) == (signal in last n/8)",
+                 "passkey": "copy a 5-digit key hidden in the first half after ASK at the end (all 5 digits right)"}[args.task],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,  # other jobs skew ms/step
         "torch": torch.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "chance_accuracy": 0.5,
+        "chance_accuracy": 0.5 if args.task == "match" else 1e-5,
     }
     out.write_text(json.dumps({"meta": meta, "results": rows, "skipped": skipped}, indent=1) + "\n")
     print(f"\nwrote {out}")

@@ -311,3 +311,43 @@ def test_long_range_example_runs_end_to_end(tmp_path):
     assert len(rows) == len(result["results"]) == 5 + 3  # full variants skipped at 96
     assert {r["variant"] for r in result["skipped"]} == {"full", "full-causal"}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms_per_step"] > 0 for r in rows)
+
+
+def test_long_range_passkey_task_and_score(tmp_path):
+    """examples/long_range.py --task passkey: KEY + 5 digits in the first half and ASK + the same
+    digits at the end; the loss is the cross-entropy of those 5 predictions and a sequence counts as
+    right only with all 5 (checked against a model that predicts the next token, with a digit spoilt
+    in every other sequence); only causal variants are accepted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "long_range.py"
+    spec = importlib.util.spec_from_file_location("long_range_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    n, k = 64, example.KEY_LENGTH
+    (ids,) = example.passkey_task(40, n, seed=0).tensors
+    for row in ids:
+        at = int((row == example.KEY).nonzero()[0])
+        assert at + k < n // 2 and (row == example.KEY).sum() == 1 and row[-k - 1] == example.ASK
+        assert torch.equal(row[at + 1 : at + 1 + k], row[-k:])
+        assert bool(((row[-k:] >= example.DIGITS) & (row[-k:] < example.DIGITS + 10)).all())
+
+    class NextToken(torch.nn.Module):  # logits = one-hot of the following token, spoilt on even rows
+        def forward(self, x):
+            following = torch.cat([x[:, 1:], x[:, :1]], 1)
+            following[::2, -3] = example.DIGITS + (following[::2, -3] - example.DIGITS + 1) % 10
+            return 10.0 * torch.nn.functional.one_hot(following, example.PASSKEY_VOCAB).float()
+
+    data = torch.utils.data.TensorDataset(ids)
+    assert example.accuracy(NextToken(), data, torch.device("cpu"), 16) == 0.5
+    model = example.Copier(ModelConfig(d_model=16, n_layers=1, n_heads=2, attention="full"))
+    logits = model(ids[:4])
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[:, n - k - 1 + j], ids[:4, n - k + j]) for j in range(k)]).mean()
+    torch.testing.assert_close(example.key_loss(model, (ids[:4],)), expected)
+
+    rows = example.main(["--task", "passkey", "--lengths", "48", "--steps", "2", "--train-size", "16", "--test-size", "8",
+                         "--out", str(tmp_path / "passkey.json")])
+    assert [r["variant"] for r in rows] == ["full-causal", "tensorized-causal-full", "tensorized-causal-axial"]
+    with pytest.raises(SystemExit):
+        example.main(["--task", "passkey", "--variants", "tensorized", "--out", str(tmp_path / "x.json")])
