@@ -35,6 +35,7 @@ optimizer step (warm-up steps excluded), tokens per second and the fold. JSON go
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -63,7 +64,6 @@ VARIANTS = {  # name -> (attention, causal, coverage)
 }
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 KEY, ASK, DIGITS, PASSKEY_VOCAB = 1, 2, 3, 32  # digits 3..12, noise 13..31
-KEY_LENGTH = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,16 +85,15 @@ def matching_task(n_samples: int, length: int, seed: int) -> TensorDataset:
     return TensorDataset(torch.from_numpy(ids), torch.from_numpy(same.astype(np.int64)))
 
 
-def passkey_task(n_samples: int, length: int, seed: int) -> TensorDataset:
-    """(ids (N, n) int64,): noise, ``KEY`` + 5 digits at a random place in the first half, and the
-    last 6 tokens ``ASK`` + the same digits."""
+def passkey_task(n_samples: int, length: int, seed: int, key_length: int = 5) -> TensorDataset:
+    """(ids (N, n) int64,): noise, ``KEY`` + ``key_length`` digits at a random place in the first
+    half, and the last tokens ``ASK`` + the same digits."""
     rng = np.random.RandomState(seed)
     ids = rng.randint(DIGITS + 10, PASSKEY_VOCAB, size=(n_samples, length))
-    digits = rng.randint(DIGITS, DIGITS + 10, size=(n_samples, KEY_LENGTH))
-    at = rng.randint(0, length // 2 - KEY_LENGTH, size=n_samples)
-    rows = np.arange(n_samples)[:, None]
-    ids[rows, at[:, None] + np.arange(KEY_LENGTH + 1)] = np.concatenate([np.full((n_samples, 1), KEY), digits], 1)
-    ids[:, -KEY_LENGTH - 1 :] = np.concatenate([np.full((n_samples, 1), ASK), digits], 1)
+    key = np.concatenate([np.full((n_samples, 1), KEY), rng.randint(DIGITS, DIGITS + 10, size=(n_samples, key_length))], 1)
+    at = rng.randint(0, length // 2 - key_length, size=n_samples)
+    ids[np.arange(n_samples)[:, None], at[:, None] + np.arange(key_length + 1)] = key
+    ids[:, -key_length - 1 :] = np.where(np.arange(key_length + 1) == 0, ASK, key)
     return TensorDataset(torch.from_numpy(ids))
 
 
@@ -111,14 +110,14 @@ class Copier(nn.Module):
         return self.head(self.stack(self.embed(ids)))
 
 
-def key_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, 5, vocab) of the asked digits: the outputs at ASK and the first 4 asked digits."""
-    return model(ids)[:, -KEY_LENGTH - 1 : -1]
+def key_logits(model: nn.Module, ids: torch.Tensor, key_length: int) -> torch.Tensor:
+    """Logits (B, key_length, vocab) of the asked digits: the outputs at ASK and at all but the last digit."""
+    return model(ids)[:, -key_length - 1 : -1]
 
 
-def key_loss(model: nn.Module, batch) -> torch.Tensor:
+def key_loss(model: nn.Module, batch, key_length: int = 5) -> torch.Tensor:
     (ids,) = batch
-    return nn.functional.cross_entropy(key_logits(model, ids).transpose(1, 2), ids[:, -KEY_LENGTH:])
+    return nn.functional.cross_entropy(key_logits(model, ids, key_length).transpose(1, 2), ids[:, -key_length:])
 
 
 class Matcher(nn.Module):
@@ -154,8 +153,8 @@ class StepTimer(Callback):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int) -> float:
-    """Share of test sequences right: the label (matching), or all 5 asked digits (passkey)."""
+def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int, key_length: int = 5) -> float:
+    """Share of test sequences right: the label (matching), or all asked digits (passkey)."""
     model.eval()
     ids = data.tensors[0]
     correct = 0
@@ -164,7 +163,7 @@ def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_
         if len(data.tensors) == 2:
             right = model(chunk.to(device)).argmax(-1).cpu() == data.tensors[1][start : start + batch_size]
         else:
-            right = (key_logits(model, chunk.to(device)).argmax(-1).cpu() == chunk[:, -KEY_LENGTH:]).all(1)
+            right = (key_logits(model, chunk.to(device), key_length).argmax(-1).cpu() == chunk[:, -key_length:]).all(1)
         correct += int(right.sum())
     return correct / len(ids)
 
@@ -190,7 +189,7 @@ def run_one(variant: str, length: int, train: TensorDataset, test: TensorDataset
     timer = StepTimer()
     trainer = Trainer(
         model,
-        key_loss if args.task == "passkey" else cross_entropy,
+        functools.partial(key_loss, key_length=args.key_length) if args.task == "passkey" else cross_entropy,
         TrainerConfig(
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -218,7 +217,7 @@ def run_one(variant: str, length: int, train: TensorDataset, test: TensorDataset
         "causal": causal,
         "coverage": coverage if attention == "tensorized" and causal else None,
         "fold": list(resolve_fold(FOLD, length).dims) if attention == "tensorized" else None,
-        "accuracy": accuracy(model, test, trainer.device_, args.batch_size),
+        "accuracy": accuracy(model, test, trainer.device_, args.batch_size, args.key_length),
         "final_loss": losses[-1] if losses else None,
         "ms_per_step": 1e3 * step_s,
         "tokens_per_s": args.batch_size * length / step_s,
@@ -245,6 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     p.add_argument("--task", default="match", choices=["match", "passkey"], help="see the module docstring")
+    p.add_argument("--key-length", type=int, default=5, help="digits of the passkey (--task passkey)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024], help="sequence lengths (default 1024)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="default: all (passkey: the causal ones)")
@@ -281,7 +281,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     rows, skipped = [], []
     for length in args.lengths:
-        task = passkey_task if args.task == "passkey" else matching_task
+        task = functools.partial(passkey_task, key_length=args.key_length) if args.task == "passkey" else matching_task
         train, test = task(args.train_size, length, seed=args.seed), task(args.test_size, length, seed=args.seed + 1)
         for variant in args.variants:
             if VARIANTS[variant][0] == "full" and args.full_max is not None and length > args.full_max:
@@ -298,7 +298,7 @@ def main(argv=None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "task": {"match": "long-distance matching: label = (signal in first n/8) == (signal in last n/8)",
-                 "passkey": "copy a 5-digit key hidden in the first half after ASK at the end (all 5 digits right)"}[args.task],
+                 "passkey": "copy a key of --key-length digits hidden in the first half after ASK at the end (all digits right)"}[args.task],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -325,7 +325,7 @@ def test_long_range_passkey_task_and_score(tmp_path):
     spec = importlib.util.spec_from_file_location("long_range_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    n, k = 64, example.KEY_LENGTH
+    n, k = 64, 5
     (ids,) = example.passkey_task(40, n, seed=0).tensors
     for row in ids:
         at = int((row == example.KEY).nonzero()[0])
@@ -339,8 +339,12 @@ def test_long_range_passkey_task_and_score(tmp_path):
             following[::2, -3] = example.DIGITS + (following[::2, -3] - example.DIGITS + 1) % 10
             return 10.0 * torch.nn.functional.one_hot(following, example.PASSKEY_VOCAB).float()
 
+    (short,) = example.passkey_task(8, 32, seed=1, key_length=2).tensors
+    at = (short == example.KEY).nonzero()[:, 1]
+    assert torch.equal(short[torch.arange(8)[:, None], at[:, None] + torch.arange(1, 3)], short[:, -2:])
+    assert bool((short[:, -3] == example.ASK).all())
     data = torch.utils.data.TensorDataset(ids)
-    assert example.accuracy(NextToken(), data, torch.device("cpu"), 16) == 0.5
+    assert example.accuracy(NextToken(), data, torch.device("cpu"), 16, k) == 0.5
     model = example.Copier(ModelConfig(d_model=16, n_layers=1, n_heads=2, attention="full"))
     logits = model(ids[:4])
     expected = torch.stack([torch.nn.functional.cross_entropy(logits[:, n - k - 1 + j], ids[:4, n - k + j]) for j in range(k)]).mean()
