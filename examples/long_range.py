@@ -7,14 +7,15 @@ random position in the first eighth, one in the last eighth, so they are at leas
 features of a different pair are the midpoint of two equal pairs'), so the two tokens must meet
 through attention.
 
-Task ``--task passkey`` (causal models only): noise tokens with a marker and a 5-digit key hidden
-in the first half, and at the end the marker ``ASK`` followed by the same digits; the model is a
-language model scored on those 5 digits only (teacher-forced; a sequence counts when all 5 are the
-argmax). The key is >= n/2 positions back, so with a fold of finest dim b < n/2 only the coarse hops
+Task ``--task passkey`` (causal models only): noise tokens with a marker and a key of
+``--key-length`` digits (default 5) hidden in the first half, and at the end the marker ``ASK``
+followed by the same digits; the model is a language model scored on those digits only
+(teacher-forced; a sequence counts when all are the argmax). The key is >= n/2 positions back, so with a fold of finest dim b < n/2 only the coarse hops
 can bring it: what an adapted LLM's passkey needs, learnt from scratch.
 
 Models. Token embedding -> 2-layer stack -> max pooling -> linear head (passkey: a linear head on
-every position), identical except for attention, trained through ``seqtensor.Trainer`` with the same data, seed and steps:
+every position), identical except for attention, trained through ``seqtensor.Trainer`` with the
+same data, seed and steps:
 
 - ``full``: bidirectional dense attention (global RoPE);
 - ``tensorized``: bidirectional tensorized attention (``ExtrapolatingFold(64)``, tensor RoPE);
@@ -24,12 +25,13 @@ every position), identical except for attention, trained through ``seqtensor.Tra
 
 Reported per length and model: test accuracy, final training loss, median milliseconds per
 optimizer step (warm-up steps excluded), tokens per second and the fold. JSON goes to
-``benchmarks/results/long_range_<device>.json``; a table is printed.
+``benchmarks/results/long_range[_passkey]_<device>.json``; a table is printed.
 
     python examples/long_range.py                          # CPU-sized: n = 1024, a few minutes
     python examples/long_range.py --threads 1 --lengths 1024 4096 --full-max 1024   # the recorded CPU run
     python examples/long_range.py --device cuda --lengths 1024 4096 16384 --steps 300
-    python examples/long_range.py --task passkey --layers 3 --d-model 64 --heads 4 --lengths 256 --steps 1500   # the recorded passkey run (CPU)
+    python examples/long_range.py --task passkey --key-length 5 --variants full-causal tensorized-causal-full \
+        --layers 3 --d-model 64 --heads 4 --lengths 256 --steps 2000 --lr 1e-3 --train-size 32768   # recorded (CPU)
 """
 
 from __future__ import annotations
