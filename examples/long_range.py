@@ -10,8 +10,9 @@ through attention.
 Task ``--task passkey`` (causal models only): noise tokens with a marker and a key of
 ``--key-length`` digits (default 5) hidden in the first half, and at the end the marker ``ASK``
 followed by the same digits; the model is a language model scored on those digits only
-(teacher-forced; a sequence counts when all are the argmax). The key is >= n/2 positions back, so with a fold of finest dim b < n/2 only the coarse hops
-can bring it: what an adapted LLM's passkey needs, learnt from scratch.
+(teacher-forced; a sequence counts when all are the argmax). The key is >= n/2 positions back, so
+with a fold of finest dim b < n/2 only the coarse hops can bring it: what an adapted LLM's passkey
+needs, learnt from scratch.
 
 Models. Token embedding -> 2-layer stack -> max pooling -> linear head (passkey: a linear head on
 every position), identical except for attention, trained through ``seqtensor.Trainer`` with the
