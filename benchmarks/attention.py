@@ -48,7 +48,9 @@ def naive_fold(q, k, v, dims, causal):
         P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
 
         def fib(t):  # (B, H, n, d) -> (B * P * S, H, nj, d): fibres on the batch axis, heads kept
-            return t.reshape(B, H, P, nj, S, d).permute(0, 2, 4, 1, 3, 5).reshape(B * P * S, H, nj, d)
+            return (
+                t.reshape(B, H, P, nj, S, d).permute(0, 2, 4, 1, 3, 5).reshape(B * P * S, H, nj, d)
+            )
 
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             y = F.scaled_dot_product_attention(fib(q), fib(k), fib(x), is_causal=causal)
@@ -96,7 +98,11 @@ def flex_block_masks(n: int, dims, causal: bool, coverage: str = "axial", device
             summary = causal and coverage == "full" and stride > 1
             mm = _flex_mask_mod(stride, dims[j], causal, summary, device)
             # _compile: evaluate the mask per block without materializing an n x n tensor
-            masks.append(create_block_mask(mm, None, None, n, n, device=device, _compile=str(device) != "cpu"))
+            masks.append(
+                create_block_mask(
+                    mm, None, None, n, n, device=device, _compile=str(device) != "cpu"
+                )
+            )
         _FLEX_MASKS[key] = masks
     return _FLEX_MASKS[key]
 
@@ -165,10 +171,13 @@ SWEEP = [
 
 def sweep(n: int, H: int, d: int, rep: int) -> dict:
     """Time each override in SWEEP (causal, first row: the defaults); keep the best for the run."""
-    from seqtensor.kernels import tensorized as T
+    from seqtensor.kernels import triton_hops as T
 
     dims = DIMS[n]
-    q, k, v = (torch.randn(1, H, n, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(1, H, n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
     fn = lambda q, k, v: T.tensorized_fibre_attention(q, k, v, dims, n, causal=True)  # noqa: E731
     best = (float("inf"), {})
     for override in SWEEP:
@@ -184,10 +193,13 @@ def sweep(n: int, H: int, d: int, rep: int) -> dict:
 
 def profile(n: int, H: int, d: int) -> None:
     """Per-kernel CUDA time of one causal (full coverage) forward+backward, from torch.profiler."""
-    from seqtensor.kernels.tensorized import tensorized_fibre_attention
+    from seqtensor.kernels.triton_hops import tensorized_fibre_attention
 
     dims = DIMS[n]
-    q, k, v = (torch.randn(1, H, n, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(1, H, n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
     g = torch.randn_like(q)
 
     def step():
@@ -199,57 +211,105 @@ def profile(n: int, H: int, d: int) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=40))
+    print(
+        prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=15, max_name_column_width=40
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="*", default=sorted(DIMS))
-    ap.add_argument("--dims", type=int, nargs="+", default=None,
-                    help="fold dims for a single --n instead of the DIMS table (e.g. --n 16384 --dims 32 32 16)")
+    ap.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fold dims for a single --n instead of the DIMS table (e.g. --n 16384 --dims 32 32 16)",
+    )
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--full-max", type=int, default=32768, help="largest n at which full attention is timed")
+    ap.add_argument(
+        "--full-max", type=int, default=32768, help="largest n at which full attention is timed"
+    )
     ap.add_argument("--modes", nargs="*", default=["causal", "axial", "bidir"])
-    ap.add_argument("--naive-max", type=int, default=262144, help="largest n for the naive fold (faults at 512k)")
-    ap.add_argument("--flex-max", type=int, default=131072,
-                    help="largest n for the flex column (the coarse hops make very sparse block masks)")
-    ap.add_argument("--flex-modes", nargs="*", default=["causal", "axial", "bidir"],
-                    help="modes with a flex column (causal = full coverage with summary keys)")
-    ap.add_argument("--flex-only", action="store_true", help="time only the flex column (skip ours, naive, full)")
+    ap.add_argument(
+        "--naive-max",
+        type=int,
+        default=262144,
+        help="largest n for the naive fold (faults at 512k)",
+    )
+    ap.add_argument(
+        "--flex-max",
+        type=int,
+        default=131072,
+        help="largest n for the flex column (the coarse hops make very sparse block masks)",
+    )
+    ap.add_argument(
+        "--flex-modes",
+        nargs="*",
+        default=["causal", "axial", "bidir"],
+        help="modes with a flex column (causal = full coverage with summary keys)",
+    )
+    ap.add_argument(
+        "--flex-only",
+        action="store_true",
+        help="time only the flex column (skip ours, naive, full)",
+    )
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time in ms")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--profile", type=int, default=0, help="n at which to print per-kernel times of one causal fwd+bwd")
-    ap.add_argument("--sweep", type=int, default=0, help="n at which to time the configs of SWEEP (causal)")
-    ap.add_argument("--autotune", choices=["auto", "on", "off"], default="auto",
-                    help="triton.autotune (auto: except on the GPUs the config table was tuned on)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="n at which to print per-kernel times of one causal fwd+bwd",
+    )
+    ap.add_argument(
+        "--sweep", type=int, default=0, help="n at which to time the configs of SWEEP (causal)"
+    )
+    ap.add_argument(
+        "--autotune",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="triton.autotune (auto: except on the GPUs the config table was tuned on)",
+    )
     args = ap.parse_args()
-    from seqtensor.kernels import tensorized as T
+    from seqtensor.kernels import triton_hops as T
 
     T.AUTOTUNE = {"auto": None, "on": True, "off": False}[args.autotune]
     override = sweep(args.sweep, args.heads, args.head_dim, args.rep) if args.sweep else {}
     if args.profile:
         profile(args.profile, args.heads, args.head_dim)
 
-    from seqtensor.kernels.tensorized import tensorized_fibre_attention
+    from seqtensor.kernels.triton_hops import tensorized_fibre_attention
 
     dev = torch.cuda.get_device_name()
     rows = []
     if args.dims is not None:
-        assert len(args.n) == 1 and math.prod(args.dims) == args.n[0], "--dims needs one --n equal to their product"
+        assert len(args.n) == 1 and math.prod(args.dims) == args.n[0], (
+            "--dims needs one --n equal to their product"
+        )
     for n in args.n:
         dims = tuple(args.dims) if args.dims is not None else DIMS[n]
         H, d = args.heads, args.head_dim
         gen = torch.Generator(device="cuda").manual_seed(0)
         shape = (1, H, n, d)
-        q, k, v = (torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(3)
+        )
         floor_ms = len(dims) * 4 * q.numel() * 2 / FLOOR_BW * 1e3
         for mode in args.modes:
             causal, coverage = mode != "bidir", ("axial" if mode == "axial" else "full")
-            row = dict(n=n, dims="x".join(map(str, dims)), mode=mode, floor_fwd_ms=round(floor_ms, 3))
+            row = dict(
+                n=n, dims="x".join(map(str, dims)), mode=mode, floor_fwd_ms=round(floor_ms, 3)
+            )
 
             def ours(q, k, v):
-                return tensorized_fibre_attention(q, k, v, dims, n, causal=causal, coverage=coverage)
+                return tensorized_fibre_attention(
+                    q, k, v, dims, n, causal=causal, coverage=coverage
+                )
 
             if not args.flex_only:
                 t0 = time.time()
@@ -257,7 +317,9 @@ def main() -> None:
                 row["ours_fwdbwd_ms"], row["ours_peak_gib"] = bench(ours, q, k, v, True, args.rep)
                 row["compile_s"] = round(time.time() - t0, 1)
                 row["fwd_vs_floor"] = round(row["ours_fwd_ms"] / floor_ms, 2)
-            if not args.flex_only and mode != "causal" and n <= args.naive_max:  # naive: no summary keys
+            if (
+                not args.flex_only and mode != "causal" and n <= args.naive_max
+            ):  # naive: no summary keys
                 nv = lambda q, k, v: naive_fold(q, k, v, dims, causal)  # noqa: E731
                 row["naive_fwd_ms"], _ = bench(nv, q, k, v, False, args.rep)
                 row["naive_fwdbwd_ms"], row["naive_peak_gib"] = bench(nv, q, k, v, True, args.rep)
@@ -270,7 +332,9 @@ def main() -> None:
                 row["flex_coverage"] = coverage if causal else "bidir"
                 try:
                     t0 = time.time()
-                    flex_block_masks(n, dims, causal, coverage, q.device)  # built and cached outside timing
+                    flex_block_masks(
+                        n, dims, causal, coverage, q.device
+                    )  # built and cached outside timing
                     row["flex_mask_s"] = round(time.time() - t0, 1)
                     fx = lambda q, k, v: flex_fold(q, k, v, dims, causal, coverage)  # noqa: E731
                     t0 = time.time()
@@ -286,21 +350,53 @@ def main() -> None:
         _FLEX_MASKS.clear()
         torch.cuda.empty_cache()
 
-    tuned = {f"{direction} fibres<={fib}": {str(key): str(cfg) for key, cfg in tuner.cache.items()}
-             for (direction, fib), tuner in T._TUNERS.items()}  # fmt: skip
-    result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, config_override=override,
-                  autotune=T._use_autotune(torch.device("cuda")), autotuned_configs=tuned, B=1, H=args.heads, head_dim=args.head_dim,
-                  dtype="bfloat16", rows=rows)  # fmt: skip
+    tuned = {
+        f"{direction} fibres<={fib}": {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+        for (direction, fib), tuner in T._TUNERS.items()
+    }
+    result = dict(
+        device=dev,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        config_override=override,
+        autotune=T._use_autotune(torch.device("cuda")),
+        autotuned_configs=tuned,
+        B=1,
+        H=args.heads,
+        head_dim=args.head_dim,
+        dtype="bfloat16",
+        rows=rows,
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    cols = ["n", "dims", "mode", "ours_fwd_ms", "ours_fwdbwd_ms", "naive_fwd_ms", "naive_fwdbwd_ms", "full_fwd_ms",
-            "full_fwdbwd_ms", "flex_coverage", "flex_fwd_ms", "flex_fwdbwd_ms", "floor_fwd_ms", "ours_peak_gib",
-            "naive_peak_gib", "full_peak_gib", "flex_peak_gib"]  # fmt: skip
+    cols = [
+        "n",
+        "dims",
+        "mode",
+        "ours_fwd_ms",
+        "ours_fwdbwd_ms",
+        "naive_fwd_ms",
+        "naive_fwdbwd_ms",
+        "full_fwd_ms",
+        "full_fwdbwd_ms",
+        "flex_coverage",
+        "flex_fwd_ms",
+        "flex_fwdbwd_ms",
+        "floor_fwd_ms",
+        "ours_peak_gib",
+        "naive_peak_gib",
+        "full_peak_gib",
+        "flex_peak_gib",
+    ]
     print(f"\n{dev}")
     print(" | ".join(c.replace("_ms", "").replace("_gib", "") for c in cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+        print(
+            " | ".join(
+                f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols
+            )
+        )
     for r in rows:
         if "flex_error" in r:
             print(f"flex error at n={r['n']} {r['mode']}: {r['flex_error']}")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from seqtensor.kernels.tensorized import tensorized_fibre_attention
-from seqtensor.positional import TensorRoPE
+from seqtensor.core.positional import TensorRoPE
+from seqtensor.kernels.triton_hops import tensorized_fibre_attention
 
 
 def inputs(n: int, H: int, Hkv: int, d: int, heads_inner: bool, device: str):
@@ -49,18 +49,37 @@ def main() -> None:
     rope = TensorRoPE(d, base=500000.0).cuda()
     floor_bytes = 2 * n * d * (2 * H + 2 * args.kv_heads) + 2 * (len(dims) - 1) * 2 * n * H * d
     rows = []
-    for Hkv, heads_inner, use_rope in itertools.product((H, args.kv_heads), (False, True), (False, True)):
+    for Hkv, heads_inner, use_rope in itertools.product(
+        (H, args.kv_heads), (False, True), (False, True)
+    ):
         q, k, v = inputs(n, H, Hkv, d, heads_inner, "cuda")
         positional = rope if use_rope else None
-        fn = lambda: tensorized_fibre_attention(q, k, v, dims, n, causal=True, coverage="full", hop_positional=positional)  # noqa: E731
+        fn = lambda: tensorized_fibre_attention(
+            q, k, v, dims, n, causal=True, coverage="full", hop_positional=positional
+        )  # noqa: E731
         with torch.no_grad():
             ms = triton.testing.do_bench(fn, rep=100)
-        row = {"kv_heads": Hkv, "layout": "B,n,H,d" if heads_inner else "B,H,n,d", "tensor_rope": use_rope, "fwd_ms": ms}
+        row = {
+            "kv_heads": Hkv,
+            "layout": "B,n,H,d" if heads_inner else "B,H,n,d",
+            "tensor_rope": use_rope,
+            "fwd_ms": ms,
+        }
         rows.append(row)
         print(row, flush=True)
         del q, k, v
-    result = {"device": torch.cuda.get_device_name(), "n": n, "dims": list(dims), "heads": H, "head_dim": d,
-              "dtype": "bfloat16", "causal": True, "coverage": "full", "approx_floor_gb": floor_bytes / 1e9, "rows": rows}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "n": n,
+        "dims": list(dims),
+        "heads": H,
+        "head_dim": d,
+        "dtype": "bfloat16",
+        "causal": True,
+        "coverage": "full",
+        "approx_floor_gb": floor_bytes / 1e9,
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from seqtensor.checkpoint import atomic_write_text
-from seqtensor.distributed import barrier, destroy_distributed, init_distributed, model_state
-from seqtensor.trainer import Trainer, TrainerConfig
+from seqtensor.train.checkpoint import atomic_write_text
+from seqtensor.train.distributed import barrier, destroy_distributed, init_distributed, model_state
+from seqtensor.train.trainer import Trainer, TrainerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,7 +37,8 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.inp = nn.Linear(d_in, width)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU()) for _ in range(depth)
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+            for _ in range(depth)
         )
         self.out = nn.Linear(width, 1)
 
@@ -83,19 +84,25 @@ def train(args: argparse.Namespace, strategy: str, batch_size: int) -> tuple[nn.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=96, help="dataset size (a few epochs at the defaults)")
+    parser.add_argument(
+        "--samples", type=int, default=96, help="dataset size (a few epochs at the defaults)"
+    )
     parser.add_argument("--d-in", type=int, default=8)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--atol", type=float, default=1e-5)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/ddp_<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default: results/ddp_<device>.json)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda":
         # exact fp32 products on both sides: TF32 would make the comparison measure TF32 noise
@@ -103,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     env = init_distributed(args.device)
     if env.world_size < 2 or args.global_batch % env.world_size:
-        print("launch with torchrun --nproc_per_node N (N >= 2 dividing --global-batch)", file=sys.stderr)
+        print(
+            "launch with torchrun --nproc_per_node N (N >= 2 dividing --global-batch)",
+            file=sys.stderr,
+        )
         return 2
     import torch._dynamo as _dynamo  # noqa: F401  (DDP's constructor imports it, ~4 s on CPU: keep that out of the timing)
 
@@ -115,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         reference, single_time = train(args, "none", args.global_batch)
         ref_state = model_state(reference)
         diffs = {k: (dist_state[k] - ref_state[k]).abs().max().item() for k in ref_state}
-        ok = all(torch.allclose(dist_state[k], ref_state[k], rtol=args.rtol, atol=args.atol) for k in ref_state)
+        ok = all(
+            torch.allclose(dist_state[k], ref_state[k], rtol=args.rtol, atol=args.atol)
+            for k in ref_state
+        )
         result = {
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "backend": torch.distributed.get_backend(),

@@ -18,20 +18,26 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_e2e import fold_for, graph_ms  # noqa: E402
 
-from seqtensor.adapters.text_cache import CausalFold, LayerCache  # noqa: E402
+from seqtensor.adapters.text.cache import CausalFold, LayerCache  # noqa: E402
+from seqtensor.core.positional import TensorRoPE  # noqa: E402
 from seqtensor.kernels import decode  # noqa: E402
-from seqtensor.positional import TensorRoPE  # noqa: E402
 
 # "rope": False drops the rotation (LayerCache without a positional scheme): what its sin/cos cost.
-CONFIGS = {"default": {}, "no_rope": {"rope": False}, "warps8": {"num_warps": 8}, "warps2": {"num_warps": 2},
-           "combine_warps2": {"combine_warps": 2}, "split2": {"split_chunks": 2}, "tile8k": {"tile": 8192}}
+CONFIGS = {
+    "default": {},
+    "no_rope": {"rope": False},
+    "warps8": {"num_warps": 8},
+    "warps2": {"num_warps": 2},
+    "combine_warps2": {"combine_warps": 2},
+    "split2": {"split_chunks": 2},
+    "tile8k": {"tile": 8192},
+}
 
 
 @triton.jit
@@ -47,7 +53,11 @@ def kernel_times(fn, steps: int) -> dict[str, float]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return {e.key[:60]: round(e.device_time_total / steps, 2) for e in prof.key_averages() if e.device_time_total > 0}
+    return {
+        e.key[:60]: round(e.device_time_total / steps, 2)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    }
 
 
 def main() -> None:
@@ -65,18 +75,33 @@ def main() -> None:
     v = torch.randn(B, Hkv, n + room, d, device=dev, dtype=dt)
     q = torch.randn(B, H, 1, d, device=dev, dtype=dt)
     rope = TensorRoPE(d, base=500000.0).to(dev)
-    result = {"device": torch.cuda.get_device_name(), "n": n, "fold": list(fold.dims), "layers": args.layers, "configs": {}}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "n": n,
+        "fold": list(fold.dims),
+        "layers": args.layers,
+        "configs": {},
+    }
 
     x = torch.zeros(1, device=dev)
-    result["graph_floor_ms"] = graph_ms(lambda: [_empty_kernel[(32,)](x) for _ in range(2 * args.layers)], dev, args.reps)
+    result["graph_floor_ms"] = graph_ms(
+        lambda: [_empty_kernel[(32,)](x) for _ in range(2 * args.layers)], dev, args.reps
+    )
     for name in args.configs:
         decode.CONFIG_OVERRIDE.clear()
         override = dict(CONFIGS[name])
         with_rope = override.pop("rope", True)
         decode.CONFIG_OVERRIDE.update(override)
-        state = LayerCache(fold, coverage="full", positional=rope if with_rope else None, scale=d**-0.5, length=torch.full((B,), n, device=dev),
-                           offset=torch.zeros(B, dtype=torch.long, device=dev), stored=n,
-                           levels=[torch.randn(B, H, n, d, device=dev, dtype=dt) for _ in range(fold.order - 1)])
+        state = LayerCache(
+            fold,
+            coverage="full",
+            positional=rope if with_rope else None,
+            scale=d**-0.5,
+            length=torch.full((B,), n, device=dev),
+            offset=torch.zeros(B, dtype=torch.long, device=dev),
+            stored=n,
+            levels=[torch.randn(B, H, n, d, device=dev, dtype=dt) for _ in range(fold.order - 1)],
+        )
 
         def layer_step(state=state):
             end = state.stored + 1
@@ -84,13 +109,17 @@ def main() -> None:
 
         try:
             row = {"kernels_us": kernel_times(layer_step, args.reps)}
-            row["graph_ms"] = graph_ms(lambda: [layer_step() for _ in range(args.layers)], dev, args.reps)
+            row["graph_ms"] = graph_ms(
+                lambda: [layer_step() for _ in range(args.layers)], dev, args.reps
+            )
         except Exception as err:  # noqa: BLE001 - a config that does not compile: record and go on
             row = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(name, json.dumps(row), flush=True)
         result["configs"][name] = row
     decode.CONFIG_OVERRIDE.clear()
-    print(f"graph floor (2 empty launches x {args.layers} layers): {result['graph_floor_ms']:.3f} ms")
+    print(
+        f"graph floor (2 empty launches x {args.layers} layers): {result['graph_floor_ms']:.3f} ms"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqtensor.adapters import text as text_adapter  # noqa: E402
-from seqtensor.adapters.text import CausalFold, cache_memory_bytes, tensorize, untensorize  # noqa: E402
-from seqtensor.adapters.text_cache import LayerCache  # noqa: E402
+from seqtensor.adapters.text import tensorize as text_adapter  # noqa: E402
+from seqtensor.adapters.text.cache import LayerCache  # noqa: E402
+from seqtensor.adapters.text.tensorize import CausalFold, cache_memory_bytes, tensorize, untensorize  # noqa: E402
 from seqtensor.attention import resolve_backend  # noqa: E402
+from seqtensor.core.positional import TensorRoPE  # noqa: E402
 from seqtensor.kernels import decode  # noqa: E402
-from seqtensor.positional import TensorRoPE  # noqa: E402
 
 FOLDS = {8192: (128, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
 
@@ -89,26 +89,49 @@ def graphed(row: dict, key: str, fn, device, reps: int) -> None:
 
 
 # Decode-kernel configs (kernels.decode.CONFIG_OVERRIDE) timed by --decode-sweep in the graphed attention share.
-DECODE_SWEEP = {"no_split": {"split_chunks": 0}, "split1": {"split_chunks": 1}, "split4": {"split_chunks": 4},
-                "tile8k": {"tile": 8192}, "tile2k_split1": {"tile": 2048, "split_chunks": 1}, "warps4": {"num_warps": 4},
-                "tile16k_no_split": {"tile": 16384, "split_chunks": 0}}
+DECODE_SWEEP = {
+    "no_split": {"split_chunks": 0},
+    "split1": {"split_chunks": 1},
+    "split4": {"split_chunks": 4},
+    "tile8k": {"tile": 8192},
+    "tile2k_split1": {"tile": 2048, "split_chunks": 1},
+    "warps4": {"num_warps": 4},
+    "tile16k_no_split": {"tile": 16384, "split_chunks": 0},
+}
 
 
 def fold_for(n: int) -> tuple[int, ...]:
     if n in FOLDS:
         return FOLDS[n]
-    return CausalFold.extrapolating((32, 32, 32), n).dims if n > 32768 else (max(1, n // 1024), 32, 32)
+    return (
+        CausalFold.extrapolating((32, 32, 32), n).dims if n > 32768 else (max(1, n // 1024), 32, 32)
+    )
 
 
 def build_model(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
-        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-                             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=131072)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=131072,
+        )
     else:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=args.layers,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        )
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if args.dtype != "auto":
         dtype = getattr(torch, args.dtype)
@@ -125,7 +148,11 @@ def build_model(args, device):
 
 
 def peak_gib(device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
+    return (
+        torch.cuda.max_memory_allocated() / 2**30
+        if torch.device(device).type == "cuda"
+        else float("nan")
+    )
 
 
 def reset_peak(device) -> None:
@@ -144,24 +171,34 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
             if method == "tensorized":
                 tensorize(model, fold=fold_for(n))
             reps, warmup = (2, 0) if (method == "sdpa" and n >= 131072) else (args.reps, 1)
-            if args.compile:  # both methods, layer by layer (compiling the whole model builds an n x n mask)
+            if (
+                args.compile
+            ):  # both methods, layer by layer (compiling the whole model builds an n x n mask)
                 torch._dynamo.reset()
                 for layer in model.model.layers:
                     layer.compile(dynamic=False)
                 reps, warmup = max(1, reps - 1), 1
             reset_peak(device)
-            row = {"n": n, "method": method, "fold": list(fold_for(n)) if method == "tensorized" else None,
-                   "compiled": args.compile}
+            row = {
+                "n": n,
+                "method": method,
+                "fold": list(fold_for(n)) if method == "tensorized" else None,
+                "compiled": args.compile,
+            }
             try:
                 times = timed(lambda: model.model(ids, use_cache=False), device, reps, warmup)
-                row.update(median_s=statistics.median(times), times_s=times, peak_gib=peak_gib(device))
+                row.update(
+                    median_s=statistics.median(times), times_s=times, peak_gib=peak_gib(device)
+                )
             except Exception as err:  # noqa: BLE001 - record and go on to the next measurement
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
             finally:
                 if method == "tensorized":
                     untensorize(model)
                 for layer in model.model.layers:
-                    layer._compiled_call_impl = None  # undo nn.Module.compile (it has no public undo)
+                    layer._compiled_call_impl = (
+                        None  # undo nn.Module.compile (it has no public undo)
+                    )
             rows.append(row)
             print(f"forward n={n} {method}: {row.get('median_s', row.get('error'))}", flush=True)
         by = {r["method"]: r.get("median_s") for r in rows if r["n"] == n}
@@ -188,24 +225,37 @@ def profile_forward(model, n: int, device, top: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top)
 
 
-def synthetic_cache(model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None, top_int8: bool = False):
+def synthetic_cache(
+    model, B: int, n: int, device, dtype, tensorized_fold: CausalFold | None, top_int8: bool = False
+):
     """A DynamicCache holding n random tokens per layer (plus value levels when tensorized)."""
     from transformers import DynamicCache
 
     c = model.config
     Hkv, H, d = c.num_key_value_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
     cache = DynamicCache(config=c)
-    states = text_adapter._states(cache) if tensorized_fold is not None else None  # the adapter's per-cache states
+    states = (
+        text_adapter._states(cache) if tensorized_fold is not None else None
+    )  # the adapter's per-cache states
     for layer in range(c.num_hidden_layers):
         k = torch.randn(B, Hkv, n, d, device=device, dtype=dtype)
         v = torch.randn(B, Hkv, n, d, device=device, dtype=dtype)
         cache.update(k, v, layer)
         if states is not None:
-            levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(tensorized_fold.order - 1)]
+            levels = [
+                torch.randn(B, H, n, d, device=device, dtype=dtype)
+                for _ in range(tensorized_fold.order - 1)
+            ]
             states[layer] = LayerCache(
-                tensorized_fold, coverage="full", positional=TensorRoPE(d, base=c.rope_parameters["rope_theta"]).to(device),
-                scale=d**-0.5, length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
-                levels=levels, stored=n, top_int8=top_int8,
+                tensorized_fold,
+                coverage="full",
+                positional=TensorRoPE(d, base=c.rope_parameters["rope_theta"]).to(device),
+                scale=d**-0.5,
+                length=torch.full((B,), n, device=device),
+                offset=torch.zeros(B, dtype=torch.long, device=device),
+                levels=levels,
+                stored=n,
+                top_int8=top_int8,
             )
             del levels
     return cache
@@ -227,19 +277,35 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
             tensorize(model, fold=fold.dims, top_level_cache=args.top_level_cache)
         try:
             reset_peak(device)
-            cache = synthetic_cache(model, B, n, device, dtype, fold, args.top_level_cache == "int8")
+            cache = synthetic_cache(
+                model, B, n, device, dtype, fold, args.top_level_cache == "int8"
+            )
             ids = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
             step = lambda: model(ids, use_cache=True, **{key: cache})  # noqa: E731
             times = timed(step, device, args.decode_steps, 2)
-            memory = cache_memory_bytes(cache)  # after the steps: the adapter has dropped the V rows no step reads
-            row = {"n": n, "batch": B, "method": method, "step_median_ms": 1e3 * statistics.median(times),
-                   "cache_gib": memory["total"] / 2**30, "kv_gib": memory["kv"] / 2**30,
-                   "levels_gib": memory["levels"] / 2**30, "peak_gib": peak_gib(device)}
+            memory = cache_memory_bytes(
+                cache
+            )  # after the steps: the adapter has dropped the V rows no step reads
+            row = {
+                "n": n,
+                "batch": B,
+                "method": method,
+                "step_median_ms": 1e3 * statistics.median(times),
+                "cache_gib": memory["total"] / 2**30,
+                "kv_gib": memory["kv"] / 2**30,
+                "levels_gib": memory["levels"] / 2**30,
+                "peak_gib": peak_gib(device),
+            }
             graphed(row, "step_graph_ms", step, device, args.decode_steps)
         except torch.OutOfMemoryError:
             row = {"n": n, "batch": B, "method": method, "oom": True}
         except Exception as err:  # noqa: BLE001 - record and go on
-            row = {"n": n, "batch": B, "method": method, "error": f"{type(err).__name__}: {err}"[:300]}
+            row = {
+                "n": n,
+                "batch": B,
+                "method": method,
+                "error": f"{type(err).__name__}: {err}"[:300],
+            }
         finally:
             cache = None
             if fold is not None:
@@ -258,19 +324,40 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
     CUDA graph of all layers (``*_graph_ms``: GPU time).
     """
     c = model.config
-    H, Hkv, d, layers = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
-    R = 2 * (args.decode_steps + 2) + 2 * layers + 8  # room for every step below, graphed ones included
+    H, Hkv, d, layers = (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.hidden_size // c.num_attention_heads,
+        c.num_hidden_layers,
+    )
+    R = (
+        2 * (args.decode_steps + 2) + 2 * layers + 8
+    )  # room for every step below, graphed ones included
     k = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
     v = torch.randn(B, Hkv, n + R, d, device=device, dtype=dtype)
     q = torch.randn(B, H, 1, d, device=device, dtype=dtype)
-    sdpa = timed(lambda: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True), device, args.decode_steps, 2)
+    sdpa = timed(
+        lambda: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True),
+        device,
+        args.decode_steps,
+        2,
+    )
     fold = CausalFold(fold_for(n))
 
     def new_state() -> LayerCache:
-        levels = [torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(fold.order - 1)]
-        return LayerCache(fold, coverage="full", positional=TensorRoPE(d, base=500000.0).to(device), scale=d**-0.5,
-                          length=torch.full((B,), n, device=device), offset=torch.zeros(B, dtype=torch.long, device=device),
-                          levels=levels, stored=n)
+        levels = [
+            torch.randn(B, H, n, d, device=device, dtype=dtype) for _ in range(fold.order - 1)
+        ]
+        return LayerCache(
+            fold,
+            coverage="full",
+            positional=TensorRoPE(d, base=500000.0).to(device),
+            scale=d**-0.5,
+            length=torch.full((B,), n, device=device),
+            offset=torch.zeros(B, dtype=torch.long, device=device),
+            levels=levels,
+            stored=n,
+        )
 
     state = new_state()
 
@@ -282,9 +369,13 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
     step_times = timed(one_step, device, args.decode_steps, 2)
     plan_times = timed(lambda: state.plan(1, dtype), device, args.decode_steps, 2)
     one_layer = statistics.median(step_times) - statistics.median(plan_times)
-    out = {"n": n, "batch": B, "sdpa_ms": 1e3 * layers * statistics.median(sdpa),
-           "tensorized_ms": 1e3 * (layers * one_layer + statistics.median(plan_times)),
-           "tensorized_plan_ms": 1e3 * statistics.median(plan_times)}
+    out = {
+        "n": n,
+        "batch": B,
+        "sdpa_ms": 1e3 * layers * statistics.median(sdpa),
+        "tensorized_ms": 1e3 * (layers * one_layer + statistics.median(plan_times)),
+        "tensorized_plan_ms": 1e3 * statistics.median(plan_times),
+    }
     out["ratio"] = out["sdpa_ms"] / out["tensorized_ms"]
 
     def sdpa_layers():
@@ -312,42 +403,95 @@ def attention_share(model, n: int, B: int, device, dtype, args) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 131072])
-    parser.add_argument("--decode", type=str, nargs="*", default=["32768:1", "32768:8", "131072:1", "131072:2"],
-                        help="n:batch pairs for the decode measurements")
+    parser.add_argument(
+        "--decode",
+        type=str,
+        nargs="*",
+        default=["32768:1", "32768:8", "131072:1", "131072:2"],
+        help="n:batch pairs for the decode measurements",
+    )
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="forward through torch.compile (both methods)")
-    parser.add_argument("--decode-sweep", action="store_true", help="also time the decode-kernel configs of DECODE_SWEEP")
+    parser.add_argument(
+        "--compile", action="store_true", help="forward through torch.compile (both methods)"
+    )
+    parser.add_argument(
+        "--decode-sweep",
+        action="store_true",
+        help="also time the decode-kernel configs of DECODE_SWEEP",
+    )
     parser.add_argument("--decode-steps", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="tiny model and lengths, for a CPU check of the script")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
-    parser.add_argument("--profile", type=int, default=0, help="print per-kernel times of one tensorized forward at this n and exit")
-    parser.add_argument("--contiguous-qkv", action="store_true",
-                        help="experiment: copy q, k, v to (B, H, n, d) before the kernels (tests whether layout matters)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--top-level-cache", choices=["native", "int8"], default="native",
-                        help="how the tensorized decode cache stores the top hop's input (tensorize's top_level_cache)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny model and lengths, for a CPU check of the script"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=32, help="decoder layers of the 8B-shaped model"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print per-kernel times of one tensorized forward at this n and exit",
+    )
+    parser.add_argument(
+        "--contiguous-qkv",
+        action="store_true",
+        help="experiment: copy q, k, v to (B, H, n, d) before the kernels (tests whether layout matters)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--top-level-cache",
+        choices=["native", "int8"],
+        default="native",
+        help="how the tensorized decode cache stores the top hop's input (tensorize's top_level_cache)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.compile:  # our attention is already one fused kernel per hop: compile runs around it, not through it
+    if (
+        args.compile
+    ):  # our attention is already one fused kernel per hop: compile runs around it, not through it
         from transformers import AttentionInterface
 
-        AttentionInterface.register(text_adapter.ATTENTION_NAME, torch.compiler.disable(text_adapter._attention))
+        AttentionInterface.register(
+            text_adapter.ATTENTION_NAME, torch.compiler.disable(text_adapter._attention)
+        )
     if args.contiguous_qkv:
         attend = text_adapter.tensorized_attention
-        text_adapter.tensorized_attention = lambda q, k, v, *a, **kw: attend(q.contiguous(), k.contiguous(), v.contiguous(), *a, **kw)
+        text_adapter.tensorized_attention = lambda q, k, v, *a, **kw: attend(
+            q.contiguous(), k.contiguous(), v.contiguous(), *a, **kw
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
-        args.lengths, args.decode, args.reps, args.decode_steps = [256, 1024], ["1024:1", "1024:2"], 2, 3
+        args.lengths, args.decode, args.reps, args.decode_steps = (
+            [256, 1024],
+            ["1024:1", "1024:2"],
+            2,
+            3,
+        )
         FOLDS.update({256: (4, 8, 8), 1024: (4, 16, 16)})
     t0 = time.time()
     model, dtype = build_model(args, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    results = {"device": name, "backend": resolve_backend("auto", device), "dtype": str(dtype), "tiny": args.tiny,
-               "contiguous_qkv": args.contiguous_qkv, "top_level_cache": args.top_level_cache, "compile": args.compile, "layers": args.layers,
-               "torch": torch.__version__, "build_s": round(time.time() - t0, 1)}
+    results = {
+        "device": name,
+        "backend": resolve_backend("auto", device),
+        "dtype": str(dtype),
+        "tiny": args.tiny,
+        "contiguous_qkv": args.contiguous_qkv,
+        "top_level_cache": args.top_level_cache,
+        "compile": args.compile,
+        "layers": args.layers,
+        "torch": torch.__version__,
+        "build_s": round(time.time() - t0, 1),
+    }
     print(f"model built in {results['build_s']} s on {name}", flush=True)
     if args.profile:
         print(profile_forward(model, args.profile, device), flush=True)
@@ -369,7 +513,9 @@ def main(argv=None) -> None:
             try:
                 results["attention_share"].append(attention_share(model, n, B, device, dtype, args))
             except Exception as err:  # noqa: BLE001
-                results["attention_share"].append({"n": n, "batch": B, "error": f"{type(err).__name__}: {err}"[:300]})
+                results["attention_share"].append(
+                    {"n": n, "batch": B, "error": f"{type(err).__name__}: {err}"[:300]}
+                )
             save()
     results["wall_s"] = round(time.time() - t0, 1)
     save()
@@ -386,8 +532,10 @@ def main(argv=None) -> None:
         n, B = (int(x) for x in spec.split(":"))
         by = {r["method"]: r for r in results["decode"] if r["n"] == n and r["batch"] == B}
         cell = lambda r, k: "OOM" if r.get("oom") else ("error" if "error" in r else f"{r[k]:.2f}")  # noqa: E731
-        print(f"| {n} | {B} | {cell(by['sdpa'], 'step_median_ms')} | {cell(by['tensorized'], 'step_median_ms')} | "
-              f"{cell(by['sdpa'], 'cache_gib')} | {cell(by['tensorized'], 'cache_gib')} |")
+        print(
+            f"| {n} | {B} | {cell(by['sdpa'], 'step_median_ms')} | {cell(by['tensorized'], 'step_median_ms')} | "
+            f"{cell(by['sdpa'], 'cache_gib')} | {cell(by['tensorized'], 'cache_gib')} |"
+        )
     print(f"\nwall {results['wall_s']} s; results in {out}")
 
 

@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import adapt_llm  # noqa: E402
-from seqtensor.adapters.text import tensorize, untensorize  # noqa: E402
-from seqtensor.evaluation import sliding_window_nll  # noqa: E402
+
+from seqtensor.adapters.text.evaluation import sliding_window_nll  # noqa: E402
+from seqtensor.adapters.text.tensorize import tensorize, untensorize  # noqa: E402
 
 FOLDS = ("16,16,64", "32,64", "2048")
 
@@ -42,12 +43,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/llm")
     ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--folds", nargs="*", default=FOLDS, help="comma-separated CausalFold dims, coarsest first")
+    ap.add_argument(
+        "--folds", nargs="*", default=FOLDS, help="comma-separated CausalFold dims, coarsest first"
+    )
     ap.add_argument("--positionals", nargs="*", default=["tensor_rope", "rope"])
     ap.add_argument("--baselines", nargs="*", default=["stock"], help="stock, yarn_x4")
     ap.add_argument("--volumes", type=int, default=4, help="held-out volumes used (the first ones)")
-    ap.add_argument("--score-tokens", type=int, default=None, help="score the last S tokens (default L // 4)")
-    ap.add_argument("--end", type=int, default=None, help="use the L tokens ending here (default L: the first L)")
+    ap.add_argument(
+        "--score-tokens", type=int, default=None, help="score the last S tokens (default L // 4)"
+    )
+    ap.add_argument(
+        "--end",
+        type=int,
+        default=None,
+        help="use the L tokens ending here (default L: the first L)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/llm_positional_init_cpu.json"))
     args = ap.parse_args()
     model, _ = adapt_llm.load_model(adapt_llm.gguf_path(None), torch.float32, "cpu")
@@ -56,8 +66,16 @@ def main() -> None:
     volumes = list(np.load(Path(args.data) / "eval.npz").values())[: args.volumes]
     end = args.end or L
     docs = [torch.as_tensor(v[end - L : end].astype(np.int64)) for v in volumes]
-    results = {"device": "cpu", "length": L, "end": end, "score_tokens": S, "volumes": len(docs), "command": " ".join(sys.argv),
-               "threads": torch.get_num_threads(), "rows": []}
+    results = {
+        "device": "cpu",
+        "length": L,
+        "end": end,
+        "score_tokens": S,
+        "volumes": len(docs),
+        "command": " ".join(sys.argv),
+        "threads": torch.get_num_threads(),
+        "rows": [],
+    }
 
     def measure(row: dict) -> None:
         t0 = time.time()

@@ -35,15 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forecast import RESULTS, STRIDE, load, score, test_windows  # noqa: E402
-
 from neuralforecast import NeuralForecast  # noqa: E402
 from neuralforecast.losses.pytorch import MSE  # noqa: E402
 from neuralforecast.models import PatchTST  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 OUT = RESULTS / "forecast_patchtst_cpu.json"
-SETTINGS = dict(input_size=512, patch_len=16, stride=8, max_steps=1000, val_check_steps=100,
-                early_stop_patience_steps=5, random_seed=1)  # fmt: skip
+SETTINGS = dict(
+    input_size=512,
+    patch_len=16,
+    stride=8,
+    max_steps=1000,
+    val_check_steps=100,
+    early_stop_patience_steps=5,
+    random_seed=1,
+)
 
 
 class FitTimer(Callback):
@@ -55,35 +61,64 @@ class FitTimer(Callback):
         FitTimer.seen["start"] = time.perf_counter()
 
     def on_fit_end(self, trainer, module):
-        FitTimer.seen.update(seconds=time.perf_counter() - FitTimer.seen["start"], steps=trainer.global_step)
+        FitTimer.seen.update(
+            seconds=time.perf_counter() - FitTimer.seen["start"], steps=trainer.global_step
+        )
 
 
 def keys(cv: pd.DataFrame) -> set:
-    return set(zip(cv["unique_id"].astype(str), pd.to_datetime(cv["ds"]), pd.to_datetime(cv["cutoff"])))
+    return set(
+        zip(cv["unique_id"].astype(str), pd.to_datetime(cv["ds"]), pd.to_datetime(cv["cutoff"]))
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--horizons", nargs="+", type=int, default=[96, 336])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--check", action="store_true", help="compare window keys with seqtensor's first")
-    p.add_argument("--windows-batch-size", type=int, default=1024, help="windows per step (NeuralForecast default 1024)")
-    p.add_argument("--smoke", action="store_true", help="5 training steps, nothing saved (for --check)")
+    p.add_argument(
+        "--check", action="store_true", help="compare window keys with seqtensor's first"
+    )
+    p.add_argument(
+        "--windows-batch-size",
+        type=int,
+        default=1024,
+        help="windows per step (NeuralForecast default 1024)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="5 training steps, nothing saved (for --check)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     df, n_train, n_val, n_test = load("electricity")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"accuracy": {}}
-    settings = {**SETTINGS, "windows_batch_size": args.windows_batch_size, **({"max_steps": 5} if args.smoke else {})}
-    results["meta"] = {"device": "cpu", "threads": args.threads, "neuralforecast": version("neuralforecast"),
-                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                       "settings": {**settings, "loss": "MSE", "other": "NeuralForecast PatchTST defaults"}}  # fmt: skip
+    settings = {
+        **SETTINGS,
+        "windows_batch_size": args.windows_batch_size,
+        **({"max_steps": 5} if args.smoke else {}),
+    }
+    results["meta"] = {
+        "device": "cpu",
+        "threads": args.threads,
+        "neuralforecast": version("neuralforecast"),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {**settings, "loss": "MSE", "other": "NeuralForecast PatchTST defaults"},
+    }
     for h in args.horizons:
         cut, n_windows = test_windows(df, n_test, h)
         timer = FitTimer()
-        model = PatchTST(h=h, loss=MSE(), valid_loss=MSE(), **settings,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                         default_root_dir="/tmp/patchtst_peer_logs")  # fmt: skip
+        model = PatchTST(
+            h=h,
+            loss=MSE(),
+            valid_loss=MSE(),
+            **settings,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+            default_root_dir="/tmp/patchtst_peer_logs",
+        )
         nf = NeuralForecast(models=[model], freq="30min")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,24 +127,46 @@ def main() -> None:
             wall = time.perf_counter() - start
         cv = cv.reset_index() if "unique_id" not in cv.columns else cv
         if args.check:
-            from seqtensor.baselines import DLinearForecaster
+            from seqtensor.adapters.forecast.baselines import DLinearForecaster
 
             ours = DLinearForecaster(h=h, input_size=512, loss="mse", max_steps=5, device="cpu")
-            ours_cv = ours.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
+            ours_cv = ours.cross_validation(
+                cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val
+            )
             same = keys(cv) == keys(ours_cv) and len(cv) == len(ours_cv)
             order = ["unique_id", "cutoff", "ds"]
-            y_diff = float(abs(cv.sort_values(order)["y"].to_numpy() - ours_cv.sort_values(order)["y"].to_numpy()).max())
-            print(f"h={h}: {len(cv)} rows, {cv['cutoff'].nunique()} cutoffs ({cv['cutoff'].min()} .. {cv['cutoff'].max()}); "
-                  f"keys equal to seqtensor's: {same}; max |y diff| {y_diff:.2e}")  # fmt: skip
+            y_diff = float(
+                abs(
+                    cv.sort_values(order)["y"].to_numpy()
+                    - ours_cv.sort_values(order)["y"].to_numpy()
+                ).max()
+            )
+            print(
+                f"h={h}: {len(cv)} rows, {cv['cutoff'].nunique()} cutoffs ({cv['cutoff'].min()} .. {cv['cutoff'].max()}); "
+                f"keys equal to seqtensor's: {same}; max |y diff| {y_diff:.2e}"
+            )
             if not same or y_diff > 1e-9:
                 sys.exit("window keys differ from seqtensor's cross_validation")
-        row = {"dataset": "electricity", "h": h, "look_back": 512, "model": "PatchTST (NeuralForecast)",
-               "windows": n_windows, "cutoffs": int(cv["cutoff"].nunique()), "train_s": FitTimer.seen["seconds"], "wall_s": wall,
-               "steps": FitTimer.seen["steps"], **score(cv, "PatchTST")}  # fmt: skip
+        row = {
+            "dataset": "electricity",
+            "h": h,
+            "look_back": 512,
+            "model": "PatchTST (NeuralForecast)",
+            "windows": n_windows,
+            "cutoffs": int(cv["cutoff"].nunique()),
+            "train_s": FitTimer.seen["seconds"],
+            "wall_s": wall,
+            "steps": FitTimer.seen["steps"],
+            **score(cv, "PatchTST"),
+        }
         row["windows_batch_size"] = args.windows_batch_size
         results["accuracy"][f"electricity|h={h}|wbs={args.windows_batch_size}"] = row
-        print(f"electricity h={h}: mse {row['mse']:.3f} mae {row['mae']:.3f} ({row['steps']} steps, train {row['train_s']:.0f} s, "
-              f"wall {wall:.0f} s) " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("mse_")), flush=True)  # fmt: skip
+        print(
+            f"electricity h={h}: mse {row['mse']:.3f} mae {row['mae']:.3f} ({row['steps']} steps, train {row['train_s']:.0f} s, "
+            f"wall {wall:.0f} s) "
+            + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("mse_")),
+            flush=True,
+        )
         if not args.smoke:
             OUT.write_text(json.dumps(results, indent=1, default=float))
 

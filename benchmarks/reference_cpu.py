@@ -37,14 +37,44 @@ def main() -> None:
     for n, dims in CASES:
         q, k, v = (torch.randn(16, 4, n, 16, requires_grad=True) for _ in range(3))
         for causal in (False, True):
-            ours = median_ms(lambda: st.tensorized_attention(
-                q, k, v, dims, causal=causal, positional="tensor_rope", validate_values=False).sum().backward())
-            dense = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward())
-            rows.append({"n": n, "dims": list(dims), "causal": causal, "reference_ms": ours, "dense_sdpa_ms": dense})
-            print(f"n={n:5d} dims={dims} causal={causal!s:5}  reference {ours:8.1f} ms  dense SDPA {dense:8.1f} ms")
+            ours = median_ms(
+                lambda: (
+                    st.tensorized_attention(
+                        q,
+                        k,
+                        v,
+                        dims,
+                        causal=causal,
+                        positional="tensor_rope",
+                        validate_values=False,
+                    )
+                    .sum()
+                    .backward()
+                )
+            )
+            dense = median_ms(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+            )
+            rows.append(
+                {
+                    "n": n,
+                    "dims": list(dims),
+                    "causal": causal,
+                    "reference_ms": ours,
+                    "dense_sdpa_ms": dense,
+                }
+            )
+            print(
+                f"n={n:5d} dims={dims} causal={causal!s:5}  reference {ours:8.1f} ms  dense SDPA {dense:8.1f} ms"
+            )
     out = Path(__file__).parent / "results" / "reference_cpu.json"
-    meta = {"device": "cpu", "machine": platform.machine(), "threads": 2, "torch": torch.__version__,
-            "shape": "B=16 H=4 d=16 float32, fwd+bwd, median of 3"}
+    meta = {
+        "device": "cpu",
+        "machine": platform.machine(),
+        "threads": 2,
+        "torch": torch.__version__,
+        "shape": "B=16 H=4 d=16 float32, fwd+bwd, median of 3",
+    }
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 

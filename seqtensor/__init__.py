@@ -1,8 +1,8 @@
 """seqtensor: tensorized attention for long sequences."""
 
-from .folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
-from .positional import Learned, RoPE, Sinusoidal, TensorRoPE
 from .attention import attention_matrix, available_backends, resolve_backend, tensorized_attention
+from .core.folds import BalancedFold, BlockFold, ExtrapolatingFold, FixedFold, Fold, resolve_fold
+from .core.positional import Learned, RoPE, Sinusoidal, TensorRoPE
 from .nn import (
     Decoder,
     Encoder,
@@ -14,26 +14,36 @@ from .nn import (
     TensorizedAttention,
     TokenHead,
 )
-from .trainer import Callback, Trainer, TrainerConfig
-from .estimators import SequenceClassifier, SequenceRegressor
-from .adapters import Forecaster
-from .baselines import DLinearForecaster
-from .evaluation import passkey_accuracy, perplexity
+from .train import Callback, Trainer, TrainerConfig
 
-# The text adapter needs transformers: import it on first use so `import seqtensor` stays light.
-_TEXT_ADAPTER = ("CausalFold", "tensorize", "untensorize", "load_tensorized")
+# The adapters load scikit-learn, pandas or transformers: import each on first use so that
+# `import seqtensor` costs only torch for a user of the op or the stack.
+_LAZY = {
+    "SequenceClassifier": "adapters.estimators",
+    "SequenceRegressor": "adapters.estimators",
+    "Forecaster": "adapters.forecast",
+    "DLinearForecaster": "adapters.forecast",
+    "CausalFold": "adapters.text",
+    "tensorize": "adapters.text",
+    "untensorize": "adapters.text",
+    "load_tensorized": "adapters.text",
+    "perplexity": "adapters.text",
+    "passkey_accuracy": "adapters.text",
+}
 
 
 def __getattr__(name: str):
-    if name in _TEXT_ADAPTER:
-        from .adapters import text
+    if name in _LAZY:
+        import importlib
 
-        return getattr(text, name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'seqtensor' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:  # the lazy text-adapter names too (tab completion, help)
-    return sorted(set(globals()) | set(_TEXT_ADAPTER))
+def __dir__() -> list[str]:  # the lazy names too (tab completion, help)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Public functional API: ``tensorized_attention`` and ``attention_matrix``; backend choice lives here.
+"""The op: ``tensorized_attention`` and ``attention_matrix``: argument checks, then dispatch to a kernel.
 
 Legend: B batch, H query heads, Hkv kv heads, n length, d head dim, m fold order.
 """
@@ -6,56 +6,22 @@ Legend: B batch, H query heads, Hkv kv heads, n length, d head dim, m fold order
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ._validation import check, check_choice, check_tensor
-from .folds import FoldLike, resolve_fold
-from .kernels.reference import fibre_attention_reference, kronecker_attention_reference
-from .positional import PositionalScheme, make_positional
+from .core.folds import FoldLike, resolve_fold
+from .core.positional import PositionalScheme, make_positional
+from .kernels.reference import kronecker_attention_reference
+from .kernels.registry import available_backends, get_backend, resolve_backend
 
 __all__ = [
     "tensorized_attention",
     "attention_matrix",
     "resolve_backend",
-    "register_backend",
     "available_backends",
 ]
-
-# name -> fibre-attention function with the signature of fibre_attention_reference
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": fibre_attention_reference}
-
-
-def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register a fibre-attention backend with the signature of ``fibre_attention_reference``."""
-    _BACKENDS[name] = fn
-
-
-def _load_triton() -> bool:
-    if "triton" not in _BACKENDS:
-        try:
-            from .kernels import tensorized  # noqa: F401  (registers itself)
-        except ImportError:
-            return False
-    return "triton" in _BACKENDS
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that can run here."""
-    _load_triton()
-    return sorted(_BACKENDS)
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend ``backend`` means on ``device``: "auto" is Triton on CUDA, the reference elsewhere."""
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _load_triton() else "reference"
-    if backend == "triton":
-        check(_load_triton(), "backend='triton' needs the triton package (pip install triton)", ImportError)
-    check_choice("backend", backend, ("auto", *_BACKENDS))
-    return backend
 
 
 def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
@@ -66,15 +32,24 @@ def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
         f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
         TypeError,
     )
-    check(q.device == k.device == v.device, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check(
+        q.device == k.device == v.device,
+        f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}",
+    )
     B, H, n, d = q.shape
     check(n > 0, f"sequence length must be positive, got q of shape {tuple(q.shape)}")
-    check(H > 0 and d > 0 and v.shape[3] > 0, f"heads and head dims must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    check(
+        H > 0 and d > 0 and v.shape[3] > 0,
+        f"heads and head dims must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}",
+    )
     check(
         k.shape[0] == B and k.shape[2] == n and k.shape[3] == d,
         f"k must have shape (B={B}, H_kv, n={n}, d={d}), got {tuple(k.shape)}",
     )
-    check(k.shape[:3] == v.shape[:3], f"v must have shape (B, H_kv, n, dv) like k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check(
+        k.shape[:3] == v.shape[:3],
+        f"v must have shape (B, H_kv, n, dv) like k {tuple(k.shape)}, got {tuple(v.shape)}",
+    )
     check(
         k.shape[1] > 0 and H % k.shape[1] == 0,
         f"query heads H={H} must be a multiple of kv heads H_kv={k.shape[1]}",
@@ -86,18 +61,34 @@ def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
 def check_key_padding_mask(mask: torch.Tensor, B: int, n: int) -> None:
     """A (B, n) bool key padding mask (True = keep), or a named error."""
     check_tensor("key_padding_mask", mask, ndim=2)
-    check(tuple(mask.shape) == (B, n), f"key_padding_mask must have shape (B={B}, n={n}), got {tuple(mask.shape)}")
-    check(mask.dtype == torch.bool, f"key_padding_mask must be bool (True = keep), got {mask.dtype}", TypeError)
+    check(
+        tuple(mask.shape) == (B, n),
+        f"key_padding_mask must have shape (B={B}, n={n}), got {tuple(mask.shape)}",
+    )
+    check(
+        mask.dtype == torch.bool,
+        f"key_padding_mask must be bool (True = keep), got {mask.dtype}",
+        TypeError,
+    )
 
 
-def _resolve_hop_order(hop_order: Sequence[int] | None, m: int, causal: bool, coverage: str) -> tuple[int, ...]:
+def _resolve_hop_order(
+    hop_order: Sequence[int] | None, m: int, causal: bool, coverage: str
+) -> tuple[int, ...]:
     default = tuple(range(m - 1, -1, -1))
     if hop_order is None:
         return default
-    check(not isinstance(hop_order, str) and all(isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hop_order),
-          f"hop_order must be a sequence of int dims, got {hop_order!r}", TypeError)  # fmt: skip
+    check(
+        not isinstance(hop_order, str)
+        and all(isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hop_order),
+        f"hop_order must be a sequence of int dims, got {hop_order!r}",
+        TypeError,
+    )
     order = tuple(int(j) for j in hop_order)
-    check(sorted(order) == list(range(m)), f"hop_order must be a permutation of dims 0..{m - 1}, got {tuple(hop_order)}")
+    check(
+        sorted(order) == list(range(m)),
+        f"hop_order must be a permutation of dims 0..{m - 1}, got {tuple(hop_order)}",
+    )
     # Only finest-to-coarsest keeps summary tokens in the past: other orders would leak the future.
     check(
         not (causal and coverage == "full") or order == default,
@@ -106,9 +97,15 @@ def _resolve_hop_order(hop_order: Sequence[int] | None, m: int, causal: bool, co
     return order
 
 
-def _prepare_call(q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values):
+def _prepare_call(
+    q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values
+):
     _validate_qkv(q, k, v, key_padding_mask, validate_values)
-    check(causal in (True, False) and not isinstance(causal, str), f"causal must be a bool, got {causal!r}", TypeError)
+    check(
+        causal in (True, False) and not isinstance(causal, str),
+        f"causal must be a bool, got {causal!r}",
+        TypeError,
+    )
     check_choice("coverage", coverage, ("full", "axial"))
     check_choice("mode", mode, ("fibre", "kronecker"))
     n, d = q.shape[2], q.shape[3]
@@ -116,7 +113,7 @@ def _prepare_call(q, k, v, fold, causal, coverage, mode, positional, key_padding
     check(
         positional != "learned",
         "positional='learned' has parameters, which a function call would draw afresh each time: build "
-        "seqtensor.positional.Learned(max_len, d) once (trained with the model) and pass it",
+        "seqtensor.core.positional.Learned(max_len, d) once (trained with the model) and pass it",
     )
     if isinstance(positional, str) or positional is None:
         positional = make_positional(positional, d, max_len=fold.size)
@@ -126,12 +123,17 @@ def _prepare_call(q, k, v, fold, causal, coverage, mode, positional, key_padding
         TypeError,
     )
     dim = None if positional is None else positional.dim
-    check(dim is None or dim == d, f"{type(positional).__name__} was built for head dim {dim}, but q has head dim {d}")
+    check(
+        dim is None or dim == d,
+        f"{type(positional).__name__} was built for head dim {dim}, but q has head dim {d}",
+    )
     hop_positional = positional if positional is not None and positional.per_hop else None
     if positional is not None and not positional.per_hop:
         q, k = positional.apply(q, k)
     if mode == "kronecker":
-        check(not causal, "mode='kronecker' is non-causal only; use mode='fibre' for causal attention")
+        check(
+            not causal, "mode='kronecker' is non-causal only; use mode='fibre' for causal attention"
+        )
         check(
             fold.size == n and key_padding_mask is None,
             f"mode='kronecker' needs a fold without padding (prod(dims)={fold.size}, n={n}) and no key_padding_mask",
@@ -184,17 +186,31 @@ def tensorized_attention(
     """
     q_in = q
     q, k, fold, hop_positional, hop_order = _prepare_call(
-        q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values
+        q,
+        k,
+        v,
+        fold,
+        causal,
+        coverage,
+        mode,
+        positional,
+        key_padding_mask,
+        hop_order,
+        validate_values,
     )
     if hop_gates is not None:
         check(mode == "fibre", "hop_gates apply to mode='fibre' only")
         _check_hop_gates(hop_gates, q, fold.order, values=validate_values)
     if mode == "kronecker":
-        return kronecker_attention_reference(q, k, v, fold.dims, scale=scale, hop_positional=hop_positional)
+        return kronecker_attention_reference(
+            q, k, v, fold.dims, scale=scale, hop_positional=hop_positional
+        )
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
-    fn = _BACKENDS[resolve_backend(backend, q_in.device)]
-    gated = {} if hop_gates is None else {"hop_gates": hop_gates}  # backends registered without gates still work
+    fn = get_backend(resolve_backend(backend, q_in.device))
+    gated = (
+        {} if hop_gates is None else {"hop_gates": hop_gates}
+    )  # backends registered without gates still work
     return fn(
         q,
         k,
@@ -216,7 +232,10 @@ def _check_hop_gates(gates: torch.Tensor, q: torch.Tensor, m: int, values: bool 
     sync), or a named error."""
     check_tensor("hop_gates", gates, ndim=2, floating=True)
     H = q.shape[1]
-    check(tuple(gates.shape) == (H, m - 1), f"hop_gates must have shape (H={H}, m-1={m - 1}), got {tuple(gates.shape)}")
+    check(
+        tuple(gates.shape) == (H, m - 1),
+        f"hop_gates must have shape (H={H}, m-1={m - 1}), got {tuple(gates.shape)}",
+    )
     check(gates.device == q.device, f"hop_gates are on {gates.device} but q is on {q.device}")
     check(
         not values or bool(((gates >= 0) & (gates <= 1)).all()),

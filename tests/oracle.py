@@ -53,8 +53,19 @@ def hop_keys(query, j, dims, causal, coverage, processed):
     return keys
 
 
-def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=None, scale=None, rope_base=None, valid=None,
-                     gates=None):
+def effective_matrix(
+    q,
+    k,
+    dims,
+    *,
+    causal=False,
+    coverage="full",
+    hop_order=None,
+    scale=None,
+    rope_base=None,
+    valid=None,
+    gates=None,
+):
     """(H, n, n) effective matrix for one batch element. q (H, n, d), k (Hkv, n, d), float64.
 
     valid: (n,) bool of kept tokens (default all). Padded/masked positions have zero q and k,
@@ -90,7 +101,9 @@ def effective_matrix(q, k, dims, *, causal=False, coverage="full", hop_order=Non
                 qa = qh[t] if rope_base is None else _rope(qh[t], a[j], rope_base)
                 logits = []
                 for u in keys:
-                    ku = kh[u] if rope_base is None else _rope(kh[u], _coords(u, dims)[j], rope_base)
+                    ku = (
+                        kh[u] if rope_base is None else _rope(kh[u], _coords(u, dims)[j], rope_base)
+                    )
                     logits.append(float(qa @ ku) * scale)
                 p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
                 for u, w in zip(keys, p):

@@ -1,6 +1,8 @@
-"""Adapters that put tensorized attention behind a familiar interface: ``Forecaster`` for time series."""
+"""Adapters that put the stack behind familiar interfaces.
 
-from .forecast_model import ForecastModelConfig, PatchForecastModel, forecast_loss
-from .timeseries import Forecaster
+- ``estimators``: scikit-learn ``SequenceClassifier`` / ``SequenceRegressor``;
+- ``forecast``: the ``Forecaster`` for long time series (NeuralForecast-style frames);
+- ``text``: tensorized attention inside a pretrained Hugging Face causal LM.
 
-__all__ = ["Forecaster", "ForecastModelConfig", "PatchForecastModel", "forecast_loss"]
+Each loads its own heavy dependency (scikit-learn, pandas, transformers) only when imported.
+"""

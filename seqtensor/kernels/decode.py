@@ -53,9 +53,27 @@ _ROPE_TABLE = 64
 
 
 @triton.jit
-def _head_setup(Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, H, G,
-                HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, ROPE: tl.constexpr,
-                ACC: tl.constexpr):  # fmt: skip
+def _head_setup(
+    Q,
+    K,
+    Length,
+    Offset,
+    Consts,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kd,
+    H,
+    G,
+    HEADS: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    ROPE: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program -> (b, first head, heads, heads in range, t, offset, scaled query halves, inv_freq, K row base per head)."""
     HB = tl.cdiv(H, HEADS)
     pid = tl.program_id(0)
@@ -68,8 +86,15 @@ def _head_setup(Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, s
     offs_h = tl.arange(0, BLOCK_DH)
     scale = tl.load(Consts)
     q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :] * stride_qd
-    q1 = tl.load(q_ptr, mask=h_ok[:, None] & (offs_h[None, :] < D1), other=0.0).to(ACC) * scale  # (HEADS, BLOCK_DH)
-    q2 = tl.load(q_ptr + D1 * stride_qd, mask=h_ok[:, None] & (offs_h[None, :] < D2), other=0.0).to(ACC) * scale
+    q1 = (
+        tl.load(q_ptr, mask=h_ok[:, None] & (offs_h[None, :] < D1), other=0.0).to(ACC) * scale
+    )  # (HEADS, BLOCK_DH)
+    q2 = (
+        tl.load(q_ptr + D1 * stride_qd, mask=h_ok[:, None] & (offs_h[None, :] < D2), other=0.0).to(
+            ACC
+        )
+        * scale
+    )
     inv = tl.zeros([BLOCK_DH], ACC)
     if ROPE:
         inv = tl.load(Consts + 1 + offs_h, mask=offs_h < D1, other=0.0)
@@ -79,14 +104,49 @@ def _head_setup(Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, s
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, Vals, Part, Length, Offset, Consts, TopScale,
-    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
-    stride_sb, stride_sh, stride_pb, stride_ph, stride_pm, stride_ps, H, G, v_shift,
-    W: tl.constexpr, R: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, SPLITS: tl.constexpr,
-    M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, SUMMARY: tl.constexpr,
-    ROPE: tl.constexpr, TOP_INT8: tl.constexpr, ROPE_TABLE: tl.constexpr,
-    HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    Vals,
+    Part,
+    Length,
+    Offset,
+    Consts,
+    TopScale,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vals,
+    stride_sb,
+    stride_sh,
+    stride_pb,
+    stride_ph,
+    stride_pm,
+    stride_ps,
+    H,
+    G,
+    v_shift,
+    W: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    SPAN: tl.constexpr,
+    SPLITS: tl.constexpr,
+    M: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    ROPE: tl.constexpr,
+    TOP_INT8: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Hop ``program_id(1)``, positions ``[split * SPAN, (split + 1) * SPAN)`` with split ``program_id(2)``:
     the online-softmax partial (max, sum, weighted values) over its keys, the new token itself left out
     (its value at this level is the previous hop's output, known only in the combine kernel).
@@ -99,8 +159,26 @@ def _decode_partial_kernel(
     Tensors are (HEADS, keys, dim): the key indices are shared by the heads of a batch row.
     """
     b, h0, heads, h_ok, t, off, q1, q2, inv, k_base = _head_setup(
-        Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, H, G,
-        HEADS, BLOCK_DH, D1, D2, ROPE, ACC)  # fmt: skip
+        Q,
+        K,
+        Length,
+        Offset,
+        Consts,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kd,
+        H,
+        G,
+        HEADS,
+        BLOCK_DH,
+        D1,
+        D2,
+        ROPE,
+        ACC,
+    )
     hop_id = tl.program_id(1)
     split = tl.program_id(2)
     kvh = heads // G
@@ -128,7 +206,11 @@ def _decode_partial_kernel(
             if hop == 0:
                 v_head = Vals[0] + b * stride_vals[0] + kvh[:, None, None] * stride_vals[1]
             else:
-                v_head = Vals[hop] + b * stride_vals[4 * hop] + heads[:, None, None] * stride_vals[4 * hop + 1]
+                v_head = (
+                    Vals[hop]
+                    + b * stride_vals[4 * hop]
+                    + heads[:, None, None] * stride_vals[4 * hop + 1]
+                )
             v_head += offs_dv[None, None, :] * stride_vals[4 * hop + 3]
             lo = split.to(tl.int64) * SPAN[hop]
             hi = tl.minimum(a + 1, lo + SPAN[hop])
@@ -153,8 +235,12 @@ def _decode_partial_kernel(
                     ok = pos < hi
                 ok = ok & (u != t)  # the new token: added by the combine kernel
                 k_ptr = k_head + ((off + u) * stride_kt)[None, :, None]
-                k1 = tl.load(k_ptr, mask=ok[None, :, None] & k1_ok, other=0.0).to(ACC)  # (HEADS, keys, BLOCK_DH)
-                k2 = tl.load(k_ptr + D1 * stride_kd, mask=ok[None, :, None] & k2_ok, other=0.0).to(ACC)
+                k1 = tl.load(k_ptr, mask=ok[None, :, None] & k1_ok, other=0.0).to(
+                    ACC
+                )  # (HEADS, keys, BLOCK_DH)
+                k2 = tl.load(k_ptr + D1 * stride_kd, mask=ok[None, :, None] & k2_ok, other=0.0).to(
+                    ACC
+                )
                 # V is loaded before the scores need it: both HBM reads in flight at once
                 if hop == 0:
                     v_ptr = v_head + ((off + u - v_shift) * stride_vals[2])[None, :, None]
@@ -169,7 +255,9 @@ def _decode_partial_kernel(
                         s_ptr = TopScale + b * stride_sb + heads[:, None] * stride_sh + row[None, :]
                         row_scales = tl.load(s_ptr, mask=h_ok[:, None] & ok[None, :], other=0.0)
                         v = (v.to(tl.float32) * row_scales[:, :, None]).to(ACC)
-                if ROPE:  # rotate by the key's position relative to the query's: b - a = (c - a) + j
+                if (
+                    ROPE
+                ):  # rotate by the key's position relative to the query's: b - a = (c - a) + j
                     # sin/cos of the chunk's first angle, then the angle-sum rule with the table of j
                     # (BLOCK_B <= ROPE_TABLE; a sin and cos per key and frequency was ~25% of this kernel)
                     first = (c - a).to(ACC) * inv
@@ -185,14 +273,18 @@ def _decode_partial_kernel(
                 sc = tl.sum(k1 * q1[:, None, :] + k2 * q2[:, None, :], 2)  # (HEADS, keys)
                 sc = tl.where(ok[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep l and acc at 0
+                m_safe = tl.where(
+                    m_new == float("-inf"), 0.0, m_new
+                )  # no key yet: keep l and acc at 0
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(sc - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
                 m_i = m_new
 
-    part = Part + b * stride_pb + heads * stride_ph + hop_id * stride_pm + split * stride_ps  # (HEADS,)
+    part = (
+        Part + b * stride_pb + heads * stride_ph + hop_id * stride_pm + split * stride_ps
+    )  # (HEADS,)
     tl.store(part, m_i, mask=h_ok)
     tl.store(part + 1, l_i, mask=h_ok)
     tl.store(part[:, None] + 2 + offs_dv[None, :], acc, mask=h_ok[:, None])
@@ -200,14 +292,53 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    Q, K, Vals, Part, O, Length, NewLength, Offset, Consts, TopScale, Gates,
-    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vals,
-    stride_ob, stride_oh, stride_od, stride_sb, stride_sh, stride_pb, stride_ph, stride_pm, stride_ps, H, G, v_shift,
+    Q,
+    K,
+    Vals,
+    Part,
+    O,
+    Length,
+    NewLength,
+    Offset,
+    Consts,
+    TopScale,
+    Gates,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vals,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    stride_sb,
+    stride_sh,
+    stride_pb,
+    stride_ph,
+    stride_pm,
+    stride_ps,
+    H,
+    G,
+    v_shift,
     stride_gh,
-    W: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr, M: tl.constexpr,
-    D1: tl.constexpr, D2: tl.constexpr, NDV: tl.constexpr, ROPE: tl.constexpr, TOP_INT8: tl.constexpr,
-    GATED: tl.constexpr, HEADS: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    W: tl.constexpr,
+    R: tl.constexpr,
+    SPLITS: tl.constexpr,
+    M: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    ROPE: tl.constexpr,
+    TOP_INT8: tl.constexpr,
+    GATED: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """The hops in order for the new token: each merges its partials with the new token's own key.
 
     The own key is the same at every hop (k_t, rotated by 0: RoPE is relative); its value is V[t] at
@@ -217,8 +348,26 @@ def _decode_combine_kernel(
     output is mixed with that previous output, ``prev + g[h, l-1] * (out - prev)`` (hop gates).
     """
     b, h0, heads, h_ok, t, off, q1, q2, inv, k_base = _head_setup(
-        Q, K, Length, Offset, Consts, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, H, G,
-        HEADS, BLOCK_DH, D1, D2, ROPE, ACC)  # fmt: skip
+        Q,
+        K,
+        Length,
+        Offset,
+        Consts,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kd,
+        H,
+        G,
+        HEADS,
+        BLOCK_DH,
+        D1,
+        D2,
+        ROPE,
+        ACC,
+    )
     tl.store(NewLength + b, t + 1, mask=h0 == 0)
     kvh = heads // G
     offs_h = tl.arange(0, BLOCK_DH)
@@ -226,28 +375,45 @@ def _decode_combine_kernel(
     dv_ok = h_ok[:, None] & (offs_dv[None, :] < NDV)
     k_ptr = k_base[:, None] + (off + t) * stride_kt + offs_h[None, :] * stride_kd
     k1 = tl.load(k_ptr, mask=h_ok[:, None] & (offs_h[None, :] < D1), other=0.0).to(ACC)
-    k2 = tl.load(k_ptr + D1 * stride_kd, mask=h_ok[:, None] & (offs_h[None, :] < D2), other=0.0).to(ACC)
+    k2 = tl.load(k_ptr + D1 * stride_kd, mask=h_ok[:, None] & (offs_h[None, :] < D2), other=0.0).to(
+        ACC
+    )
     s_self = tl.sum(k1 * q1 + k2 * q2, 1)  # (HEADS,)
-    v_ptr = Vals[0] + b * stride_vals[0] + kvh[:, None] * stride_vals[1] + (off + t - v_shift) * stride_vals[2]
-    own = tl.load(v_ptr + offs_dv[None, :] * stride_vals[3], mask=dv_ok, other=0.0).to(ACC)  # (HEADS, BLOCK_DV)
+    v_ptr = (
+        Vals[0]
+        + b * stride_vals[0]
+        + kvh[:, None] * stride_vals[1]
+        + (off + t - v_shift) * stride_vals[2]
+    )
+    own = tl.load(v_ptr + offs_dv[None, :] * stride_vals[3], mask=dv_ok, other=0.0).to(
+        ACC
+    )  # (HEADS, BLOCK_DV)
 
     out = own
     prev = own
     for hop in tl.static_range(M):
-        if hop > 0:  # this token's level-hop value: the previous output, stored as the PyTorch path stores it
-            prev = out.to(O.dtype.element_ty).to(ACC)  # before any int8 rounding: what the gate mixes
+        if (
+            hop > 0
+        ):  # this token's level-hop value: the previous output, stored as the PyTorch path stores it
+            prev = out.to(O.dtype.element_ty).to(
+                ACC
+            )  # before any int8 rounding: what the gate mixes
             w = W[hop]
             r = R[hop]
             slot = t
             if r != 0:
                 slot = t % (w * r)
             ring = Vals[hop] + b * stride_vals[4 * hop] + heads[:, None] * stride_vals[4 * hop + 1]
-            slot_ptr = ring + slot * stride_vals[4 * hop + 2] + offs_dv[None, :] * stride_vals[4 * hop + 3]
+            slot_ptr = (
+                ring + slot * stride_vals[4 * hop + 2] + offs_dv[None, :] * stride_vals[4 * hop + 3]
+            )
             if TOP_INT8 and hop == M - 1:
                 own = out.to(O.dtype.element_ty).to(tl.float32)
                 # div_rn: correctly rounded like PyTorch's division (plain '/' compiles to an approximate
                 # one on CUDA), so both paths store the same bytes; lanes past NDV hold zeros
-                row_scale = tl.math.div_rn(tl.max(tl.abs(own), 1), tl.full([HEADS], 127.0, tl.float32))
+                row_scale = tl.math.div_rn(
+                    tl.max(tl.abs(own), 1), tl.full([HEADS], 127.0, tl.float32)
+                )
                 divisor = tl.where(row_scale > 0, row_scale, 1.0)[:, None]
                 own = tl.floor(tl.math.div_rn(own, tl.broadcast_to(divisor, own.shape)) + 0.5)
                 tl.store(slot_ptr, own.to(tl.int8), mask=dv_ok)
@@ -263,7 +429,11 @@ def _decode_combine_kernel(
         for split in range(SPLITS[hop]):
             m_p = tl.load(part + split * stride_ps, mask=h_ok, other=float("-inf"))
             l_p = tl.load(part + split * stride_ps + 1, mask=h_ok, other=0.0)
-            acc_p = tl.load(part[:, None] + split * stride_ps + 2 + offs_dv[None, :], mask=h_ok[:, None], other=0.0)
+            acc_p = tl.load(
+                part[:, None] + split * stride_ps + 2 + offs_dv[None, :],
+                mask=h_ok[:, None],
+                other=0.0,
+            )
             m_new = tl.maximum(m_i, m_p)  # finite: m_i starts at the own key's score
             alpha = tl.exp(m_i - m_new)
             beta = tl.exp(m_p - m_new)
@@ -289,8 +459,12 @@ class _Config:
     heads: int  # query heads per program (0: all of a batch row)
     tile: int  # max heads x key lanes x head-dim lanes of one key or value tile (registers)
     num_warps: int  # warps per program
-    split_chunks: int  # chunks of hop positions per program of the partial kernel (0: one program per hop)
-    combine_warps: int  # warps per program of the combine kernel (tiny tensors: more warps only add barriers)
+    split_chunks: (
+        int  # chunks of hop positions per program of the partial kernel (0: one program per hop)
+    )
+    combine_warps: (
+        int  # warps per program of the combine kernel (tiny tensors: more warps only add barriers)
+    )
 
 
 # Benchmarks set fields here (e.g. {"num_warps": 4}) to compare configs without editing _config.
@@ -299,7 +473,9 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
-    cfg = _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 4, 1, 1)  # swept on the H200 (benchmarks/NOTES.md)
+    cfg = (
+        _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 4, 1, 1)
+    )  # swept on the H200 (benchmarks/NOTES.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 
@@ -325,7 +501,9 @@ def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positiona
     return None
 
 
-def decode_constants(scale: float, inv_freq: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+def decode_constants(
+    scale: float, inv_freq: torch.Tensor | None, dtype: torch.dtype, device
+) -> torch.Tensor:
     """[scale, inv_freq, cos table, sin table] in the kernel's accumulator dtype: a tensor, so fp64
     keeps its precision (a Python float argument would reach the kernel as fp32). The tables hold
     cos / sin(j * inv_freq) for j < ``_ROPE_TABLE`` (rows of len(inv_freq)), computed in fp64.
@@ -336,7 +514,9 @@ def decode_constants(scale: float, inv_freq: torch.Tensor | None, dtype: torch.d
         return head.to(device)
     inv = inv_freq.detach().to("cpu", torch.float64)
     angles = torch.arange(_ROPE_TABLE, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat([head, inv.to(work), angles.cos().flatten().to(work), angles.sin().flatten().to(work)]).to(device)
+    return torch.cat(
+        [head, inv.to(work), angles.cos().flatten().to(work), angles.sin().flatten().to(work)]
+    ).to(device)
 
 
 def decode_step(
@@ -369,9 +549,14 @@ def decode_step(
     """
     B, H, _, d = q.shape
     m, dv, G = len(dims), v.shape[-1], H // k.shape[1]
-    check(len(rings) == m - 1, f"decode_step needs {m - 1} rings (one per level above V), got {len(rings)}")
-    check(m == 1 or rings[-1].shape[2] > max_length,
-          f"the top ring has {rings[-1].shape[2] if rings else 0} slots: it needs one for index max_length={max_length}")  # fmt: skip
+    check(
+        len(rings) == m - 1,
+        f"decode_step needs {m - 1} rings (one per level above V), got {len(rings)}",
+    )
+    check(
+        m == 1 or rings[-1].shape[2] > max_length,
+        f"the top ring has {rings[-1].shape[2] if rings else 0} slots: it needs one for index max_length={max_length}",
+    )
     D1, D2 = (d + 1) // 2, d // 2
     block_dh, block_dv = _pow2(D1), _pow2(dv)
     cfg = _config()
@@ -389,38 +574,110 @@ def decode_step(
         blocks.append(min(_pow2(count), 1 << (cap.bit_length() - 1)))  # a power of two <= cap
     # splits of each hop's positions over programs (flash-decoding): chunks of BLOCK_B per split
     counts = [R[hop] if R[hop] else max_length // W[hop] + 1 for hop in range(m)]
-    spans = [blocks[hop] * cfg.split_chunks if cfg.split_chunks else _pow2(counts[hop]) for hop in range(m)]
+    spans = [
+        blocks[hop] * cfg.split_chunks if cfg.split_chunks else _pow2(counts[hop])
+        for hop in range(m)
+    ]
     splits = [triton.cdiv(counts[hop], spans[hop]) for hop in range(m)]
     vals = (v, *rings)
     out = torch.empty((B, H, 1, dv), dtype=q.dtype, device=q.device)
     if POISON:
         out.fill_(float("nan"))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    part = torch.empty((B, H, m, max(splits), 2 + block_dv), dtype=acc, device=q.device)  # (max, sum, values)
+    part = torch.empty(
+        (B, H, m, max(splits), 2 + block_dv), dtype=acc, device=q.device
+    )  # (max, sum, values)
     new_length = torch.empty_like(length)
     int8 = top_scale is not None
-    check(int8 == (len(rings) > 0 and rings[-1].dtype == torch.int8), "an int8 top level comes with its scales (top_scale)")
-    check(not int8 or (top_scale.stride(2) == 1 and top_scale.shape[2] > max_length),
-          "top_scale must be contiguous along tokens, with a slot for index max_length")  # fmt: skip
+    check(
+        int8 == (len(rings) > 0 and rings[-1].dtype == torch.int8),
+        "an int8 top level comes with its scales (top_scale)",
+    )
+    check(
+        not int8 or (top_scale.stride(2) == 1 and top_scale.shape[2] > max_length),
+        "top_scale must be contiguous along tokens, with a slot for index max_length",
+    )
     scales = top_scale if int8 else consts  # any tensor: not read without TOP_INT8
-    gates = consts if hop_gates is None else hop_gates.to(acc).contiguous()  # consts: a placeholder, not read
+    gates = (
+        consts if hop_gates is None else hop_gates.to(acc).contiguous()
+    )  # consts: a placeholder, not read
     stride_sb, stride_sh = (top_scale.stride(0), top_scale.stride(1)) if int8 else (0, 0)
-    common = dict(M=m, D1=D1, D2=D2, NDV=dv, ROPE=rope, TOP_INT8=int8, HEADS=heads, BLOCK_DH=block_dh, BLOCK_DV=block_dv,
-                  ACC=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
+    common = dict(
+        M=m,
+        D1=D1,
+        D2=D2,
+        NDV=dv,
+        ROPE=rope,
+        TOP_INT8=int8,
+        HEADS=heads,
+        BLOCK_DH=block_dh,
+        BLOCK_DV=block_dv,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+    )
     programs = B * triton.cdiv(H, heads)
     val_strides = tuple(s for x in vals for s in x.stride())
     _decode_partial_kernel[(programs, m, max(splits))](
-        q, k, vals, part, length, offset, consts, scales,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
-        stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
-        W=W, R=R, BLOCK_B=tuple(blocks), SPAN=tuple(spans), SPLITS=tuple(splits), SUMMARY=summary,
-        ROPE_TABLE=_ROPE_TABLE, num_warps=cfg.num_warps, **common,
-    )  # fmt: skip
+        q,
+        k,
+        vals,
+        part,
+        length,
+        offset,
+        consts,
+        scales,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k.stride(),
+        val_strides,
+        stride_sb,
+        stride_sh,
+        *part.stride()[:4],
+        H,
+        G,
+        v_shift,
+        W=W,
+        R=R,
+        BLOCK_B=tuple(blocks),
+        SPAN=tuple(spans),
+        SPLITS=tuple(splits),
+        SUMMARY=summary,
+        ROPE_TABLE=_ROPE_TABLE,
+        num_warps=cfg.num_warps,
+        **common,
+    )
     _decode_combine_kernel[(programs,)](
-        q, k, vals, part, out, length, new_length, offset, consts, scales, gates,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), val_strides,
-        out.stride(0), out.stride(1), out.stride(3), stride_sb, stride_sh, *part.stride()[:4], H, G, v_shift,
+        q,
+        k,
+        vals,
+        part,
+        out,
+        length,
+        new_length,
+        offset,
+        consts,
+        scales,
+        gates,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k.stride(),
+        val_strides,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
+        stride_sb,
+        stride_sh,
+        *part.stride()[:4],
+        H,
+        G,
+        v_shift,
         gates.stride(0) if hop_gates is not None else 0,
-        W=W, R=R, SPLITS=tuple(splits), GATED=hop_gates is not None, num_warps=cfg.combine_warps, **common,
-    )  # fmt: skip
+        W=W,
+        R=R,
+        SPLITS=tuple(splits),
+        GATED=hop_gates is not None,
+        num_warps=cfg.combine_warps,
+        **common,
+    )
     return out, new_length

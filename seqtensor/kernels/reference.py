@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..positional import PositionalScheme, TensorRoPE
+from ..core.positional import PositionalScheme, TensorRoPE
 
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
 
@@ -37,7 +37,16 @@ def work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> 
     return compute_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
 
 
-def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dtype | None = None, pairs: bool = False):
+def _prepare(
+    q,
+    k,
+    v,
+    n: int,
+    N: int,
+    key_padding_mask,
+    compute_dtype: torch.dtype | None = None,
+    pairs: bool = False,
+):
     """Pad to N, upcast half precision, group query heads per kv head, zero invalid positions.
 
     ``pairs`` reorders q's and k's head dim from rotary halves to interleaved pairs (x1_0, x2_0,
@@ -54,10 +63,14 @@ def _prepare(q, k, v, n: int, N: int, key_padding_mask, compute_dtype: torch.dty
         e, x = x.shape[-1], x.to(work)
         if key_padding_mask is not None:
             x = x.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-        if pairs:  # torch.complex interleaves in one vectorized pass (a transposed copy is ~2x slower)
+        if (
+            pairs
+        ):  # torch.complex interleaves in one vectorized pass (a transposed copy is ~2x slower)
             x = torch.view_as_real(torch.complex(*x.chunk(2, dim=-1)))
         if N > n:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.ndim - 3) + (0, N - n))  # padded rows are zero
+            x = torch.nn.functional.pad(
+                x, (0, 0) * (x.ndim - 3) + (0, N - n)
+            )  # padded rows are zero
         return x.reshape(B, Hkv, heads // Hkv, N, e)  # (B, Hkv, G|1, N, e)
 
     return fold(q, H, pairs), fold(k, Hkv, pairs), fold(v, Hkv, False), valid
@@ -92,22 +105,42 @@ def fibre_attention_reference(
     hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # TensorRoPE as a complex multiply needs complex64/128, i.e. a float32/64 working precision
-    complex_rotary = isinstance(hop_positional, TensorRoPE) and work_dtype(q.dtype, compute_dtype) in (torch.float32, torch.float64)
+    complex_rotary = isinstance(hop_positional, TensorRoPE) and work_dtype(
+        q.dtype, compute_dtype
+    ) in (torch.float32, torch.float64)
     qg, kg, vg, valid = _prepare(q, k, v, n, N, key_padding_mask, compute_dtype, complex_rotary)
     # States stay (B, Hkv, G|1, n_1, ..., n_m, e) between hops (a permuted view, no copy back).
-    qg, kg, vg, valid = qg.unflatten(3, dims), kg.unflatten(3, dims), vg.unflatten(3, dims), valid.unflatten(1, dims)
+    qg, kg, vg, valid = (
+        qg.unflatten(3, dims),
+        kg.unflatten(3, dims),
+        vg.unflatten(3, dims),
+        valid.unflatten(1, dims),
+    )
     processed: set[int] = set()
     for i, j in enumerate(hop_order):
-        with_summary = causal and coverage == "full" and math.prod(dims[j + 1 :]) > 1 and processed == set(range(j + 1, m))
+        with_summary = (
+            causal
+            and coverage == "full"
+            and math.prod(dims[j + 1 :]) > 1
+            and processed == set(range(j + 1, m))
+        )
         v_in = vg
-        vg, valid = _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary)
+        vg, valid = _hop(
+            qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary
+        )
         if hop_gates is not None and i > 0:
-            g = hop_gates[:, i - 1].to(vg.dtype).reshape(1, k.shape[1], H // k.shape[1], *[1] * (m + 1))
+            g = (
+                hop_gates[:, i - 1]
+                .to(vg.dtype)
+                .reshape(1, k.shape[1], H // k.shape[1], *[1] * (m + 1))
+            )
             vg = v_in + g * (vg - v_in)
         processed.add(j)
     # Returned as a (B, H, n, dv) view of (B, N, H, dv) memory: the caller's transpose back to
     # (B, n, H * dv) is then free.
-    out = vg.expand(B, k.shape[1], H // k.shape[1], *dims, vg.shape[-1]).permute(0, *range(3, 3 + m), 1, 2, -1)
+    out = vg.expand(B, k.shape[1], H // k.shape[1], *dims, vg.shape[-1]).permute(
+        0, *range(3, 3 + m), 1, 2, -1
+    )
     return out.reshape(B, N, H, -1)[:, :n].transpose(1, 2).to(q.dtype)
 
 
@@ -122,10 +155,14 @@ def _to_fibres(x: torch.Tensor, j: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
 
 
-def _from_fibres(y: torch.Tensor, j: int, lead: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+def _from_fibres(
+    y: torch.Tensor, j: int, lead: tuple[int, ...], dims: tuple[int, ...]
+) -> torch.Tensor:
     """Inverse of ``_to_fibres`` for ``lead`` = (B, Hkv, g): a permuted view, no copy."""
     m = len(dims)
-    y = y.reshape(lead[0], lead[1], *[dims[i] for i in range(m) if i != j], lead[2], dims[j], y.shape[-1])
+    y = y.reshape(
+        lead[0], lead[1], *[dims[i] for i in range(m) if i != j], lead[2], dims[j], y.shape[-1]
+    )
     rest = iter(range(2, m + 1))
     return y.permute(0, 1, m + 1, *[m + 2 if i == j else next(rest) for i in range(m)], m + 3)
 
@@ -148,7 +185,9 @@ def _hop_keys(valid: torch.Tensor, j: int, causal: bool, with_summary: bool):
         # Summary keys: the last token (finer coords all last) of each earlier sibling block.
         last = fibre_valid.reshape(-1, S, nj)[:, S - 1 :]  # (B*P, 1, nj)
         earlier = torch.ones(nj, nj, dtype=torch.bool, device=valid.device).tril(-1)
-        not_dup = (torch.arange(S, device=valid.device) != S - 1)[:, None, None]  # summary == fibre key at s = S-1
+        not_dup = (torch.arange(S, device=valid.device) != S - 1)[
+            :, None, None
+        ]  # summary == fibre key at s = S-1
         sum_ok = (last[:, :, None, :] & earlier & not_dup).reshape(-1, nj, nj)
         key_ok = torch.cat([key_ok.expand(-1, nj, nj), sum_ok], dim=-1)
     return key_ok, key_ok.any(-1)
@@ -166,7 +205,10 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
     qf, kf, vf = _to_fibres(qg, j), _to_fibres(kg, j), _to_fibres(vg, j)
     if complex_rotary:
         phase = hop_positional.phase(torch.arange(nj, device=qg.device), qf.dtype)  # (nj, d/2)
-        qf, kf = (torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * phase).flatten(-2) for x in (qf, kf))
+        qf, kf = (
+            torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * phase).flatten(-2)
+            for x in (qf, kf)
+        )
     elif hop_positional is not None:
         pos = torch.arange(nj, device=qg.device)
         qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
@@ -177,8 +219,11 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
             qf, kf, vf, is_causal=True, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
         )
         return _from_fibres(out, j, (B, Hkv, G), dims), valid
-    key_ok, has_key = _hop_keys(valid, j, causal, with_summary)  # per (B, P, S) fibre, shared by kv heads
+    key_ok, has_key = _hop_keys(
+        valid, j, causal, with_summary
+    )  # per (B, P, S) fibre, shared by kv heads
     if with_summary:
+
         def with_summaries(x: torch.Tensor) -> torch.Tensor:
             x = x.unflatten(0, (-1, S))
             return torch.cat([x, x[:, S - 1 :].expand_as(x)], dim=-2).flatten(0, 1)
@@ -188,13 +233,22 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
     mask = None
     if not bool(key_ok.all()):
         mask = key_ok if all_have_keys else key_ok | ~has_key[..., None]
-        mask = mask.unflatten(0, (B, 1, -1)).expand(B, Hkv, -1, *mask.shape[1:]).reshape(-1, 1, *mask.shape[1:])
+        mask = (
+            mask.unflatten(0, (B, 1, -1))
+            .expand(B, Hkv, -1, *mask.shape[1:])
+            .reshape(-1, 1, *mask.shape[1:])
+        )
     out = torch.nn.functional.scaled_dot_product_attention(
         qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
     )
     if not all_have_keys:
-        out = (out.unflatten(0, (B, Hkv, -1)) * has_key.unflatten(0, (B, 1, -1))[:, :, :, None, :, None]).flatten(0, 2)
-    new_valid = _from_fibres(has_key.expand(-1, nj)[:, None, :, None], j, (B, 1, 1), dims)[:, 0, 0, ..., 0]
+        out = (
+            out.unflatten(0, (B, Hkv, -1))
+            * has_key.unflatten(0, (B, 1, -1))[:, :, :, None, :, None]
+        ).flatten(0, 2)
+    new_valid = _from_fibres(has_key.expand(-1, nj)[:, None, :, None], j, (B, 1, 1), dims)[
+        :, 0, 0, ..., 0
+    ]
     return _from_fibres(out, j, (B, Hkv, G), dims), new_valid
 
 

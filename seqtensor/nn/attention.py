@@ -13,8 +13,8 @@ from torch import nn
 
 from .._validation import check, check_tensor
 from ..attention import check_key_padding_mask, resolve_backend, tensorized_attention
-from ..folds import ExtrapolatingFold, FoldLike
-from ..positional import PositionalScheme, make_positional
+from ..core.folds import ExtrapolatingFold, FoldLike
+from ..core.positional import PositionalScheme, make_positional
 
 __all__ = ["TensorizedAttention", "FullAttention", "full_attention"]
 
@@ -33,7 +33,9 @@ def full_attention(
     Queries with no valid key (every key masked) output zeros, as in the tensorized backends.
     """
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
     n = q.shape[2]
     mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, n)
     if causal:
@@ -61,8 +63,14 @@ class _AttentionLayer(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check(embed_dim > 0 and num_heads > 0, f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
-        check(embed_dim % num_heads == 0, f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        check(
+            embed_dim > 0 and num_heads > 0,
+            f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}",
+        )
+        check(
+            embed_dim % num_heads == 0,
+            f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}",
+        )
         check(
             num_kv_heads > 0 and num_heads % num_kv_heads == 0,
             f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}",
@@ -78,12 +86,19 @@ class _AttentionLayer(nn.Module):
         self.positional = make_positional(positional, self.head_dim, max_len=max_len)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B, n, D), key_padding_mask (B, n) bool (True = keep) -> (B, n, D)."""
         check_tensor("x", x, ndim=3, floating=True)
         B, n, D = x.shape
-        check(D == self.embed_dim, f"x must have last dim embed_dim={self.embed_dim}, got shape {tuple(x.shape)}")
-        if key_padding_mask is not None:  # here, so FullAttention and TensorizedAttention reject the same masks
+        check(
+            D == self.embed_dim,
+            f"x must have last dim embed_dim={self.embed_dim}, got shape {tuple(x.shape)}",
+        )
+        if (
+            key_padding_mask is not None
+        ):  # here, so FullAttention and TensorizedAttention reject the same masks
             check_key_padding_mask(key_padding_mask, B, n)
         # (B, n, H*d) -> (B, H, n, d) as strided views: the Triton backend reads them in place
         q = self.q_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -127,7 +142,9 @@ class TensorizedAttention(_AttentionLayer):
         backend: str = "auto",
         max_len: int = 8192,
     ) -> None:
-        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len)
+        super().__init__(
+            embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len
+        )
         self.fold, self.coverage, self.backend = fold, coverage, backend
 
     def _attend(self, q, k, v, key_padding_mask):
@@ -170,7 +187,9 @@ class FullAttention(_AttentionLayer):
         backend: str = "auto",
         max_len: int = 8192,
     ) -> None:
-        super().__init__(embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len)
+        super().__init__(
+            embed_dim, num_heads, num_kv_heads, causal, positional, dropout, bias, max_len
+        )
         check(
             self.positional is None or not self.positional.per_hop,
             "FullAttention has no hops: use a global positional scheme ('rope', 'sinusoidal', 'learned', 'none')",

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .._validation import check, check_choice
-from ..folds import ExtrapolatingFold, FoldLike, fold_from_dict, fold_to_dict
+from ..core.folds import ExtrapolatingFold, FoldLike, fold_from_dict, fold_to_dict
+from ..kernels.registry import BACKEND_CHOICES
 
 __all__ = ["ModelConfig"]
 
@@ -21,11 +22,17 @@ class ModelConfig:
     n_layers: int = 2  # number of blocks
     n_heads: int = 4  # query heads H
     n_kv_heads: int | None = None  # kv heads Hkv (GQA); None = n_heads
-    mlp_ratio: float = 8 / 3  # SwiGLU hidden width / d_model (8/3 keeps params equal to a 4x GELU MLP)
+    mlp_ratio: float = (
+        8 / 3
+    )  # SwiGLU hidden width / d_model (8/3 keeps params equal to a 4x GELU MLP)
     dropout: float = 0.0  # dropout on attention and MLP outputs
     attention: str = "tensorized"  # "tensorized" or "full": the only switch a comparison flips
-    fold: FoldLike = field(default_factory=lambda: ExtrapolatingFold(64))  # fold strategy for tensorized attention
-    positional: str = "tensor_rope"  # per-hop "tensor_rope", or global "rope" / "sinusoidal" / "learned" / "none"
+    fold: FoldLike = field(
+        default_factory=lambda: ExtrapolatingFold(64)
+    )  # fold strategy for tensorized attention
+    positional: str = (
+        "tensor_rope"  # per-hop "tensor_rope", or global "rope" / "sinusoidal" / "learned" / "none"
+    )
     coverage: str = "full"  # causal coverage: "full" or "axial"
     backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
     bias: bool = False  # bias in linear layers
@@ -34,14 +41,23 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
 
     def __post_init__(self) -> None:
-        check(self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0, "d_model, n_layers, n_heads must be positive")
-        check(self.d_model % self.n_heads == 0, f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        check(
+            self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
+            "d_model, n_layers, n_heads must be positive",
+        )
+        check(
+            self.d_model % self.n_heads == 0,
+            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
         check_choice("attention", self.attention, ("tensorized", "full"))
         check_choice("coverage", self.coverage, ("full", "axial"))
-        check_choice("positional", self.positional, ("tensor_rope", "rope", "sinusoidal", "learned", "none"))
-        check_choice("backend", self.backend, ("auto", "reference", "triton"))
+        check_choice(
+            "positional", self.positional, ("tensor_rope", "rope", "sinusoidal", "learned", "none")
+        )
+        check_choice("backend", self.backend, BACKEND_CHOICES)
         check(
-            self.n_kv_heads is None or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+            self.n_kv_heads is None
+            or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
         )
         check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
@@ -61,7 +77,11 @@ class ModelConfig:
 
     def attention_positional(self) -> str:
         """Full attention has no hops: tensor_rope becomes global rope there."""
-        return "rope" if self.attention == "full" and self.positional == "tensor_rope" else self.positional
+        return (
+            "rope"
+            if self.attention == "full" and self.positional == "tensor_rope"
+            else self.positional
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -69,7 +89,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         check(not unknown, f"unknown ModelConfig fields: {sorted(unknown)}")
@@ -82,5 +102,5 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))

@@ -38,10 +38,16 @@ class CrossAttention(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, n, D = x.shape
         q = self.q_proj(x).view(B, n, self.n_heads, -1).transpose(1, 2)  # (B, H, n, d)
-        k, v = self.kv_proj(memory).view(B, memory.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = (
+            self.kv_proj(memory)
+            .view(B, memory.shape[1], 2, self.n_heads, -1)
+            .permute(2, 0, 3, 1, 4)
+        )
         if memory_mask is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:

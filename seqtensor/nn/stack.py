@@ -38,7 +38,9 @@ class Encoder(_Stack):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, causal=False, cross=False)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return super().forward(x, key_padding_mask)
 
 
@@ -79,9 +81,15 @@ class SequenceHead(nn.Module):
         self.pooling = pooling
         self.proj = nn.Linear(d_model, out_dim)
 
-    def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, n, _ = h.shape
-        keep = torch.ones(B, n, dtype=torch.bool, device=h.device) if key_padding_mask is None else key_padding_mask
+        keep = (
+            torch.ones(B, n, dtype=torch.bool, device=h.device)
+            if key_padding_mask is None
+            else key_padding_mask
+        )
         if self.pooling == "mean":
             w = keep.unsqueeze(-1).to(h.dtype)
             pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
@@ -120,6 +128,11 @@ class LanguageModel(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        check(ids.ndim == 2 and not ids.is_floating_point(), f"ids must be (B, n) integer tokens, got {tuple(ids.shape)} {ids.dtype}")
+    def forward(
+        self, ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        check(
+            ids.ndim == 2 and not ids.is_floating_point(),
+            f"ids must be (B, n) integer tokens, got {tuple(ids.shape)} {ids.dtype}",
+        )
         return self.lm_head(self.decoder(self.embed(ids), key_padding_mask))

@@ -1,0 +1,844 @@
+"""``Forecaster``: a DataFrame-first, scikit-learn style estimator over the patch forecasting model.
+
+The estimator is a thin shell: ``panel.py`` validates frames and puts series on regular grids,
+``windows.py`` cuts look-back / horizon windows, ``forecast_model.py`` holds the network and the
+losses, and ``seqtensor.Trainer`` trains it. This file maps settings to those pieces and
+DataFrames in and out.
+
+Scales: each series is z-scored with the mean and std of its training steps (``scaler_``, saved
+with the model), the network adds per-window instance normalization, and forecasts come back on
+the original scale.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import check_random_state
+
+from ..._validation import check, check_choice
+from ...core.folds import ExtrapolatingFold, FoldLike
+from ...nn import ModelConfig
+from ...train import Trainer, TrainerConfig
+from ...train.distributed import resolve_device
+from .model import ForecastEnsemble, ForecastModelConfig, PatchForecastModel, forecast_loss
+from .panel import Panel, build_panel, future_exog, future_times, warn_missing
+from .persistence import load_forecaster, plot_forecast, save_forecaster
+from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
+
+__all__ = ["Forecaster"]
+
+
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(T, F) exogenous values -> z-scores with NaN (unknown) as 0, the training mean."""
+    out = (x - mean) / std
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per column of (N, F) with NaN ignored; std 1 for constant or empty columns."""
+    if x.shape[1] == 0:
+        return np.zeros(0), np.ones(0)
+    with np.errstate(all="ignore"):
+        mean = np.nan_to_num(np.nanmean(x, 0))
+        std = np.nan_to_num(np.nanstd(x, 0))
+    return mean, np.where(std > 0, std, 1.0)
+
+
+class Forecaster(BaseEstimator):
+    """Forecast many long time series with patch tokens and tensorized attention.
+
+    Parameters
+    ----------
+    h : int
+        Forecast horizon the network is trained for; ``predict(h=...)`` can roll out further.
+    input_size : int
+        Look-back L in steps (2,048-16,384 is cheap with tensorized attention).
+    patch_len : int, default 16
+        Steps per token; the encoder sees ceil(L / patch_len) + ceil(h / patch_len) tokens.
+    n_models : int, default 1
+        Networks trained with different seeds (drawn from ``random_state``) whose forecasts are
+        averaged; each is trained (and early-stopped) on its own, so fitting costs n_models times
+        as much. The seed-to-seed spread of one network is often larger than the gaps between
+        models; the average removes most of it.
+    patch_stride : int or None, default None
+        Steps between past tokens (None: ``patch_len``, non-overlapping). Smaller values overlap
+        the patches, as PatchTST does (stride patch_len / 2), at ceil((L - patch_len) / stride) + 1
+        past tokens.
+    d_model, n_layers, n_heads : int, default 64, 2, 4
+        Encoder width, depth and heads.
+    attention : {"tensorized", "full"}, default "tensorized"
+        "full" runs the same model with dense attention, for comparisons.
+    fold : Fold, tuple of dims or fold strategy, optional
+        How tokens are folded for tensorized attention; default ``ExtrapolatingFold(64)``.
+    dropout : float, default 0.0
+    channel_mixing : bool, default False
+        False: every series is a separate sample (channel-independent, PatchTST). True: all series
+        (which must share one time grid) form the channels of one sample and each token holds
+        every channel's patch.
+    linear_skip : bool, default True
+        Add a linear look-back -> horizon map (DLinear) to the encoder's forecast.
+    skip_ridge : float, default 0.1
+        Before training, set that linear map to its closed-form ridge-regression fit on (up to
+        8,192) training windows, with this penalty per window (inputs are RevIN-normalized, so
+        unit scale); training then refines it with the encoder. 0 starts it at zero instead (as
+        does an input_size above 4,096, where the L x L solve would cost more than it gives).
+    loss : {"mae", "mse", "huber", "quantile"}, default "mae"
+    quantiles : sequence of float in (0, 1), optional
+        Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9)); 0.5 is always added and gives
+        the point forecast.
+    max_steps, batch_size, learning_rate : int, int, float, default 500, 32, 3e-4
+        Training length (optimizer steps), windows per step, AdamW peak learning rate.
+    val_size : int, default 0
+        Last steps of each series held out for validation (``fit(val_size=...)`` overrides it).
+    val_check_steps : int, default 100
+        Validate every this many steps (when ``val_size > 0``).
+    early_stopping : int, optional
+        Stop after this many validations without improvement; the best weights are restored.
+    random_state : int, optional
+        Seed for weights and window sampling.
+    device : str, default "auto"
+        "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    alias : str, optional
+        Name of the forecast column; default "Forecaster".
+    verbose : bool, default False
+        Progress bar during training.
+
+    Attributes
+    ----------
+    model_ : PatchForecastModel
+    model_config_ : ForecastModelConfig
+    ids_ : list, the series seen in fit, sorted (categorical ids: in category order)
+    freq_ : pandas offset (or int step for integer time)
+    scaler_ : pd.DataFrame, per series ``mean`` and ``std`` of the training steps
+    missing_report_ : pd.DataFrame, per series steps, missing targets and inserted grid steps
+    history_ : list of dict, the trainer's metrics
+    fit_time_ : float, seconds spent in training
+
+    Examples
+    --------
+    >>> fc = Forecaster(h=48, input_size=512, max_steps=200).fit(df)  # doctest: +SKIP
+    >>> fc.predict().head()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        h: int,
+        input_size: int,
+        *,
+        patch_len: int = 16,
+        patch_stride: int | None = None,
+        n_models: int = 1,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        attention: str = "tensorized",
+        fold: FoldLike | None = None,
+        dropout: float = 0.0,
+        channel_mixing: bool = False,
+        linear_skip: bool = True,
+        skip_ridge: float = 0.1,
+        loss: str = "mae",
+        quantiles: Sequence[float] | None = None,
+        max_steps: int = 500,
+        batch_size: int = 32,
+        learning_rate: float = 3e-4,
+        val_size: int = 0,
+        val_check_steps: int = 100,
+        early_stopping: int | None = None,
+        random_state: int | None = None,
+        device: str = "auto",
+        alias: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.h = h
+        self.input_size = input_size
+        self.patch_len = patch_len
+        self.patch_stride = patch_stride
+        self.n_models = n_models
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.attention = attention
+        self.fold = fold
+        self.dropout = dropout
+        self.channel_mixing = channel_mixing
+        self.linear_skip = linear_skip
+        self.skip_ridge = skip_ridge
+        self.loss = loss
+        self.quantiles = quantiles
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.val_size = val_size
+        self.val_check_steps = val_check_steps
+        self.early_stopping = early_stopping
+        self.random_state = random_state
+        self.device = device
+        self.alias = alias
+        self.verbose = verbose
+
+    # -----------------------------------------------------------------------------------------
+    # settings
+    # -----------------------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        for name in (
+            "h",
+            "input_size",
+            "patch_len",
+            "n_models",
+            "max_steps",
+            "batch_size",
+            "val_check_steps",
+        ):
+            value = getattr(self, name)
+            check(
+                isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive int, got {value!r}",
+            )
+        check(
+            self.patch_stride is None
+            or (
+                isinstance(self.patch_stride, (int, np.integer))
+                and 1 <= self.patch_stride <= self.patch_len
+            ),
+            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got {self.patch_stride!r}",
+        )
+        check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
+        check_choice("attention", self.attention, ("tensorized", "full"))
+        check(float(self.skip_ridge) >= 0, f"skip_ridge must be >= 0, got {self.skip_ridge!r}")
+        check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        check(
+            self.early_stopping is None or int(self.early_stopping) >= 1,
+            f"early_stopping must be None or a positive int, got {self.early_stopping!r}",
+        )
+        check(
+            self.quantiles is None or self.loss == "quantile",
+            "quantiles are used only with loss='quantile'",
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.alias or type(self).__name__
+
+    def _quantile_levels(self) -> tuple[float, ...]:
+        """Trained quantiles, sorted, with 0.5 (the point forecast) included; () unless loss='quantile'."""
+        if self.loss != "quantile":
+            return ()
+        qs = (0.1, 0.5, 0.9) if self.quantiles is None else tuple(float(q) for q in self.quantiles)
+        check(all(0 < q < 1 for q in qs), f"quantiles must lie in (0, 1), got {qs}")
+        return tuple(sorted(set(qs) | {0.5}))
+
+    def _encoder_config(self) -> ModelConfig:
+        return ModelConfig(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            dropout=self.dropout,
+            attention=self.attention,
+            fold=ExtrapolatingFold(64) if self.fold is None else self.fold,
+        )
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet: call fit(df) first"
+            )
+
+    # -----------------------------------------------------------------------------------------
+    # arrays in the network's layout
+    # -----------------------------------------------------------------------------------------
+
+    def _series_stats(self, panel: Panel) -> tuple[np.ndarray, np.ndarray]:
+        """Per-series mean/std: the fitted ones for known ids, the given history's for new ones."""
+        known = dict(zip(self.ids_, zip(self.scaler_["mean"], self.scaler_["std"])))
+        stats = []
+        for sid, y in zip(panel.ids, panel.y):
+            if sid in known:
+                stats.append(known[sid])
+            else:
+                check(
+                    (~np.isnan(y)).any(),
+                    f"series {sid!r} has no observed target value to forecast from",
+                )
+                std = float(np.nanstd(y))
+                stats.append((float(np.nanmean(y)), std if std > 0 else 1.0))
+        mean, std = map(np.array, zip(*stats))
+        return mean, std
+
+    def _static_matrix(
+        self, static_df: pd.DataFrame | None, ids: list, id_col: str, fitting: bool
+    ) -> np.ndarray:
+        """(S, K) standardized static features of the series ``ids``."""
+        if fitting:
+            self.static_cols_ = (
+                [] if static_df is None else [c for c in static_df.columns if c != id_col]
+            )
+        cols = self.static_cols_
+        if not cols:
+            check(
+                static_df is None or fitting,
+                "the model was fit without static features; static_df is not used",
+            )
+            return np.zeros((len(ids), 0))
+        if static_df is None:
+            check(hasattr(self, "static_table_"), "static_df is required")
+            table = self.static_table_
+        else:
+            check(
+                isinstance(static_df, pd.DataFrame) and id_col in static_df.columns,
+                f"static_df must be a DataFrame with a {id_col!r} column",
+                TypeError,
+            )
+            missing = [c for c in cols if c not in static_df.columns]
+            check(not missing, f"static_df is missing columns {missing}")
+            check(
+                not static_df[id_col].duplicated().any(),
+                f"static_df has duplicate {id_col!r} values",
+            )
+            bad = [c for c in cols if not pd.api.types.is_numeric_dtype(static_df[c])]
+            check(
+                not bad,
+                f"static_df columns {bad} must be numeric (one-hot encode categories first)",
+                TypeError,
+            )
+            check(not static_df[cols].isna().any().any(), "static_df has NaN values")
+            table = static_df.set_index(id_col)[cols].astype(float)
+        absent = [i for i in ids if i not in table.index]
+        if (
+            absent and not fitting and hasattr(self, "static_table_")
+        ):  # a refit uses only the data it is given
+            absent = [i for i in absent if i not in self.static_table_.index]
+        check(not absent, f"static features missing for series {absent[:5]}")
+        values = np.stack(
+            [
+                (table.loc[i] if i in table.index else self.static_table_.loc[i]).to_numpy(float)
+                for i in ids
+            ]
+        )
+        if fitting:
+            self.static_table_ = table
+            self.static_mean_, self.static_std_ = _column_stats(values)
+        return (values - self.static_mean_) / self.static_std_
+
+    def _groups(self, panel: Panel, static: np.ndarray, futr_ahead: list[np.ndarray] | None = None):
+        """Scaled arrays grouped as the network wants them: (y, futr, hist, static, mean, std).
+
+        Channel-independent: one group per series, C = 1. Channel-mixing: one group, C = series.
+        ``futr_ahead`` (per series (k, F)) extends the known-future inputs past each series' end.
+        """
+        mean, std = self._series_stats(panel)
+        ys = [((y - m) / s)[None] for y, m, s in zip(panel.y, mean, std)]  # (1, T)
+        futr = [_standardize(f, self.futr_mean_, self.futr_std_) for f in panel.futr]
+        if futr_ahead is not None:
+            futr = [
+                np.concatenate([f, _standardize(a, self.futr_mean_, self.futr_std_)])
+                for f, a in zip(futr, futr_ahead)
+            ]
+        futr = [f.T for f in futr]  # (F, T [+ k])
+        hist = [_standardize(x, self.hist_mean_, self.hist_std_).T for x in panel.hist]  # (P, T)
+        if not self.channel_mixing:
+            return ys, futr, hist, static, mean, std
+        lengths = {len(y) for y in panel.y}
+        check(
+            len(lengths) == 1 and len({str(s) for s in panel.starts}) == 1,
+            "channel_mixing=True needs every series on one time grid (same start and length)",
+        )
+        cat = np.concatenate
+        return [cat(ys)], [cat(futr)], [cat(hist)], static.reshape(1, -1), mean, std
+
+    def _predict_windows(self, data: WindowData, g: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Network output for windows (g, t): (N, C, h, Q) on the training scale."""
+        model, device = self.model_, next(self.model_.parameters()).device
+        model.eval()
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(g), 256):
+                batch = {
+                    k: v.to(device) for k, v in data.batch(g[i : i + 256], t[i : i + 256]).items()
+                }
+                outs.append(model(batch).float().cpu().numpy())
+        return np.concatenate(outs)
+
+    # -----------------------------------------------------------------------------------------
+    # fit
+    # -----------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        df: pd.DataFrame,
+        static_df: pd.DataFrame | None = None,
+        *,
+        id_col: str = "unique_id",
+        time_col: str = "ds",
+        target_col: str = "y",
+        futr_exog: Sequence[str] = (),
+        hist_exog: Sequence[str] = (),
+        val_size: int | None = None,
+        freq: Any = None,
+    ) -> Forecaster:
+        """Train on a long frame (or a wide frame with a DatetimeIndex, one column per series).
+
+        Parameters
+        ----------
+        df : pd.DataFrame
+            Long: one row per series and step, columns ``id_col``, ``time_col``, ``target_col``
+            and the exogenous columns. Rows may be in any order. Missing targets may be NaN or
+            absent rows; both are masked and reported (a warning and ``missing_report_``).
+        static_df : pd.DataFrame, optional
+            One row per series: ``id_col`` and numeric static features.
+        futr_exog : columns known for the future too (calendars, planned events); ``predict``
+            then needs ``futr_df``.
+        hist_exog : columns known only up to the present (other sensors).
+        val_size : steps held out at the end of each series for validation / early stopping;
+            None uses the constructor's ``val_size``.
+        freq : pandas frequency or int step; None infers it.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        self.columns_ = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
+        panel = build_panel(
+            df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **self.columns_
+        )
+        warn_missing(panel.report, "fit")
+        return self._fit_panel(panel, static_df, self.val_size if val_size is None else val_size)
+
+    def _fit_panel(self, panel: Panel, static_df: pd.DataFrame | None, val_size: int) -> Forecaster:
+        L, h = self.input_size, self.h
+        check(
+            isinstance(val_size, (int, np.integer)) and val_size >= 0,
+            f"val_size must be an int >= 0, got {val_size!r}",
+        )
+        check(
+            val_size == 0 or val_size >= h,
+            f"val_size={val_size} must be 0 or at least h={h} (one validation window)",
+        )
+        short = [sid for sid, T in zip(panel.ids, panel.lengths) if T <= h + val_size]
+        check(
+            not short,
+            f"series {short[:5]} ({len(short)} in all) have <= h + val_size = {h + val_size} steps: "
+            f"too short to train (a series shorter than input_size is left-padded and masked; one shorter "
+            f"than the horizon cannot give a target). Drop them or lower h",
+        )
+        self.ids_, self.freq_ = list(panel.ids), panel.freq
+        self.missing_report_ = panel.report
+        self.futr_cols_, self.hist_cols_ = list(panel.futr_cols), list(panel.hist_cols)
+        train_part = lambda arrays: np.concatenate([a[: len(a) - val_size] for a in arrays])  # noqa: E731
+        means, stds = [], []
+        for sid, y in zip(panel.ids, panel.y):
+            y = y[: len(y) - val_size]
+            check(
+                (~np.isnan(y)).any(), f"series {sid!r} has no observed target in its training steps"
+            )
+            means.append(float(np.nanmean(y))), stds.append(float(np.nanstd(y)) or 1.0)
+        self.scaler_ = pd.DataFrame(
+            {"mean": means, "std": stds}, index=pd.Index(self.ids_, name="unique_id")
+        )
+        self.futr_mean_, self.futr_std_ = _column_stats(train_part(panel.futr))
+        self.hist_mean_, self.hist_std_ = _column_stats(train_part(panel.hist))
+        static = self._static_matrix(static_df, self.ids_, self.columns_["id_col"], fitting=True)
+        y, futr, hist, static_g, _, _ = self._groups(panel, static)
+
+        C = y[0].shape[0]
+        qs = self._quantile_levels()
+        self.model_config_ = ForecastModelConfig(
+            input_size=L,
+            h=h,
+            patch_len=self.patch_len,
+            patch_stride=None if self.patch_stride is None else int(self.patch_stride),
+            n_channels=C,
+            n_outputs=max(1, len(qs)),
+            n_futr=len(self.futr_cols_),
+            n_hist=len(self.hist_cols_),
+            n_static=static.shape[1],
+            linear_skip=self.linear_skip,
+            encoder=self._encoder_config(),
+        )
+        data = WindowData(y, futr, hist, static_g, L, h)
+        train = WindowDataset(data, *train_cuts(y, L, h, val_size))
+        val = WindowDataset(data, *val_cuts(y, L, h, val_size)) if val_size else None
+        device = resolve_device(self.device)
+        rng = check_random_state(self.random_state)
+        members, self.history_ = [], []
+        start = time.perf_counter()
+        for member in range(int(self.n_models)):
+            seed = int(rng.randint(np.iinfo(np.int32).max))
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # seed the initialization without touching the global RNG
+                torch.manual_seed(seed)
+                self.model_ = self._build_model(self.model_config_).to(device)
+            self._init_skip(train, seed)
+            history = self._train(train, val, device, seed)
+            self.history_ += (
+                history if self.n_models == 1 else [{**r, "member": member} for r in history]
+            )
+            members.append(self.model_)
+        self.fit_time_ = time.perf_counter() - start
+        self.model_ = members[0] if len(members) == 1 else ForecastEnsemble(members)
+        self.model_.eval()
+        keep = [max(0, T - L) for T in panel.lengths]  # the look-back is all predict needs
+        self.panel_ = Panel(
+            panel.ids,
+            [panel.times(s)[k] for s, k in enumerate(keep)],
+            panel.freq,
+            [v[k:] for v, k in zip(panel.y, keep)],
+            [v[k:] for v, k in zip(panel.futr, keep)],
+            [v[k:] for v, k in zip(panel.hist, keep)],
+            panel.futr_cols,
+            panel.hist_cols,
+        )
+        return self
+
+    def _init_skip(self, train: WindowDataset, seed: int) -> None:
+        """Solve the linear skip in closed form (ridge) on up to 8,192 training windows."""
+        alpha = float(self.skip_ridge)
+        if (
+            alpha <= 0
+            or not isinstance(self.model_, PatchForecastModel)
+            or self.model_.skip is None
+        ):
+            return
+        if self.input_size > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
+            return
+        idx = np.arange(len(train))
+        if len(idx) > 8192:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, 8192, replace=False))
+        batch = train.__getitems__(idx)
+        self.model_.init_skip_ridge(
+            batch["y"].to(self.model_.skip.weight.device),
+            batch["target"].to(self.model_.skip.weight.device),
+            alpha,
+        )
+
+    def _build_model(self, config: ForecastModelConfig) -> torch.nn.Module:
+        """The network for ``config`` (subclasses swap it, e.g. ``baselines.DLinearForecaster``)."""
+        return PatchForecastModel(config)
+
+    def _build_fitted_model(self, config: ForecastModelConfig) -> torch.nn.Module:
+        """What ``fit`` leaves in ``model_``: one network, or the ensemble of ``n_models``."""
+        if self.n_models == 1:
+            return self._build_model(config)
+        return ForecastEnsemble([self._build_model(config) for _ in range(int(self.n_models))])
+
+    def _train(
+        self, train: WindowDataset, val: WindowDataset | None, device: torch.device, seed: int
+    ) -> list[dict]:
+        """Train ``model_`` through the shared Trainer; returns its metrics history."""
+        kind, qs = self.loss, self._quantile_levels()
+
+        def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return forecast_loss(model(batch), batch["target"], kind, qs)
+
+        config = TrainerConfig(
+            max_steps=int(self.max_steps),
+            batch_size=int(self.batch_size),
+            lr=float(self.learning_rate),
+            warmup_steps=int(self.max_steps) // 20,
+            eval_every=int(self.val_check_steps) if val is not None else None,
+            patience=None
+            if val is None or self.early_stopping is None
+            else int(self.early_stopping),
+            progress=bool(self.verbose),
+            seed=seed,
+            device=str(device),
+            strategy="none",
+        )
+        trainer = Trainer(
+            self.model_,
+            loss_fn,
+            config,
+            collate_fn=collate_windows,
+            model_config=self.model_config_,
+        )
+        trainer.fit(train, val)
+        return list(trainer.history_)
+
+    # -----------------------------------------------------------------------------------------
+    # predict
+    # -----------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        h: int | None = None,
+        df: pd.DataFrame | None = None,
+        futr_df: pd.DataFrame | None = None,
+        quantiles: Sequence[float] | None = None,
+        *,
+        static_df: pd.DataFrame | None = None,
+    ) -> pd.DataFrame:
+        """Forecast the h steps after the end of each series.
+
+        Parameters
+        ----------
+        h : int, optional
+            Steps to forecast; default the trained horizon. A longer h rolls out recursively: the
+            point forecast is appended to the history and the network run again (past-only
+            exogenous inputs are unknown there and set to their training mean).
+        df : pd.DataFrame, optional
+            History to forecast from, same columns as in fit; series unseen in fit are allowed
+            (scaled by their own history). Default: the end of the training data.
+        futr_df : pd.DataFrame, optional
+            Rows ``id_col``, ``time_col`` and the ``futr_exog`` columns for every step of the
+            horizon of every series (required when the model has known-future inputs). Extra rows
+            are ignored, except the rows up to the end of the model's window when h is shorter
+            (so predict(h=k) equals the first k steps of predict()); a missing row or column raises
+            ValueError.
+        quantiles : sequence of float, optional
+            Quantiles to return (a subset of the trained ones); default all of them.
+        static_df : pd.DataFrame, optional
+            Static features for series unseen in fit.
+
+        Returns
+        -------
+        pd.DataFrame
+            ``unique_id, ds, <alias>`` and one ``<alias>-q<q>`` column per quantile; ``unique_id``
+            and ``ds`` carry the names given in fit (``id_col``, ``time_col``).
+        """
+        self._check_fitted()
+        h = self.h if h is None else h
+        check(
+            isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1,
+            f"h must be a positive int, got {h!r}",
+        )
+        q_cols = self._quantile_columns(quantiles)
+        if df is None:
+            panel = self.panel_
+        else:
+            panel = build_panel(
+                df,
+                futr_exog=self.futr_cols_,
+                hist_exog=self.hist_cols_,
+                freq=self.freq_,
+                **self.columns_,
+            )
+            warn_missing(panel.report, "predict")
+        static = self._static_matrix(static_df, panel.ids, self.columns_["id_col"], fitting=False)
+        if self.channel_mixing:
+            check(
+                list(panel.ids) == list(self.ids_),
+                f"channel_mixing=True forecasts exactly the fitted series {self.ids_}",
+            )
+        cols = {"id_col": self.columns_["id_col"], "time_col": self.columns_["time_col"]}
+        span = -(-h // self.h) * self.h  # the network sees whole windows of h_trained steps
+        ahead = None
+        if (
+            self.futr_cols_ and span > h
+        ):  # so the first h steps match a longer forecast, use futr_df's later rows
+            try:
+                ahead = future_exog(futr_df, panel, span, **cols)
+            except ValueError:
+                pass
+        if ahead is None:
+            ahead = future_exog(
+                futr_df, panel, h, **cols
+            )  # raises when the requested steps are missing
+            if self.futr_cols_ and span > h:
+                warnings.warn(
+                    f"futr_df gives the {h} requested steps but not all {span} of the model's window: the "
+                    "rest use the training mean, so these steps can differ from a forecast with a longer futr_df",
+                    stacklevel=2,
+                )
+        out = self._roll_out(panel, static, ahead, h)  # (S, h, Q) original scale
+        return self._frame(panel, out, h, q_cols)
+
+    def _roll_out(
+        self, panel: Panel, static: np.ndarray, ahead: list[np.ndarray], h: int
+    ) -> np.ndarray:
+        """Recursive forecast: (S, h, Q) on the original scale."""
+        y, futr, hist, static_g, mean, std = self._groups(panel, static, ahead)
+        point = self._point_index()
+        chunks, done = [], 0
+        while done < h:
+            G = len(y)
+            data = WindowData(y, futr, hist, static_g, self.input_size, self.h)
+            pred = self._predict_windows(
+                data, np.arange(G), np.array([v.shape[1] for v in y])
+            )  # (G, C, h_m, Q)
+            chunks.append(pred)
+            y = [np.concatenate([v, p[..., point]], 1) for v, p in zip(y, pred)]
+            hist = [np.concatenate([x, np.zeros((x.shape[0], self.h))], 1) for x in hist]
+            done += self.h
+        pred = np.concatenate(chunks, 2)[:, :, :h]  # (G, C, h, Q)
+        pred = pred.reshape(-1, h, pred.shape[-1])  # (S, h, Q): groups x channels are the series
+        return pred * std[:, None, None] + mean[:, None, None]
+
+    def _point_index(self) -> int:
+        qs = self._quantile_levels()
+        return qs.index(0.5) if qs else 0
+
+    def _quantile_columns(self, quantiles: Sequence[float] | None) -> list[tuple[int, str]]:
+        trained = self._quantile_levels()
+        if quantiles is None:
+            chosen = trained
+        else:
+            check(bool(trained), "quantile forecasts need a model fit with loss='quantile'")
+            chosen = tuple(float(q) for q in quantiles)
+            unknown = [q for q in chosen if q not in trained]
+            check(not unknown, f"quantiles {unknown} were not trained; trained: {trained}")
+        return [(trained.index(q), f"{self.model_name}-q{q:g}") for q in chosen]
+
+    def _frame(
+        self, panel: Panel, pred: np.ndarray, h: int, q_cols: list[tuple[int, str]]
+    ) -> pd.DataFrame:
+        id_col, time_col = self.columns_["id_col"], self.columns_["time_col"]
+        parts = []
+        for s, sid in enumerate(panel.ids):
+            part = {
+                id_col: [sid] * h,
+                time_col: future_times(panel.last(s), panel.freq, h),
+                self.model_name: pred[s, :, self._point_index()],
+            }
+            part.update({name: pred[s, :, q] for q, name in q_cols})
+            parts.append(pd.DataFrame(part))
+        return pd.concat(parts, ignore_index=True)
+
+    # -----------------------------------------------------------------------------------------
+    # backtest
+    # -----------------------------------------------------------------------------------------
+
+    def cross_validation(
+        self,
+        df: pd.DataFrame,
+        n_windows: int = 1,
+        step_size: int | None = None,
+        refit: bool = False,
+        *,
+        static_df: pd.DataFrame | None = None,
+        id_col: str = "unique_id",
+        time_col: str = "ds",
+        target_col: str = "y",
+        futr_exog: Sequence[str] = (),
+        hist_exog: Sequence[str] = (),
+        val_size: int | None = None,
+        freq: Any = None,
+    ) -> pd.DataFrame:
+        """Rolling-origin backtest: forecast ``n_windows`` windows of h steps at the end of each series.
+
+        The last window ends at each series' last step; earlier ones start ``step_size`` (default
+        h) steps apart. The model is fit once on the steps before the first cutoff (``refit=False``,
+        the windows are then forecast from their true history without refitting) or refit before
+        every window (``refit=True``). Known-future inputs of the windows are read from ``df``.
+
+        Returns
+        -------
+        pd.DataFrame
+            ``unique_id, ds, cutoff, y, <alias>`` (+ quantile columns); ``cutoff`` is the last step
+            of the history each forecast was made from.
+        """
+        self._check_params()
+        step = self.h if step_size is None else step_size
+        check(
+            isinstance(n_windows, (int, np.integer))
+            and not isinstance(n_windows, bool)
+            and n_windows >= 1,
+            f"n_windows must be a positive int, got {n_windows!r}",
+        )
+        check(
+            isinstance(step, (int, np.integer)) and step >= 1,
+            f"step_size must be a positive int, got {step!r}",
+        )
+        self.columns_ = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
+        panel = build_panel(
+            df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **self.columns_
+        )
+        warn_missing(panel.report, "cross_validation")
+        T = np.array(panel.lengths)
+        ends = [
+            T - self.h - step * (n_windows - 1 - k) for k in range(n_windows)
+        ]  # history lengths per window
+        check(
+            (ends[0] >= 1).all(),
+            f"n_windows={n_windows} x step_size={step} + h={self.h} does not fit in "
+            f"series of {int(T.min())} steps",
+        )
+        val = self.val_size if val_size is None else val_size
+        if not refit:
+            self._fit_panel(panel.head(ends[0]), static_df, val)
+            preds = self._backtest(panel, ends)
+        else:
+            preds = []
+            for e in ends:
+                self._fit_panel(panel.head(e), static_df, val)
+                preds.append(self._backtest(panel, [e])[0])
+        return self._cv_frame(panel, ends, preds)
+
+    def _backtest(self, panel: Panel, ends: list[np.ndarray]) -> list[np.ndarray]:
+        """Forecasts (S, h, Q) on the original scale for each list of history lengths in ``ends``."""
+        static = self._static_matrix(None, panel.ids, self.columns_["id_col"], fitting=False)
+        y, futr, hist, static_g, mean, std = self._groups(panel, static)
+        data = WindowData(y, futr, hist, static_g, self.input_size, self.h)
+        G = len(y)
+        g = np.tile(np.arange(G), len(ends))
+        t = np.concatenate(
+            [e[:G] for e in ends]
+        )  # channel-mixing: one group, all series end together
+        pred = self._predict_windows(data, g, t)  # (W*G, C, h, Q)
+        pred = pred.reshape(len(ends), -1, self.h, pred.shape[-1])  # (W, S, h, Q)
+        return list(pred * std[None, :, None, None] + mean[None, :, None, None])
+
+    def _cv_frame(
+        self, panel: Panel, ends: list[np.ndarray], preds: list[np.ndarray]
+    ) -> pd.DataFrame:
+        id_col, time_col = self.columns_["id_col"], self.columns_["time_col"]
+        point, q_cols = self._point_index(), self._quantile_columns(None)
+        parts = []
+        for s, sid in enumerate(panel.ids):
+            times = panel.times(s)
+            for e, pred in zip(ends, preds):
+                e = int(e[s])
+                part = {
+                    id_col: [sid] * self.h,
+                    time_col: times[e : e + self.h],
+                    "cutoff": times[e - 1],
+                    "y": panel.y[s][e : e + self.h],
+                    self.model_name: pred[s, :, point],
+                }
+                part.update({name: pred[s, :, q] for q, name in q_cols})
+                parts.append(pd.DataFrame(part))
+        return pd.concat(parts, ignore_index=True)
+
+    # -----------------------------------------------------------------------------------------
+    # persistence and plots
+    # -----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Save to the folder ``path``: ``forecaster.json`` (settings, scalers) and ``state.pt`` (tensors)."""
+        return save_forecaster(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Forecaster:
+        """Read a forecaster written by ``save`` (no code is unpickled); ``device`` overrides the saved one."""
+        return load_forecaster(cls, path, device)
+
+    def plot(
+        self,
+        df: pd.DataFrame,
+        forecast: pd.DataFrame,
+        *,
+        history: int | None = None,
+        max_series: int = 4,
+    ):
+        """Plot the history in ``df``, the forecast and its quantile bands (needs matplotlib); returns the Figure."""
+        self._check_fitted()
+        return plot_forecast(
+            df,
+            forecast,
+            model=self.model_name,
+            history=history,
+            max_series=max_series,
+            **self.columns_,
+        )
