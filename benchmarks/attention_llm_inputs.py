@@ -1,4 +1,4 @@
-"""Forward time of the Triton kernels on the inputs a Hugging Face decoder hands them (issue 6).
+"""Forward time of the Triton kernels on the inputs a Hugging Face decoder hands them.
 
 ``benchmarks/attention.py`` times contiguous (B, H, n, d) inputs without RoPE or GQA; inside a
 Llama layer the same call gets heads-inner (B, n, H, d) views, 8 kv heads for 32 query heads and

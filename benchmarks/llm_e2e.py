@@ -1,6 +1,6 @@
-"""End-to-end speed of a Llama-3-8B-shaped model: SDPA versus tensorized attention (issue 6).
+"""End-to-end speed of a Llama-3-8B-shaped model: SDPA versus tensorized attention.
 
-Random weights, bf16, 32 layers, 32 query / 8 kv heads, head dim 128 (../shared/ANCHORS.md, "End
+Random weights, bf16, 32 layers, 32 query / 8 kv heads, head dim 128 (docs/results.md, "End
 to end"). Measured:
 
 - forward latency of ``LlamaModel`` (no LM head) at 8k, 32k, 128k, batch 1, median of repeats;

@@ -1,7 +1,7 @@
 """SmolLM2-135M before any training: perplexity at L for each positional scheme and fold (CPU).
 
 Which tensorized model starts closest to the stock one decides how far continued pretraining has
-to go (issue 6). Default protocol: that of ``examples/adapt_llm.py`` (first L tokens of the 4
+to go. Default protocol: that of ``examples/adapt_llm.py`` (first L tokens of the 4
 held-out volumes, last quarter scored); ``--score-tokens S`` scores the last S tokens of the first
 L instead (every scored token sees >= L - S tokens), ``--end E`` the L tokens ending at token E
 (the same scored tokens at several L), ``--volumes`` the first few volumes only.

@@ -2,7 +2,7 @@
 
 Same data, split, z-scoring, test windows (stride 48 from the test border), validation slice and
 scoring as ``benchmarks/forecast.py`` (its helpers are imported, not copied). PatchTST "paper
-settings" as in ../shared/ANCHORS.md: look-back 512, patch 16 / stride 8; the rest are
+settings" as in docs/results.md: look-back 512, patch 16 / stride 8; the rest are
 NeuralForecast's PatchTST defaults (3 layers, 16 heads, d 128, FFN 256, dropout 0.2, RevIN, lr 1e-4,
 scaler "identity", windows_batch_size 1024), with MSE loss, at most 1,000 steps, validation every
 100 steps, early stopping patience 5, one seed. NeuralForecast runs in its own venv (--check needs

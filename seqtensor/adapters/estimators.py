@@ -1,6 +1,6 @@
 """scikit-learn estimators for whole sequences: ``SequenceClassifier`` and ``SequenceRegressor``.
 
-Thin shells (../shared/STYLE.md, rule 10): ``fit`` validates with scikit-learn's own helpers, builds a
+Thin shells: ``fit`` validates with scikit-learn's own helpers, builds a
 ``ModelConfig`` and a small network (input embedding -> ``Encoder`` -> ``SequenceHead``) and trains it
 through the one ``seqtensor.Trainer``; nothing here is a training loop.
 

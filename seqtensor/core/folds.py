@@ -2,7 +2,7 @@
 
 Row-major: token ``t`` has coordinates ``(i_1, ..., i_m)`` with ``t = sum_j i_j * s_j`` and
 ``s_j = prod_{k>j} n_k``. Dim m (the last) is the finest: neighbouring tokens share it; dim 1 is the
-coarsest. Tokens ``t >= n`` are padding (never a key, never returned). See ../shared/SPEC.md.
+coarsest. Tokens ``t >= n`` are padding (never a key, never returned). See docs/semantics.md.
 
 A *fold strategy* is a callable ``strategy(n) -> Fold``. Anywhere a fold is accepted, a ``Fold``,
 a strategy, or a tuple of dims works (:func:`resolve_fold`).

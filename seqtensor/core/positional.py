@@ -4,7 +4,7 @@ Two kinds (``per_hop``):
 
 - per-hop (``TensorRoPE``): applied inside every hop, with the token's coordinate along that
   hop's dim as its position. Positions stay below n_j whatever n is, which is what lets a model
-  extrapolate far past its training length (../shared/SPEC.md, "Positions").
+  extrapolate far past its training length (docs/semantics.md, "Positions").
 - global (``RoPE``, ``Sinusoidal``, ``Learned``): applied once to q and k before folding, with the
   global token index (or caller-given ``positions``) as position.
 

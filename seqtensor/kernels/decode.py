@@ -475,7 +475,7 @@ def _config() -> _Config:
     # the interpreter's cost is per op and program, hardly per element: few programs, big tiles
     cfg = (
         _Config(0, 1 << 20, 1, 0, 1) if _INTERPRET else _Config(1, 4096, 4, 1, 1)
-    )  # swept on the H200 (benchmarks/NOTES.md)
+    )  # swept on the H200 (docs/performance.md)
     return dataclasses.replace(cfg, **CONFIG_OVERRIDE)
 
 

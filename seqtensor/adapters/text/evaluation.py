@@ -1,7 +1,7 @@
 """Long-context evaluation of causal language models: sliding-window perplexity and passkey retrieval.
 
 Works for any Hugging Face causal LM, stock or tensorized (``seqtensor.adapters.text.tensorize``); the
-protocols are those of the long-context literature (../shared/ANCHORS.md): perplexity with a
+protocols are those of the long-context literature (docs/results.md): perplexity with a
 sliding window (stride 256 in published tables) and a random 5-digit passkey hidden in filler
 text at several depths, answered by greedy decoding.
 """
@@ -73,7 +73,7 @@ def sliding_window_nll(
     windows); each window scores the tokens no earlier window scored, as in the Hugging Face
     perplexity guide. A target is scored only if it has at least ``min_context`` tokens before it
     in its window (``min_context = 3 * context // 4`` with one window per document is the
-    "score the last quarter" protocol of ../shared/ANCHORS.md).
+    "score the last quarter" protocol of docs/results.md).
 
     Only the logits of scored positions are computed (``logits_to_keep``); the cross-entropy is
     taken in float32, ``ce_chunk`` rows at a time.

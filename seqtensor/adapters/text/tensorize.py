@@ -7,7 +7,7 @@ Legend: B batch, H query heads, Hkv kv heads, L tokens in this call, T tokens in
 >>> tensorize(model, fold=(16, 32, 32))                            # doctest: +SKIP
 >>> model.generate(**tokenizer("Hello", return_tensors="pt"))      # doctest: +SKIP
 
-How it plugs into transformers (../shared/DATA.md, "Transformers integration facts")
+How it plugs into transformers (docs/data.md, "Transformers integration facts")
 ------------------------------------------------------------------------------------
 - One attention function and one mask function are registered under the name ``"seqtensor"`` in
   ``AttentionInterface`` / ``AttentionMaskInterface``; ``tensorize`` switches the model to it.
