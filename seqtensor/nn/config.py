@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .._validation import check, check_choice
+from .._validation import check, check_choice, check_int, check_real
 from ..core.folds import ExtrapolatingFold, FoldLike, fold_from_dict, fold_to_dict
 from ..kernels.registry import BACKEND_CHOICES
 
@@ -41,10 +41,15 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
 
     def __post_init__(self) -> None:
-        check(
-            self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
-            "d_model, n_layers, n_heads must be positive",
-        )
+        # numpy integers (e.g. from a parameter grid) become Python ints, so configs stay JSON-able
+        self.d_model = check_int("d_model", self.d_model, low=1)
+        self.n_layers = check_int("n_layers", self.n_layers, low=1)
+        self.n_heads = check_int("n_heads", self.n_heads, low=1)
+        self.max_len = check_int("max_len", self.max_len, low=1)
+        if self.n_kv_heads is not None:
+            self.n_kv_heads = check_int("n_kv_heads", self.n_kv_heads, low=1)
+        self.mlp_ratio = check_real("mlp_ratio", self.mlp_ratio, low=0.0, open_low=True)
+        self.dropout = check_real("dropout", self.dropout, low=0.0)
         check(
             self.d_model % self.n_heads == 0,
             f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
@@ -60,8 +65,7 @@ class ModelConfig:
             or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
         )
-        check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.fold, list):
             self.fold = tuple(self.fold)
 

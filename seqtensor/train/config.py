@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .._validation import check, check_choice
+from .._validation import check, check_choice, is_int
 from .distributed import STRATEGIES
 
 __all__ = ["TrainerConfig", "SCHEDULES"]
@@ -137,6 +137,6 @@ def _finite(x: Any) -> bool:
 def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> None:
     if optional and value is None:
         return
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+    ok = is_int(value) and value >= low
     what = f"an integer >= {low}" + (" or None" if optional else "")
     check(ok, f"{name} must be {what}, got {value!r}")
