@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seqtensor import datasets as D
+from seqtensor.datasets import timeseries as D
 
 # ---------------------------------------------------------------------------------------------
 # vendored data
