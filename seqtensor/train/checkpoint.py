@@ -1,8 +1,9 @@
-"""Durable files for training: atomic writes, RNG snapshots, checkpoint reading and checks, metrics logs.
+"""Durable files for training: atomic writes, RNG snapshots, checkpoint reading and checks, metrics
+logs.
 
-A checkpoint or a rewritten log goes to a temporary file in the destination folder, is fsynced and then
-moved over the old one with ``os.replace`` (atomic on POSIX and Windows), so a crash leaves either the
-old file or the new one, never a torn mix.
+A checkpoint or a rewritten log goes to a temporary file in the destination folder, is fsynced and
+then moved over the old one with ``os.replace`` (atomic on POSIX and Windows), so a crash leaves
+either the old file or the new one, never a torn mix.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "atomic_write",
     "atomic_save",
     "atomic_write_text",
+    "pid_alive",
     "capture_rng",
     "restore_rng",
     "seed_everything",
@@ -68,8 +70,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # same folder as the target: os.replace is only atomic within one file system
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    # same folder as the target: os.replace is only atomic within one file system. The pid in
+    # the name lets a later write remove what a killed process left (see _remove_stale_temps).
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent
+    )
     try:
         os.chmod(
             tmp, 0o644
@@ -84,6 +90,37 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (True when that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but is not ours, or the platform cannot say: keep its files
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files of earlier writes to ``path`` whose process is gone.
+
+    A write killed between mkstemp and os.replace (SIGKILL, power loss) cannot clean up after
+    itself; without this, every such kill leaves a checkpoint-sized ``.tmp`` file behind.
+    """
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{_glob_escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _unlink_quietly(str(tmp))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters escaped (file names may contain ``[``)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -131,7 +168,8 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
-    """Snapshot of the global generators; NumPy's as tensors so ``torch.load(weights_only=True)`` reads it.
+    """Snapshot of the global generators; NumPy's as tensors so ``torch.load(weights_only=True)``
+    reads it.
 
     Parameters
     ----------
@@ -216,7 +254,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from err
     check(
         isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,
-        f"{str(path)!r} is not a seqtensor trainer checkpoint (expected format {CHECKPOINT_FORMAT!r})",
+        f"{str(path)!r} is not a seqtensor trainer checkpoint (expected format "
+        f"{CHECKPOINT_FORMAT!r})",
     )
     return state
 
@@ -226,7 +265,8 @@ def check_state_compatible(
     state: Mapping[str, torch.Tensor],
     source: str,
 ) -> None:
-    """Raise ValueError naming missing, unexpected and mis-shaped keys between a model and a state dict.
+    """Raise ValueError naming missing, unexpected and mis-shaped keys between a model and a state
+    dict.
 
     Parameters
     ----------
@@ -266,7 +306,8 @@ def check_resumable(
     model_config: Mapping[str, Any] | None,
     strategy: str,
 ) -> None:
-    """Raise ValueError if checkpoint ``state`` belongs to another model or cannot load under ``strategy``.
+    """Raise ValueError if checkpoint ``state`` belongs to another model or cannot load under
+    ``strategy``.
 
     Parameters
     ----------
@@ -300,13 +341,15 @@ def check_resumable(
 def batches_to_skip(
     state: Mapping[str, Any], *, batch_size: int, world_size: int, epoch_len: int | None
 ) -> int:
-    """Batches of the current epoch a resumed run skips; mapped by samples seen if the global batch changed."""
+    """Batches of the current epoch a resumed run skips; mapped by samples seen if the global batch
+    changed."""
     old = state["batch_size"] * state["world_size"]
     new = batch_size * world_size
     if old == new and state["epoch_len"] == epoch_len:
         return state["batch_in_epoch"]
     warnings.warn(
-        "resuming with a different global batch size or data length: the data position is mapped by "
+        "resuming with a different global batch size or data length: the data position is mapped "
+        "by "
         "samples seen, and the run is not an exact continuation",
         stacklevel=3,
     )
@@ -336,10 +379,10 @@ def _head(items: list[str], n: int = 5) -> str:
 class MetricsLog:
     """A metrics history on disk: ``metrics.jsonl`` (one append per record) and ``metrics.csv``.
 
-    A record is appended with a single ``os.write`` on an O_APPEND file, so a line is whole or absent;
-    ``reset`` rewrites the JSONL atomically (on resume: from the checkpoint's history, dropping records
-    of steps that are redone). The CSV, whose columns are the union of the records' keys, is always
-    rewritten atomically.
+    A record is appended with a single ``os.write`` on an O_APPEND file, so a line is whole or
+    absent; ``reset`` rewrites the JSONL atomically (on resume: from the checkpoint's history,
+    dropping records of steps that are redone). The CSV, whose columns are the union of the records'
+    keys, is always rewritten atomically.
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
