@@ -196,6 +196,7 @@ class _SequenceEstimator(BaseEstimator):
                 f"X must have at least 1 feature per step, got shape {X.shape}",
             )
             X = X.reshape(X.shape[0], X.shape[1], -1)  # (B, n) -> (B, n, 1)
+            _check_float32_range("X", X)
             if reset:
                 self.n_channels_ = X.shape[2]
             check(
@@ -489,6 +490,7 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
         )
         self._y_ndim = y.ndim
         y2 = y.reshape(len(y), -1)  # (B, outputs)
+        _check_float32_range("y", y2)
         self.y_mean_ = y2.mean(axis=0)
         self.y_scale_ = np.where(y2.std(axis=0) > 0, y2.std(axis=0), 1.0)
         targets = torch.tensor((y2 - self.y_mean_) / self.y_scale_, dtype=torch.float32)
@@ -500,6 +502,17 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
         X, _ = self._validate_X(X, reset=False)
         out = self._forward(X) * self.y_scale_ + self.y_mean_
         return out[:, 0] if self._y_ndim == 1 else out
+
+
+def _check_float32_range(name: str, values: np.ndarray) -> None:
+    """Values beyond float32 (the network's dtype) would become inf: raise instead of predicting inf."""
+    limit = float(np.finfo(np.float32).max)
+    big = float(np.abs(values).max()) if values.size else 0.0
+    check(
+        big <= limit,
+        f"{name} has values up to {big:.3g}, beyond float32 (max {limit:.3g}) the network computes "
+        f"in; rescale it first (e.g. divide by a power of 10 or use a StandardScaler)",
+    )
 
 
 def _batch_loss(loss_fn):

@@ -78,6 +78,7 @@ def test_learns_noiseless_seasonal_series(attention):
     cv = fc.cross_validation(df, n_windows=4, step_size=12)
     mae = float(np.abs(cv["y"] - cv["Forecaster"]).mean())
     assert mae < 0.1, mae  # amplitude 4; seasonal naive at 24 would err by up to ~1.5
+    fc.set_params(max_steps=1).fit(df)
     kind = TensorizedAttention if attention == "tensorized" else FullAttention
     assert isinstance(fc.model_.encoder.blocks[0].attn, kind)
     assert fc.history_ and "loss" in fc.history_[0]
@@ -222,16 +223,28 @@ def test_quantiles_columns_and_subset():
         h=6, input_size=24, loss="quantile", quantiles=(0.1, 0.9), **{**TINY, "max_steps": 20}
     ).fit(df)
     out = fc.predict()
+    # the median is the point column itself, never repeated as "-q0.5"
     assert list(out.columns) == [
         "unique_id",
         "ds",
         "Forecaster",
         "Forecaster-q0.1",
-        "Forecaster-q0.5",
         "Forecaster-q0.9",
     ]
-    np.testing.assert_allclose(out["Forecaster"], out["Forecaster-q0.5"])
     assert list(fc.predict(quantiles=[0.9]).columns)[-1] == "Forecaster-q0.9"
+    # the trained 0.1 / 0.9 pair is the 80% interval, under Nixtla's column names
+    lv = fc.predict(level=[80])
+    assert list(lv.columns) == [
+        "unique_id",
+        "ds",
+        "Forecaster",
+        "Forecaster-lo-80",
+        "Forecaster-hi-80",
+    ]
+    np.testing.assert_allclose(lv["Forecaster-lo-80"], out["Forecaster-q0.1"])
+    np.testing.assert_allclose(lv["Forecaster-hi-80"], out["Forecaster-q0.9"])
+    with pytest.raises(ValueError, match="level 95 needs the quantiles 0.025 and 0.975"):
+        fc.predict(level=[95])
     with pytest.raises(ValueError, match="not trained"):
         fc.predict(quantiles=[0.25])
 
@@ -372,24 +385,30 @@ def test_cross_validation_windows_and_cutoffs_match_direct_computation():
             assert (w["ds"].to_numpy() == stamps[start : start + 10]).all()
             np.testing.assert_allclose(w["y"], g["y"].to_numpy()[start : start + 10])
     # refit=False: one model, fit before the first cutoff; each window = predict from its history
+    ref = clone(fc).fit(df[df["ds"] <= cv["cutoff"].min()])
     for cutoff in cv["cutoff"].unique():
         hist = df[df["ds"] <= cutoff]
-        direct = fc.predict(df=hist)
+        direct = ref.predict(df=hist)
         np.testing.assert_allclose(
             cv.loc[cv.cutoff == cutoff, "Forecaster"], direct["Forecaster"], rtol=1e-5, atol=1e-5
         )
-    # the model saw nothing after the first cutoff
-    assert fc.panel_.last(0) == cv["cutoff"].min()
+    assert not hasattr(fc, "model_")  # the backtest left the estimator as it was
 
 
-def test_cross_validation_refit_fits_each_window():
-    df = seasonal_frame(n=200, ids=("a",))
-    fc = Forecaster(h=6, input_size=24, **{**TINY, "max_steps": 2})
-    cv = fc.cross_validation(df, n_windows=2, refit=True)
-    assert cv["cutoff"].nunique() == 2
-    assert (
-        fc.panel_.last(0) == cv["cutoff"].max()
-    )  # the last refit saw history up to the last cutoff
+@pytest.mark.parametrize("refit, fit_at", [(True, [0, 1, 2]), (2, [0, 0, 2])])
+def test_cross_validation_refit_every_k_windows(refit, fit_at):
+    """Window k is forecast by a model fit on the history up to cutoff fit_at[k]."""
+    df = seasonal_frame(n=200, ids=("a",), noise=0.2)
+    fc = Forecaster(h=6, input_size=24, **{**TINY, "max_steps": 3})
+    cv = fc.cross_validation(df, n_windows=3, refit=refit)
+    cutoffs = sorted(cv["cutoff"].unique())
+    assert len(cutoffs) == 3
+    for k, cutoff in enumerate(cutoffs):
+        ref = clone(fc).fit(df[df["ds"] <= cutoffs[fit_at[k]]])
+        direct = ref.predict(df=df[df["ds"] <= cutoff])
+        np.testing.assert_allclose(
+            cv.loc[cv.cutoff == cutoff, "Forecaster"], direct["Forecaster"], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_cross_validation_too_many_windows():

@@ -12,6 +12,8 @@ the original scale.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,17 +23,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
+from tqdm.auto import tqdm
 
 from ..._validation import check, check_choice
 from ...core.folds import ExtrapolatingFold, FoldLike
 from ...nn import ModelConfig
-from ...train import Trainer, TrainerConfig
+from ...train import Callback, Trainer, TrainerConfig
 from ...train.distributed import resolve_device
 from .model import ForecastEnsemble, ForecastModelConfig, PatchForecastModel, forecast_loss
-from .panel import Panel, build_panel, future_exog, future_times, warn_missing
+from .panel import (
+    Panel,
+    build_panel,
+    check_scale,
+    freq_to_json,
+    future_exog,
+    future_times,
+    missing_future,
+    warn_missing,
+)
 from .persistence import load_forecaster, plot_forecast, save_forecaster
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
@@ -52,6 +64,42 @@ def _column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean = np.nan_to_num(np.nanmean(x, 0))
         std = np.nan_to_num(np.nanstd(x, 0))
     return mean, np.where(std > 0, std, 1.0)
+
+
+def _check_levels(level: Sequence[float] | None) -> tuple[float, ...]:
+    """Prediction-interval levels (percent) as floats, each in (0, 100)."""
+    if level is None:
+        return ()
+    check(
+        not isinstance(level, (str, bytes)) and np.ndim(level) == 1,
+        f"level must be a sequence of numbers such as [80, 95], got {level!r}",
+        TypeError,
+    )
+    levels = tuple(float(v) for v in level)
+    check(all(0 < v < 100 for v in levels), f"levels must lie in (0, 100), got {list(level)}")
+    return levels
+
+
+def _level_quantiles(level: float) -> tuple[float, float]:
+    """Level 80 -> quantiles (0.1, 0.9), rounded so they match the trained ones exactly."""
+    lo = round(0.5 - level / 200, 10)
+    return lo, round(1 - lo, 10)
+
+
+def _level_name(level: float) -> str:
+    return f"{level:g}"
+
+
+class _BarCallback(Callback):
+    """Advances the estimator's progress bar by one per optimizer step, with the loss."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
+        self.bar.update(1)
 
 
 class Forecaster(BaseEstimator):
@@ -94,8 +142,11 @@ class Forecaster(BaseEstimator):
         does an input_size above 4,096, where the L x L solve would cost more than it gives).
     loss : {"mae", "mse", "huber", "quantile"}, default "mae"
     quantiles : sequence of float in (0, 1), optional
-        Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9)); 0.5 is always added and gives
-        the point forecast.
+        Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9) unless ``level`` is given); 0.5
+        is always added and gives the point forecast.
+    level : sequence of float in (0, 100), optional
+        Prediction intervals (``loss="quantile"``): level 80 trains the quantiles 0.1 and 0.9 and
+        outputs ``<alias>-lo-80`` / ``<alias>-hi-80`` columns, as Nixtla's libraries name them.
     max_steps, batch_size, learning_rate : int, int, float, default 500, 32, 3e-4
         Training length (optimizer steps), windows per step, AdamW peak learning rate.
     val_size : int, default 0
@@ -110,8 +161,12 @@ class Forecaster(BaseEstimator):
         "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     alias : str, optional
         Name of the forecast column; default "Forecaster".
-    verbose : bool, default False
-        Progress bar during training.
+    verbose : bool, default True
+        A progress bar over setup (windows, ridge init) and training, shown once a fit has run
+        for 2 seconds, and a line naming the inferred frequency; False silences both.
+    warm_start : bool, default False
+        True: ``fit`` continues training the fitted (or loaded) network on the new data, for
+        ``max_steps`` more steps, instead of building a new one (scikit-learn's convention).
 
     Attributes
     ----------
@@ -149,6 +204,7 @@ class Forecaster(BaseEstimator):
         skip_ridge: float = 0.1,
         loss: str = "mae",
         quantiles: Sequence[float] | None = None,
+        level: Sequence[float] | None = None,
         max_steps: int = 500,
         batch_size: int = 32,
         learning_rate: float = 3e-4,
@@ -158,7 +214,8 @@ class Forecaster(BaseEstimator):
         random_state: int | None = None,
         device: str = "auto",
         alias: str | None = None,
-        verbose: bool = False,
+        verbose: bool = True,
+        warm_start: bool = False,
     ) -> None:
         self.h = h
         self.input_size = input_size
@@ -176,6 +233,7 @@ class Forecaster(BaseEstimator):
         self.skip_ridge = skip_ridge
         self.loss = loss
         self.quantiles = quantiles
+        self.level = level
         self.max_steps = max_steps
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -186,6 +244,7 @@ class Forecaster(BaseEstimator):
         self.device = device
         self.alias = alias
         self.verbose = verbose
+        self.warm_start = warm_start
 
     # -----------------------------------------------------------------------------------------
     # settings
@@ -226,6 +285,16 @@ class Forecaster(BaseEstimator):
             self.quantiles is None or self.loss == "quantile",
             "quantiles are used only with loss='quantile'",
         )
+        check(
+            self.level is None or self.loss == "quantile",
+            "level (prediction intervals) needs loss='quantile'",
+        )
+        _check_levels(self.level)
+        check(
+            isinstance(self.warm_start, (bool, np.bool_)),
+            f"warm_start must be a bool, got {self.warm_start!r}",
+            TypeError,
+        )
 
     @property
     def model_name(self) -> str:
@@ -235,15 +304,22 @@ class Forecaster(BaseEstimator):
         """Trained quantiles, sorted, with 0.5 (the point forecast) included; () unless loss='quantile'."""
         if self.loss != "quantile":
             return ()
-        qs = (0.1, 0.5, 0.9) if self.quantiles is None else tuple(float(q) for q in self.quantiles)
+        levels = _check_levels(self.level)
+        if self.quantiles is None:
+            qs = () if levels else (0.1, 0.5, 0.9)
+        else:
+            qs = tuple(float(q) for q in self.quantiles)
         check(all(0 < q < 1 for q in qs), f"quantiles must lie in (0, 1), got {qs}")
+        for lv in levels:
+            qs += _level_quantiles(lv)
         return tuple(sorted(set(qs) | {0.5}))
 
     def _encoder_config(self) -> ModelConfig:
+        # int(): NumPy integers (from a grid search, say) pass the checks but not the configs'
         return ModelConfig(
-            d_model=self.d_model,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
+            d_model=int(self.d_model),
+            n_layers=int(self.n_layers),
+            n_heads=int(self.n_heads),
             dropout=self.dropout,
             attention=self.attention,
             fold=ExtrapolatingFold(64) if self.fold is None else self.fold,
@@ -409,14 +485,73 @@ class Forecaster(BaseEstimator):
         self
         """
         self._check_params()
-        self.columns_ = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
-        panel = build_panel(
-            df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **self.columns_
-        )
-        warn_missing(panel.report, "fit")
-        return self._fit_panel(panel, static_df, self.val_size if val_size is None else val_size)
+        columns = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
+        if self.warm_start and hasattr(self, "model_"):
+            check(
+                columns == self.columns_,
+                f"warm_start continues a model fit with columns {self.columns_}; got {columns}",
+            )
+        with self._progress_bar("fit") as bar:
+            bar.reset(total=1 + self._fit_units())
+            panel = self._build_panel(df, futr_exog, hist_exog, freq, columns, "fit")
+            bar.update(1)
+            self.columns_ = columns
+            val = self.val_size if val_size is None else val_size
+            return self._fit_panel(panel, static_df, val, bar)
 
-    def _fit_panel(self, panel: Panel, static_df: pd.DataFrame | None, val_size: int) -> Forecaster:
+    # -----------------------------------------------------------------------------------------
+    # setup shared by fit and cross_validation: the panel, progress
+    # -----------------------------------------------------------------------------------------
+
+    def _build_panel(
+        self,
+        df: pd.DataFrame,
+        futr_exog: Sequence[str],
+        hist_exog: Sequence[str],
+        freq: Any,
+        columns: dict[str, str],
+        where: str,
+    ) -> Panel:
+        """Validated panel of ``df``, its warnings given once, the inferred frequency reported."""
+        if self.warm_start and hasattr(self, "model_") and freq is None:
+            freq = self.freq_  # continue on the fitted grid
+        panel = build_panel(df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **columns)
+        warn_missing(panel.report, where, panel.freq)
+        if freq is None and self.verbose:
+            tqdm.write(
+                f"{self.model_name}.{where}: frequency {freq_to_json(panel.freq)!r} inferred from "
+                f"{columns['time_col']!r} ({len(panel.ids)} series, "
+                f"{sum(panel.lengths):,} grid steps)",
+                file=sys.stderr,
+            )
+        return panel
+
+    def _fit_units(self) -> int:
+        """Progress units of one fit: windows, then per network the ridge init and its steps."""
+        return 1 + int(self.n_models) * (1 + int(self.max_steps))
+
+    @contextlib.contextmanager
+    def _progress_bar(self, desc: str):
+        """A tqdm bar that appears once the work has run 2 s (none when ``verbose=False``)."""
+        bar = tqdm(
+            total=0,
+            desc=f"{self.model_name}.{desc}",
+            unit="step",
+            delay=2.0,
+            disable=not self.verbose,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    def _fit_panel(
+        self, panel: Panel, static_df: pd.DataFrame | None, val_size: int, bar: Any = None
+    ) -> Forecaster:
+        bar = tqdm(disable=True) if bar is None else bar
+        warm = bool(self.warm_start) and hasattr(self, "model_")
         L, h = self.input_size, self.h
         check(
             isinstance(val_size, (int, np.integer)) and val_size >= 0,
@@ -433,6 +568,14 @@ class Forecaster(BaseEstimator):
             f"too short to train (a series shorter than input_size is left-padded and masked; one shorter "
             f"than the horizon cannot give a target). Drop them or lower h",
         )
+        if warm:
+            check(
+                [*panel.futr_cols] == self.futr_cols_ and [*panel.hist_cols] == self.hist_cols_,
+                f"warm_start continues a model fit with futr_exog={self.futr_cols_} and "
+                f"hist_exog={self.hist_cols_}; got {list(panel.futr_cols)} and "
+                f"{list(panel.hist_cols)}",
+            )
+            old_scale = dict(zip(self.ids_, zip(self.scaler_["mean"], self.scaler_["std"])))
         self.ids_, self.freq_ = list(panel.ids), panel.freq
         self.missing_report_ = panel.report
         self.futr_cols_, self.hist_cols_ = list(panel.futr_cols), list(panel.hist_cols)
@@ -443,21 +586,27 @@ class Forecaster(BaseEstimator):
             check(
                 (~np.isnan(y)).any(), f"series {sid!r} has no observed target in its training steps"
             )
-            means.append(float(np.nanmean(y))), stds.append(float(np.nanstd(y)) or 1.0)
+            if warm and sid in old_scale:  # the network learnt on the fitted scale: keep it
+                mean, std = old_scale[sid]
+            else:
+                mean, std = float(np.nanmean(y)), float(np.nanstd(y)) or 1.0
+            check_scale(sid, mean, std, self.columns_["target_col"])
+            means.append(mean), stds.append(std)
         self.scaler_ = pd.DataFrame(
             {"mean": means, "std": stds}, index=pd.Index(self.ids_, name="unique_id")
         )
-        self.futr_mean_, self.futr_std_ = _column_stats(train_part(panel.futr))
-        self.hist_mean_, self.hist_std_ = _column_stats(train_part(panel.hist))
-        static = self._static_matrix(static_df, self.ids_, self.columns_["id_col"], fitting=True)
+        if not warm:  # a warm start keeps the input scales the network learnt on
+            self.futr_mean_, self.futr_std_ = _column_stats(train_part(panel.futr))
+            self.hist_mean_, self.hist_std_ = _column_stats(train_part(panel.hist))
+        static = self._static_matrix(static_df, self.ids_, self.columns_["id_col"], not warm)
         y, futr, hist, static_g, _, _ = self._groups(panel, static)
 
         C = y[0].shape[0]
         qs = self._quantile_levels()
-        self.model_config_ = ForecastModelConfig(
-            input_size=L,
-            h=h,
-            patch_len=self.patch_len,
+        config = ForecastModelConfig(
+            input_size=int(L),
+            h=int(h),
+            patch_len=int(self.patch_len),
             patch_stride=None if self.patch_stride is None else int(self.patch_stride),
             n_channels=C,
             n_outputs=max(1, len(qs)),
@@ -467,22 +616,45 @@ class Forecaster(BaseEstimator):
             linear_skip=self.linear_skip,
             encoder=self._encoder_config(),
         )
+        if warm:
+            old, new = self.model_config_.to_dict(), config.to_dict()
+            diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+            check(
+                not diff,
+                f"warm_start needs the network the model was fit with; these settings differ "
+                f"(fitted, now): {diff}",
+            )
+        self.model_config_ = config
         data = WindowData(y, futr, hist, static_g, L, h)
         train = WindowDataset(data, *train_cuts(y, L, h, val_size))
         val = WindowDataset(data, *val_cuts(y, L, h, val_size)) if val_size else None
+        bar.set_postfix_str("windows ready", refresh=False)
+        bar.update(1)
         device = resolve_device(self.device)
         rng = check_random_state(self.random_state)
+        previous = []
+        if warm:
+            previous = (
+                list(self.model_.members)
+                if isinstance(self.model_, ForecastEnsemble)
+                else [self.model_]
+            )
         members, self.history_ = [], []
         start = time.perf_counter()
         for member in range(int(self.n_models)):
             seed = int(rng.randint(np.iinfo(np.int32).max))
-            with torch.random.fork_rng(
-                devices=[]
-            ):  # seed the initialization without touching the global RNG
-                torch.manual_seed(seed)
-                self.model_ = self._build_model(self.model_config_).to(device)
-            self._init_skip(train, seed)
-            history = self._train(train, val, device, seed)
+            if warm:
+                self.model_ = previous[member].to(device)
+            else:
+                with torch.random.fork_rng(
+                    devices=[]
+                ):  # seed the initialization without touching the global RNG
+                    torch.manual_seed(seed)
+                    self.model_ = self._build_model(self.model_config_).to(device)
+                bar.set_postfix_str("ridge init", refresh=False)
+                self._init_skip(train, seed)
+            bar.update(1)
+            history = self._train(train, val, device, seed, bar)
             self.history_ += (
                 history if self.n_models == 1 else [{**r, "member": member} for r in history]
             )
@@ -535,10 +707,16 @@ class Forecaster(BaseEstimator):
         return ForecastEnsemble([self._build_model(config) for _ in range(int(self.n_models))])
 
     def _train(
-        self, train: WindowDataset, val: WindowDataset | None, device: torch.device, seed: int
+        self,
+        train: WindowDataset,
+        val: WindowDataset | None,
+        device: torch.device,
+        seed: int,
+        bar: Any = None,
     ) -> list[dict]:
         """Train ``model_`` through the shared Trainer; returns its metrics history."""
         kind, qs = self.loss, self._quantile_levels()
+        callbacks = () if bar is None or bar.disable else (_BarCallback(bar),)
 
         def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return forecast_loss(model(batch), batch["target"], kind, qs)
@@ -552,7 +730,7 @@ class Forecaster(BaseEstimator):
             patience=None
             if val is None or self.early_stopping is None
             else int(self.early_stopping),
-            progress=bool(self.verbose),
+            progress=False,  # the estimator's own bar covers setup and training
             seed=seed,
             device=str(device),
             strategy="none",
@@ -563,8 +741,11 @@ class Forecaster(BaseEstimator):
             config,
             collate_fn=collate_windows,
             model_config=self.model_config_,
+            callbacks=callbacks,
         )
         trainer.fit(train, val)
+        if bar is not None:  # an early stop skips steps: the bar still ends at the member's end
+            bar.update(max(0, int(self.max_steps) - trainer.global_step_))
         return list(trainer.history_)
 
     # -----------------------------------------------------------------------------------------
@@ -578,6 +759,7 @@ class Forecaster(BaseEstimator):
         futr_df: pd.DataFrame | None = None,
         quantiles: Sequence[float] | None = None,
         *,
+        level: Sequence[float] | None = None,
         static_df: pd.DataFrame | None = None,
     ) -> pd.DataFrame:
         """Forecast the h steps after the end of each series.
@@ -598,15 +780,20 @@ class Forecaster(BaseEstimator):
             (so predict(h=k) equals the first k steps of predict()); a missing row or column raises
             ValueError.
         quantiles : sequence of float, optional
-            Quantiles to return (a subset of the trained ones); default all of them.
+            Quantiles to return as ``<alias>-q<q>`` columns (a subset of the trained ones).
+        level : sequence of float, optional
+            Prediction intervals to return as ``<alias>-lo-<level>`` / ``<alias>-hi-<level>``
+            columns (their quantiles must have been trained). Default (neither given): the
+            constructor's ``level`` intervals and the other trained quantiles.
         static_df : pd.DataFrame, optional
             Static features for series unseen in fit.
 
         Returns
         -------
         pd.DataFrame
-            ``unique_id, ds, <alias>`` and one ``<alias>-q<q>`` column per quantile; ``unique_id``
-            and ``ds`` carry the names given in fit (``id_col``, ``time_col``).
+            ``unique_id, ds, <alias>`` (the median for quantile models) and the interval /
+            quantile columns; ``unique_id`` and ``ds`` carry the names given in fit (``id_col``,
+            ``time_col``). It goes straight into ``utilsforecast.plotting.plot_series``.
         """
         self._check_fitted()
         h = self.h if h is None else h
@@ -614,18 +801,9 @@ class Forecaster(BaseEstimator):
             isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1,
             f"h must be a positive int, got {h!r}",
         )
-        q_cols = self._quantile_columns(quantiles)
-        if df is None:
-            panel = self.panel_
-        else:
-            panel = build_panel(
-                df,
-                futr_exog=self.futr_cols_,
-                hist_exog=self.hist_cols_,
-                freq=self.freq_,
-                **self.columns_,
-            )
-            warn_missing(panel.report, "predict")
+        h = int(h)
+        q_cols = self._quantile_columns(quantiles, level)
+        panel = self._history(df)
         static = self._static_matrix(static_df, panel.ids, self.columns_["id_col"], fitting=False)
         if self.channel_mixing:
             check(
@@ -655,6 +833,54 @@ class Forecaster(BaseEstimator):
         out = self._roll_out(panel, static, ahead, h)  # (S, h, Q) original scale
         return self._frame(panel, out, h, q_cols)
 
+    def _history(self, df: pd.DataFrame | None) -> Panel:
+        """The panel to forecast from: the fitted look-back, or ``df`` on the fitted grid."""
+        if df is None:
+            return self.panel_
+        panel = build_panel(
+            df,
+            futr_exog=self.futr_cols_,
+            hist_exog=self.hist_cols_,
+            freq=self.freq_,
+            **self.columns_,
+        )
+        warn_missing(panel.report, "predict", panel.freq)
+        return panel
+
+    def make_future_dataframe(self, h: int | None = None, df: pd.DataFrame | None = None):
+        """The ``id_col`` / ``time_col`` rows of the h steps ``predict`` forecasts (default h).
+
+        Fill in the ``futr_exog`` columns and pass it as ``futr_df``; ``df`` as in ``predict``.
+        """
+        self._check_fitted()
+        h = self.h if h is None else h
+        check(
+            isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1,
+            f"h must be a positive int, got {h!r}",
+        )
+        panel = self._history(df)
+        id_col, time_col = self.columns_["id_col"], self.columns_["time_col"]
+        parts = [
+            pd.DataFrame(
+                {id_col: [sid] * int(h), time_col: future_times(panel.last(s), panel.freq, int(h))}
+            )
+            for s, sid in enumerate(panel.ids)
+        ]
+        return pd.concat(parts, ignore_index=True)
+
+    def get_missing_future(
+        self, futr_df: pd.DataFrame, h: int | None = None, df: pd.DataFrame | None = None
+    ) -> pd.DataFrame:
+        """The rows of ``make_future_dataframe(h, df)`` that ``futr_df`` lacks (or has NaN in).
+
+        An empty frame means ``predict(h, df, futr_df)`` has every known-future value it needs.
+        """
+        future = self.make_future_dataframe(h, df)
+        return missing_future(futr_df, future, self.futr_cols_, **self._id_time())
+
+    def _id_time(self) -> dict[str, str]:
+        return {"id_col": self.columns_["id_col"], "time_col": self.columns_["time_col"]}
+
     def _roll_out(
         self, panel: Panel, static: np.ndarray, ahead: list[np.ndarray], h: int
     ) -> np.ndarray:
@@ -680,16 +906,38 @@ class Forecaster(BaseEstimator):
         qs = self._quantile_levels()
         return qs.index(0.5) if qs else 0
 
-    def _quantile_columns(self, quantiles: Sequence[float] | None) -> list[tuple[int, str]]:
+    def _quantile_columns(
+        self, quantiles: Sequence[float] | None, level: Sequence[float] | None = None
+    ) -> list[tuple[int, str]]:
+        """(output index, column name) of the interval and quantile columns to return.
+
+        Intervals are ``<alias>-lo-<level>`` / ``<alias>-hi-<level>`` (Nixtla's names), other
+        quantiles ``<alias>-q<q>``; the median is the ``<alias>`` column itself, never repeated.
+        Default: the constructor's levels and the other trained quantiles.
+        """
         trained = self._quantile_levels()
-        if quantiles is None:
-            chosen = trained
+        if quantiles is None and level is None:
+            levels = _check_levels(self.level)
+            in_levels = {q for lv in levels for q in _level_quantiles(lv)}
+            chosen = [q for q in trained if q not in in_levels]
         else:
             check(bool(trained), "quantile forecasts need a model fit with loss='quantile'")
-            chosen = tuple(float(q) for q in quantiles)
+            levels = _check_levels(level)
+            chosen = [] if quantiles is None else [float(q) for q in quantiles]
             unknown = [q for q in chosen if q not in trained]
             check(not unknown, f"quantiles {unknown} were not trained; trained: {trained}")
-        return [(trained.index(q), f"{self.model_name}-q{q:g}") for q in chosen]
+        lows, highs = [], []
+        for lv in sorted(set(levels), reverse=True):
+            lo, hi = _level_quantiles(lv)
+            check(
+                lo in trained and hi in trained,
+                f"level {lv:g} needs the quantiles {lo:g} and {hi:g}, which were not trained "
+                f"(trained: {trained}); fit with level=[{lv:g}]",
+            )
+            lows.append((trained.index(lo), f"{self.model_name}-lo-{_level_name(lv)}"))
+            highs.insert(0, (trained.index(hi), f"{self.model_name}-hi-{_level_name(lv)}"))
+        cols = [(trained.index(q), f"{self.model_name}-q{q:g}") for q in chosen if q != 0.5]
+        return lows + highs + cols
 
     def _frame(
         self, panel: Panel, pred: np.ndarray, h: int, q_cols: list[tuple[int, str]]
@@ -715,7 +963,7 @@ class Forecaster(BaseEstimator):
         df: pd.DataFrame,
         n_windows: int = 1,
         step_size: int | None = None,
-        refit: bool = False,
+        refit: bool | int = False,
         *,
         static_df: pd.DataFrame | None = None,
         id_col: str = "unique_id",
@@ -725,19 +973,23 @@ class Forecaster(BaseEstimator):
         hist_exog: Sequence[str] = (),
         val_size: int | None = None,
         freq: Any = None,
+        level: Sequence[float] | None = None,
     ) -> pd.DataFrame:
         """Rolling-origin backtest: forecast ``n_windows`` windows of h steps at the end of each series.
 
         The last window ends at each series' last step; earlier ones start ``step_size`` (default
-        h) steps apart. The model is fit once on the steps before the first cutoff (``refit=False``,
-        the windows are then forecast from their true history without refitting) or refit before
-        every window (``refit=True``). Known-future inputs of the windows are read from ``df``.
+        h) steps apart. A copy of this estimator (same settings) is fit on the steps before the
+        first cutoff and forecasts every window from its true history (``refit=False``), or is
+        refit before every window (``refit=True``) or every k-th window (``refit=k``). This
+        estimator itself is left as it was: fitted or not, ``predict`` still forecasts from the
+        end of the data it was fit on. Known-future inputs of the windows are read from ``df``.
 
         Returns
         -------
         pd.DataFrame
-            ``unique_id, ds, cutoff, y, <alias>`` (+ quantile columns); ``cutoff`` is the last step
-            of the history each forecast was made from.
+            ``id_col, time_col, cutoff, target_col, <alias>`` (+ interval / quantile columns, as
+            in ``predict``; ``level`` picks intervals); ``cutoff`` is the last step of the history
+            each forecast was made from. It goes straight into ``utilsforecast.evaluate``.
         """
         self._check_params()
         step = self.h if step_size is None else step_size
@@ -748,33 +1000,39 @@ class Forecaster(BaseEstimator):
             f"n_windows must be a positive int, got {n_windows!r}",
         )
         check(
-            isinstance(step, (int, np.integer)) and step >= 1,
+            isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step >= 1,
             f"step_size must be a positive int, got {step!r}",
         )
-        self.columns_ = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
-        panel = build_panel(
-            df, futr_exog=futr_exog, hist_exog=hist_exog, freq=freq, **self.columns_
-        )
-        warn_missing(panel.report, "cross_validation")
-        T = np.array(panel.lengths)
-        ends = [
-            T - self.h - step * (n_windows - 1 - k) for k in range(n_windows)
-        ]  # history lengths per window
         check(
-            (ends[0] >= 1).all(),
-            f"n_windows={n_windows} x step_size={step} + h={self.h} does not fit in "
-            f"series of {int(T.min())} steps",
+            isinstance(refit, (bool, np.bool_))
+            or (isinstance(refit, (int, np.integer)) and refit >= 1),
+            f"refit must be a bool or a positive int (refit every that many windows), got {refit!r}",
         )
-        val = self.val_size if val_size is None else val_size
-        if not refit:
-            self._fit_panel(panel.head(ends[0]), static_df, val)
-            preds = self._backtest(panel, ends)
-        else:
+        every = (
+            (n_windows if not refit else 1) if isinstance(refit, (bool, np.bool_)) else int(refit)
+        )
+        columns = {"id_col": id_col, "time_col": time_col, "target_col": target_col}
+        with self._progress_bar("cross_validation") as bar:
+            panel = self._build_panel(df, futr_exog, hist_exog, freq, columns, "cross_validation")
+            T = np.array(panel.lengths)
+            ends = [
+                T - self.h - step * (n_windows - 1 - k) for k in range(n_windows)
+            ]  # history lengths per window
+            check(
+                (ends[0] >= 1).all(),
+                f"n_windows={n_windows} x step_size={step} + h={self.h} does not fit in "
+                f"series of {int(T.min())} steps",
+            )
+            val = self.val_size if val_size is None else val_size
+            est = clone(self)  # never this estimator: a backtest must not replace its fit
+            est.columns_ = columns
+            fits = -(-n_windows // every)
+            bar.reset(total=fits * est._fit_units())
             preds = []
-            for e in ends:
-                self._fit_panel(panel.head(e), static_df, val)
-                preds.append(self._backtest(panel, [e])[0])
-        return self._cv_frame(panel, ends, preds)
+            for first in range(0, n_windows, every):
+                est._fit_panel(panel.head(ends[first]), static_df, val, bar)
+                preds += est._backtest(panel, ends[first : first + every])
+        return est._cv_frame(panel, ends, preds, level)
 
     def _backtest(self, panel: Panel, ends: list[np.ndarray]) -> list[np.ndarray]:
         """Forecasts (S, h, Q) on the original scale for each list of history lengths in ``ends``."""
@@ -791,10 +1049,15 @@ class Forecaster(BaseEstimator):
         return list(pred * std[None, :, None, None] + mean[None, :, None, None])
 
     def _cv_frame(
-        self, panel: Panel, ends: list[np.ndarray], preds: list[np.ndarray]
+        self,
+        panel: Panel,
+        ends: list[np.ndarray],
+        preds: list[np.ndarray],
+        level: Sequence[float] | None = None,
     ) -> pd.DataFrame:
         id_col, time_col = self.columns_["id_col"], self.columns_["time_col"]
-        point, q_cols = self._point_index(), self._quantile_columns(None)
+        target_col = self.columns_["target_col"]
+        point, q_cols = self._point_index(), self._quantile_columns(None, level)
         parts = []
         for s, sid in enumerate(panel.ids):
             times = panel.times(s)
@@ -804,7 +1067,7 @@ class Forecaster(BaseEstimator):
                     id_col: [sid] * self.h,
                     time_col: times[e : e + self.h],
                     "cutoff": times[e - 1],
-                    "y": panel.y[s][e : e + self.h],
+                    target_col: panel.y[s][e : e + self.h],
                     self.model_name: pred[s, :, point],
                 }
                 part.update({name: pred[s, :, q] for q, name in q_cols})

@@ -35,6 +35,8 @@ __all__ = [
     "future_times",
     "freq_to_json",
     "freq_from_json",
+    "check_scale",
+    "missing_future",
 ]
 
 
@@ -46,33 +48,97 @@ __all__ = [
 def infer_freq(times: Sequence[pd.Series]) -> Any:
     """The step of a set of series: a pandas offset for timestamps, an int for integer steps.
 
-    ``pd.infer_freq`` is tried on each complete series (it knows calendar steps such as "MS"), then
-    on windows of 3 consecutive stamps spread over each series (so a few gaps do not hide a calendar
-    step); otherwise the most common difference between consecutive stamps is used.
+    Each series gets its own frequency: the candidates are ``pd.infer_freq`` of the whole series
+    (it knows calendar steps such as "MS" or "B"), of windows of 3 stamps spread over it (so a few
+    gaps do not hide a calendar step), business days when every stamp is a weekday, and
+    otherwise the most common step. The candidate whose grid holds every stamp with the fewest
+    steps wins; candidates in a tie raise, naming them, as do series of different frequencies.
+    The result never depends on hash order, so it is the same in every process.
     """
-    if pd.api.types.is_integer_dtype(times[0].dtype):
-        diffs = np.concatenate([np.diff(t.to_numpy()) for t in times])
-        check(diffs.size > 0, "cannot infer the time step from series of one step each; pass freq")
-        values, counts = np.unique(diffs, return_counts=True)
-        return int(values[np.argmax(counts)])
-    with (
-        warnings.catch_warnings()
-    ):  # pandas 3 warns that infer_freq will return an offset; both work below
+    integer = pd.api.types.is_integer_dtype(times[0].dtype)
+    per_series = [(k, _series_freqs(t, integer)) for k, t in enumerate(times)]
+    per_series = [(k, best) for k, best in per_series if best]
+    if not per_series:
+        raise ValueError(
+            "cannot infer the frequency from series of one step each (or of no regular step); "
+            "pass freq="
+        )
+    common = set(per_series[0][1])
+    for _, best in per_series[1:]:
+        common &= set(best)
+    if len(common) == 1:
+        return per_series[0][1][common.pop()]
+    if len(common) > 1:
+        raise ValueError(
+            f"the frequency is ambiguous: {sorted(common)} each put every stamp on a grid of the "
+            f"same size; pass freq= with the one you mean"
+        )
+    seen: dict[str, int] = {}
+    for k, best in per_series:
+        for name in best:
+            seen.setdefault(name, k)
+    listing = ", ".join(f"{name!r} (series #{k})" for name, k in sorted(seen.items()))
+    raise ValueError(
+        f"the series have different frequencies: {listing}. Fit series of one frequency "
+        f"together (resample the others first), or pass freq= to put all on one grid"
+    )
+
+
+def _series_freqs(t: pd.Series, integer: bool) -> dict[str, Any]:
+    """One series' best frequencies by name (see ``infer_freq``; several on a tie, none for 1 stamp)."""
+    if len(t) < 2:
+        return {}
+    if integer:
+        values = t.to_numpy()
+        diffs = np.diff(values)
+        steps, counts = np.unique(diffs[diffs > 0], return_counts=True)
+        candidates = {str(int(v)): int(v) for v in steps[counts == counts.max()]}
+        fits = {
+            name: len(range(values[0], values[-1] + 1, c))
+            for name, c in candidates.items()
+            if ((values - values[0]) % c == 0).all()
+        }
+        return _best(fits, candidates)
+    names: set[str] = set()
+    with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
         warnings.simplefilter("ignore")
-        named = [pd.infer_freq(t) for t in times if len(t) >= 3]
-        if not any(named):  # gaps: most short windows are still complete
-            named = [
-                pd.infer_freq(t.iloc[i : i + 3])
-                for t in times
-                if len(t) >= 3
-                for i in _window_starts(len(t))
-            ]
-    named = [pd.tseries.frequencies.to_offset(f) for f in named if f is not None]
-    if named:
-        return max(set(named), key=named.count)
-    diffs = pd.concat([t.diff().dropna() for t in times])
-    check(len(diffs) > 0, "cannot infer the frequency from series of one step each; pass freq")
-    return pd.tseries.frequencies.to_offset(diffs.mode().iloc[0])
+        if len(t) >= 3:
+            whole = pd.infer_freq(t)
+            if whole is not None:
+                names.add(whole)
+            else:  # gaps: most short windows are still complete
+                for i in _window_starts(len(t)):
+                    f = pd.infer_freq(t.iloc[i : i + 3])
+                    if f is not None:
+                        names.add(f)
+    offsets = {}
+    for name in names:
+        offset = pd.tseries.frequencies.to_offset(name)
+        offsets[offset.freqstr] = offset
+    if not offsets:
+        for d in t.diff().dropna().mode():
+            if d > pd.Timedelta(0):
+                offset = pd.tseries.frequencies.to_offset(d)
+                offsets[offset.freqstr] = offset
+    if "D" in offsets and (pd.DatetimeIndex(t).dayofweek < 5).all():
+        offsets["B"] = pd.offsets.BusinessDay()  # weekdays only: days lost to weekends are no gaps
+    fits = {}
+    for name, offset in offsets.items():
+        grid = pd.date_range(t.iloc[0], t.iloc[-1], freq=offset)
+        if len(grid) and grid[0] == t.iloc[0] and (grid.get_indexer(pd.Index(t)) >= 0).all():
+            fits[name] = len(grid)
+    return _best(fits, offsets)
+
+
+def _best(fits: dict[str, int], candidates: dict[str, Any]) -> dict[str, Any]:
+    """The candidates with the smallest grid holding every stamp (several on a tie).
+
+    When none holds every stamp, the first by name, so the off-grid error names it.
+    """
+    if not fits:
+        return {min(candidates): candidates[min(candidates)]} if candidates else {}
+    least = min(fits.values())
+    return {name: candidates[name] for name in sorted(fits) if fits[name] == least}
 
 
 def _window_starts(n: int, count: int = 32) -> np.ndarray:
@@ -203,9 +269,29 @@ def _check_columns(df: pd.DataFrame, id_col, time_col, target_col, exog: Sequenc
         not df[id_col].isna().any(),
         f"column {id_col!r} has {int(df[id_col].isna().sum())} missing ids",
     )
-    y = df[target_col].to_numpy(float)
+    for col in (target_col, *exog):
+        values = df[col].to_numpy(float)
+        check(
+            not np.isinf(values).any(),
+            f"column {col!r} has {int(np.isinf(values).sum())} infinite values",
+        )
+        big = np.nanmax(np.abs(values)) if (~np.isnan(values)).any() else 0.0
+        check(
+            big <= FLOAT32_MAX,
+            f"column {col!r} has values up to {big:.3g}, beyond float32 (max {FLOAT32_MAX:.3g}) "
+            f"the network computes in; rescale it first (e.g. divide by a power of 10)",
+        )
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_scale(sid: Any, mean: float, std: float, target_col: str = "y") -> None:
+    """Raise when a series' scale cannot be represented: its values would overflow as z-scores."""
     check(
-        not np.isinf(y).any(), f"column {target_col!r} has {int(np.isinf(y).sum())} infinite values"
+        np.isfinite(mean) and np.isfinite(std) and abs(mean) <= FLOAT32_MAX and std <= FLOAT32_MAX,
+        f"series {sid!r}: {target_col!r} has mean {mean:.3g} and std {std:.3g}, beyond float32 "
+        f"(max {FLOAT32_MAX:.3g}); rescale the target first (e.g. divide by a power of 10)",
     )
 
 
@@ -305,8 +391,21 @@ def build_panel(
     return Panel(ids, starts, freq, ys, futrs, hists, futr_exog, hist_exog, pd.DataFrame(rows))
 
 
-def warn_missing(report: pd.DataFrame, where: str) -> None:
-    """One warning that says how many targets are missing or were inserted, per series."""
+def warn_missing(report: pd.DataFrame, where: str, freq: Any = None) -> None:
+    """One warning for missing targets and one for grids more than 10% inserted (a wrong freq?)."""
+    if len(report):
+        share = report["inserted_steps"] / report["steps"].clip(lower=1)
+        sparse = report[share > 0.1]
+        if len(sparse):
+            first = sparse.iloc[0]
+            name = "?" if freq is None else freq_to_json(freq)
+            warnings.warn(
+                f"{where}: at frequency {name!r}, more than 10% of the grid steps of {len(sparse)} "
+                f"series are absent from the frame and were inserted as missing (series "
+                f"{first['unique_id']!r}: {int(first['inserted_steps'])} of {int(first['steps'])}). "
+                f"If that is not the data's frequency, pass freq= (e.g. 'B' for business days)",
+                stacklevel=4,
+            )
     bad = report[(report["missing_y"] > 0) | (report["inserted_steps"] > 0)]
     if len(bad):
         total = int(bad["missing_y"].sum())
@@ -315,7 +414,7 @@ def warn_missing(report: pd.DataFrame, where: str) -> None:
             f"{where}: {total} missing target values in {len(bad)} series ({inserted} of them at grid steps "
             f"absent from the frame); they are masked in the inputs and the loss. "
             f"Per-series counts: the `missing_report_` attribute.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -368,5 +467,34 @@ def future_exog(
             not np.isnan(values).any(),
             f"futr_df has NaN in {cols} for series {sid!r} within the horizon",
         )
+        check(
+            np.isfinite(values).all(),
+            f"futr_df has infinite values in {cols} for series {sid!r} within the horizon",
+        )
         out.append(values)
     return out
+
+
+def missing_future(
+    futr_df: pd.DataFrame | None,
+    future: pd.DataFrame,
+    cols: Sequence[str],
+    *,
+    id_col: str,
+    time_col: str,
+) -> pd.DataFrame:
+    """The rows of ``future`` (id, time) with no row in ``futr_df`` or a non-finite value in ``cols``."""
+    if futr_df is None:
+        return future if len(cols) else future.iloc[:0]
+    check(
+        isinstance(futr_df, pd.DataFrame),
+        f"futr_df must be a DataFrame, got {type(futr_df).__name__}",
+        TypeError,
+    )
+    missing = [c for c in (id_col, time_col, *cols) if c not in futr_df.columns]
+    check(not missing, f"futr_df is missing columns {missing}; it has {list(futr_df.columns)}")
+    known = futr_df[[id_col, time_col, *cols]]
+    finite = np.isfinite(known[list(cols)].to_numpy(float)).all(1) if cols else True
+    known = known[finite].drop_duplicates([id_col, time_col])[[id_col, time_col]]
+    merged = future.merge(known, on=[id_col, time_col], how="left", indicator=True)
+    return merged.loc[merged["_merge"] == "left_only", [id_col, time_col]].reset_index(drop=True)

@@ -2,15 +2,26 @@
 
 A saved forecaster is a folder of two files, readable without unpickling any code:
 
-- ``forecaster.json``: the estimator's parameters, the network config, column names, series ids,
-  frequency, scalers, exogenous / static statistics and the fit report;
+- ``forecaster.json``: the manifest: the estimator's parameters, the network config, column
+  names, series ids, frequency, scalers, exogenous / static statistics, the fit report, and the
+  size and SHA-256 of ``state.pt``;
 - ``state.pt``: plain tensors only (network weights and the look-back kept for ``predict``), read
   back with ``torch.load(weights_only=True)``.
+
+Integrity: ``load`` checks the hash, so a torn write, a ``state.pt`` from another save or a
+corrupted file fails with an error naming the problem, and it rejects non-finite weights. A save
+is written to a fresh folder beside the target and renamed into place; an existing save is
+moved aside first and deleted after, so a folder never mixes two saves, and the leftovers of an
+interrupted save (``.<name>.tmp-*`` / ``.<name>.old-*`` folders) are removed by the next save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +31,14 @@ import torch
 
 from ..._validation import check
 from ...core.folds import fold_from_dict, fold_to_dict
-from ...train.checkpoint import atomic_save, atomic_write_text
+from ...train.checkpoint import pid_alive
 from ...train.distributed import resolve_device
 from .model import ForecastModelConfig
 from .panel import Panel, freq_from_json, freq_to_json
 
 __all__ = ["save_forecaster", "load_forecaster", "plot_forecast"]
 
-FORMAT = "seqtensor.forecaster/1"
+FORMAT = "seqtensor.forecaster/2"
 CONFIG, STATE = "forecaster.json", "state.pt"
 
 
@@ -61,8 +72,10 @@ def save_forecaster(est, path: str | Path) -> Path:
     """Write a fitted forecaster to the folder ``path`` (created if needed)."""
     est._check_fitted()
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = est.get_params()
+    # NumPy scalars (a grid search's np.int64) would come back as floats through JSON
+    params = {k: v.item() if isinstance(v, np.generic) else v for k, v in est.get_params().items()}
+    if params["level"] is not None:
+        params["level"] = [float(v) for v in params["level"]]
     if params["fold"] is not None:
         params["fold"] = fold_to_dict(params["fold"])
     if params["quantiles"] is not None:
@@ -100,9 +113,64 @@ def save_forecaster(est, path: str | Path) -> Path:
         "panel_futr": [torch.from_numpy(v.copy()) for v in panel.futr],
         "panel_hist": [torch.from_numpy(v.copy()) for v in panel.hist],
     }
-    atomic_save(state, folder / STATE)
-    atomic_write_text(json.dumps(meta, indent=1, default=float), folder / CONFIG)
+    _clean_leftovers(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
+    try:
+        torch.save(state, tmp / STATE)
+        meta["files"] = {
+            STATE: {"bytes": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)}
+        }
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=1, default=float))
+        for name in (STATE, CONFIG):
+            _fsync(tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the save from the rest of a team
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Rename the finished save ``tmp`` to ``folder``, moving an existing ``folder`` aside first."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    check(
+        folder.is_dir() and (not any(folder.iterdir()) or (folder / CONFIG).is_file()),
+        f"{folder} exists and is not a saved forecaster: refusing to replace it",
+        FileExistsError,
+    )
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{os.getpid()}-", dir=folder.parent))
+    os.replace(folder, old / "save")  # a rename: the old save stays whole until the new one is in
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove temporary folders of earlier saves to ``folder`` whose process is gone."""
+    parent = folder.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+        return
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{folder.name}.{kind}-*"):
+            pid = path.name[len(f".{folder.name}.{kind}-") :].split("-", 1)[0]
+            if path.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def load_forecaster(cls, path: str | Path, device: str | None = None):
@@ -113,10 +181,22 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
         f"{folder} is not a saved forecaster: expected {CONFIG} and {STATE} in it",
         FileNotFoundError,
     )
-    meta = json.loads((folder / CONFIG).read_text())
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG} is corrupted (not valid JSON): {err}") from err
     check(
-        meta.get("format") == FORMAT,
-        f"{folder}: unknown format {meta.get('format')!r}, expected {FORMAT!r}",
+        isinstance(meta, dict) and meta.get("format") == FORMAT,
+        f"{folder}: unknown format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+        f"expected {FORMAT!r}",
+    )
+    expected = meta.get("files", {}).get(STATE, {})
+    size = (folder / STATE).stat().st_size
+    check(
+        size == expected.get("bytes") and _sha256(folder / STATE) == expected.get("sha256"),
+        f"{folder / STATE} does not match the manifest {CONFIG} ({size} bytes, expected "
+        f"{expected.get('bytes')}; SHA-256 differs): the save is torn, corrupted, or the file "
+        f"comes from another save. Save the model again",
     )
     params = dict(meta["params"])
     if isinstance(params.get("fold"), dict):
@@ -129,6 +209,15 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
     state = torch.load(folder / STATE, weights_only=True, map_location="cpu")
     est.model_config_ = ForecastModelConfig.from_dict(meta["model_config"])
     est.model_ = est._build_fitted_model(est.model_config_)
+    bad = [
+        k
+        for k, v in state["model"].items()
+        if torch.is_floating_point(v) and not torch.isfinite(v).all()
+    ]
+    check(
+        not bad,
+        f"{folder / STATE}: the weights {bad[:5]} hold NaN or inf values; the save is corrupted",
+    )
     est.model_.load_state_dict(state["model"])
     est.model_.to(resolve_device(est.device)).eval()
     est.columns_ = meta["columns"]
@@ -189,29 +278,45 @@ def plot_forecast(
     else:
         check(len(ids) == 1, "ax= is for a single series; pass max_series=1")
         axes, fig = [ax], ax.figure
-    prefix = f"{model}-q"
-    levels = sorted(float(c[len(prefix) :]) for c in forecast.columns if c.startswith(prefix))
+    bands = _bands(forecast.columns, model)
     for axis, sid in zip(axes, ids):
         fc = forecast[forecast[id_col] == sid]
         past = df[df[id_col] == sid].sort_values(time_col)
         if history is not None:
             past = past.iloc[-history:]
         axis.plot(past[time_col], past[target_col], color="0.3", lw=1, label="history")
-        for q in levels:
-            if q < 0.5 and 1 - q in levels:
-                lo, hi = fc[f"{prefix}{q:g}"], fc[f"{prefix}{1 - q:g}"]
-                axis.fill_between(
-                    fc[time_col],
-                    lo,
-                    hi,
-                    color="C0",
-                    alpha=0.15 + 0.15 * (q > 0.2),
-                    label=f"{round(100 * (1 - 2 * q))}% interval",
-                )
+        for k, (level, lo, hi) in enumerate(bands):
+            axis.fill_between(
+                fc[time_col],
+                fc[lo],
+                fc[hi],
+                color="C0",
+                alpha=0.15 + 0.15 * (k == len(bands) - 1),
+                label=f"{level:g}% interval",
+            )
         axis.plot(fc[time_col], fc[model], color="C0", lw=1.5, label=model)
-        if "y" in fc.columns and "cutoff" in fc.columns:
-            axis.plot(fc[time_col], fc["y"], color="C1", lw=1, label="actual")
+        if target_col in fc.columns and "cutoff" in fc.columns:
+            axis.plot(fc[time_col], fc[target_col], color="C1", lw=1, label="actual")
         axis.set_title(str(sid))
         axis.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _bands(columns, model: str) -> list[tuple[float, str, str]]:
+    """(level, low column, high column) of every interval in ``columns``, widest first.
+
+    Intervals are ``<model>-lo-<level>`` / ``<model>-hi-<level>`` pairs and symmetric quantile
+    pairs ``<model>-q<q>`` / ``<model>-q<1 - q>`` (level 100 (1 - 2q)).
+    """
+    found: dict[float, tuple[str, str]] = {}
+    for c in columns:
+        if c.startswith(f"{model}-lo-") and f"{model}-hi-{c[len(model) + 4 :]}" in columns:
+            found[float(c[len(model) + 4 :])] = (c, f"{model}-hi-{c[len(model) + 4 :]}")
+    prefix = f"{model}-q"
+    qs = {float(c[len(prefix) :]): c for c in columns if c.startswith(prefix)}
+    for q, c in qs.items():
+        match = [c2 for q2, c2 in qs.items() if q < 0.5 and abs(q2 - (1 - q)) < 1e-9]
+        if match:
+            found.setdefault(round(100 * (1 - 2 * q), 6), (c, match[0]))
+    return [(lv, lo, hi) for lv, (lo, hi) in sorted(found.items(), reverse=True)]
