@@ -50,15 +50,17 @@ def is_int(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as a Python int if it is an integer (numpy integers too) in [low, high], else a named error."""
+    """``value`` as a Python int if it is an integer (numpy integers too) in [low, high], else a
+    named error."""
     if not is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = (
-            f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
-        )
-        raise ValueError(f"{name} must be an int {bounds}, got {value}")
+        if high is None:
+            bounds = "a positive int" if low == 1 else f"an int >= {low}"
+        else:
+            bounds = f"an int <= {high}" if low is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
 
@@ -70,7 +72,8 @@ def check_real(
     high: float | None = None,
     open_low: bool = False,
 ) -> float:
-    """``value`` as a finite Python float in [low, high] ((low, high] with ``open_low``), else a named error."""
+    """``value`` as a finite Python float in [low, high] ((low, high] with ``open_low``), else a
+    named error."""
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)

@@ -1,4 +1,5 @@
-"""Real data sets as long DataFrames (``unique_id``, ``ds``, ``y``) and the standard benchmark splits."""
+"""Real data sets as long DataFrames (``unique_id``, ``ds``, ``y``) and the standard benchmark
+splits."""
 
 from . import timeseries
 from .timeseries import *  # noqa: F403  (the loaders are this package's public names)

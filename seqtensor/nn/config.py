@@ -1,4 +1,5 @@
-"""``ModelConfig``: one object that describes a model and round-trips through a plain dict / JSON."""
+"""``ModelConfig``: one object that describes a model and round-trips through a plain dict /
+JSON."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU hidden width: mlp_ratio * d_model rounded up to a multiple of 16, because odd widths
+        """SwiGLU hidden width: mlp_ratio * d_model rounded up to a multiple of 16, because odd
+        widths
         (171 for d_model 64) make CPU matrix multiplies up to 2x slower."""
         return 16 * math.ceil(self.mlp_ratio * self.d_model / 16)
 

@@ -73,7 +73,8 @@ class EncoderDecoder(nn.Module):
 
 
 class SequenceHead(nn.Module):
-    """Pool a sequence (B, n, D) to (B, C): pooling "mean", "max", "last" or "first"; masks honoured."""
+    """Pool a sequence (B, n, D) to (B, C): pooling "mean", "max", "last" or "first"; masks
+    honoured."""
 
     def __init__(self, d_model: int, out_dim: int, pooling: str = "mean") -> None:
         super().__init__()
@@ -117,7 +118,8 @@ class TokenHead(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token embedding, causal decoder and LM head (optionally tied). forward(ids (B, n)) -> logits (B, n, V)."""
+    """Token embedding, causal decoder and LM head (optionally tied). forward(ids (B, n)) -> logits
+    (B, n, V)."""
 
     def __init__(self, config: ModelConfig, vocab_size: int, tie_embeddings: bool = True) -> None:
         super().__init__()

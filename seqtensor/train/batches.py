@@ -1,4 +1,5 @@
-"""What the trainer does with a batch and with what the model returns: device moves, batch size, the loss.
+"""What the trainer does with a batch and with what the model returns: device moves, batch size, the
+loss.
 
 ``split_loss`` enforces the loss contract described in ``seqtensor.train.trainer``.
 """
@@ -32,7 +33,8 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def batch_size(x: Any) -> int:
-    """Leading size of the first tensor in a batch (1 if it holds none): the weight of its mean loss."""
+    """Leading size of the first tensor in a batch (1 if it holds none): the weight of its mean
+    loss."""
     if isinstance(x, torch.Tensor):
         return int(x.shape[0]) if x.ndim else 1
     values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
@@ -50,10 +52,11 @@ def split_loss(out: Any, source: str) -> tuple[torch.Tensor, dict[str, torch.Ten
     if not isinstance(out, torch.Tensor):
         loss = getattr(out, "loss", None)
         out = out.get("loss") if loss is None and isinstance(out, Mapping) else loss
+    shape = f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""
     check(
         isinstance(out, torch.Tensor) and out.numel() == 1,
-        f"{source} must return a scalar loss tensor, a (loss, metrics) tuple or an object with .loss; got "
-        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else f' of shape {tuple(out.shape)}'}",
+        f"{source} must return a scalar loss tensor, a (loss, metrics) tuple or an object with "
+        f".loss; got {type(out).__name__}{shape}",
         TypeError,
     )
     bad = [k for k in metrics if k in _RESERVED]

@@ -1,4 +1,5 @@
-"""``TrainerConfig``: every training setting in one dataclass, its validation and its JSON round trip.
+"""``TrainerConfig``: every training setting in one dataclass, its validation and its JSON round
+trip.
 
 Kept apart from the loop so that code which only builds, stores or checks settings (estimators,
 adapters, checkpoint metadata) reads them without the trainer.
@@ -34,7 +35,8 @@ class TrainerConfig:
         None  # optimizer steps; with epochs also set, whichever is reached first stops
     )
     # data (applies when the trainer builds the DataLoader from a torch Dataset)
-    batch_size: int = 32  # samples per micro-batch per process; global batch = batch_size * grad_accum_steps * ranks
+    # samples per micro-batch per process; global batch = batch_size * grad_accum_steps * ranks
+    batch_size: int = 32
     shuffle: bool = True  # reshuffle every epoch with seed + epoch (same permutation on every rank)
     drop_last: bool = False  # drop an incomplete last training batch
     num_workers: int = 0  # DataLoader worker processes

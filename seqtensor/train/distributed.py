@@ -1,8 +1,9 @@
-"""Distributed training plumbing for ``Trainer``: torchrun detection, process groups, samplers, wrapping.
+"""Distributed training plumbing for ``Trainer``: torchrun detection, process groups, samplers,
+wrapping.
 
-A run launched by ``torchrun`` has WORLD_SIZE / RANK / LOCAL_RANK in its environment; everything here
-reads them once through ``detect_env`` and degrades to a single process (world size 1, rank 0) without
-them. Gradients are averaged by ``DistributedDataParallel`` ("ddp") or sharded with torch's
+A run launched by ``torchrun`` has WORLD_SIZE / RANK / LOCAL_RANK in its environment; everything
+here reads them once through ``detect_env`` and degrades to a single process (world size 1, rank 0)
+without them. Gradients are averaged by ``DistributedDataParallel`` ("ddp") or sharded with torch's
 ``fully_shard`` ("fsdp", https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html).
 """
 
@@ -60,7 +61,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits in a run: ``world_size`` processes, this one ``rank`` (``local_rank`` on its host)."""
+    """Where this process sits in a run: ``world_size`` processes, this one ``rank`` (``local_rank``
+    on its host)."""
 
     world_size: int = 1
     rank: int = 0
@@ -128,7 +130,8 @@ def default_device(env: DistEnv | None = None) -> torch.device:
 def resolve_device(
     device: torch.device | str | None = "auto", env: DistEnv | None = None
 ) -> torch.device:
-    """The device this process trains on: "auto"/None -> ``default_device``; "cuda" -> ``cuda:<local_rank>``."""
+    """The device this process trains on: "auto"/None -> ``default_device``; "cuda" ->
+    ``cuda:<local_rank>``."""
     env = detect_env() if env is None else env
     if device is None or device == "auto":
         return default_device(env)
@@ -229,7 +232,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can start mid-epoch, so a resumed run skips consumed samples unread.
+    """``DistributedSampler`` that can start mid-epoch, so a resumed run skips consumed samples
+    unread.
 
     The order is DistributedSampler's (a permutation seeded by ``seed + epoch``, padded to a
     multiple of ``num_replicas``, rank ``r`` taking every ``num_replicas``-th index from ``r``): the
@@ -277,8 +281,8 @@ def make_loader(
     """A loader over ``data`` for this rank, and its batches per epoch (None when unknown).
 
     A torch map-style ``Dataset`` gets a DataLoader with a ``ResumableDistributedSampler`` (seeded
-    shuffle, sharded over ``env``'s ranks); an ``IterableDataset`` a plain DataLoader (sharding it is
-    up to the dataset); a ``DataLoader`` or any re-iterable of batches is used as given.
+    shuffle, sharded over ``env``'s ranks); an ``IterableDataset`` a plain DataLoader (sharding it
+    is up to the dataset); a ``DataLoader`` or any re-iterable of batches is used as given.
 
     Parameters
     ----------
@@ -327,7 +331,8 @@ def make_loader(
         loader = data
     else:
         raise TypeError(
-            f"{name} must be a torch Dataset, a DataLoader or a re-iterable of batches (a list, not a "
+            f"{name} must be a torch Dataset, a DataLoader or a re-iterable of batches (a list, "
+            "not a "
             f"generator, which is used up after one pass); got {type(data).__name__}"
         )
     try:
@@ -352,7 +357,8 @@ def wrap_model(
     device: torch.device,
     fsdp_policy: Callable[[nn.Module], bool] | None = None,
 ) -> nn.Module:
-    """Move ``model`` to ``device`` and wrap it for ``strategy``; returns the module to call in training.
+    """Move ``model`` to ``device`` and wrap it for ``strategy``; returns the module to call in
+    training.
 
     Parameters
     ----------
@@ -364,16 +370,17 @@ def wrap_model(
     device : torch.device
         This process's device.
     fsdp_policy : callable, optional
-        ``fsdp_policy(submodule) -> bool`` picks submodules sharded as their own unit (gathered one at
-        a time in forward/backward); the root is always sharded last. Default: the children of every
-        ``nn.ModuleList``.
+        ``fsdp_policy(submodule) -> bool`` picks submodules sharded as their own unit (gathered one
+        at a time in forward/backward); the root is always sharded last. Default: the children of
+        every ``nn.ModuleList``.
     """
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "none":
         return model.to(device)
     check(
         dist.is_available() and dist.is_initialized(),
-        f"strategy={strategy!r} needs a process group: launch with torchrun (torchrun --nproc_per_node 2 script.py)",
+        f"strategy={strategy!r} needs a process group: launch with torchrun (torchrun "
+        "--nproc_per_node 2 script.py)",
     )
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -392,8 +399,8 @@ def wrap_model(
         units = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
     else:
         units = [m for m in model.modules() if m is not model and fsdp_policy(m)]
-    # fully_shard moves each unit to the mesh's device as it shards it, so the whole model never has to
-    # fit on one GPU unsharded (only one unit at a time does)
+    # fully_shard moves each unit to the mesh's device as it shards it, so the whole model never has
+    # to fit on one GPU unsharded (only one unit at a time does)
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -413,7 +420,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """Context in which backward all-reduces gradients only if ``enabled`` (skip on accumulation micro-steps)."""
+    """Context in which backward all-reduces gradients only if ``enabled`` (skip on accumulation
+    micro-steps)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if enabled:

@@ -1,4 +1,5 @@
-"""The trainer's default optimizer and learning-rate schedule; ``Trainer`` takes factories to replace both."""
+"""The trainer's default optimizer and learning-rate schedule; ``Trainer`` takes factories to
+replace both."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def lr_multiplier(
     check_choice("schedule", schedule, SCHEDULES)
     check(
         schedule == "constant" or total_steps is not None,
-        f"schedule={schedule!r} needs the total number of steps: set max_steps or epochs with a sized "
+        f"schedule={schedule!r} needs the total number of steps: set max_steps or epochs with a "
+        "sized "
         "train_data, or use schedule='constant'",
     )
 
@@ -51,7 +53,8 @@ def lr_multiplier(
 
 
 def default_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW where matrices (ndim >= 2) get weight decay and biases / norm gains do not, as in nanoGPT."""
+    """AdamW where matrices (ndim >= 2) get weight decay and biases / norm gains do not, as in
+    nanoGPT."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},

@@ -1,25 +1,27 @@
 """The one training loop, ``Trainer``. Every adapter and estimator trains through it.
 
-Its pieces live beside it: settings in ``trainer_config``, the default optimizer and schedule in
-``optim``, hooks in ``callbacks``, batch and loss handling in ``_batches``; this module re-exports
-the public ones, so ``from seqtensor.train.trainer import Callback, Trainer, TrainerConfig`` keeps working.
+Its pieces live beside it in ``seqtensor.train``: settings in ``config``, the default optimizer and
+schedule in ``optim``, batch and loss handling in ``batches``, checkpoints in ``checkpoint`` and the
+process-group setup in ``distributed``. ``Callback`` (the hooks ``fit`` calls) is defined here.
 
 Contract
 --------
-``loss_fn(model, batch)`` returns a scalar loss tensor, or ``(loss, metrics)`` with ``metrics`` a dict of
-scalars that are averaged and logged beside the loss. Without ``loss_fn`` the trainer calls
-``model(**batch)`` for dict batches and ``model(batch)`` otherwise; the result must be a scalar tensor,
-have a ``.loss`` (Hugging Face outputs) or be a dict with a ``"loss"`` entry. Under DDP ``loss_fn``
-receives the DDP wrapper: call it, and reach attributes through ``trainer.model``.
+``loss_fn(model, batch)`` returns a scalar loss tensor, or ``(loss, metrics)`` with ``metrics`` a
+dict of scalars that are averaged and logged beside the loss. Without ``loss_fn`` the trainer calls
+``model(**batch)`` for dict batches and ``model(batch)`` otherwise; the result must be a scalar
+tensor, have a ``.loss`` (Hugging Face outputs) or be a dict with a ``"loss"`` entry. Under DDP
+``loss_fn`` receives the DDP wrapper: call it, and reach attributes through ``trainer.model``.
 
-A *step* is one optimizer update over ``grad_accum_steps`` micro-batches; ``max_steps``, ``eval_every``,
-``log_every``, ``checkpoint_every`` and the ``step`` of every record count these. Under ``torchrun``
-every rank runs ``fit``; rank 0 alone shows progress and writes logs and checkpoints.
+A *step* is one optimizer update over ``grad_accum_steps`` micro-batches; ``max_steps``,
+``eval_every``, ``log_every``, ``checkpoint_every`` and the ``step`` of every record count these.
+Under ``torchrun`` every rank runs ``fit``; rank 0 alone shows progress and writes logs and
+checkpoints.
 
 Resuming is exact: a checkpoint holds the weights, optimizer, scheduler, the random state of every
-rank and the data position (epoch and batches consumed), so on CPU N steps + resume + N steps give the
-same weights as 2N steps straight. Evaluation, callbacks and checkpoints never change the training
-randomness (their RNG use is undone), so the training trajectory does not depend on them either.
+rank and the data position (epoch and batches consumed), so on CPU N steps + resume + N steps give
+the same weights as 2N steps straight. Evaluation, callbacks and checkpoints never change the
+training randomness (their RNG use is undone), so the training trajectory does not depend on them
+either.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ __all__ = [
 
 
 class Callback:
-    """Hooks ``fit`` calls on every rank; set ``trainer.should_stop = True`` to stop after the current step.
+    """Hooks ``fit`` calls on every rank; set ``trainer.should_stop = True`` to stop after the
+    current step.
 
     ``record`` is the dict appended to ``trainer.history_`` for the step (``step``, ``epoch`` and,
     on logging/evaluation steps, the metrics); ``metrics`` are the validation metrics.
@@ -116,7 +119,8 @@ _END = object()
 
 @dataclass
 class _EarlyStopping:
-    """Best value of the monitored metric, the step it came at, and evaluations without improvement."""
+    """Best value of the monitored metric, the step it came at, and evaluations without
+    improvement."""
 
     mode: str  # "min" or "max"
     min_delta: float
@@ -155,7 +159,8 @@ class _EarlyStopping:
 
 @dataclass(frozen=True)
 class _Position:
-    """Where training can resume: after ``step``, ``batch`` batches into ``epoch``, with these RNG states."""
+    """Where training can resume: after ``step``, ``batch`` batches into ``epoch``, with these RNG
+    states."""
 
     step: int
     epoch: int
@@ -164,9 +169,9 @@ class _Position:
     epoch_rng: dict[
         str, Any
     ]  # global generators when the epoch's iterator was created (replayed on resume)
-    # While the work after a step or an epoch (logging, evaluation, callbacks) runs: the history length,
-    # early-stopping state, best weights and step stats from before it. A checkpoint written then
-    # (Ctrl-C, or a callback) stores these, and the resumed run redoes that work.
+    # While the work after a step or an epoch (logging, evaluation, callbacks) runs: the history
+    # length, early-stopping state, best weights and step stats from before it. A checkpoint written
+    # then (Ctrl-C, or a callback) stores these, and the resumed run redoes that work.
     pending: dict[str, Any] | None = None
 
 
@@ -187,9 +192,10 @@ class Trainer:
     config : TrainerConfig, optional
         Training settings; defaults to ``TrainerConfig()``.
     eval_fn : callable, optional
-        ``eval_fn(model, loader) -> dict[str, float] | float``, called in eval mode under ``no_grad`` on
-        every rank (results averaged over ranks). Default: the mean of ``loss_fn`` and its metrics
-        over the validation data, weighted by batch size. Keys are prefixed with ``val_``.
+        ``eval_fn(model, loader) -> dict[str, float] | float``, called in eval mode under
+        ``no_grad`` on every rank (results averaged over ranks). Default: the mean of ``loss_fn``
+        and its metrics over the validation data, weighted by batch size. Keys are prefixed with
+        ``val_``.
     callbacks : sequence of Callback, optional
     optimizer_factory : callable, optional
         ``(model, config) -> Optimizer``; default ``default_optimizer`` (AdamW).
@@ -201,8 +207,8 @@ class Trainer:
     model_config : mapping or object with ``to_dict()``, optional
         Stored in checkpoints with its fingerprint; resuming with a different one raises ValueError.
     fsdp_policy : callable, optional
-        With ``strategy="fsdp"``: ``policy(submodule) -> bool`` picks the submodules sharded as units
-        (default: the children of every ``nn.ModuleList``).
+        With ``strategy="fsdp"``: ``policy(submodule) -> bool`` picks the submodules sharded as
+        units (default: the children of every ``nn.ModuleList``).
 
     Attributes
     ----------
@@ -277,8 +283,8 @@ class Trainer:
         *,
         resume: bool | str | os.PathLike[str] = False,
     ) -> Trainer:
-        """Train; returns ``self``. The global random generators are seeded for the run and given back as
-        they were when it ends.
+        """Train; returns ``self``. The global random generators are seeded for the run and given
+        back as they were when it ends.
 
         Parameters
         ----------
@@ -322,7 +328,8 @@ class Trainer:
         return {k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()}
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the state after the last step to ``path`` (default ``checkpoint_dir/last.pt``) atomically.
+        """Write the state after the last step to ``path`` (default ``checkpoint_dir/last.pt``)
+        atomically.
 
         Under torchrun every rank must call it (states are gathered); rank 0 writes.
         """
@@ -346,7 +353,8 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
 
     def _prepare(self, train_data: Any, val_data: Any) -> None:
-        """Validate, pick device and ranks, seed, build loaders, wrap the model, build optimizer and schedule."""
+        """Validate, pick device and ranks, seed, build loaders, wrap the model, build optimizer and
+        schedule."""
         cfg = self.config if self.config is not None else TrainerConfig()
         check(
             isinstance(cfg, TrainerConfig),
@@ -440,7 +448,8 @@ class Trainer:
         )
 
     def _count_total_steps(self) -> int | None:
-        """Steps the run will take if nothing stops it early (None if the data length is unknown)."""
+        """Steps the run will take if nothing stops it early (None if the data length is
+        unknown)."""
         cfg = self._cfg
         per_epoch = (
             None if self._epoch_len is None else math.ceil(self._epoch_len / cfg.grad_accum_steps)
@@ -463,8 +472,9 @@ class Trainer:
             None  # resumed inside a step's after-work: its stats
         )
         self._updating = False
-        # The random state after each step is snapshot (about 0.2 ms, NumPy's being slow) only when something
-        # can need it: a checkpoint (periodic or Ctrl-C) or a callback whose RNG use must be undone.
+        # The random state after each step is snapshot (about 0.2 ms, NumPy's being slow) only when
+        # something can need it: a checkpoint (periodic or Ctrl-C) or a callback whose RNG use must
+        # be undone.
         self._track_rng = self._cfg.checkpoint_dir is not None or len(self.callbacks) > 0
         self._clear_sums()
         self._epoch_rng = capture_rng(self.device_)
@@ -522,8 +532,8 @@ class Trainer:
             self._batch += 1
             group += 1
             last = group == accum or self._batch == self._epoch_len
-            # all-reduce gradients only on a group's last micro-batch; with an unknown epoch length the
-            # last one is only known afterwards, so every micro-batch syncs
+            # all-reduce gradients only on a group's last micro-batch; with an unknown epoch length
+            # the last one is only known afterwards, so every micro-batch syncs
             with gradient_sync(self._wrapped, last or self._epoch_len is None):
                 loss, metrics = self._loss(self._wrapped, batch)
                 check(
@@ -545,7 +555,8 @@ class Trainer:
         return False
 
     def _optimizer_step(self, group: int) -> None:
-        """Average the accumulated gradients, check the loss, clip and step (one host sync per step)."""
+        """Average the accumulated gradients, check the loss, clip and step (one host sync per
+        step)."""
         cfg, step = self._cfg, self.global_step_ + 1
         if (
             group != cfg.grad_accum_steps
@@ -576,7 +587,8 @@ class Trainer:
         if bad is not None:
             self._optimizer.zero_grad(set_to_none=True)
             raise ValueError(
-                f"{bad} is {values[0] if bad == 'loss' else norm_value} at step {step} (epoch {self.epoch_}, "
+                f"{bad} is {values[0] if bad == 'loss' else norm_value} at step {step} (epoch "
+                f"{self.epoch_}, "
                 f"batch {self._batch}); weights were not updated. Lower lr, keep grad_clip on, use "
                 "precision='fp32' or check the data for NaN/inf"
             )
@@ -626,7 +638,8 @@ class Trainer:
         return self._sync_stop() or self._done()
 
     def _end_epoch(self) -> bool:
-        """Epoch-end evaluation and callbacks, then on to the next epoch; True when training must stop."""
+        """Epoch-end evaluation and callbacks, then on to the next epoch; True when training must
+        stop."""
         if (
             self._track_rng
         ):  # a resumed run repeats the epoch end (its position is the epoch's last step)
@@ -668,15 +681,16 @@ class Trainer:
     def _epoch_batches(self) -> Iterator[Any]:
         """The current epoch's batches from the stored position.
 
-        A resumed epoch replays the random state of the epoch's start (so shuffling, even by a user's
-        DataLoader drawing from the global generator, comes out the same), skips the consumed batches,
-        then continues with the saved random state.
+        A resumed epoch replays the random state of the epoch's start (so shuffling, even by a
+        user's DataLoader drawing from the global generator, comes out the same), skips the consumed
+        batches, then continues with the saved random state.
         """
         loader, skip = self._train_loader, self._batch
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch_)
-        # skip inside the sampler (nothing is loaded) unless worker processes hold random state of their own
+        # skip inside the sampler (nothing is loaded) unless worker processes hold random state of
+        # their own
         in_sampler = (
             isinstance(sampler, ResumableDistributedSampler)
             and getattr(loader, "num_workers", 0) == 0
@@ -693,7 +707,8 @@ class Trainer:
         for i in range(0 if in_sampler else skip):
             check(
                 next(batches, _END) is not _END,
-                f"train_data has {i} batches in epoch {self.epoch_}, fewer than the {skip} the checkpoint "
+                f"train_data has {i} batches in epoch {self.epoch_}, fewer than the {skip} the "
+                "checkpoint "
                 "consumed: resume with the same data",
             )
         restore_rng(current, self.device_)
@@ -756,7 +771,8 @@ class Trainer:
         return stop
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over this run's ranks; a no-op for strategy "none", even inside a torchrun process group."""
+        """Sum over this run's ranks; a no-op for strategy "none", even inside a torchrun process
+        group."""
         return all_reduce_sum(x) if self._env.is_distributed else x
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -786,7 +802,8 @@ class Trainer:
         return metrics
 
     def _eval_mean_loss(self, loader: Iterable[Any]) -> dict[str, float]:
-        """Mean loss and metrics over ``loader`` weighted by batch size, summed exactly over ranks."""
+        """Mean loss and metrics over ``loader`` weighted by batch size, summed exactly over
+        ranks."""
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for batch in loader:
@@ -878,7 +895,8 @@ class Trainer:
             self._logs.write_csv(self.history_)
 
     def _resume(self, resume: bool | str | os.PathLike[str]) -> None:
-        """Load a checkpoint into the freshly prepared run (a missing ``last.pt`` with ``resume=True`` starts fresh)."""
+        """Load a checkpoint into the freshly prepared run (a missing ``last.pt`` with
+        ``resume=True`` starts fresh)."""
         if resume is True:
             check(
                 self._cfg.checkpoint_dir is not None,
@@ -921,7 +939,8 @@ class Trainer:
         if rank < len(rngs):
             restore_rng(rngs[rank]["current"], self.device_)
             self._epoch_rng = dict(rngs[rank]["epoch_start"])
-        else:  # a Ctrl-C checkpoint under DDP holds rank 0's state only, or the run has more ranks now
+        else:
+            # a Ctrl-C checkpoint under DDP holds rank 0's state only, or the run has more ranks now
             warnings.warn(
                 f"checkpoint has no random state for rank {rank}: reseeding it", stacklevel=3
             )

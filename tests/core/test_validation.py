@@ -21,8 +21,10 @@ def test_check_int_refuses_non_integers_by_name(value):
 
 
 def test_check_int_bounds_are_named():
-    with pytest.raises(ValueError, match=r"h must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"h must be a positive int, got 0"):
         check_int("h", 0, low=1)
+    with pytest.raises(ValueError, match=r"h must be an int >= 2, got 1"):
+        check_int("h", 1, low=2)
     with pytest.raises(ValueError, match=r"in \[1, 4\]"):
         check_int("h", 5, low=1, high=4)
 
