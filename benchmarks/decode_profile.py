@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
+from llm_e2e import fold_for, graph_ms
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llm_e2e import fold_for, graph_ms  # noqa: E402
-
-from seqtensor.adapters.text.cache import CausalFold, LayerCache  # noqa: E402
-from seqtensor.core.positional import TensorRoPE  # noqa: E402
-from seqtensor.kernels import decode  # noqa: E402
+from seqtensor.adapters.text.cache import CausalFold, LayerCache
+from seqtensor.core.positional import TensorRoPE
+from seqtensor.kernels import decode
 
 # "rope": False drops the rotation (LayerCache without a positional scheme): what its sin/cos cost.
 CONFIGS = {

@@ -18,7 +18,7 @@
 #   PART=12 bash benchmarks/gpu_session.sh 570                  (one GPU: gated + retrieval documents, GGUF in /tmp/smol)
 #   PART=gatetests bash benchmarks/gpu_session.sh 200           (one GPU: the gated kernels' CUDA tests)
 #   PART=3 ADAPT0="--fold ..." ADAPT1="..." bash benchmarks/gpu_session.sh 560   (two SmolLM2 runs;
-#   the GGUF assembled in /tmp/smol first, see examples/adapt_llm.py; PART=3shared: both on one GPU)
+#   the GGUF assembled in /tmp/smol first, see benchmarks/llm_adapt.py; PART=3shared: both on one GPU)
 set -u
 BUDGET=${1:-480}
 R=${OUT:-/tmp/out}/r
@@ -140,7 +140,7 @@ queue8() {  # session 7: the split (flash-decoding) decode kernels, tests then t
 
 adapt() {  # part 3: SmolLM2 continued pretraining on GPU $1 with extra arguments $2 (GGUF in /tmp/smol), run name $3
     export CUDA_VISIBLE_DEVICES=$1 GPU=${3:-$1}
-    job "adapt_llm_${3:-$1}" $((BUDGET - 10)) python3 examples/adapt_llm.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
+    job "adapt_llm_${3:-$1}" $((BUDGET - 10)) python3 benchmarks/llm_adapt.py run --data .carry/llm --budget-s $((BUDGET - 30)) \
         --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_${3:-$1}.json" $2
 }
 
@@ -155,7 +155,7 @@ adapt9() {  # session 8 (GGUF in /tmp/smol): finest dim 2,048 with equal coarse 
 adapt10() {  # session 8, alone on the GPU: the gated 4x4x2048 run at 32k (Triton), evaluated 8k-512k; then the
     # GPU tests of the gated kernels
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job adapt_llm_gated_long $((BUDGET - 90)) python3 examples/adapt_llm.py run --data .carry/llm \
+    job adapt_llm_gated_long $((BUDGET - 90)) python3 benchmarks/llm_adapt.py run --data .carry/llm \
         --budget-s $((BUDGET - 110)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_long.json" \
         --stages train --steps 320 --reserve-s 210 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
         --train-context 32768 --fold 4 4 2048 --join-volumes 4 --hop-gate 0.05 \
@@ -166,7 +166,7 @@ adapt10() {  # session 8, alone on the GPU: the gated 4x4x2048 run at 32k (Trito
 adapt11() {  # session 8, last call: gated, finest dim 8,192 (SmolLM2's own context), 4x8192 at 32k, lr 5e-5 (keeps more
     # of the instruct model: the lr 3e-4 runs lost even in-block passkey copying)
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job adapt_llm_gated_8192 $((BUDGET - 5)) python3 examples/adapt_llm.py run --data .carry/llm \
+    job adapt_llm_gated_8192 $((BUDGET - 5)) python3 benchmarks/llm_adapt.py run --data .carry/llm \
         --budget-s $((BUDGET - 20)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_8192.json" \
         --stages train --steps 200 --lr 5e-5 --reserve-s 150 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
         --train-context 32768 --fold 4 8192 --join-volumes 4 --hop-gate 0.05 \
@@ -174,10 +174,10 @@ adapt11() {  # session 8, last call: gated, finest dim 8,192 (SmolLM2's own cont
 }
 
 adapt12() {  # session 9: gated 4x4x2048 at 32k with half the sequences made into retrieval documents
-    # (examples/adapt_llm.py RetrievalMix, the asked codes' loss added at weight 1): does a loss that pays for
+    # (benchmarks/llm_adapt.py RetrievalMix, the asked codes' loss added at weight 1): does a loss that pays for
     # fetching far codes open the gates and the passkey? Teacher-forced code retrieval on held-out documents.
     export CUDA_VISIBLE_DEVICES=0 GPU=0
-    job adapt_llm_gated_retrieval $((BUDGET - 5)) python3 examples/adapt_llm.py run --data .carry/llm \
+    job adapt_llm_gated_retrieval $((BUDGET - 5)) python3 benchmarks/llm_adapt.py run --data .carry/llm \
         --budget-s $((BUDGET - 20)) --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out "$R/llm_adapt_gated_retrieval.json" \
         --stages train --steps 320 --reserve-s 220 --ppl-protocols fixed --passkey-lengths 8192 16384 32768 \
         --train-context 32768 --fold 4 4 2048 --join-volumes 4 --hop-gate 0.05 --retrieval-mix 0.5 \

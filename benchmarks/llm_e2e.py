@@ -22,23 +22,23 @@ Usage: ``python benchmarks/llm_e2e.py --out benchmarks/results/llm_e2e_<device>.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seqtensor.adapters.text.cache import LayerCache
+from seqtensor.adapters.text.tensorize import CausalFold, cache_memory_bytes, tensorize, untensorize
+from seqtensor.attention import resolve_backend
+from seqtensor.core.positional import TensorRoPE
+from seqtensor.kernels import decode
 
-from seqtensor.adapters.text import tensorize as text_adapter  # noqa: E402
-from seqtensor.adapters.text.cache import LayerCache  # noqa: E402
-from seqtensor.adapters.text.tensorize import CausalFold, cache_memory_bytes, tensorize, untensorize  # noqa: E402
-from seqtensor.attention import resolve_backend  # noqa: E402
-from seqtensor.core.positional import TensorRoPE  # noqa: E402
-from seqtensor.kernels import decode  # noqa: E402
+# the module (the package's `tensorize` name is the function): its attention is patched below
+text_adapter = importlib.import_module("seqtensor.adapters.text.tensorize")
 
 FOLDS = {8192: (128, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
 

@@ -1,7 +1,7 @@
 """SmolLM2-135M before any training: perplexity at L for each positional scheme and fold (CPU).
 
 Which tensorized model starts closest to the stock one decides how far continued pretraining has
-to go. Default protocol: that of ``examples/adapt_llm.py`` (first L tokens of the 4
+to go. Default protocol: that of ``benchmarks/llm_adapt.py`` (first L tokens of the 4
 held-out volumes, last quarter scored); ``--score-tokens S`` scores the last S tokens of the first
 L instead (every scored token sees >= L - S tokens), ``--end E`` the L tokens ending at token E
 (the same scored tokens at several L), ``--volumes`` the first few volumes only.
@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seqtensor.adapters.text.evaluation import sliding_window_nll
+from seqtensor.adapters.text.recipe import load_gguf_model, with_rope_scaling
+from seqtensor.adapters.text.tensorize import tensorize, untensorize
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-
-import adapt_llm  # noqa: E402
-
-from seqtensor.adapters.text.evaluation import sliding_window_nll  # noqa: E402
-from seqtensor.adapters.text.tensorize import tensorize, untensorize  # noqa: E402
 
 FOLDS = ("16,16,64", "32,64", "2048")
 
@@ -60,7 +58,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/llm_positional_init_cpu.json"))
     args = ap.parse_args()
-    model, _ = adapt_llm.load_model(adapt_llm.gguf_path(None), torch.float32, "cpu")
+    model, _ = load_gguf_model(None, torch.float32, "cpu")
     L = args.length
     S = args.score_tokens or L // 4
     volumes = list(np.load(Path(args.data) / "eval.npz").values())[: args.volumes]
@@ -88,10 +86,10 @@ def main() -> None:
 
     for name in args.baselines:
         if name == "yarn_x4":
-            adapt_llm.with_rope_scaling(model, "yarn", 4.0)
+            with_rope_scaling(model, "yarn", 4.0)
         measure({"model": name})
         if name == "yarn_x4":
-            adapt_llm.with_rope_scaling(model, None)
+            with_rope_scaling(model, None)
     for positional in args.positionals:
         for fold in args.folds:
             dims = tuple(int(d) for d in fold.split(","))

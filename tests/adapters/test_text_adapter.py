@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import os
@@ -24,6 +25,7 @@ from transformers import (  # noqa: E402
 )
 
 from seqtensor import BalancedFold, tensorized_attention  # noqa: E402
+from seqtensor.adapters.text import corpus, evaluation, recipe  # noqa: E402
 from seqtensor.adapters.text.cache import LayerCache, block_levels  # noqa: E402
 from seqtensor.adapters.text.tensorize import (  # noqa: E402
     CausalFold,
@@ -493,7 +495,7 @@ def test_autocast_with_fp32_weights_matches_stock_under_autocast():
 
 def test_failed_forward_releases_the_cache(monkeypatch):
     # a forward that raises (out of memory, say) must not leave the cache attached to the layers
-    from seqtensor.adapters.text import tensorize as text_module
+    text_module = importlib.import_module("seqtensor.adapters.text.tensorize")
 
     model = tensorize(_model(), fold=(2, 3, 4), backend="reference")
 
@@ -554,28 +556,17 @@ def test_smollm2_real_weights():
     assert torch.equal(cached, uncached)
 
 
-def _adapt_llm_example():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "examples" / "adapt_llm.py"
-    spec = importlib.util.spec_from_file_location("adapt_llm_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
-def test_adapt_llm_fold_mix_switches_the_fold_each_step():
-    """examples/adapt_llm.py --fold-mix: each step end draws a fold, and the model then computes exactly
+def test_recipe_fold_mix_switches_the_fold_each_step():
+    """recipe.FoldMix: each step end draws a fold, and the model then computes exactly
     what a model tensorized with that fold computes; folds that miss the context are refused."""
-    example = _adapt_llm_example()
-    folds = example.parse_folds(["2,4,4", "2,2,2,4"], 32)
+    folds = recipe.parse_folds(["2,4,4", "2,2,2,4"], 32)
     assert folds == [(2, 4, 4), (2, 2, 2, 4)]
-    with pytest.raises(SystemExit, match="product 24"):
-        example.parse_folds(["2,3,4"], 32)
+    with pytest.raises(ValueError, match="product 24"):
+        recipe.parse_folds(["2,3,4"], 32)
 
     model, fresh = _model().eval(), _model().eval()
     ids = _ids(1, 32)
-    mix = example.FoldMix(
+    mix = recipe.FoldMix(
         model,
         folds,
         {"backend": "reference", "positional": "tensor_rope", "hop_gate": None},
@@ -601,15 +592,14 @@ def _char_decode(ids) -> str:
     return "".join(chr(int(t) - 200) if t >= 200 else "_" for t in ids)
 
 
-def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
-    """examples/adapt_llm.py --retrieval-mix: the chosen share of sequences carries 1..keys code
+def test_recipe_retrieval_mix_hides_codes_and_asks_for_them():
+    """corpus.RetrievalMix: the chosen share of sequences carries 1..keys code
     sentences at random places and, at its end, every code again after its word, the asked codes
     marked in ``answer_mask``; the rest are left as they were, with an empty mask."""
-    example = _adapt_llm_example()
 
     stream = np.random.default_rng(0).integers(3, 100, 40 * 1024)
-    base = example.PackedSequences(stream, 1024)
-    mixed = example.RetrievalMix(base, _CharTokenizer(), share=0.5, keys=4)
+    base = corpus.PackedSequences(stream, 1024)
+    mixed = corpus.RetrievalMix(base, _CharTokenizer(), share=0.5, keys=4)
     changed, key_counts = 0, set()
     for i in range(len(base)):
         item = mixed[i]
@@ -631,22 +621,20 @@ def test_adapt_llm_retrieval_mix_hides_codes_and_asks_for_them():
         assert not answer[: len(seq) - len(tail)].any()
         assert text.endswith(".") and set(seq[seq < 200].tolist()) <= set(range(3, 100))
     assert 10 <= changed <= 30 and len(key_counts) >= 3
-    untouched = example.RetrievalMix(base, _CharTokenizer(), share=0.0)
+    untouched = corpus.RetrievalMix(base, _CharTokenizer(), share=0.0)
     assert all(torch.equal(untouched[i]["input_ids"], base[i]) for i in range(len(base)))
-    with pytest.raises(SystemExit, match="more than the context"):
-        tight = example.RetrievalMix(
-            example.PackedSequences(stream, 60), _CharTokenizer(), share=1.0, keys=4
+    with pytest.raises(ValueError, match="more than the context"):
+        tight = corpus.RetrievalMix(
+            corpus.PackedSequences(stream, 60), _CharTokenizer(), share=1.0, keys=4
         )
         [tight[i] for i in range(len(tight))]
 
 
-def test_adapt_llm_code_retrieval_counts_fetched_codes():
-    """examples/adapt_llm.py code_retrieval: against a model that predicts every next token except one
+def test_recipe_code_retrieval_counts_fetched_codes():
+    """evaluation.code_retrieval: against a model that predicts every next token except one
     digit of the second asked code, the counts (all, and hidden >= ``near`` tokens back) match those
     read off the documents' text."""
     from argparse import Namespace
-
-    example = _adapt_llm_example()
 
     class Oracle(torch.nn.Module):  # hidden state = one-hot of the next token; lm_head = identity
         device = torch.device("cpu")
@@ -665,8 +653,8 @@ def test_adapt_llm_code_retrieval_counts_fetched_codes():
             return torch.nn.functional.one_hot(following, 200 + 128).float()
 
     stream = np.random.default_rng(0).integers(3, 100, 6000)
-    documents = example.RetrievalMix(
-        example.PackedSequences(stream, 600), _CharTokenizer(), 1.0, keys=4, seed=1
+    documents = corpus.RetrievalMix(
+        corpus.PackedSequences(stream, 600), _CharTokenizer(), 1.0, keys=4, seed=1
     )
     near, sentence = 250, r"The code for (\w+) is (\d{5})"
     expected = {"codes_right": 0, "codes": 0, "far_right": 0, "far": 0}
@@ -686,23 +674,22 @@ def test_adapt_llm_code_retrieval_counts_fetched_codes():
         wrong_at = (
             asked[1][1] + 2 - 1 if len(asked) > 1 else None
         )  # the output that predicts its third digit
-        for k, v in example.code_retrieval(Oracle(wrong_at), [documents[i]], 1, near).items():
+        for k, v in evaluation.code_retrieval(Oracle(wrong_at), [documents[i]], 1, near).items():
             got[k] += v
     assert got == expected
     assert 0 < expected["far"] < expected["codes"] and expected["codes_right"] < expected["codes"]
 
 
-def test_adapt_llm_loss_adds_the_weighted_code_loss():
+def test_recipe_loss_adds_the_weighted_code_loss():
     """causal_lm_loss on a RetrievalMix batch = the model's own mean next-token loss + weight x its
     loss over the asked codes alone (both from transformers' labels path, -100 elsewhere)."""
-    example = _adapt_llm_example()
     model = _model().eval()
     ids = torch.randint(
         0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
     )
     answer = torch.zeros_like(ids, dtype=torch.bool)
     answer[0, 30:35] = answer[1, 37:] = True
-    loss, metrics = example.causal_lm_loss(
+    loss, metrics = recipe.causal_lm_loss(
         model, {"input_ids": ids, "answer_mask": answer}, answer_weight=2.5
     )
     with torch.no_grad():
@@ -711,26 +698,20 @@ def test_adapt_llm_loss_adds_the_weighted_code_loss():
     torch.testing.assert_close(loss, plain + 2.5 * codes)
     torch.testing.assert_close(metrics["answer_nll"], codes)
     assert metrics["retrieval_docs"] == 1
-    loss, metrics = example.causal_lm_loss(
+    loss, metrics = recipe.causal_lm_loss(
         model, {"input_ids": ids, "answer_mask": torch.zeros_like(answer)}
     )
     torch.testing.assert_close(loss, plain)
     assert metrics["answer_nll"] == 0 and metrics["retrieval_docs"] == 0
 
 
-def test_adapt_llm_trains_hop_gates_at_their_own_rate():
-    """examples/adapt_llm.py --hop-gate: the gate logits get their own AdamW group at --gate-lr, so
+def test_recipe_trains_hop_gates_at_their_own_rate():
+    """recipe.gate_optimizer: the gate logits get their own AdamW group at --gate-lr, so
     one step moves them by ~gate_lr while the weights move by ~lr."""
-    from argparse import Namespace
-
-    example = _adapt_llm_example()
-    args = Namespace(hop_gate=0.2, gate_lr=0.05, positional="tensor_rope")
-    model = tensorize(
-        _model(), fold=(2, 3, 4), **example.adapter_settings(args, "reference")
-    ).train()
+    model = tensorize(_model(), fold=(2, 3, 4), backend="reference", hop_gate=0.2).train()
     from seqtensor.train.trainer import TrainerConfig
 
-    optimizer = example.with_optimizer(args)(model, TrainerConfig(lr=1e-4, weight_decay=0.0))
+    optimizer = recipe.gate_optimizer(0.05)(model, TrainerConfig(lr=1e-4, weight_decay=0.0))
     gate = model.model.layers[0].self_attn.hop_gate_logits
     before, weight = (
         gate.detach().clone(),
@@ -743,9 +724,10 @@ def test_adapt_llm_trains_hop_gates_at_their_own_rate():
         (gate.detach() - before).abs(), torch.full_like(before, 0.05), rtol=0.01, atol=0
     )
     assert (model.model.layers[0].self_attn.q_proj.weight.detach() - weight).abs().max() <= 1.01e-4
-    summary = example.gate_summary(model)
+    summary = recipe.gate_summary(model)
     assert len(summary["mean_per_level"]) == 2 and len(summary["mean_per_layer"]) == 2
-    assert example.with_optimizer(Namespace(hop_gate=None)) is None
+    with pytest.raises(ValueError, match="gate_lr"):
+        recipe.gate_optimizer(0.0)
 
 
 # ----------------------------------------------------------------------------- learned hop gates
@@ -906,3 +888,37 @@ def test_layer_cache_refuses_gates_of_the_wrong_shape():
             stored=12,
             hop_gates=torch.rand(2, 2),
         )
+
+
+def test_packed_sequences_cut_the_stream_and_refuse_bad_input():
+    stream = np.arange(103)
+    data = corpus.PackedSequences(stream, 10)
+    assert len(data) == 10
+    assert torch.equal(data[3], torch.arange(30, 40)) and data[3].dtype == torch.int64
+    with pytest.raises(IndexError):
+        data[10]
+    with pytest.raises(ValueError, match="context"):
+        corpus.PackedSequences(stream, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        corpus.PackedSequences(stream.reshape(1, -1), 4)
+
+
+def test_continue_pretraining_trains_and_restores_eval_state():
+    """The recipe trains the tensorized model (the loss falls on a repeated sequence, weights move),
+    then leaves it in eval mode with the KV cache and no gradient checkpointing, as it found it."""
+    torch.manual_seed(0)
+    model = tensorize(_model(), fold=(2, 4, 4), backend="reference").eval()
+    stream = np.tile(np.arange(3, 35), 8)  # 8 copies of one 32-token sequence
+    data = corpus.PackedSequences(stream, 32)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = data[0][None]
+    with torch.no_grad():
+        loss_before = recipe.causal_lm_loss(model, ids).item()
+    config = recipe.adaptation_config(steps=10, batch_size=2, lr=1e-2, precision="fp32")
+    trainer = recipe.continue_pretraining(model, data, config)
+    with torch.no_grad():
+        loss_after = recipe.causal_lm_loss(model, ids).item()
+    assert trainer.global_step_ == 10 and loss_after < 0.7 * loss_before
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not model.training and model.config.use_cache in (True, None)
+    assert not getattr(model, "is_gradient_checkpointing", False)

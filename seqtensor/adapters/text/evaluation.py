@@ -27,6 +27,7 @@ __all__ = [
     "passkey_prompt",
     "passkey_accuracy",
     "PasskeyResult",
+    "code_retrieval",
 ]
 
 
@@ -269,3 +270,39 @@ def passkey_accuracy(
             solved += hits
         result.accuracy[length] = solved / (trials * len(depths))  # depths checked non-empty above
     return result
+
+
+@torch.no_grad()
+def code_retrieval(model, documents, count: int, near: int) -> dict[str, int]:
+    """Teacher-forced code retrieval on ``RetrievalMix``-style documents (items with ``input_ids``
+    and ``answer_mask``): a code counts as fetched when every one of its asked tokens is the argmax
+    next token. ``far`` counts the codes hidden at least ``near`` tokens (e.g. the finest block)
+    before they are asked. Only the asked positions go through the LM head (full logits of a 512k
+    document are 50 GB). Returns ``codes_right``, ``codes``, ``far_right``, ``far``."""
+    check(
+        count >= 0 and near >= 0,
+        f"code_retrieval: count and near must be >= 0, got {count}, {near}",
+    )
+    right = total = far_right = far_total = 0
+    for i in range(min(count, len(documents))):
+        item = documents[i]
+        ids, asked = item["input_ids"], item["answer_mask"]
+        hidden = model.model(
+            input_ids=ids[None].to(model.device), use_cache=False
+        ).last_hidden_state[0]
+        targets = asked.nonzero().squeeze(1)
+        predicted = model.lm_head(hidden[targets - 1]).argmax(-1).cpu() == ids[targets]
+        zero = torch.zeros(1, dtype=torch.int)
+        edges = torch.diff(asked.int(), prepend=zero, append=zero)
+        starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+        offset = 0
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            ok = bool(predicted[offset : offset + end - start].all())
+            offset += end - start
+            # where the code was hidden: its first occurrence before the questions
+            windows = ids[: int(starts[0])].unfold(0, end - start, 1)
+            hidden_at = int((windows == ids[start:end]).all(1).nonzero()[0])
+            right, total = right + ok, total + 1
+            if start - hidden_at >= near:
+                far_right, far_total = far_right + ok, far_total + 1
+    return {"codes_right": right, "codes": total, "far_right": far_right, "far": far_total}
