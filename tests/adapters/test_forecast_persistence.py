@@ -178,3 +178,15 @@ atomic_write(Path({str(tmp_path)!r}) / "last.pt", write)
     assert len(left) == 1 and left[0].startswith(".last.pt.") and left[0].endswith(".tmp")
     atomic_save({"w": torch.zeros(1)}, tmp_path / "last.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_saves_of_the_first_format_load_with_a_warning(two_models, tmp_path):
+    a, _ = two_models
+    folder = a.save(tmp_path / "m")
+    meta = json.loads((folder / "forecaster.json").read_text())
+    meta["format"] = "seqtensor.forecaster/1"
+    del meta["files"], meta["params"]["level"], meta["params"]["warm_start"]
+    (folder / "forecaster.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="saved without a hash"):
+        loaded = Forecaster.load(folder)
+    pd.testing.assert_frame_equal(loaded.predict(), a.predict())

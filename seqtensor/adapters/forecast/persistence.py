@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from .panel import Panel, freq_from_json, freq_to_json
 __all__ = ["save_forecaster", "load_forecaster", "plot_forecast"]
 
 FORMAT = "seqtensor.forecaster/2"
+FORMAT_V1 = "seqtensor.forecaster/1"  # before the manifest hash: loaded unchecked, with a warning
 CONFIG, STATE = "forecaster.json", "state.pt"
 
 
@@ -186,14 +188,22 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / CONFIG} is corrupted (not valid JSON): {err}") from err
     check(
-        isinstance(meta, dict) and meta.get("format") == FORMAT,
+        isinstance(meta, dict) and meta.get("format") in (FORMAT, FORMAT_V1),
         f"{folder}: unknown format {meta.get('format') if isinstance(meta, dict) else None!r}, "
         f"expected {FORMAT!r}",
     )
+    if meta["format"] == FORMAT_V1:
+        warnings.warn(
+            f"{folder} was saved without a hash of its weights, which cannot be checked; "
+            f"save it again to add one",
+            stacklevel=3,
+        )
     expected = meta.get("files", {}).get(STATE, {})
     size = (folder / STATE).stat().st_size
     check(
-        size == expected.get("bytes") and _sha256(folder / STATE) == expected.get("sha256"),
+        meta["format"] == FORMAT_V1
+        or size == expected.get("bytes")
+        and _sha256(folder / STATE) == expected.get("sha256"),
         f"{folder / STATE} does not match the manifest {CONFIG} ({size} bytes, expected "
         f"{expected.get('bytes')}; SHA-256 differs): the save is torn, corrupted, or the file "
         f"comes from another save. Save the model again",
