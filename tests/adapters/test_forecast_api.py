@@ -217,6 +217,15 @@ def test_a_tie_between_frequencies_raises_naming_them():
     assert build_panel(pd.concat([df, other])).freq == pd.offsets.Day()
 
 
+def test_a_stray_close_pair_of_stamps_does_not_make_a_second_grid():
+    t = pd.date_range("2000-01-01", periods=5000, freq="h")
+    t = t.append(pd.DatetimeIndex([t[-1] + pd.Timedelta("1s"), t[-1] + pd.Timedelta("2s")]))
+    df = pd.DataFrame({"unique_id": "s", "ds": t, "y": 1.0})
+    # a one-second grid over 5,000 hours would hold 18 million steps; the hourly one is named
+    with pytest.raises(ValueError, match="is not on the 'h' grid"):
+        build_panel(df)
+
+
 def test_series_of_different_frequencies_raise():
     hourly = frame(n=100, ids=("a",))
     daily = frame(n=30, ids=("b",), freq="D")

@@ -123,7 +123,10 @@ def _series_freqs(t: pd.Series, integer: bool) -> dict[str, Any]:
     if "D" in offsets and (pd.DatetimeIndex(t).dayofweek < 5).all():
         offsets["B"] = pd.offsets.BusinessDay()  # weekdays only: days lost to weekends are no gaps
     fits = {}
+    span = t.iloc[-1] - t.iloc[0]
     for name, offset in offsets.items():
+        if isinstance(offset, pd.offsets.Tick) and span.value // offset.nanos > 50 * len(t) + 1000:
+            continue  # a grid of mostly inserted steps (a stray close pair of stamps): no candidate
         grid = pd.date_range(t.iloc[0], t.iloc[-1], freq=offset)
         if len(grid) and grid[0] == t.iloc[0] and (grid.get_indexer(pd.Index(t)) >= 0).all():
             fits[name] = len(grid)
