@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--h", type=int, required=True, help="forecast horizon (steps)")
         sub.add_argument(
-            "--freq", help="pandas frequency ('h', 'D', 'B', 'MS', ...); inferred if absent"
+            "--freq",
+            help="pandas frequency ('h', 'D', 'B', 'MS', ...) or an int step; inferred if absent",
         )
         sub.add_argument("--level", type=float, nargs="+", help="prediction intervals, e.g. 80 95")
         sub.add_argument("--out", help="output file (.csv or .parquet); stdout (CSV) if absent")
@@ -178,6 +179,8 @@ def _run(args: argparse.Namespace) -> None:
     for name in ("h", "max_steps", "patch_len"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.freq is not None and args.freq.isdigit():  # integer time steps take an int step
+        args.freq = int(args.freq)
     df = read_frame(args.data, args.id_col, args.time_col, args.target_col)
     from .adapters.forecast import Forecaster  # after the file checks: torch takes seconds
 

@@ -121,3 +121,22 @@ def test_warnings_are_one_line_each(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stderr.splitlines() if "missing target values" in line]
     assert len(lines) == 1 and lines[0].startswith("seqtensor forecast: warning: fit: 2 missing")
+
+
+def test_integer_time_steps_and_an_int_freq(tmp_path):
+    df = long_frame().assign(ds=lambda d: d.groupby("unique_id").cumcount() * 5)
+    df.to_csv(tmp_path / "steps.csv", index=False)
+    run = cli("forecast", tmp_path / "steps.csv", "--h", 4, "--freq", 5, "--out",
+              tmp_path / "fc.parquet" if _has_pyarrow() else tmp_path / "fc.csv", *FAST)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out_path = tmp_path / ("fc.parquet" if _has_pyarrow() else "fc.csv")
+    out = pd.read_parquet(out_path) if _has_pyarrow() else pd.read_csv(out_path)
+    assert list(out.loc[out.unique_id == "a", "ds"]) == [600, 605, 610, 615]  # 120 steps of 5
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -304,3 +304,15 @@ def test_predict_rejects_bad_input_after_fit():
         clf.predict(X[:, :5])
     with pytest.raises(ValueError, match="Expected 2D array"):
         clf.predict(X[0])
+
+
+def test_sequence_regressor_rejects_values_beyond_float32():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(16, 8)), rng.normal(size=16)
+    kw = dict(max_epochs=1, random_state=0, device="cpu")
+    with pytest.raises(ValueError, match=r"y has values up to 2.37e\+200, beyond float32"):
+        SequenceRegressor(**kw).fit(X, y * 1e200)
+    with pytest.raises(ValueError, match="X has values up to"):
+        SequenceRegressor(**kw).fit(X * 1e200, y)
+    with pytest.raises(ValueError, match="infinity|inf"):
+        SequenceRegressor(**kw).fit(np.where(X > 2, np.inf, X), y)
