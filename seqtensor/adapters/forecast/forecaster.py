@@ -982,7 +982,8 @@ class Forecaster(BaseEstimator):
         first cutoff and forecasts every window from its true history (``refit=False``), or is
         refit before every window (``refit=True``) or every k-th window (``refit=k``). This
         estimator itself is left as it was: fitted or not, ``predict`` still forecasts from the
-        end of the data it was fit on. Known-future inputs of the windows are read from ``df``.
+        end of the data it was fit on. With ``warm_start=True`` each refit continues training the
+        previous window's network. Known-future inputs of the windows are read from ``df``.
 
         Returns
         -------
