@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -471,15 +472,25 @@ def _states(cache) -> dict[int, LayerCache]:
 
 class _FollowBatchEdit:
     """``cache.<name>(arg)`` (beam search's batch edits), then the same rows kept in the tensorized
-    states. An object holding the cache rather than a closure, so a deep copy of the cache (branching
-    a prefilled prompt) edits itself, not the original."""
+    states.
+
+    Stored on the cache, it holds the cache only weakly: a strong reference would be a cycle, and
+    the cache (gigabytes at long contexts) would outlive its last user until the cyclic collector
+    runs. A deep copy of the cache (branching a prefilled prompt) gets an edit bound to the copy.
+    """
 
     def __init__(self, cache, name: str) -> None:
-        self.cache, self.name = cache, name
+        self.cache, self.name = weakref.ref(cache), name
+
+    def __deepcopy__(self, memo) -> _FollowBatchEdit:
+        # the cache being copied is registered in memo before its attributes are copied
+        copied = memo.get(id(self.cache()))
+        return _FollowBatchEdit(copied if copied is not None else self.cache(), self.name)
 
     def __call__(self, arg) -> None:
-        getattr(type(self.cache), self.name)(self.cache, arg)
-        states = self.cache._seqtensor_states
+        cache = self.cache()
+        getattr(type(cache), self.name)(cache, arg)
+        states = cache._seqtensor_states
         if not states:
             return
         index = arg
@@ -489,20 +500,20 @@ class _FollowBatchEdit:
             state.select(index.to(state.length.device))
 
 
+def _refuse_crop(*args, **kwargs):
+    raise NotImplementedError(
+        "a tensorized cache cannot be cropped (assisted / speculative decoding): its value levels "
+        "are rings that keep only the current blocks"
+    )
+
+
 def _follow_batch_edits(cache) -> None:
     """Make the cache's batch edits (beam search) apply to our states too; refuse crops."""
     for name in ("reorder_cache", "batch_select_indices", "batch_repeat_interleave"):
         if hasattr(cache, name):
             setattr(cache, name, _FollowBatchEdit(cache, name))
-
-    def crop(*args, **kwargs):
-        raise NotImplementedError(
-            "a tensorized cache cannot be cropped (assisted / speculative decoding): its value levels "
-            "are rings that keep only the current blocks"
-        )
-
     if hasattr(cache, "crop"):
-        cache.crop = crop
+        cache.crop = _refuse_crop
 
 
 def _capture_cache(module: nn.Module, args, kwargs) -> None:
@@ -687,12 +698,58 @@ def tensorize(
             attn.register_forward_hook(_release_cache, with_kwargs=True, always_call=True)
         )
     _set_attn_implementation(model, ATTENTION_NAME)
+    # instance attributes holding the model weakly (no cycle): see _Guarded
+    model.set_attn_implementation = _Guarded(model, "set_attn_implementation")
+    model.save_pretrained = _Guarded(model, "save_pretrained")
     # the sliding windows switched off above, saved beside the settings: config.json holds the edited
     # values, and load_tensorized puts these back so that untensorize restores them
     stock = {k: restore[k] for k in ("sliding_window", "layer_types", "module_windows")}
     mc.seqtensor = {**config.to_dict(), "stock_windows": stock}
     model._seqtensor_restore = restore
     return model
+
+
+# A checkpoint saved from a tensorized model carries this prefix on its model_type, so that stock
+# ``AutoModelForCausalLM.from_pretrained`` refuses it (naming the type) instead of silently loading a
+# stock model; ``load_tensorized`` reads the original type from ``config.seqtensor``.
+TENSORIZED_MODEL_TYPE_PREFIX = "seqtensor_tensorized_"
+
+
+class _Guarded:
+    """``set_attn_implementation`` / ``save_pretrained`` of a tensorized model, bound to the model
+    through a weak reference (a bound method stored on the model would be a reference cycle)."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model, self.name = weakref.ref(model), name
+
+    def __call__(self, *args, **kwargs):
+        model = self.model()
+        original = getattr(type(model), self.name)
+        if self.name == "set_attn_implementation":
+            requested = args[0] if args else kwargs.get("attn_implementation")
+            check(
+                requested == ATTENTION_NAME,
+                f"set_attn_implementation({requested!r}) on a tensorized model: its RoPE is applied "
+                "inside the tensorized attention, so another implementation would run without "
+                "positions. Call seqtensor.adapters.text.untensorize(model) first.",
+            )
+            return original(model, *args, **kwargs)
+        result = original(model, *args, **kwargs)
+        folder = args[0] if args else kwargs["save_directory"]
+        _mark_tensorized_checkpoint(folder, model.config.model_type)
+        return result
+
+
+def _mark_tensorized_checkpoint(folder, model_type: str) -> None:
+    """Prefix the saved config's model_type (see TENSORIZED_MODEL_TYPE_PREFIX); keep the original."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["model_type"] = TENSORIZED_MODEL_TYPE_PREFIX + model_type
+    config["seqtensor"] = {**config.get("seqtensor", {}), "model_type": model_type}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _new_gate_logits(attn: nn.Module, heads: int, config: TextAdapterConfig) -> nn.Parameter:
@@ -710,6 +767,9 @@ def untensorize(model: nn.Module) -> nn.Module:
     check(restore is not None, "untensorize: this model is not tensorized")
     for handle in restore["hooks"]:
         handle.remove()
+    for name in ("set_attn_implementation", "save_pretrained"):
+        if isinstance(model.__dict__.get(name), _Guarded):
+            del model.__dict__[name]
     if isinstance(model.model.rotary_emb, _IdentityRotary):
         model.model.rotary_emb = model.model.rotary_emb.original
     mc = model.config
@@ -736,16 +796,19 @@ def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
     A model tensorized and then saved with ``save_pretrained`` carries its settings in
     ``config.seqtensor``; extra keyword arguments go to ``from_pretrained`` (dtype, device_map...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    config = AutoConfig.from_pretrained(path)
-    spec = getattr(config, "seqtensor", None)
+    config_dict, _ = PretrainedConfig.get_config_dict(path)  # config.json as saved
+    spec = config_dict.get("seqtensor")
     check(
         spec is not None,
         f"{path} has no config.seqtensor: it was not saved from a tensorized model",
     )
+    model_type = spec.get("model_type", config_dict["model_type"])
+    fields = {k: v for k, v in config_dict.items() if k != "model_type"}
+    config = AutoConfig.for_model(model_type, **fields)
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, **from_pretrained_kwargs)
     stock = spec.get("stock_windows")
     if stock is not None:  # the stock sliding windows, as tensorize found them (see tensorize)
         if stock["layer_types"] is not None:
@@ -760,7 +823,7 @@ def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
         for attn, window in zip(_attention_modules(model), stock["module_windows"]):
             if hasattr(attn, "sliding_window"):
                 attn.sliding_window = window
-    config = TextAdapterConfig.from_dict(spec)
+    config = TextAdapterConfig.from_dict({k: v for k, v in spec.items() if k != "model_type"})
     tensorize(model, **config.__dict__)
     if config.hop_gate is not None:
         _load_gate_logits(model, path)
