@@ -1,0 +1,190 @@
+"""The retrieval hop against independent oracles: exact causal attention when every earlier block
+is retrieved, a brute-force per-query softmax over the selected keys otherwise, and perturbation
+for causality."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seqtensor import tensorized_attention
+from seqtensor.adapters.text.retrieval import (
+    RetrievalConfig,
+    retrieval_attention,
+    retrieval_selection,
+    retrieval_tensorized_attention,
+)
+from seqtensor.core.folds import Fold
+
+
+def _qkv(B=2, H=4, Hkv=2, n=37, d=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, n, d, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, n, d, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, n, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _causal(q, k, v, scale=None):
+    """Dense causal attention, one query at a time (GQA by index)."""
+    B, H, n, d = q.shape
+    G = H // k.shape[1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    for h in range(H):
+        for i in range(n):
+            w = torch.softmax(k[:, h // G, : i + 1] @ q[:, h, i, :, None] * scale, dim=1)
+            out[:, h, i] = (w * v[:, h // G, : i + 1]).sum(1)
+    return out
+
+
+def _brute_selection(q, k, i, local, block, top_k, sinks):
+    """Blocks a query at i retrieves: ranked by max over the block of mean-group-query . key."""
+    B, H, _, _ = q.shape
+    Hkv = k.shape[1]
+    s = i // local * local
+    chosen = []
+    for b in range(B):
+        per_head = []
+        for h in range(Hkv):
+            qbar = q[b, h * (H // Hkv) : (h + 1) * (H // Hkv), i].mean(0)
+            scores = []
+            for blk in range(s // block):
+                if (blk + 1) * block <= sinks:
+                    continue
+                keys = k[b, h, blk * block : (blk + 1) * block]
+                scores.append(((keys @ qbar).max().item(), blk))
+            scores.sort(reverse=True)
+            per_head.append({blk for _, blk in scores[:top_k]})
+        chosen.append(per_head)
+    return chosen
+
+
+def _rope_pair(x, pos, theta):
+    """RoPE as complex numbers on pairs (x_j, x_{j + d/2}): an independent form of the hop's."""
+    d = x.shape[-1]
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :])
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = z * torch.polar(torch.ones_like(freq), pos * freq)
+    return torch.cat([z.real, z.imag], -1)
+
+
+def _brute(q, k, v, local, block, top_k, sinks, theta=None, distance=None):
+    """Per query: one softmax over local causal keys, sinks and the selected blocks' tokens."""
+    B, H, n, d = q.shape
+    G = H // k.shape[1]
+    distance = local if distance is None else distance
+    out = torch.empty_like(q)
+    for i in range(n):
+        s = i // local * local
+        chosen = _brute_selection(q, k, i, local, block, top_k, sinks)
+        for b in range(B):
+            for h in range(H):
+                kv = h // G
+                memory = {t for blk in chosen[b][kv] for t in range(blk * block, (blk + 1) * block)}
+                memory |= set(range(min(sinks, s)))
+                keys = sorted(memory) + list(range(s, i + 1))
+                qi = q[b, h, i]
+                kk = k[b, kv, keys]
+                if theta is not None:
+                    qi = _rope_pair(qi, distance + i - s, theta)
+                    pos = torch.tensor(
+                        [0.0 if t < s else distance + t - s for t in keys], dtype=torch.float64
+                    )
+                    kk = _rope_pair(kk, pos[:, None], theta)
+                w = torch.softmax(kk @ qi / math.sqrt(d), 0)
+                out[b, h, i] = w @ v[b, kv, keys]
+    return out
+
+
+@pytest.mark.parametrize("sinks", [0, 3, 6])
+def test_retrieving_every_earlier_block_is_exact_causal_attention(sinks):
+    q, k, v = _qkv()
+    got = retrieval_attention(q, k, v, 8, top_k=100, block=4, sinks=sinks)
+    torch.testing.assert_close(got, _causal(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_the_last_queries_alone_match_the_whole_sequence():
+    """A decode step (the last queries, every key) gives the whole-sequence outputs."""
+    q, k, v = _qkv(n=41)
+    whole = retrieval_attention(q, k, v, 8, top_k=2, block=4, sinks=3, rope_theta=100.0)
+    for last in (1, 5, 13):
+        part = retrieval_attention(
+            q[:, :, -last:], k, v, 8, top_k=2, block=4, sinks=3, rope_theta=100.0
+        )
+        torch.testing.assert_close(part, whole[:, :, -last:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "top_k,sinks,theta,distance", [(2, 0, None, None), (1, 3, None, None), (2, 3, 100.0, None),
+                                   (3, 2, 50.0, 5)]
+)  # fmt: skip
+def test_the_hop_matches_a_brute_force_softmax_over_the_selected_keys(
+    top_k, sinks, theta, distance
+):
+    q, k, v = _qkv(n=30, seed=top_k + sinks)
+    got = retrieval_attention(
+        q, k, v, 8, top_k=top_k, block=4, sinks=sinks, rope_theta=theta, memory_distance=distance
+    )
+    want = _brute(q, k, v, 8, 4, top_k, sinks, theta, distance)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_selection_matches_the_brute_force_ranking_and_stays_in_the_past():
+    q, k, v = _qkv(n=40, seed=5)
+    local, block, top_k, sinks = 8, 4, 3, 5
+    selected = retrieval_selection(q, k, local, block, top_k, sinks)
+    for i, blocks in enumerate(selected):
+        want = _brute_selection(q, k, i, local, block, top_k, sinks)
+        s = i // local * local
+        for b in range(q.shape[0]):
+            for h in range(k.shape[1]):
+                got = {int(x) for x in blocks[b, h] if x >= 0}
+                assert got == want[b][h]
+                assert all((x + 1) * block <= s for x in got)  # wholly before the local block
+
+
+def test_no_future_token_changes_an_output():
+    """Perturbing q, k, v from token t on leaves every output before t unchanged: no future block
+    is selected, and no future query steers the selection."""
+    q, k, v = _qkv(n=48, seed=7)
+    base = retrieval_attention(q, k, v, 8, top_k=2, block=4, sinks=2, rope_theta=100.0)
+    for t in (9, 20, 33, 47):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t:] = 100 * torch.randn_like(x[:, :, t:])
+        out = retrieval_attention(q2, k2, v2, 8, top_k=2, block=4, sinks=2, rope_theta=100.0)
+        torch.testing.assert_close(out[:, :, :t], base[:, :, :t], rtol=0, atol=0)
+        assert not torch.allclose(out[:, :, t:], base[:, :, t:])
+
+
+def test_coarse_hops_run_after_the_hop():
+    """With nothing retrieved the hop is the fold's finest hop; the coarse hops after it then give
+    the tensorized attention of the whole fold (axial coverage, no positions)."""
+    q, k, v = _qkv(n=45, seed=3)
+    dims = (2, 3, 4)
+    config = RetrievalConfig(top_k=0, block=4, sinks=0, coarse_hops=True)
+    got = retrieval_tensorized_attention(
+        q, k, v, dims, config, coverage="axial", backend="reference"
+    )
+    fold = Fold((-(-45 // 12), 3, 4), 45)
+    want = tensorized_attention(q, k, v, fold, causal=True, coverage="axial", backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    local_only = retrieval_tensorized_attention(q, k, v, dims, RetrievalConfig(0, 4, 0))
+    assert not torch.allclose(local_only, want)  # switched off: the hop alone
+    with pytest.raises(NotImplementedError, match="axial"):
+        retrieval_tensorized_attention(q, k, v, dims, config, coverage="full")
+
+
+def test_bad_settings_are_refused():
+    q, k, v = _qkv(n=16)
+    with pytest.raises(ValueError, match="multiple of the retrieval block"):
+        retrieval_attention(q, k, v, 6, top_k=1, block=4)
+    with pytest.raises(ValueError, match="top_k"):
+        RetrievalConfig(top_k=-1)
+    with pytest.raises(ValueError, match="unknown settings"):
+        RetrievalConfig.from_value({"topk": 3})
+    with pytest.raises(ValueError, match="queries but only"):
+        retrieval_attention(q, k[:, :, :8], v[:, :, :8], 8, top_k=1, block=4)
