@@ -188,3 +188,93 @@ def test_bad_settings_are_refused():
         RetrievalConfig.from_value({"topk": 3})
     with pytest.raises(ValueError, match="queries but only"):
         retrieval_attention(q, k[:, :, :8], v[:, :, :8], 8, top_k=1, block=4)
+
+
+# ----------------------------------------------------------------------------- in a tensorized model
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from seqtensor.adapters.text.tensorize import load_tensorized, tensorize  # noqa: E402
+
+TINY = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    with torch.no_grad():  # sharper attention than the std-0.02 init, so selection matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+def _ids(n: int = 37) -> torch.Tensor:
+    return torch.randint(3, 61, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_model_retrieving_every_block_at_true_positions_is_the_stock_model():
+    with torch.no_grad():
+        stock = _model()(_ids()).logits
+        model = tensorize(
+            _model(), fold=(2, 8), positional="rope", backend="reference",
+            retrieval={"top_k": 100, "block": 4, "sinks": 3},
+        )  # fmt: skip
+        torch.testing.assert_close(model(_ids()).logits, stock, rtol=1e-5, atol=1e-5)
+        few = tensorize(
+            _model(), fold=(2, 8), positional="rope", backend="reference",
+            retrieval={"top_k": 1, "block": 4, "sinks": 0},
+        )(_ids()).logits  # fmt: skip
+    assert not torch.allclose(few, stock, atol=1e-3)  # with fewer blocks it is not
+
+
+@pytest.mark.parametrize("positional", ["tensor_rope", "rope"])
+def test_cached_generation_equals_uncached_with_the_retrieval_hop(positional):
+    model = tensorize(
+        _model(), fold=(4, 8), positional=positional, backend="reference",
+        retrieval=RetrievalConfig(top_k=1, block=4, sinks=2),
+    )  # fmt: skip
+    prompt = _ids(29)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        step = model(cached[:, :-1], use_cache=False).logits[:, -1]
+        prefix = model(cached[:, :-2], use_cache=True)
+        decoded = model(cached[:, -2:-1], past_key_values=prefix.past_key_values).logits[:, -1]
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(decoded, step, rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_keep_the_retrieval_hop(tmp_path):
+    retrieval = RetrievalConfig(top_k=2, block=4, sinks=1, memory_distance=6)
+    model = tensorize(_model(), fold=(2, 8), backend="reference", retrieval=retrieval)
+    model.save_pretrained(tmp_path)
+    reloaded = load_tensorized(str(tmp_path))
+    assert reloaded.config.seqtensor["retrieval"] == retrieval.to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(_ids()).logits, model(_ids()).logits)
+
+
+def test_tensorize_refuses_retrieval_settings_it_cannot_run():
+    with pytest.raises(ValueError, match="must divide the finest fold dim"):
+        tensorize(_model(), fold=(2, 6), retrieval={"block": 4})
+    with pytest.raises(ValueError, match="axial"):
+        tensorize(_model(), fold=(2, 8), retrieval={"block": 4, "coarse_hops": True})
+    with pytest.raises(ValueError, match="hop_gate"):
+        tensorize(_model(), fold=(2, 8), hop_gate=0.5, retrieval={"block": 4})
+    model = tensorize(
+        _model(), fold=(2, 8), coverage="axial", backend="reference",
+        retrieval={"block": 4, "coarse_hops": True, "top_k": 1},
+    )  # fmt: skip
+    with torch.no_grad():
+        model(_ids(), use_cache=False)  # the whole-sequence call runs
+        with pytest.raises(NotImplementedError, match="coarse hops"):
+            model.generate(_ids(9), max_new_tokens=2, do_sample=False)

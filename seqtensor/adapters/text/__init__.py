@@ -3,7 +3,8 @@
 ``tensorize`` swaps the attention of a loaded model for the op, ``load_tensorized`` reloads a saved
 one, the cache in ``cache`` makes generation O(sum n_j) per token, ``corpus`` packs training text,
 ``recipe`` continues pretraining through the one Trainer, and ``evaluation`` measures perplexity,
-passkey retrieval and code retrieval.
+passkey retrieval and code retrieval; ``retrieval`` is the hop that lets each query also
+attend to its top-k earlier blocks (``tensorize(model, retrieval=...)``).
 """
 
 from .cache import CausalFold
@@ -21,11 +22,14 @@ from .recipe import (
     parse_folds,
     with_rope_scaling,
 )
+from .retrieval import RetrievalConfig, retrieval_attention
 from .tensorize import TextAdapterConfig, is_tensorized, load_tensorized, tensorize, untensorize
 
 __all__ = [
     "CausalFold",
     "TextAdapterConfig",
+    "RetrievalConfig",
+    "retrieval_attention",
     "tensorize",
     "untensorize",
     "is_tensorized",

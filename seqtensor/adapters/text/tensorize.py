@@ -53,6 +53,7 @@ from ...attention import resolve_backend, tensorized_attention
 from ...core.folds import Fold
 from ...core.positional import TensorRoPE
 from .cache import CausalFold, LayerCache, block_levels
+from .retrieval import RetrievalConfig, retrieval_attention, retrieval_tensorized_attention
 
 try:
     from transformers import AttentionInterface
@@ -97,6 +98,8 @@ class TextAdapterConfig:
         gates: per layer, head and coarse level, ``V <- V + g * (hop(V) - V)``
         (``tensorized_attention(hop_gates=...)``). Levels beyond those trained use the coarsest
         trained gate.
+    retrieval : None, or the settings of the retrieval hop (``RetrievalConfig`` or its dict): it
+        replaces the finest hop, each query also attending to its top-k earlier blocks.
     """
 
     fold: tuple[int, ...] = (32, 32, 32)  # CausalFold dims, coarsest first
@@ -105,6 +108,7 @@ class TextAdapterConfig:
     backend: str = "auto"  # "auto": Triton on CUDA, the reference elsewhere
     top_level_cache: str = "native"  # "native" or "int8"
     hop_gate: float | None = None  # initial learned gate of the coarse hops; None: no gates
+    retrieval: dict[str, Any] | None = None  # RetrievalConfig as a dict; None: no retrieval hop
 
     def __post_init__(self) -> None:
         self.fold = CausalFold(tuple(self.fold)).dims
@@ -124,6 +128,23 @@ class TextAdapterConfig:
         check_choice("positional", self.positional, _POSITIONALS)
         check_choice("coverage", self.coverage, ("full", "axial"))
         check_choice("top_level_cache", self.top_level_cache, ("native", "int8"))
+        retrieval = RetrievalConfig.from_value(self.retrieval)
+        if retrieval is not None:
+            self.retrieval = retrieval.to_dict()
+            check(
+                self.fold[-1] % retrieval.block == 0,
+                f"retrieval block {retrieval.block} must divide the finest fold dim {self.fold[-1]}",
+            )
+            check(
+                self.hop_gate is None,
+                "hop_gate with the retrieval hop is not supported: the coarse hops after it run "
+                "ungated",
+            )
+            check(
+                not retrieval.coarse_hops or len(self.fold) == 1 or self.coverage == "axial",
+                "retrieval with coarse_hops=True needs coverage='axial' (summary keys after the "
+                "retrieval hop are not implemented)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -143,6 +164,7 @@ class _LayerSettings:
         self.config = config
         self.fold = CausalFold(config.fold)
         self.head_dim, self.rope_theta = head_dim, rope_theta
+        self.retrieval = RetrievalConfig.from_value(config.retrieval)
         self._positional: dict[torch.device, TensorRoPE] = {}
 
     def positional(self, device: torch.device) -> TensorRoPE | None:
@@ -290,6 +312,9 @@ def _attention(
     cache = getattr(module, "_seqtensor_cache", None)
     if cache is not None:
         _check_dynamic(cache, module.layer_idx)
+    if settings.retrieval is not None:
+        out = _retrieval_call(settings, query, key, value, mask, scale, L, T)
+        return out.transpose(1, 2).contiguous(), None
     if T == L:
         if first_layer:
             _check_one_sequence_per_row(kwargs.get("position_ids"), mask)
@@ -327,6 +352,51 @@ def _attention(
         out = state.step(query, key, value, plan=_shared_plan(cache, state, L, query.dtype))
         _trim_values(cache, module.layer_idx, state)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _retrieval_call(settings: _LayerSettings, query, key, value, mask, scale, L: int, T: int):
+    """The retrieval hop (and the coarse hops after it, if on). No decoding state: the Hugging Face
+    cache keeps every key and value, and a step's queries read them directly (the hop never reads
+    a token after the query, so this equals the whole-sequence call)."""
+    cfg, retrieval = settings.config, settings.retrieval
+    check(
+        mask is None or bool(mask.all()),
+        "padding is not supported with the retrieval hop: one unpadded sequence per row",
+    )
+    # "rope": q and k arrive rotated at their true positions; "tensor_rope": unrotated, and the hop
+    # applies the model's RoPE with retrieved tokens at a fixed distance; "none": no positions
+    theta = settings.rope_theta if cfg.positional == "tensor_rope" else None
+    if T == L:
+        return retrieval_tensorized_attention(
+            query,
+            key,
+            value,
+            settings.fold.dims,
+            retrieval,
+            scale=scale,
+            rope_theta=theta,
+            coverage=cfg.coverage,
+            positional=settings.positional(query.device),
+            backend=cfg.backend,
+        )
+    check(
+        not retrieval.coarse_hops or settings.fold.order == 1,
+        "cached generation with coarse hops after the retrieval hop is not implemented: "
+        "use_cache=False, or coarse_hops=False",
+        NotImplementedError,
+    )
+    return retrieval_attention(
+        query,
+        key,
+        value,
+        settings.fold.dims[-1],
+        top_k=retrieval.top_k,
+        block=retrieval.block,
+        sinks=retrieval.sinks,
+        scale=scale,
+        rope_theta=theta,
+        memory_distance=retrieval.memory_distance,
+    )
 
 
 def _check_dynamic(cache, layer_idx: int) -> None:
@@ -615,6 +685,7 @@ def tensorize(
     backend: str = "auto",
     top_level_cache: str = "native",
     hop_gate: float | None = None,
+    retrieval: RetrievalConfig | dict[str, Any] | None = None,
 ) -> nn.Module:
     """Switch a loaded Llama / Mistral / Qwen2-family causal LM to tensorized attention, in place.
 
@@ -634,6 +705,9 @@ def tensorize(
     hop_gate : None (default) or the initial value in (0, 1) of learned hop gates (see
         ``TextAdapterConfig``). A model that already has learned gates keeps them, and this
         setting, when tensorized again (``untensorize`` first to drop them).
+    retrieval : None (default) or a ``RetrievalConfig`` (or its dict): the finest hop becomes the
+        retrieval hop (local block + top-k earlier blocks + sinks, one softmax); its coarse hops
+        run after it only with ``coarse_hops=True`` (axial coverage). Kept by save_pretrained.
 
     Returns
     -------
@@ -652,6 +726,7 @@ def tensorize(
         backend=backend,
         top_level_cache=top_level_cache,
         hop_gate=hop_gate,
+        retrieval=None if retrieval is None else RetrievalConfig.from_value(retrieval).to_dict(),
     )
     resolve_backend(backend, next(model.parameters()).device)  # fail now on an unknown backend
     trained_gates = [getattr(attn, "hop_gate_logits", None) for attn in _attention_modules(model)]
