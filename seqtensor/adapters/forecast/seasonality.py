@@ -1,0 +1,182 @@
+"""Seasonal periods from data, and the seasonal-profile forecast the network starts from.
+
+Legend: T steps of a series, L look-back, h horizon, p a seasonal period in steps.
+
+- ``detect_seasonalities``: periods read off the autocorrelation function (ACF) of the detrended
+  series. The first prominent ACF peak is the shortest season; a longer season is a multiple of it
+  whose ACF stands above the neighbouring multiples (a week of half-hours, 336, stands above 288 and
+  384 when weekdays differ from weekends). This is the periodicity test of Hyndman and
+  Athanasopoulos, FPP3 section 2.8 (https://otexts.com/fpp3/acf.html), made automatic.
+- ``seasonal_profile_matrix``: the linear map (L, h) of a classical additive decomposition
+  forecast, as MSTL's seasonal part does it (Bandara et al. 2021, https://arxiv.org/abs/2107.13462):
+  level = mean of the last whole cycles of the longest season, each season's profile = the mean over
+  its whole cycles in the look-back of what the shorter seasons left, and the forecast repeats
+  level + profiles. Averaging over cycles is what beats the seasonal naive forecast on noisy data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..._validation import check
+
+__all__ = ["detect_seasonalities", "seasonal_profile_matrix", "autocorrelation"]
+
+
+def autocorrelation(y: np.ndarray, max_lag: int) -> np.ndarray:
+    """ACF (max_lag + 1,) of a linearly detrended series; NaN are interpolated first."""
+    y = np.asarray(y, dtype=float)
+    ok = np.isfinite(y)
+    check(ok.sum() >= 3, "autocorrelation needs at least 3 observed values")
+    t = np.arange(len(y))
+    y = np.interp(t, t[ok], y[ok])  # gaps: straight lines, which add no false period
+    y = y - np.polyval(np.polyfit(t, y, 1), t)
+    n = len(y)
+    spec = np.fft.rfft(y, 2 * n)  # zero-padded: a linear, not circular, correlation
+    acf = np.fft.irfft(spec * np.conj(spec))[: max_lag + 1]
+    return acf / acf[0] if acf[0] > 0 else np.zeros(max_lag + 1)
+
+
+def _peak_near(acf: np.ndarray, lag: int, tol: int) -> int:
+    """The lag of the largest ACF value within ``tol`` of ``lag``."""
+    lo, hi = max(lag - tol, 1), min(lag + tol, len(acf) - 1)
+    return lo + int(np.argmax(acf[lo : hi + 1]))
+
+
+def _stands_out(acf: np.ndarray, lag: int, p: int, tol: int, margin: float) -> bool:
+    """Whether the ACF peak near ``lag`` exceeds the peaks one period ``p`` either side by ``margin``."""
+    here = acf[_peak_near(acf, lag, tol)]
+    side = max(acf[_peak_near(acf, lag - p, tol)], acf[_peak_near(acf, lag + p, tol)])
+    return here - side > margin
+
+
+def detect_seasonalities(
+    y: np.ndarray | Sequence[np.ndarray],
+    max_seasons: int = 2,
+    min_cycles: int = 2,
+    threshold: float = 0.2,
+) -> tuple[int, ...]:
+    """Seasonal periods (ascending, each a multiple of the one before) found in the ACF.
+
+    Parameters
+    ----------
+    y : one series (T,) or several (their ACFs are averaged); NaN allowed.
+    max_seasons : the most periods returned.
+    min_cycles : a period needs this many whole cycles in the (longest) series.
+    threshold : the ACF at a period must exceed this (and stand ``threshold / 4`` above the ACF
+        half a period earlier) to count as a season.
+
+    Returns () when the series has no season (white noise, a random walk, a trend).
+    """
+    series = [np.asarray(y, float)] if np.ndim(y[0]) == 0 else [np.asarray(v, float) for v in y]
+    series = [v for v in series if np.isfinite(v).sum() >= 8]
+    check(bool(series), "detect_seasonalities needs a series with at least 8 observed values")
+    check(
+        isinstance(max_seasons, int) and max_seasons >= 0,
+        f"max_seasons must be an int >= 0, got {max_seasons!r}",
+    )
+    check(
+        isinstance(min_cycles, int) and min_cycles >= 1,
+        f"min_cycles must be an int >= 1, got {min_cycles!r}",
+    )
+    max_lag = max(len(v) for v in series) // min_cycles
+    if max_lag < 4 or max_seasons == 0:
+        return ()
+    acfs = [autocorrelation(v, max_lag) for v in series if len(v) // min_cycles >= 4]
+    width = min(len(a) for a in acfs)
+    acf = np.mean([a[:width] for a in acfs], 0)
+    max_lag = width - 1
+    # Prominent local maxima: above the threshold and above the trough half a period before.
+    first = None
+    for k in range(2, max_lag):
+        if acf[k] >= acf[k - 1] and acf[k] >= acf[k + 1] and acf[k] > threshold:
+            trough = acf[k // 2 : k].min()
+            if acf[k] - trough > threshold / 4:
+                first = k
+                break
+    if first is None:
+        return ()
+    # Noise moves a single peak by a step or two; the multiples of the true period line up, so
+    # the period is the one whose first few multiples hold the most correlation.
+    tol = max(1, first // 10)
+    cands = range(max(2, first - tol), first + tol + 1)
+    first = max(cands, key=lambda p: sum(acf[m * p] for m in range(1, min(5, max_lag // p) + 1)))
+    seasons = [first]
+    while len(seasons) < max_seasons:
+        p = seasons[-1]
+        tol = max(1, p // 50)
+        found = None
+        for m in range(2, max_lag // p):  # candidates m * p
+            here = _peak_near(acf, m * p, tol)
+            before = acf[_peak_near(acf, (m - 1) * p, tol)]
+            after = acf[_peak_near(acf, (m + 1) * p, tol)]
+            if acf[here] > threshold and acf[here] - max(before, after) > threshold / 4:
+                # A season repeats: where its second multiple fits, it must stand out there too
+                # (a few-day weather spell shows one bump, a week shows one every week).
+                if (2 * m + 1) * p > max_lag or not _stands_out(
+                    acf, 2 * m * p, p, tol, threshold / 8
+                ):
+                    continue
+                found = m * p  # an exact multiple: nested seasons stay aligned
+                break
+        if found is None:
+            break
+        seasons.append(found)
+    return tuple(seasons)
+
+
+def seasonal_profile_matrix(input_size: int, h: int, seasons: Sequence[int]) -> np.ndarray:
+    """W (L, h) with ``forecast = lookback @ W``: level plus seasonal profiles averaged over cycles.
+
+    Seasons that do not fit one whole cycle in the look-back are dropped; with none left the map is
+    the look-back mean (what a zero skip gives after instance normalization).
+    """
+    L = int(input_size)
+    check(L >= 1 and h >= 1, f"input_size and h must be >= 1, got {input_size}, {h}")
+    used = sorted({int(p) for p in seasons if 1 < int(p) <= L})
+    eye = np.eye(L)  # row i: the look-back with a unit at step i; the map is linear
+    if not used:
+        return np.full((L, h), 1.0 / L)
+    longest = used[-1]
+    K = L // longest
+    level = eye[:, L - K * longest :].mean(1, keepdims=True)  # (L, 1) whole cycles
+    rest = eye - level  # (L, L): what the level leaves
+    out = np.repeat(level, h, 1)  # (L, h)
+    for p in used:
+        k = L // p
+        cycles = rest[:, L - k * p :].reshape(L, k, p)  # (L, k cycles, p phases)
+        profile = cycles.mean(1)  # (L, p), phase 0 = the step p before the forecast's first
+        profile -= profile.mean(1, keepdims=True)  # a season adds no level
+        out += profile[:, np.arange(h) % p]
+        # the next (longer) season sees what this one left, laid over the whole look-back
+        phase = (np.arange(L) - L) % p
+        rest = rest - profile[:, phase]
+    return out
+
+
+def resolve_seasons(
+    setting: int | Sequence[int] | str | None, series: Sequence[np.ndarray], input_size: int
+) -> tuple[int, ...]:
+    """The seasons a model uses: ``"auto"`` detects them in ``series`` (training steps only), an
+    int or ints are taken as given, None or () means none. Periods longer than ``input_size`` are
+    dropped (the look-back must hold a whole cycle)."""
+    if setting is None:
+        return ()
+    if isinstance(setting, str):
+        check(
+            setting == "auto", f"seasonality must be 'auto', an int, ints or None, got {setting!r}"
+        )
+        found = detect_seasonalities(
+            [v for v in series if np.isfinite(v).sum() >= 8] or [[0.0] * 8]
+        )
+        return tuple(p for p in found if p <= input_size)
+    values = [setting] if np.ndim(setting) == 0 else list(setting)
+    check(
+        all(
+            isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p >= 2 for p in values
+        ),
+        f"seasonality periods must be ints >= 2, got {setting!r}",
+    )
+    return tuple(sorted(int(p) for p in values if p <= input_size))
