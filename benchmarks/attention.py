@@ -172,6 +172,7 @@ SWEEP = [
 def sweep(n: int, H: int, d: int, rep: int) -> dict:
     """Time each override in SWEEP (causal, first row: the defaults); keep the best for the run."""
     from seqtensor.kernels import triton_hops as T
+    from seqtensor.kernels import tuning
 
     dims = DIMS[n]
     q, k, v = (
@@ -181,12 +182,12 @@ def sweep(n: int, H: int, d: int, rep: int) -> dict:
     fn = lambda q, k, v: T.tensorized_fibre_attention(q, k, v, dims, n, causal=True)  # noqa: E731
     best = (float("inf"), {})
     for override in SWEEP:
-        T.CONFIG_OVERRIDE = override
+        tuning.CONFIG_OVERRIDE = override
         fwd, _ = bench(fn, q, k, v, False, rep)
         both, _ = bench(fn, q, k, v, True, rep)
         best = min(best, (both, override), key=lambda x: x[0])
         print(f"sweep n={n} {override}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
-    T.CONFIG_OVERRIDE = best[1]
+    tuning.CONFIG_OVERRIDE = best[1]
     print(f"sweep: using {best[1]}", flush=True)
     return best[1]
 
@@ -275,9 +276,9 @@ def main() -> None:
         help="triton.autotune (auto: except on the GPUs the config table was tuned on)",
     )
     args = ap.parse_args()
-    from seqtensor.kernels import triton_hops as T
+    from seqtensor.kernels import tuning
 
-    T.AUTOTUNE = {"auto": None, "on": True, "off": False}[args.autotune]
+    tuning.AUTOTUNE = {"auto": None, "on": True, "off": False}[args.autotune]
     override = sweep(args.sweep, args.heads, args.head_dim, args.rep) if args.sweep else {}
     if args.profile:
         profile(args.profile, args.heads, args.head_dim)
@@ -352,14 +353,14 @@ def main() -> None:
 
     tuned = {
         f"{direction} fibres<={fib}": {str(key): str(cfg) for key, cfg in tuner.cache.items()}
-        for (direction, fib), tuner in T._TUNERS.items()
+        for (direction, fib), tuner in tuning.TUNERS.items()
     }
     result = dict(
         device=dev,
         torch=torch.__version__,
         triton=triton.__version__,
         config_override=override,
-        autotune=T._use_autotune(torch.device("cuda")),
+        autotune=tuning.use_autotune(torch.device("cuda")),
         autotuned_configs=tuned,
         B=1,
         H=args.heads,

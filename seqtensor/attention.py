@@ -5,13 +5,16 @@ Legend: B batch, H query heads, Hkv kv heads, n length, d head dim, m fold order
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ._validation import check, check_choice, check_tensor
 from .core.folds import FoldLike, resolve_fold
+from .core.plan import COVERAGES, MODES, HopPlan, hop_plan
 from .core.positional import PositionalScheme, make_positional
 from .kernels.reference import kronecker_attention_reference
 from .kernels.registry import available_backends, get_backend, resolve_backend
@@ -24,9 +27,46 @@ __all__ = [
 ]
 
 
-def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
+def _qkv_ok(q, k, v) -> bool:
+    """The checks of ``_explain_qkv`` as one expression: the common (valid) call formats no
+    message, which was most of the op's host time at small n."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)):
+        return False
+    if not (q.ndim == k.ndim == v.ndim == 4 and q.is_floating_point()):
+        return False
+    B, H, n, d = q.shape
+    kB, Hkv, kn, kd = k.shape
+    return (
+        q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
+        and n > 0
+        and H > 0
+        and d > 0
+        and v.shape[3] > 0
+        and kB == B
+        and kn == n
+        and kd == d
+        and v.shape[:3] == k.shape[:3]
+        and Hkv > 0
+        and H % Hkv == 0
+    )
+
+
+def _validate_qkv(q, k, v, key_padding_mask, check_finite: bool):
+    if not _qkv_ok(q, k, v):
+        _explain_qkv(q, k, v)
+    if check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, x, finite=True)
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2])
+
+
+def _explain_qkv(q, k, v):
+    """Raise the error that names what is wrong with q, k, v."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, ndim=4, floating=True, finite=validate_values)
+        check_tensor(name, x, ndim=4, floating=True)
     check(
         q.dtype == k.dtype == v.dtype,
         f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
@@ -54,8 +94,6 @@ def _validate_qkv(q, k, v, key_padding_mask, validate_values: bool):
         k.shape[1] > 0 and H % k.shape[1] == 0,
         f"query heads H={H} must be a multiple of kv heads H_kv={k.shape[1]}",
     )
-    if key_padding_mask is not None:
-        check_key_padding_mask(key_padding_mask, B, n)
 
 
 def check_key_padding_mask(mask: torch.Tensor, B: int, n: int) -> None:
@@ -72,42 +110,24 @@ def check_key_padding_mask(mask: torch.Tensor, B: int, n: int) -> None:
     )
 
 
-def _resolve_hop_order(
-    hop_order: Sequence[int] | None, m: int, causal: bool, coverage: str
-) -> tuple[int, ...]:
-    default = tuple(range(m - 1, -1, -1))
-    if hop_order is None:
-        return default
-    check(
-        not isinstance(hop_order, str)
-        and all(isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hop_order),
-        f"hop_order must be a sequence of int dims, got {hop_order!r}",
-        TypeError,
-    )
-    order = tuple(int(j) for j in hop_order)
-    check(
-        sorted(order) == list(range(m)),
-        f"hop_order must be a permutation of dims 0..{m - 1}, got {tuple(hop_order)}",
-    )
-    # Only finest-to-coarsest keeps summary tokens in the past: other orders would leak the future.
-    check(
-        not (causal and coverage == "full") or order == default,
-        f"causal coverage='full' needs hop_order finest to coarsest {default}, got {order}; use coverage='axial'",
-    )
-    return order
+@functools.lru_cache(maxsize=64)
+def _named_positional(name: str | None, d: int, max_len: int) -> PositionalScheme | None:
+    """One module per (name, d, max_len): a scheme built afresh per call would also rebuild the
+    tables it caches (``TensorRoPE.rotation_table``)."""
+    return make_positional(name, d, max_len=max_len)
 
 
 def _prepare_call(
-    q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, validate_values
-):
-    _validate_qkv(q, k, v, key_padding_mask, validate_values)
+    q, k, v, fold, causal, coverage, mode, positional, key_padding_mask, hop_order, check_finite
+) -> tuple[torch.Tensor, torch.Tensor, HopPlan, PositionalScheme | None]:
+    _validate_qkv(q, k, v, key_padding_mask, check_finite)
     check(
         causal in (True, False) and not isinstance(causal, str),
         f"causal must be a bool, got {causal!r}",
         TypeError,
     )
-    check_choice("coverage", coverage, ("full", "axial"))
-    check_choice("mode", mode, ("fibre", "kronecker"))
+    check_choice("coverage", coverage, COVERAGES)
+    check_choice("mode", mode, MODES)
     n, d = q.shape[2], q.shape[3]
     fold = resolve_fold(fold, n)
     check(
@@ -116,7 +136,7 @@ def _prepare_call(
         "seqtensor.core.positional.Learned(max_len, d) once (trained with the model) and pass it",
     )
     if isinstance(positional, str) or positional is None:
-        positional = make_positional(positional, d, max_len=fold.size)
+        positional = _named_positional(positional, d, fold.size)
     check(
         positional is None or isinstance(positional, PositionalScheme),
         f"positional must be a name or a PositionalScheme, got {positional!r}",
@@ -138,8 +158,8 @@ def _prepare_call(
             fold.size == n and key_padding_mask is None,
             f"mode='kronecker' needs a fold without padding (prod(dims)={fold.size}, n={n}) and no key_padding_mask",
         )
-    hop_order = _resolve_hop_order(hop_order, fold.order, causal, coverage)
-    return q, k, fold, hop_positional, hop_order
+    plan = hop_plan(fold.dims, n, causal=causal, coverage=coverage, hop_order=hop_order)
+    return q, k, plan, hop_positional
 
 
 def tensorized_attention(
@@ -156,8 +176,9 @@ def tensorized_attention(
     scale: float | None = None,
     hop_order: Sequence[int] | None = None,
     backend: str = "auto",
-    validate_values: bool = True,
+    check_finite: bool = False,
     hop_gates: torch.Tensor | None = None,
+    validate_values: bool | None = None,
 ) -> torch.Tensor:
     """Multi-hop attention over a folded sequence.
 
@@ -174,18 +195,35 @@ def tensorized_attention(
     scale : logit scale, default 1/sqrt(d).
     hop_order : dims to hop along, 0-based (0 = coarsest); default finest to coarsest.
     backend : "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
-    validate_values : check q, k, v for NaN/inf (one reduction; turn off inside trusted models).
+    check_finite : raise on NaN/inf in q, k, v (and hop_gates outside [0, 1]). Off by default: the
+        check reads every input and waits for the device. Without it NaN in gives NaN out, as in
+        SDPA.
     hop_gates : optional (H, m - 1) values in [0, 1], an extension of SPEC's hop (fibre mode): the
         i-th hop after the first updates ``V <- V + g[:, i] * (hop(V) - V)`` instead of
         ``V <- hop(V)``, so a model can keep its local (first-hop) result and take only part of the
         coarser mixtures. All ones is the plain method. Differentiable (gates too), both backends.
 
+    validate_values : deprecated name of ``check_finite``.
+
     Returns
     -------
     (B, H, n, d) tensor. Outputs at masked positions are relays, not meaningful results.
     """
+    if validate_values is not None:
+        if validate_values:
+            warnings.warn(
+                "validate_values is deprecated: pass check_finite=True",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        check_finite = bool(validate_values)
+    check(
+        scale is None or isinstance(scale, numbers.Real) and not isinstance(scale, bool),
+        f"scale must be a real number or None, got {scale!r}",
+        TypeError,
+    )
     q_in = q
-    q, k, fold, hop_positional, hop_order = _prepare_call(
+    q, k, plan, hop_positional = _prepare_call(
         q,
         k,
         v,
@@ -196,18 +234,22 @@ def tensorized_attention(
         positional,
         key_padding_mask,
         hop_order,
-        validate_values,
+        check_finite,
     )
     if hop_gates is not None:
         check(mode == "fibre", "hop_gates apply to mode='fibre' only")
-        _check_hop_gates(hop_gates, q, fold.order, values=validate_values)
+        _check_hop_gates(hop_gates, q, plan.m, values=check_finite)
     if mode == "kronecker":
         return kronecker_attention_reference(
-            q, k, v, fold.dims, scale=scale, hop_positional=hop_positional
+            q, k, v, plan.dims, scale=scale, hop_positional=hop_positional
         )
     if q.shape[0] == 0:  # an empty batch, as SDPA allows
         return v.new_empty(0, q.shape[1], q.shape[2], v.shape[3])
-    fn = get_backend(resolve_backend(backend, q_in.device))
+    resolved = resolve_backend(backend, q_in.device)
+    if plan.m == 1 and key_padding_mask is None and backend == "auto" and resolved == "triton":
+        # One hop is plain attention: PyTorch's flash kernel is the fastest there is on a GPU
+        return _one_hop_sdpa(q, k, v, causal, scale, hop_positional)
+    fn = get_backend(resolved)
     gated = (
         {} if hop_gates is None else {"hop_gates": hop_gates}
     )  # backends registered without gates still work
@@ -215,15 +257,25 @@ def tensorized_attention(
         q,
         k,
         v,
-        fold.dims,
-        q.shape[2],
+        plan.dims,
+        plan.n,
         causal=causal,
         coverage=coverage,
-        hop_order=hop_order,
+        hop_order=plan.order,
         scale=scale,
         hop_positional=hop_positional,
         key_padding_mask=key_padding_mask,
         **gated,
+    )
+
+
+def _one_hop_sdpa(q, k, v, causal, scale, hop_positional) -> torch.Tensor:
+    """Order 1 (fold (n,)): the hop's coordinate is the token index, so this is SDPA."""
+    if hop_positional is not None:
+        pos = torch.arange(q.shape[2], device=q.device)
+        q, k = hop_positional.hop(q, pos), hop_positional.hop(k, pos)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 

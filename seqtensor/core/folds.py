@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from .._validation import check
 
@@ -24,6 +23,7 @@ __all__ = [
     "BlockFold",
     "ExtrapolatingFold",
     "FoldLike",
+    "GPU_DENSE_CROSSOVER",
     "resolve_fold",
     "fold_to_dict",
     "fold_from_dict",
@@ -48,7 +48,8 @@ class Fold:
     def __init__(self, dims: Sequence[int], n: int | None = None) -> None:
         dims = tuple(dims)
         check(len(dims) > 0, "fold dims must not be empty")
-        for d in dims:
+        # one pass without messages first: formatting them was most of a call's host time
+        for d in () if all(type(x) is int and x > 0 for x in dims) else dims:
             check(
                 isinstance(d, int) and not isinstance(d, bool),
                 f"fold dims must be ints, got {dims!r}",
@@ -57,7 +58,7 @@ class Fold:
             check(d > 0, f"fold dims must be positive, got {dims!r}")
         self.dims: tuple[int, ...] = dims
         self.size: int = math.prod(dims)
-        if n is not None:
+        if n is not None and not (type(n) is int and 0 < n <= self.size):
             check(
                 isinstance(n, int) and not isinstance(n, bool) and n > 0,
                 f"sequence length n must be a positive int, got {n!r}",
@@ -124,7 +125,7 @@ class Fold:
         return f"Fold({self.dims}{n})"
 
 
-FoldLike = Union[Fold, Sequence[int], Callable[[int], Fold]]
+FoldLike = Fold | Sequence[int] | Callable[[int], Fold]
 
 
 def resolve_fold(fold: FoldLike, n: int) -> Fold:
@@ -190,6 +191,21 @@ def _balanced_dims(
     return None if best is None else best[1]
 
 
+# Below this length one flash-attention pass (order 1) beat order 2 forward and forward+backward
+# on an H200 (B=1, H=32, d=128, bf16, causal; benchmarks/results/attention_public_h200.json:
+# forward / forward+backward at 2048 tokens SDPA 0.17 / 0.63 ms, order 2 0.28 / 1.49 ms; at 4096
+# tokens SDPA 0.50 / 1.92 ms, order 2 0.16 / 1.31 ms).
+# CPUs have no such crossover measured: there the reference backend runs every hop through SDPA.
+GPU_DENSE_CROSSOVER = 4096
+
+
+def _check_dense_below(value: int) -> None:
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        f"dense_below must be an int >= 0, got {value!r}",
+    )
+
+
 @dataclass(frozen=True)
 class FixedFold:
     """Always the same dims; errors if they do not cover n."""
@@ -208,10 +224,15 @@ class BalancedFold:
     ----------
     order : fold order m.
     multiple : every dim is a multiple of this (kernel block alignment).
+    dense_below : below this length, order 1 (full attention, which the op then runs on flash
+        attention): where one hop is cheaper than several. ``GPU_DENSE_CROSSOVER`` is the measured
+        crossover on an H200; 0 (the default) never switches, since the switch changes what a model
+        computes at short lengths.
     """
 
     order: int
     multiple: int = 1
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         check(
@@ -222,9 +243,12 @@ class BalancedFold:
             isinstance(self.multiple, int) and self.multiple >= 1,
             f"multiple must be an int >= 1, got {self.multiple!r}",
         )
+        _check_dense_below(self.dense_below)
 
     def __call__(self, n: int) -> Fold:
         check(n >= 1, f"sequence length must be >= 1, got {n}")
+        if n < self.dense_below:
+            return Fold((n,), n)
         return Fold(_balanced_dims(n, self.order, self.multiple), n)
 
 
@@ -271,8 +295,10 @@ class ExtrapolatingFold:
 
     max_dim: int
     min_order: int = 2
+    dense_below: int = 0  # as in BalancedFold
 
     def __post_init__(self) -> None:
+        _check_dense_below(self.dense_below)
         check(
             isinstance(self.max_dim, int) and self.max_dim >= 2,
             f"max_dim must be an int >= 2, got {self.max_dim!r}",
@@ -284,6 +310,8 @@ class ExtrapolatingFold:
 
     def __call__(self, n: int) -> Fold:
         check(n >= 1, f"sequence length must be >= 1, got {n}")
+        if n < self.dense_below:
+            return Fold((n,), n)
         order = self.min_order
         while self.max_dim**order < n:
             order += 1

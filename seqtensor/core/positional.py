@@ -113,6 +113,29 @@ class TensorRoPE(PositionalScheme):
     def hop(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return rotate(x, positions, self.inv_freq)
 
+    def rotation_table(self, positions: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """(>= positions, d) contiguous [cos | sin] of ``pos * inv_freq`` for pos = 0, 1, ...
+
+        The kernels' table, built once per (dtype, device) and grown when more positions are asked
+        for: rebuilding it per call cost a host-to-device copy and several launches. Rebuilt if
+        ``inv_freq`` changes (moved, replaced or edited in place).
+        """
+        device = torch.device(device)
+        key = (dtype, device)
+        f = self.inv_freq
+        stamp = (f.data_ptr(), f._version, f.device, f.dtype)
+        tables = self.__dict__.setdefault("_rotation_tables", {})
+        hit = tables.get(key)
+        if hit is not None and hit[0] == stamp and hit[1].shape[0] >= positions:
+            return hit[1]
+        rows = max(positions, 0 if hit is None else hit[1].shape[0])
+        pos = torch.arange(rows, dtype=torch.float64, device=device)
+        angles = pos[:, None] * f.to(device=device, dtype=torch.float64)[None, :]
+        table = torch.cat([angles.cos(), angles.sin()], dim=1).to(dtype).contiguous()
+        # inv_freq is kept alive with the stamp, so its data_ptr cannot be reused by another tensor
+        tables[key] = (stamp, table, f)
+        return table
+
     def phase(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rotation as unit complex numbers (len(positions), d/2) for real ``dtype`` float32/64:
         ``view_as_complex`` of interleaved pairs (x1_i, x2_i) times it equals ``hop``."""

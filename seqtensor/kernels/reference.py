@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..core.plan import hop_plan
 from ..core.positional import PositionalScheme, TensorRoPE
 
 __all__ = ["fibre_attention_reference", "kronecker_attention_reference"]
@@ -101,8 +102,8 @@ def fibre_attention_reference(
     i-th hop after the first mixes ``V + g[:, i] * (hop(V) - V)`` (see ``tensorized_attention``).
     """
     B, H, _, d = q.shape
-    m, N = len(dims), math.prod(dims)
-    hop_order = tuple(range(m - 1, -1, -1)) if hop_order is None else hop_order
+    plan = hop_plan(dims, n, causal=causal, coverage=coverage, hop_order=hop_order)
+    dims, m, N = plan.dims, plan.m, plan.N
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # TensorRoPE as a complex multiply needs complex64/128, i.e. a float32/64 working precision
     complex_rotary = isinstance(hop_positional, TensorRoPE) and work_dtype(
@@ -116,17 +117,10 @@ def fibre_attention_reference(
         vg.unflatten(3, dims),
         valid.unflatten(1, dims),
     )
-    processed: set[int] = set()
-    for i, j in enumerate(hop_order):
-        with_summary = (
-            causal
-            and coverage == "full"
-            and math.prod(dims[j + 1 :]) > 1
-            and processed == set(range(j + 1, m))
-        )
+    for i, hop in enumerate(plan.hops):
         v_in = vg
         vg, valid = _hop(
-            qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, complex_rotary
+            qg, kg, vg, valid, hop.dim, causal, hop.summary, scale, hop_positional, complex_rotary
         )
         if hop_gates is not None and i > 0:
             g = (
@@ -135,7 +129,6 @@ def fibre_attention_reference(
                 .reshape(1, k.shape[1], H // k.shape[1], *[1] * (m + 1))
             )
             vg = v_in + g * (vg - v_in)
-        processed.add(j)
     # Returned as a (B, H, n, dv) view of (B, N, H, dv) memory: the caller's transpose back to
     # (B, n, H * dv) is then free.
     out = vg.expand(B, k.shape[1], H // k.shape[1], *dims, vg.shape[-1]).permute(
@@ -218,7 +211,7 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, is_causal=True, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
         )
-        return _from_fibres(out, j, (B, Hkv, G), dims), valid
+        return _from_fibres(_keep_nan(out, qf, scale), j, (B, Hkv, G), dims), valid
     key_ok, has_key = _hop_keys(
         valid, j, causal, with_summary
     )  # per (B, P, S) fibre, shared by kv heads
@@ -241,6 +234,7 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
     out = torch.nn.functional.scaled_dot_product_attention(
         qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
     )
+    out = _keep_nan(out, qf, scale)
     if not all_have_keys:
         out = (
             out.unflatten(0, (B, Hkv, -1))
@@ -250,6 +244,16 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
         :, 0, 0, ..., 0
     ]
     return _from_fibres(out, j, (B, Hkv, G), dims), new_valid
+
+
+def _keep_nan(out: torch.Tensor, qf: torch.Tensor, scale: float) -> torch.Tensor:
+    """NaN rows where the query (or the scale) is not finite.
+
+    PyTorch's CPU flash SDPA returns zeros for a query row whose logits are all NaN (it skips NaN
+    in the row max, then sees a fully masked row); NaN in must give NaN out, as SDPA's math path
+    and the Triton kernels do. One read of q per hop, no device sync.
+    """
+    return out + qf.sum(-1, keepdim=True).mul(0.0 * scale).to(out.dtype)
 
 
 def kronecker_attention_reference(
@@ -268,13 +272,14 @@ def kronecker_attention_reference(
     scale). The output is ``(A_1 (x) ... (x) A_m) vec(V)``.
     """
     B, H, n, d = q.shape
-    m, N = len(dims), math.prod(dims)
+    plan = hop_plan(dims, n, hop_order=range(len(dims)))
+    N = plan.N
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg, kg, vg, _ = _prepare(q, k, v, n, N, None)
     G = qg.shape[2]
     vg = vg.expand(*qg.shape[:3], N, vg.shape[-1])
-    for j in range(m):
-        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
+    for hop in plan.hops:
+        P, nj, S = hop.P, hop.nj, hop.S
         qj = qg.reshape(B, -1, G, P, nj, S, d)
         kj = kg.reshape(B, -1, 1, P, nj, S, d)
         if hop_positional is not None:

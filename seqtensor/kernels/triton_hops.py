@@ -43,10 +43,7 @@ TensorRoPE, head dims above 256) run the reference with a RuntimeWarning: see ``
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -54,16 +51,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.plan import HopPlan, hop_plan
 from ..core.positional import TensorRoPE
+from . import tuning
 from .reference import fibre_attention_reference
+from .tuning import MAX_BLOCK, block_size, config, launch
 
 __all__ = ["tensorized_fibre_attention", "fallback_reason"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
 POISON = False
 _MAX_HEAD_DIM = 256
-_MAX_BLOCK = 256  # rows per block, at most: the rotation table covers fibre positions + one block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +89,9 @@ def _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN: tl.constexpr):
     hmask = offs_h[None, :] < D1
     c = tl.load(ptr, mask=hmask, other=1.0)
     s = tl.load(ptr + D1, mask=hmask, other=0.0) * SIGN
+    if Rot.dtype.element_ty == tl.float16:  # bf16 inputs' half-size table: rotate in fp32
+        c = c.to(tl.float32)
+        s = s.to(tl.float32)
     a = x1.to(c.dtype)
     b = x2.to(c.dtype)
     return a * c - b * s, b * c + a * s
@@ -165,10 +166,10 @@ def _fwd_keys(
     n,
     n_vin,
     vrow,
-    skt,
-    skd,
-    svt,
-    svd,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
     offs_h,
     offs_dv,
     D1,
@@ -186,7 +187,7 @@ def _fwd_keys(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
+        k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :]
         if CAUSAL:
@@ -201,7 +202,9 @@ def _fwd_keys(
         pm = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pm, 1)
         vmask = (rowk & (tk < n_vin))[:, None] & (offs_dv[None, :] < NDV)
-        v = tl.load(Vp + tk[:, None] * svt + offs_dv[None, :] * svd, mask=vmask, other=0.0)
+        v = tl.load(
+            Vp + tk[:, None] * stride_vt + offs_dv[None, :] * stride_vd, mask=vmask, other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -217,22 +220,22 @@ def _hop_fwd_kernel(
     ValidIn,
     Valid0,
     Rot,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sob,
-    soh,
-    sot,
-    sod,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
     n,
     N,
     H,
@@ -277,9 +280,20 @@ def _hop_fwd_kernel(
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    q1, q2 = _load_qk(Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE)
-    Kp = K + b * skb + (h // G) * skh
-    Vp = V + b * svb + (h // VG) * svh
+    q1, q2 = _load_qk(
+        Q + b * stride_qb + h * stride_qh,
+        tq * stride_qt,
+        qin,
+        offs_m,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_qd,
+        ROPE,
+    )
+    Kp = K + b * stride_kb + (h // G) * stride_kh
+    Vp = V + b * stride_vb + (h // VG) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -307,10 +321,10 @@ def _hop_fwd_kernel(
         n,
         n_vin,
         vrow,
-        skt,
-        skd,
-        svt,
-        svd,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
         offs_h,
         offs_dv,
         D1,
@@ -346,10 +360,10 @@ def _hop_fwd_kernel(
             n,
             n_vin,
             vrow,
-            skt,
-            skd,
-            svt,
-            svd,
+            stride_kt,
+            stride_kd,
+            stride_vt,
+            stride_vd,
             offs_h,
             offs_dv,
             D1,
@@ -364,16 +378,19 @@ def _hop_fwd_kernel(
             DOT_PREC,
         )
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]  # rows with no valid key: acc = 0 -> 0
+    # Rows with no valid key (l_i == 0, acc == 0) output 0. A NaN logit or value makes l_i or acc
+    # NaN whether or not tl.max skipped it (GPUs' max.f32 does, the interpreter's numpy does not);
+    # the test is l_i == 0 rather than l_i > 0 so that NaN stays NaN, as in SDPA.
+    l_safe = tl.where(l_i == 0, 1.0, l_i)
+    out = acc / l_safe[:, None]
     omask = (rowq & (tq < n_out))[:, None] & (offs_dv[None, :] < NDV)
     tl.store(
-        O + b * sob + h * soh + tq[:, None] * sot + offs_dv[None, :] * sod,
+        O + b * stride_ob + h * stride_oh + tq[:, None] * stride_ot + offs_dv[None, :] * stride_od,
         out.to(O.dtype.element_ty),
         mask=omask,
     )
     if STORE_LSE:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("inf"))
+        lse = tl.where(l_i == 0, float("inf"), m_i + tl.log2(l_safe))
         tl.store(Lse + (b * H + h) * N + tq, lse, mask=rowq)
 
 
@@ -412,10 +429,10 @@ def _dq_keys(
     n,
     n_vin,
     vrow,
-    skt,
-    skd,
-    svt,
-    svd,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
     offs_h,
     offs_dv,
     D1,
@@ -433,8 +450,8 @@ def _dq_keys(
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
-        v = _load_rows(Vp, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
+        k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :] & rowq[:, None]
         if CAUSAL:
@@ -498,8 +515,8 @@ def _row_delta(
     orow,
     offs_dv,
     NDV,
-    sot,
-    sod,
+    stride_ot,
+    stride_od,
     ACC: tl.constexpr,
     DELTA_IN: tl.constexpr,
     STORE: tl.constexpr,
@@ -508,7 +525,7 @@ def _row_delta(
     if DELTA_IN:
         delta = tl.load(Dl + tq, mask=rowq, other=0.0)
     else:
-        o = _load_rows(Op, tq * sot, orow, offs_dv, NDV, sod)
+        o = _load_rows(Op, tq * stride_ot, orow, offs_dv, NDV, stride_od)
         delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
         if STORE:
             tl.store(Dl + tq, delta, mask=rowq)
@@ -531,38 +548,38 @@ def _hop_bwd_kernel(
     ValidIn,
     Valid0,
     Rot,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sob,
-    soh,
-    sot,
-    sod,
-    sdob,
-    sdoh,
-    sdot,
-    sdod,
-    sdqb,
-    sdqh,
-    sdqt,
-    sdqd,
-    sdkb,
-    sdkh,
-    sdkt,
-    sdkd,
-    sdvb,
-    sdvh,
-    sdvt,
-    sdvd,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_dvd,
     n,
     N,
     H,
@@ -619,16 +636,23 @@ def _hop_bwd_kernel(
     vrow = b * N
     offs_h = tl.arange(0, BLOCK_DH)
     offs_dv = tl.arange(0, BLOCK_DV)
-    Kp = K + b * skb + hk * skh
-    DKp = DK + b * sdkb + hk * sdkh
+    Kp = K + b * stride_kb + hk * stride_kh
+    DKp = DK + b * stride_dkb + hk * stride_dkh
 
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + s, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    k1, k2 = _load_qk(Kp, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE)
+    k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
     dk1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dk2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_DV], dtype=ACC)
-    v = _load_rows(V + b * svb + hk * svh, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
+    v = _load_rows(
+        V + b * stride_vb + hk * stride_vh,
+        tk * stride_vt,
+        rowk & (tk < n_vin),
+        offs_dv,
+        NDV,
+        stride_vd,
+    )
     hi = NJ
     if CAUSAL:
         hi = tl.minimum(NJ, (blk + 1) * BLOCK)
@@ -637,25 +661,41 @@ def _hop_bwd_kernel(
         orow = rowk & (tk < n_o)
         for g in range(G):
             h = hk * G + g
-            Vp = V + b * svb + hk * svh
+            Vp = V + b * stride_vb + hk * stride_vh
             if not FIRST:
-                Vp = V + b * svb + h * svh
-                v = _load_rows(Vp, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
+                Vp = V + b * stride_vb + h * stride_vh
+                v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
             q1, q2 = _load_qk(
-                Q + b * sqb + h * sqh, tk * sqt, kin, offs_n, Rot, offs_h, D1, D2, sqd, ROPE
+                Q + b * stride_qb + h * stride_qh,
+                tk * stride_qt,
+                kin,
+                offs_n,
+                Rot,
+                offs_h,
+                D1,
+                D2,
+                stride_qd,
+                ROPE,
             )
-            do = _load_rows(DO + b * sdob + h * sdoh, tk * sdot, orow, offs_dv, NDV, sdod)
+            do = _load_rows(
+                DO + b * stride_dob + h * stride_doh,
+                tk * stride_dot,
+                orow,
+                offs_dv,
+                NDV,
+                stride_dod,
+            )
             delta = _row_delta(
                 Delta + (b * H + h) * N,
                 do,
-                O + b * sob + h * soh,
+                O + b * stride_ob + h * stride_oh,
                 tk,
                 rowk,
                 orow,
                 offs_dv,
                 NDV,
-                sot,
-                sod,
+                stride_ot,
+                stride_od,
                 ACC,
                 DELTA_IN,
                 STORE_DELTA,
@@ -700,10 +740,10 @@ def _hop_bwd_kernel(
                     n,
                     n_vin,
                     vrow,
-                    skt,
-                    skd,
-                    svt,
-                    svd,
+                    stride_kt,
+                    stride_kd,
+                    stride_vt,
+                    stride_vd,
                     offs_h,
                     offs_dv,
                     D1,
@@ -718,8 +758,8 @@ def _hop_bwd_kernel(
                     DOT_PREC,
                 )
             _store_grad(
-                DQ + b * sdqb + h * sdqh,
-                tk * sdqt,
+                DQ + b * stride_dqb + h * stride_dqh,
+                tk * stride_dqt,
                 rowk & (tk < n),
                 kin,
                 offs_n,
@@ -727,7 +767,7 @@ def _hop_bwd_kernel(
                 offs_h,
                 D1,
                 D2,
-                sdqd,
+                stride_dqd,
                 dq1,
                 dq2,
                 scale,
@@ -738,21 +778,27 @@ def _hop_bwd_kernel(
                 dv += dvg
             else:
                 _store_rows(
-                    DV + b * sdvb + h * sdvh, tk * sdvt, rowk & (tk < n_dv), offs_dv, NDV, sdvd, dvg
+                    DV + b * stride_dvb + h * stride_dvh,
+                    tk * stride_dvt,
+                    rowk & (tk < n_dv),
+                    offs_dv,
+                    NDV,
+                    stride_dvd,
+                    dvg,
                 )
         if FIRST:
             _store_rows(
-                DV + b * sdvb + hk * sdvh,
-                tk * sdvt,
+                DV + b * stride_dvb + hk * stride_dvh,
+                tk * stride_dvt,
                 rowk & (tk < n_dv),
                 offs_dv,
                 NDV,
-                sdvd,
+                stride_dvd,
                 tl.where(kin[:, None], dv, 0.0),
             )
         _store_grad(
             DKp,
-            tk * sdkt,
+            tk * stride_dkt,
             rowk & (tk < n),
             kin,
             offs_n,
@@ -760,7 +806,7 @@ def _hop_bwd_kernel(
             offs_h,
             D1,
             D2,
-            sdkd,
+            stride_dkd,
             dk1,
             dk2,
             scale,
@@ -776,7 +822,12 @@ def _hop_bwd_kernel(
             h = hk * G + g
             if not FIRST:
                 v = _load_rows(
-                    V + b * svb + h * svh, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd
+                    V + b * stride_vb + h * stride_vh,
+                    tk * stride_vt,
+                    rowk & (tk < n_vin),
+                    offs_dv,
+                    NDV,
+                    stride_vd,
                 )
                 dv = tl.zeros([BLOCK, BLOCK_DV], dtype=ACC)
             for start in range(lo, NJ, BLOCK):
@@ -785,21 +836,37 @@ def _hop_bwd_kernel(
                     fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED
                 )
                 q1, q2 = _load_qk(
-                    Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE
+                    Q + b * stride_qb + h * stride_qh,
+                    tq * stride_qt,
+                    qin,
+                    offs_m,
+                    Rot,
+                    offs_h,
+                    D1,
+                    D2,
+                    stride_qd,
+                    ROPE,
                 )
                 orow = rowq & (tq < n_o)
-                do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, orow, offs_dv, NDV, sdod)
+                do = _load_rows(
+                    DO + b * stride_dob + h * stride_doh,
+                    tq * stride_dot,
+                    orow,
+                    offs_dv,
+                    NDV,
+                    stride_dod,
+                )
                 delta = _row_delta(
                     Delta + (b * H + h) * N,
                     do,
-                    O + b * sob + h * soh,
+                    O + b * stride_ob + h * stride_oh,
                     tq,
                     rowq,
                     orow,
                     offs_dv,
                     NDV,
-                    sot,
-                    sod,
+                    stride_ot,
+                    stride_od,
                     ACC,
                     DELTA_IN,
                     False,
@@ -817,23 +884,29 @@ def _hop_bwd_kernel(
                 dk2 += tl.dot(ds, q2, input_precision=DOT_PREC)
             if not FIRST:
                 _store_rows(
-                    DV + b * sdvb + h * sdvh, tk * sdvt, rowk & (tk < n_dv), offs_dv, NDV, sdvd, dv
+                    DV + b * stride_dvb + h * stride_dvh,
+                    tk * stride_dvt,
+                    rowk & (tk < n_dv),
+                    offs_dv,
+                    NDV,
+                    stride_dvd,
+                    dv,
                 )
                 if DELTA_OUT:
                     tl.store(DeltaNext + (b * H + h) * N + tk, tl.sum(dv * v.to(ACC), 1), mask=rowk)
         if FIRST:
             _store_rows(
-                DV + b * sdvb + hk * sdvh,
-                tk * sdvt,
+                DV + b * stride_dvb + hk * stride_dvh,
+                tk * stride_dvt,
                 rowk & (tk < n_dv),
                 offs_dv,
                 NDV,
-                sdvd,
+                stride_dvd,
                 tl.where(kin[:, None], dv, 0.0),
             )
         _store_grad(
             DKp,
-            tk * sdkt,
+            tk * stride_dkt,
             rowk & (tk < n),
             kin,
             offs_n,
@@ -841,7 +914,7 @@ def _hop_bwd_kernel(
             offs_h,
             D1,
             D2,
-            sdkd,
+            stride_dkd,
             dk1,
             dk2,
             scale,
@@ -855,24 +928,40 @@ def _hop_bwd_kernel(
         orow = rowq & (tq < n_o)
         for g in range(G):
             h = hk * G + g
-            Vp = V + b * svb + h * svh
+            Vp = V + b * stride_vb + h * stride_vh
             if FIRST:
-                Vp = V + b * svb + hk * svh
+                Vp = V + b * stride_vb + hk * stride_vh
             q1, q2 = _load_qk(
-                Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE
+                Q + b * stride_qb + h * stride_qh,
+                tq * stride_qt,
+                qin,
+                offs_m,
+                Rot,
+                offs_h,
+                D1,
+                D2,
+                stride_qd,
+                ROPE,
             )
-            do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, orow, offs_dv, NDV, sdod)
+            do = _load_rows(
+                DO + b * stride_dob + h * stride_doh,
+                tq * stride_dot,
+                orow,
+                offs_dv,
+                NDV,
+                stride_dod,
+            )
             delta = _row_delta(
                 Delta + (b * H + h) * N,
                 do,
-                O + b * sob + h * soh,
+                O + b * stride_ob + h * stride_oh,
                 tq,
                 rowq,
                 orow,
                 offs_dv,
                 NDV,
-                sot,
-                sod,
+                stride_ot,
+                stride_od,
                 ACC,
                 DELTA_IN,
                 STORE_DELTA,
@@ -903,10 +992,10 @@ def _hop_bwd_kernel(
                 n,
                 n_vin,
                 vrow,
-                skt,
-                skd,
-                svt,
-                svd,
+                stride_kt,
+                stride_kd,
+                stride_vt,
+                stride_vd,
                 offs_h,
                 offs_dv,
                 D1,
@@ -945,10 +1034,10 @@ def _hop_bwd_kernel(
                     n,
                     n_vin,
                     vrow,
-                    skt,
-                    skd,
-                    svt,
-                    svd,
+                    stride_kt,
+                    stride_kd,
+                    stride_vt,
+                    stride_vd,
                     offs_h,
                     offs_dv,
                     D1,
@@ -963,8 +1052,8 @@ def _hop_bwd_kernel(
                     DOT_PREC,
                 )
             _store_grad(
-                DQ + b * sdqb + h * sdqh,
-                tq * sdqt,
+                DQ + b * stride_dqb + h * stride_dqh,
+                tq * stride_dqt,
                 rowq & (tq < n),
                 qin,
                 offs_m,
@@ -972,7 +1061,7 @@ def _hop_bwd_kernel(
                 offs_h,
                 D1,
                 D2,
-                sdqd,
+                stride_dqd,
                 dq1,
                 dq2,
                 scale,
@@ -994,22 +1083,22 @@ def _hop_bwd_summary_kernel(
     Rot,
     DKS,
     DVS,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sdob,
-    sdoh,
-    sdot,
-    sdod,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
     n,
     N,
     H,
@@ -1057,9 +1146,25 @@ def _hop_bwd_summary_kernel(
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + S - 1, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
     k1, k2 = _load_qk(
-        K + b * skb + (h // G) * skh, tk * skt, kin, offs_n, Rot, offs_h, D1, D2, skd, ROPE
+        K + b * stride_kb + (h // G) * stride_kh,
+        tk * stride_kt,
+        kin,
+        offs_n,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_kd,
+        ROPE,
     )
-    v = _load_rows(V + b * svb + h * svh, tk * svt, rowk & (tk < n_vin), offs_dv, NDV, svd)
+    v = _load_rows(
+        V + b * stride_vb + h * stride_vh,
+        tk * stride_vt,
+        rowk & (tk < n_vin),
+        offs_dv,
+        NDV,
+        stride_vd,
+    )
     dk1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dk2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_DV], dtype=ACC)
@@ -1073,9 +1178,25 @@ def _hop_bwd_summary_kernel(
         offs_m = blk * BLOCK + (it % nqb) * BLOCK + tl.arange(0, BLOCK)
         tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
         q1, q2 = _load_qk(
-            Q + b * sqb + h * sqh, tq * sqt, qin, offs_m, Rot, offs_h, D1, D2, sqd, ROPE
+            Q + b * stride_qb + h * stride_qh,
+            tq * stride_qt,
+            qin,
+            offs_m,
+            Rot,
+            offs_h,
+            D1,
+            D2,
+            stride_qd,
+            ROPE,
         )
-        do = _load_rows(DO + b * sdob + h * sdoh, tq * sdot, rowq & (tq < n_o), offs_dv, NDV, sdod)
+        do = _load_rows(
+            DO + b * stride_dob + h * stride_doh,
+            tq * stride_dot,
+            rowq & (tq < n_o),
+            offs_dv,
+            NDV,
+            stride_dod,
+        )
         lse = tl.load(Lse + (b * H + h) * N + tq, mask=rowq, other=float("inf"))
         delta = tl.load(Delta + (b * H + h) * N + tq, mask=rowq, other=0.0)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
@@ -1098,202 +1219,36 @@ def _hop_bwd_summary_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Config:
-    block_m: int  # query rows per program (forward)
-    block_n: int  # key rows per inner step (forward)
-    block: int  # rows per block in the backward (keys in phase 1, queries in phase 2)
-    num_warps: int  # warps per forward program
-    num_stages: int  # software-pipelining depth of the inner loops
-    bwd_warps: (
-        int  # warps per backward program (more: dk, dv and dq accumulators live in registers)
-    )
-
-
-# Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table below.
-# A non-empty override also turns autotuning off, so the configs compared are the ones that run.
-CONFIG_OVERRIDE: dict = {}
-# None (default): on CUDA GPUs the table was not tuned on, hops are autotuned once per process and
-# fibre-length bucket (``_tuner``: triton.autotune over the candidates below, the table's among them). On the H200,
-# where the table was swept, autotune's picks were mixed (faster forwards on 128-long fibres, up to
-# 20% slower elsewhere: the backward's timings include restoring dq and dk) and tuning at 128k took
-# over a minute (docs/performance.md), so the table stays. True / False: always / never.
-# The interpreter and CONFIG_OVERRIDE always use the table.
-AUTOTUNE: bool | None = None
-_TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
-
-
-def _config(nj: int, d: int, dv: int) -> _Config:
-    """Fixed meta-parameters: 16-row blocks under the interpreter, else sized to the fibre and head dim."""
-    base = _Config(16, 16, 16, 1, 1, 1) if _INTERPRET else _gpu_config(nj, d, dv)
-    cfg = dataclasses.replace(base, **CONFIG_OVERRIDE)
-    assert max(cfg.block_m, cfg.block_n, cfg.block) <= _MAX_BLOCK, cfg
-    return cfg
-
-
-def _gpu_config(nj: int, d: int, dv: int) -> _Config:
-    """Blocks as large as useful: the fibre rounded up, capped by the register room of the head dim."""
-    fib = _blk(nj)
-    wide = max(d, dv) > 128
-    bm = min(fib, 64 if wide else 128)
-    bn = min(fib, 32 if wide else 64)
-    bb = min(fib, 32 if wide else 64)
-    # bwd_warps 4: 20.1 ms against 25.0 ms with 8 (128k causal fwd+bwd, H200, docs/performance.md)
-    return _Config(bm, bn, bb, 8 if bm >= 128 else 4, 2, 4)
-
-
-def _use_autotune(device: torch.device) -> bool:
-    if _INTERPRET or CONFIG_OVERRIDE or AUTOTUNE is False:
-        return False
-    return AUTOTUNE or _device_name(device) not in _TABLE_GPUS
-
-
-@functools.cache
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-# Autotune candidates (block_m, block_n, warps, stages) and (block, warps, stages), clipped to the
-# hop by the prune functions below (the table's blocks are the largest useful); the table's config
-# is always among them.
-_FWD_CANDIDATES = (
-    (128, 64, 8, 2),
-    (128, 64, 4, 2),
-    (128, 32, 8, 3),
-    (64, 64, 4, 2),
-    (64, 64, 4, 3),
-    (64, 32, 4, 3),
-    (32, 32, 4, 2),
-)
-_BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2))
-# Tuned once per fibre-length bucket (a power of two: one tuner each, ``_tuner``) and these settings,
-# not per shape: P, S and the coarsest n_j change with every sequence length, and retuning each
-# would stall variable-length inputs (a text model's prompts) for seconds per new length.
-_TUNE_KEY = ["D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
-
-
-def _fwd_candidates(configs, named_args, **kwargs) -> list:
-    """Forward configs for this hop: blocks no larger than the fibre or the head dim's register room."""
-    table = _gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
-    seen = {(table.block_m, table.block_n, table.num_warps, table.num_stages): None}
-    for bm, bn, warps, stages in _FWD_CANDIDATES:
-        bm, bn = min(bm, table.block_m), min(bn, table.block_n)
-        seen.setdefault((bm, bn, warps if bm >= 64 else 4, stages), None)
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in seen
-    ]
-
-
-def _bwd_candidates(configs, named_args, **kwargs) -> list:
-    """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below it."""
-    table = _gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
-    seen = {(table.block, table.bwd_warps, table.num_stages): None}
-    for block, warps, stages in _BWD_CANDIDATES:
-        seen.setdefault(
-            (table.block if kwargs["SINGLE"] else min(block, table.block), warps, stages), None
-        )
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) for b, w, s in seen]
-
-
-_TUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
-
-
-def _tuner(direction: str, nj: int) -> triton.runtime.Autotuner:
-    """The autotuned kernel of one direction for fibres of up to ``_blk(nj)`` rows (one clipped candidate list).
-
-    triton.autotune only tunes when it holds more than one config: it gets the unclipped candidates,
-    and the prune functions replace them with the hop's clipped list. The backward accumulates dq and
-    dk in place across hops, so every timed run restores them.
-    """
-    key = (direction, _blk(nj))
-    if key not in _TUNERS:
-        if direction == "fwd":
-            configs = [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in _FWD_CANDIDATES
-            ]
-            tune = triton.autotune(
-                configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fwd_candidates}
-            )
-            _TUNERS[key] = tune(_hop_fwd_kernel)
-        else:
-            configs = [
-                triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
-                for b, w, s in _BWD_CANDIDATES
-            ]
-            tune = triton.autotune(
-                configs,
-                key=_TUNE_KEY,
-                prune_configs_by={"early_config_prune": _bwd_candidates},
-                restore_value=["DQ", "DK"],
-            )
-            _TUNERS[key] = tune(_hop_bwd_kernel)
-    return _TUNERS[key]
-
-
-def _launch(
-    direction: str, programs: int, nj: int, fixed: dict, device, args: tuple, meta: dict
-) -> None:
-    """One hop kernel over ``programs`` fibres (x the fibre's row blocks): autotuned or the table's ``fixed``."""
-    kernel, block = (
-        (_hop_fwd_kernel, "BLOCK_M") if direction == "fwd" else (_hop_bwd_kernel, "BLOCK")
-    )
-    if _use_autotune(device):
-        _tuner(direction, nj)[lambda c: (programs * triton.cdiv(nj, c[block]),)](*args, **meta)
-    else:
-        kernel[(programs * triton.cdiv(nj, fixed[block]),)](*args, **meta, **fixed)
-
-
-def _blk(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-# ----------------------------------------------------------------------------------------------
 # Plan and validity (host)
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Hop:
-    dim: int  # fold dim hopped along (0 = coarsest)
-    P: int  # prod of coarser dims
-    nj: int  # fibre length
-    S: int  # prod of finer dims (token stride of the fibre)
-    summary: bool  # causal full coverage: attend to summary keys of earlier sibling blocks
+class _Launch:
+    """One call's hop plan and what the kernels need beyond it."""
 
-
-@dataclass(frozen=True)
-class _Plan:
-    dims: tuple[int, ...]
-    n: int
-    N: int
-    hops: tuple[_Hop, ...]
-    causal: bool
+    plan: HopPlan
     scale: float
     masked: bool  # validity bytes needed (padding or key_padding_mask)
 
+    @property
+    def hops(self):
+        return self.plan.hops
 
-def _make_plan(dims, n, d, causal, coverage, hop_order, scale, key_padding_mask) -> _Plan:
-    m, N = len(dims), math.prod(dims)
-    order = tuple(range(m - 1, -1, -1)) if hop_order is None else tuple(hop_order)
-    hops, processed = [], set()
-    for j in order:
-        P, nj, S = math.prod(dims[:j]), dims[j], math.prod(dims[j + 1 :])
-        summary = causal and coverage == "full" and S > 1 and processed == set(range(j + 1, m))
-        hops.append(_Hop(j, P, nj, S, summary))
-        processed.add(j)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _Plan(
-        tuple(dims), n, N, tuple(hops), causal, scale, key_padding_mask is not None or N > n
-    )
+    @property
+    def n(self) -> int:
+        return self.plan.n
+
+    @property
+    def N(self) -> int:
+        return self.plan.N
+
+    @property
+    def causal(self) -> bool:
+        return self.plan.causal
 
 
-def _validity(plan: _Plan, B: int, key_padding_mask, device) -> torch.Tensor:
+def _validity(plan: HopPlan | _Launch, B: int, key_padding_mask, device) -> torch.Tensor:
     """(m + 1, B, N) uint8: level 0 = real unmasked tokens; level k+1 = attended a valid key in hop k."""
     valid = torch.zeros(B, plan.N, dtype=torch.bool, device=device)
     valid[:, : plan.n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
@@ -1350,7 +1305,7 @@ def _kernel_dtypes(dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=None):
+def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates=None):
     """All hops; returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and, with
     ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
 
@@ -1414,19 +1369,19 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=N
             ROPE=rope,
             MASKED=plan.masked,
             STORE_LSE=need_backward,
-            BLOCK_DH=_blk(D1),
-            BLOCK_DV=_blk(dv),
+            BLOCK_DH=block_size(D1),
+            BLOCK_DV=block_size(dv),
             ACC=acc,
             DOT_PREC=prec,
         )
-        cfg = _config(hop.nj, d, dv)
+        cfg = config(hop.nj, d, dv)
         fixed = dict(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        _launch("fwd", B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
+        launch(_hop_fwd_kernel, "fwd", B * H * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if gate is not None:
             if need_backward:
                 raws.append(out)
@@ -1442,12 +1397,12 @@ def _forward(q, k, v, plan: _Plan, rotation, valid, need_backward: bool, gates=N
 
 def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
     """Split the S - 1 sibling fibres into chunks so the summary kernel has enough programs."""
-    target = 4 if _INTERPRET else 1024
+    target = 4 if tuning.INTERPRET else 1024
     return max(1, min(S - 1, -(-target // (B * H * P * nb))))
 
 
 def _backward(
-    grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Plan, gates=None, raws=()
+    grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Launch, gates=None, raws=()
 ):
     """dq, dk, dv (and the gates' gradient, (H, m - 1), or None).
 
@@ -1508,7 +1463,7 @@ def _backward(
         )
         vin_lvl = dummy[idx] if valid is not None else dummy
         v0 = dummy[0] if valid is not None else dummy
-        cfg = _config(hop.nj, d, dv)
+        cfg = config(hop.nj, d, dv)
         args = (
             q,
             k,
@@ -1560,13 +1515,13 @@ def _backward(
             DELTA_IN=gated or not last,
             DELTA_OUT=not first and not gated,
             SINGLE=hop.nj <= cfg.block,
-            BLOCK_DH=_blk(D1),
-            BLOCK_DV=_blk(dv),
+            BLOCK_DH=block_size(D1),
+            BLOCK_DV=block_size(dv),
             ACC=acc,
             DOT_PREC=prec,
         )
         fixed = dict(BLOCK=cfg.block, num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
-        _launch("bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
+        launch(_hop_bwd_kernel, "bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if hop.summary:
             dvs = _summary_backward(
                 q,
@@ -1649,8 +1604,8 @@ def _summary_backward(
         ROPE=rope,
         MASKED=plan.masked,
         BLOCK=cfg.block,
-        BLOCK_DH=_blk(D1),
-        BLOCK_DV=_blk(dv),
+        BLOCK_DH=block_size(D1),
+        BLOCK_DV=block_size(dv),
         ACC=acc,
         DOT_PREC=prec,
         num_warps=cfg.bwd_warps,
@@ -1714,7 +1669,7 @@ def fallback_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional
 ) -> str | None:
     """Why the Triton kernels cannot run this call (None when they can); such calls use the reference."""
-    if not (q.is_cuda or _INTERPRET):
+    if not (q.is_cuda or tuning.INTERPRET):
         return f"tensors on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"dtype {q.dtype} is not supported"
@@ -1771,18 +1726,21 @@ def tensorized_fibre_attention(
     ):  # masked tokens zeroed, as the reference does: NaN/inf there would leak via 0 * NaN
         keep = key_padding_mask[:, None, :, None]
         q, k, v = (x.masked_fill(~keep, 0) for x in (q, k, v))
-    plan = _make_plan(dims, n, q.shape[-1], causal, coverage, hop_order, scale, key_padding_mask)
+    hops = hop_plan(dims, n, causal=causal, coverage=coverage, hop_order=hop_order)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    plan = _Launch(hops, scale, key_padding_mask is not None or hops.padded)
     rotation = None
     if hop_positional is not None:
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        rotation = _rotation_table(hop_positional.inv_freq, max(dims), work, q.device)
+        rotation = hop_positional.rotation_table(
+            max(hops.dims) + MAX_BLOCK, _table_dtype(q.dtype), q.device
+        )
     return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask, hop_gates)
 
 
-def _rotation_table(
-    inv_freq: torch.Tensor, max_dim: int, dtype: torch.dtype, device
-) -> torch.Tensor:
-    """(positions, 2 * D1) [cos | sin] of pos * inv_freq; rows past max_dim cover blocks' masked tails."""
-    pos = torch.arange(max_dim + _MAX_BLOCK, dtype=torch.float64, device=device)
-    angles = pos[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None, :]
-    return torch.cat([angles.cos(), angles.sin()], dim=1).to(dtype).contiguous()
+def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The rotation table's dtype: fp16 for bf16 inputs (its rounding, 2^-11, is a quarter of the
+    bf16 rounding the rotated q and k get anyway, and it halves the table reads of every tile;
+    benchmarks/NOTES.md), else the working precision (fp32, fp64 for fp64)."""
+    if dtype == torch.bfloat16:
+        return torch.float16
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -16,6 +16,8 @@ from ..attention import check_key_padding_mask, resolve_backend, tensorized_atte
 from ..core.folds import ExtrapolatingFold, FoldLike
 from ..core.positional import PositionalScheme, make_positional
 
+_DEFAULT_FOLD = ExtrapolatingFold(64)  # frozen: one shared instance is safe
+
 __all__ = ["TensorizedAttention", "FullAttention", "full_attention"]
 
 
@@ -133,7 +135,7 @@ class TensorizedAttention(_AttentionLayer):
         embed_dim: int,
         num_heads: int,
         num_kv_heads: int | None = None,
-        fold: FoldLike = ExtrapolatingFold(64),
+        fold: FoldLike = _DEFAULT_FOLD,
         causal: bool = False,
         positional: str | PositionalScheme | None = "tensor_rope",
         coverage: str = "full",
@@ -158,7 +160,6 @@ class TensorizedAttention(_AttentionLayer):
             positional=self.positional,
             key_padding_mask=key_padding_mask,
             backend=self.backend,
-            validate_values=False,
         )
 
     def extra_repr(self) -> str:

@@ -158,3 +158,23 @@ def test_block_fold_nested_seasons():
     ]:
         with pytest.raises(ValueError, match="block|order"):
             BlockFold(**bad)
+
+
+@pytest.mark.parametrize(
+    "strategy", [BalancedFold(2, dense_below=100), ExtrapolatingFold(8, dense_below=100)]
+)
+def test_dense_below_switches_to_order_one_below_the_crossover(strategy):
+    assert strategy(99).dims == (99,) and strategy(1).dims == (1,)
+    assert strategy(100).order >= 2 and strategy(4096).order >= 2
+    back = fold_from_dict(json.loads(json.dumps(fold_to_dict(strategy))))
+    assert back == strategy and back(50).dims == (50,)
+
+
+def test_dense_below_off_by_default_and_checked():
+    from seqtensor.core.folds import GPU_DENSE_CROSSOVER
+
+    assert BalancedFold(2)(16).order == 2 and ExtrapolatingFold(8)(16).order == 2
+    assert GPU_DENSE_CROSSOVER > 0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="dense_below"):
+            BalancedFold(2, dense_below=bad)

@@ -67,23 +67,23 @@ def test_gpu_hop_gates_match_float64(case, dtype):
 @pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=_id)
 def test_gpu_autotuned_path_matches_float64(case, monkeypatch):
     """triton.autotune (the default on GPUs the table was not tuned on) picks a config and stays correct."""
-    from seqtensor.kernels import triton_hops as T
+    from seqtensor.kernels import tuning
 
-    monkeypatch.setattr(T, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
     check_gpu(case, torch.bfloat16)
     assert any(
-        tuner.cache for (direction, _), tuner in T._TUNERS.items() if direction == "bwd"
+        tuner.cache for (direction, _), tuner in tuning.TUNERS.items() if direction == "bwd"
     )  # it tuned
 
 
 def test_gpu_every_autotune_candidate_matches_float64(monkeypatch):
     """Each block and warp count the autotuner may pick, on a multi-block and a one-block hop."""
-    from seqtensor.kernels import triton_hops as T
+    from seqtensor.kernels import tuning
 
     case = ((41, 100), 4100, 1, 4, 2, 128, "bnhd", True, "full", True, True)
     args, kw = {"NJ": 100}, {"D1": 64, "D2": 64, "NDV": 128}
-    fwd = T._fwd_candidates(None, args, **kw)
-    bwd = T._bwd_candidates(None, args, SINGLE=False, **kw)
+    fwd = tuning.fwd_candidates(None, args, **kw)
+    bwd = tuning.bwd_candidates(None, args, SINGLE=False, **kw)
     for i in range(max(len(fwd), len(bwd))):
         f, b = fwd[i % len(fwd)], bwd[i % len(bwd)]
         override = dict(
@@ -94,7 +94,7 @@ def test_gpu_every_autotune_candidate_matches_float64(monkeypatch):
             block=b.kwargs["BLOCK"],
             bwd_warps=b.num_warps,
         )
-        monkeypatch.setattr(T, "CONFIG_OVERRIDE", override)
+        monkeypatch.setattr(tuning, "CONFIG_OVERRIDE", override)
         check_gpu(case, torch.bfloat16)
 
 
@@ -235,3 +235,23 @@ def test_gpu_decode_kernel_matches_float64(dtype, coverage, top_int8, config, ga
     finally:
         text_cache.LayerCache._step_kernel = real
     assert len(calls) == steps  # every step went through the kernel
+
+
+@pytest.mark.parametrize("dims", [(24,), (4, 6), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_nan_in_gives_nan_out(dims, dtype):
+    """Compiled kernels (whose max skips NaN, unlike the interpreter's) keep NaN: a NaN query row
+    gives NaN exactly where the reference does, and a NaN scale gives NaN everywhere."""
+    from seqtensor import tensorized_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 64, device="cuda", generator=g, dtype=dtype) for _ in range(3))
+    q[0, 0, 5] = float("nan")
+    for causal in (False, True):
+        got = tensorized_attention(q, k, v, dims, causal=causal, backend="triton")
+        want = tensorized_attention(
+            q.float(), k.float(), v.float(), dims, causal=causal, backend="reference"
+        )
+        assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    out = tensorized_attention(q, k, v, dims, causal=True, scale=float("nan"), backend="triton")
+    assert out.isnan().all()

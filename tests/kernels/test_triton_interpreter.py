@@ -2,7 +2,7 @@
 
 Every case: forward and gradients of q, k, v equal the float64 reference within twice the error that
 plain PyTorch makes in the same precision; every buffer the
-kernels write starts as NaN (``tensorized.POISON``) so an unwritten element fails the test.
+kernels write starts as NaN (``triton_hops.POISON``) so an unwritten element fails the test.
 Cases are tiny (n <= 64, B * H <= 4): the interpreter costs about a millisecond per tl op.
 """
 
@@ -14,9 +14,11 @@ import torch
 pytest.importorskip("triton")
 
 from seqtensor import tensorized_attention  # noqa: E402
+from seqtensor.core.plan import hop_plan  # noqa: E402
 from seqtensor.core.positional import RoPE, TensorRoPE  # noqa: E402
 from seqtensor.kernels import reference as R  # noqa: E402
 from seqtensor.kernels import triton_hops as T  # noqa: E402
+from seqtensor.kernels import tuning  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -266,7 +268,7 @@ def test_validity_levels_match_reference_relays():
     dims, n, B = (3, 2, 4), 19, 2
     kpm = torch.rand(B, n, generator=torch.Generator().manual_seed(2)) > 0.5
     for causal in (False, True):
-        plan = T._make_plan(dims, n, 8, causal, "full", None, None, kpm)
+        plan = hop_plan(dims, n, causal=causal, coverage="full")
         levels = T._validity(plan, B, kpm, "cpu").bool()
         q = torch.zeros(B, 1, n, 1, dtype=f64)
         valid = levels[0]
@@ -295,12 +297,12 @@ def _hop_args(nj, d, dv):
 def test_autotune_candidates_fit_the_hop(nj, d, dv):
     """No block above the fibre (rounded up) or the head dim's register room; the table's config first."""
     args, kw = _hop_args(nj, d, dv)
-    table = T._gpu_config(nj, d, dv)
+    table = tuning.gpu_config(nj, d, dv)
     fib = max(16, 1 << (nj - 1).bit_length())
     wide = max(d, dv) > 128
     fwd = [
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        for c in T._fwd_candidates(None, args, **kw)
+        for c in tuning.fwd_candidates(None, args, **kw)
     ]
     assert fwd[0] == (table.block_m, table.block_n, table.num_warps, table.num_stages)
     assert len(set(fwd)) == len(fwd) > 1
@@ -309,7 +311,7 @@ def test_autotune_candidates_fit_the_hop(nj, d, dv):
     single = nj <= table.block
     bwd = [
         (c.kwargs["BLOCK"], c.num_warps, c.num_stages)
-        for c in T._bwd_candidates(None, args, SINGLE=single, **kw)
+        for c in tuning.bwd_candidates(None, args, SINGLE=single, **kw)
     ]
     assert (
         bwd[0] == (table.block, table.bwd_warps, table.num_stages) and len(set(bwd)) == len(bwd) > 1
@@ -321,16 +323,16 @@ def test_autotune_candidates_fit_the_hop(nj, d, dv):
 def test_every_autotune_candidate_matches_reference(monkeypatch):
     """Each config the GPU autotuner may pick gives the reference's output and gradients."""
     args, kw = _hop_args(70, 16, 16)
-    fwd = T._fwd_candidates(None, args, **kw)
-    bwd = T._bwd_candidates(None, args, SINGLE=False, **kw)
+    fwd = tuning.fwd_candidates(None, args, **kw)
+    bwd = tuning.bwd_candidates(None, args, SINGLE=False, **kw)
     for i in range(max(len(fwd), len(bwd))):
         f, b = fwd[i % len(fwd)], bwd[i % len(bwd)]
         override = dict(
             block_m=f.kwargs["BLOCK_M"], block_n=f.kwargs["BLOCK_N"], block=b.kwargs["BLOCK"]
         )
-        monkeypatch.setattr(T, "CONFIG_OVERRIDE", override)
+        monkeypatch.setattr(tuning, "CONFIG_OVERRIDE", override)
         assert (
-            T._config(70, 16, 16).block == override["block"] < 70
+            tuning.config(70, 16, 16).block == override["block"] < 70
         )  # the multi-block backward runs
         check_case((2, 70), 130, causal=True, rope=True, mask=True, H=2, Hkv=1)
 
@@ -339,26 +341,28 @@ def test_autotuners_per_fibre_bucket_with_several_configs():
     """One tuner per direction and power-of-two fibre length (not per shape), each holding several
     configs: triton.autotune skips tuning (and runs its first config) when it holds a single one."""
     for direction in ("fwd", "bwd"):
-        tuner = T._tuner(direction, 40)
-        assert tuner is T._tuner(direction, 64) and tuner is not T._tuner(direction, 65)
+        kernel = T._hop_fwd_kernel if direction == "fwd" else T._hop_bwd_kernel
+        tuner = tuning.tuner(direction, 40, kernel)
+        assert tuner is tuning.tuner(direction, 64, kernel)
+        assert tuner is not tuning.tuner(direction, 65, kernel)
         assert len(tuner.configs) > 1 and "NJ" not in tuner.keys and "P" not in tuner.keys
 
 
 def test_autotune_policy(monkeypatch):
     """Table on the GPUs it was tuned on and whenever configs are overridden; autotune elsewhere or when forced."""
-    monkeypatch.setattr(T, "_INTERPRET", False)
-    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA H200")
-    assert not T._use_autotune("cuda")
-    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
-    assert T._use_autotune("cuda")
-    monkeypatch.setattr(T, "CONFIG_OVERRIDE", {"block": 32})
-    assert not T._use_autotune("cuda")
-    monkeypatch.setattr(T, "CONFIG_OVERRIDE", {})
-    monkeypatch.setattr(T, "AUTOTUNE", False)
-    assert not T._use_autotune("cuda")
-    monkeypatch.setattr(T, "_device_name", lambda device: "NVIDIA H200")
-    monkeypatch.setattr(T, "AUTOTUNE", True)
-    assert T._use_autotune("cuda")
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
+    assert not tuning.use_autotune("cuda")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert tuning.use_autotune("cuda")
+    monkeypatch.setattr(tuning, "CONFIG_OVERRIDE", {"block": 32})
+    assert not tuning.use_autotune("cuda")
+    monkeypatch.setattr(tuning, "CONFIG_OVERRIDE", {})
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    assert not tuning.use_autotune("cuda")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    assert tuning.use_autotune("cuda")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -380,7 +384,6 @@ def test_non_finite_values_at_masked_tokens_do_not_leak(backend, causal):
             causal=causal,
             key_padding_mask=mask,
             backend=backend,
-            validate_values=False,
         )
         out = out.masked_fill(drop, 0)
         out.sum().backward()

@@ -70,6 +70,7 @@ import torch
 from ..._validation import check
 from ...attention import tensorized_attention
 from ...core.folds import Fold
+from ...core.plan import hop_plan
 from ...core.positional import PositionalScheme
 from ...kernels.reference import work_dtype
 
@@ -521,7 +522,9 @@ class LayerCache:
             self.offset,
             self.fold.dims,
             self._consts[key],
-            summary=self.coverage == "full",
+            summary=hop_plan(
+                self.fold.dims, math.prod(self.fold.dims), causal=True, coverage=self.coverage
+            ).summaries,
             rope=self.positional is not None,
             max_length=self.max_length,
             v_shift=self.v_start,
