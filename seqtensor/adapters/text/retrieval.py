@@ -186,8 +186,8 @@ def retrieval_attention(
     """The retrieval hop (see the module docstring). q (B, H, Lq, d) are the last Lq of the T
     tokens of k (B, Hkv, T, d) and v (B, Hkv, T, dv) -> (B, H, Lq, dv).
 
-    ``tile``: queries processed together (default: ``block``; memory grows with tile * top_k *
-    block); a tile never crosses a local block.
+    ``tile``: queries processed together (default 512; memory grows with tile * top_k * block);
+    a tile never crosses a local block.
     """
     _check_inputs(q, k, v, local, block)
     check(top_k >= 0 and sinks >= 0, f"top_k and sinks must be >= 0, got {top_k}, {sinks}")
@@ -196,7 +196,7 @@ def retrieval_attention(
     G = H // Hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     distance = local if memory_distance is None else memory_distance
-    tile = block if tile is None else tile
+    tile = 512 if tile is None else tile
     check(tile >= 1, f"tile must be >= 1, got {tile}")
     work = work_dtype(q.dtype)
     qg = q.to(work).unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
