@@ -278,3 +278,14 @@ def test_tensorize_refuses_retrieval_settings_it_cannot_run():
         model(_ids(), use_cache=False)  # the whole-sequence call runs
         with pytest.raises(NotImplementedError, match="coarse hops"):
             model.generate(_ids(9), max_new_tokens=2, do_sample=False)
+
+
+def test_the_hops_rope_is_the_models_rope():
+    """Within one local block the hop applies RoPE at true distances: the stock model exactly."""
+    with torch.no_grad():
+        stock = _model()(_ids()).logits
+        model = tensorize(
+            _model(), fold=(2, 64), positional="tensor_rope", backend="reference",
+            retrieval={"top_k": 4, "block": 8, "sinks": 2},
+        )  # fmt: skip
+        torch.testing.assert_close(model(_ids()).logits, stock, rtol=1e-5, atol=1e-5)
