@@ -1,0 +1,155 @@
+"""The default Forecaster against StatsForecast's peers on short real series (weeks of history).
+
+What a practitioner sees first: a few weeks of one real series, a rolling-origin backtest of
+``--windows`` windows of h steps (step h) at its end, and MAE / MSE (original scale) per model.
+Peers: StatsForecast ``MSTL`` (seasons detected on the training part, as the Forecaster does),
+``AutoETS`` (season = the shortest detected, when <= 24 steps; else non-seasonal), ``SeasonalNaive``
+(the longest season), ``Naive``; ``AutoARIMA`` with ``--arima`` (slow past daily seasons of 24).
+The Forecaster runs with its defaults, look-back = 4 cycles of the longest detected season
+(512 without one), capped at half the training steps.
+
+Run: ``pip install statsforecast`` then ``python benchmarks/forecast_peers.py``;
+results: benchmarks/results/forecast_peers_cpu.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from seqtensor.adapters.forecast import Forecaster
+from seqtensor.adapters.forecast.seasonality import detect_seasonalities
+from seqtensor.datasets.timeseries import (
+    load_electricity_demand,
+    load_glucose,
+    load_sea_surface_temperature,
+    load_tmy_weather,
+)
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
+    """name -> (frame of one series with its history, horizon, pandas freq)."""
+    out = {}
+    sst = load_sea_surface_temperature()
+    out["sst_8w"] = (sst.iloc[3000 : 3000 + 56 * 48], 48, "30min")
+    g = load_glucose()[["unique_id", "ds", "y"]]
+    out["glucose_3w"] = (g.iloc[20000 : 20000 + 21 * 288], 288, "5min")
+    w = load_tmy_weather()
+    for ch in ("temp_air", "ghi"):
+        if ch in set(w["unique_id"]):
+            s = w[w["unique_id"] == ch][["unique_id", "ds", "y"]]
+            out[f"tmy_{ch}_8w"] = (s.iloc[4000 : 4000 + 56 * 24], 24, "h")
+    try:
+        e = load_electricity_demand()
+    except ImportError:
+        return out
+    for sid, start in (("Demand", 5000), ("Temperature", 9000)):
+        s = e[e["unique_id"] == sid][["unique_id", "ds", "y"]]
+        out[f"elec_{sid.lower()}_6w"] = (s.iloc[start : start + 42 * 48], 48, "30min")
+    return out
+
+
+def stats_peers(df, h, freq, n_windows, seasons, arima):
+    from statsforecast import StatsForecast
+    from statsforecast.models import MSTL, AutoARIMA, AutoETS, Naive, SeasonalNaive
+
+    short = seasons[0] if seasons and seasons[0] <= 24 else 1
+    models = [
+        AutoETS(season_length=short),
+        SeasonalNaive(season_length=seasons[-1] if seasons else 1, alias="SeasonalNaive"),
+        Naive(),
+    ]
+    if seasons:
+        models.insert(0, MSTL(season_length=list(seasons)))
+    if arima:
+        models.append(AutoARIMA(season_length=short))
+    filled = df.assign(y=df["y"].interpolate().bfill().ffill())
+    sf = StatsForecast(models=models, freq=freq)
+    start = time.perf_counter()
+    cv = sf.cross_validation(df=filled, h=h, n_windows=n_windows, step_size=h)
+    return cv, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=7)
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--arima", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    out_path = RESULTS / "forecast_peers_cpu.json"
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {"rows": {}}
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        "cpu",
+    )
+    results["meta"] = {
+        "device": f"{cpu} (CPU, 1 torch thread)",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "windows": args.windows,
+    }
+    for name, (df, h, freq) in datasets().items():
+        if args.only and name not in args.only:
+            continue
+        df = df.reset_index(drop=True)
+        n_train = len(df) - args.windows * h
+        seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])
+        L = min(4 * seasons[-1] if seasons else 512, n_train // 2)
+        start = time.perf_counter()
+        fc = Forecaster(h=h, input_size=L, random_state=0, device="cpu", verbose=False)
+        cv = fc.cross_validation(df, n_windows=args.windows, step_size=h)
+        t_fc = time.perf_counter() - start
+        scv, t_sf = stats_peers(df, h, freq, args.windows, seasons, args.arima)
+        y = cv["y"].to_numpy()
+        ok = np.isfinite(y)
+        row = {"h": h, "look_back": L, "seasons": list(seasons), "steps": len(df)}
+        row["Forecaster"] = {
+            "mae": float(np.abs(cv["Forecaster"].to_numpy() - y)[ok].mean()),
+            "mse": float(((cv["Forecaster"].to_numpy() - y) ** 2)[ok].mean()),
+            "seconds": t_fc,
+        }
+        peers = [c for c in scv.columns if c not in ("unique_id", "ds", "cutoff", "y")]
+        for m in peers:  # scored on the same steps (the peers' frame has gaps filled)
+            err = scv[m].to_numpy() - y
+            row[m] = {
+                "mae": float(np.abs(err)[ok].mean()),
+                "mse": float((err**2)[ok].mean()),
+                "seconds": t_sf / len(peers),
+            }
+        results["rows"][name] = row
+        out_path.write_text(json.dumps(results, indent=1))
+        print(
+            name, {k: round(v["mae"], 4) for k, v in row.items() if isinstance(v, dict)}, flush=True
+        )
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    models = ["Forecaster", "MSTL", "AutoETS", "SeasonalNaive", "Naive", "AutoARIMA"]
+    print("\n| series | h | seasons | look-back | " + " | ".join(models) + " |")
+    print("|---" * (4 + len(models)) + "|")
+    for name, row in results["rows"].items():
+        cells = [f"{row[m]['mae']:.4g}" if m in row else "-" for m in models]
+        seasons = ",".join(map(str, row["seasons"])) or "none"
+        print(
+            f"| {name} | {row['h']} | {seasons} | {row['look_back']} | " + " | ".join(cells) + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()
