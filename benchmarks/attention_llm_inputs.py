@@ -54,9 +54,12 @@ def main() -> None:
     ):
         q, k, v = inputs(n, H, Hkv, d, heads_inner, "cuda")
         positional = rope if use_rope else None
-        fn = lambda: tensorized_fibre_attention(
-            q, k, v, dims, n, causal=True, coverage="full", hop_positional=positional
-        )  # noqa: E731
+
+        def fn(q=q, k=k, v=v, positional=positional):
+            return tensorized_fibre_attention(
+                q, k, v, dims, n, causal=True, coverage="full", hop_positional=positional
+            )
+
         with torch.no_grad():
             ms = triton.testing.do_bench(fn, rep=100)
         row = {
