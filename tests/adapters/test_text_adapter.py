@@ -441,6 +441,7 @@ def test_save_and_reload(tmp_path):
             "backend": "auto",
             "top_level_cache": "int8",
             "hop_gate": None,
+            "retrieval": None,
         }
         torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref, atol=1e-6, rtol=1e-6)
 

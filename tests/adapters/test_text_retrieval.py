@@ -40,8 +40,9 @@ def _causal(q, k, v, scale=None):
     return out
 
 
-def _brute_selection(q, k, i, local, block, top_k, sinks):
-    """Blocks a query at i retrieves: ranked by max over the block of mean-group-query . key."""
+def _brute_selection(q, k, i, local, block, top_k, sinks, theta=None, distance=None):
+    """Blocks a query at i retrieves: ranked by max over the block of mean-group-query . key
+    (with RoPE: the query at its hop position, keys at 0)."""
     B, H, _, _ = q.shape
     Hkv = k.shape[1]
     s = i // local * local
@@ -50,6 +51,8 @@ def _brute_selection(q, k, i, local, block, top_k, sinks):
         per_head = []
         for h in range(Hkv):
             qbar = q[b, h * (H // Hkv) : (h + 1) * (H // Hkv), i].mean(0)
+            if theta is not None:
+                qbar = _rope_pair(qbar, (local if distance is None else distance) + i - s, theta)
             scores = []
             for blk in range(s // block):
                 if (blk + 1) * block <= sinks:
@@ -79,7 +82,7 @@ def _brute(q, k, v, local, block, top_k, sinks, theta=None, distance=None):
     out = torch.empty_like(q)
     for i in range(n):
         s = i // local * local
-        chosen = _brute_selection(q, k, i, local, block, top_k, sinks)
+        chosen = _brute_selection(q, k, i, local, block, top_k, sinks, theta, distance)
         for b in range(B):
             for h in range(H):
                 kv = h // G
@@ -132,12 +135,13 @@ def test_the_hop_matches_a_brute_force_softmax_over_the_selected_keys(
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_selection_matches_the_brute_force_ranking_and_stays_in_the_past():
+@pytest.mark.parametrize("theta", [None, 100.0])
+def test_selection_matches_the_brute_force_ranking_and_stays_in_the_past(theta):
     q, k, v = _qkv(n=40, seed=5)
     local, block, top_k, sinks = 8, 4, 3, 5
-    selected = retrieval_selection(q, k, local, block, top_k, sinks)
+    selected = retrieval_selection(q, k, local, block, top_k, sinks, rope_theta=theta)
     for i, blocks in enumerate(selected):
-        want = _brute_selection(q, k, i, local, block, top_k, sinks)
+        want = _brute_selection(q, k, i, local, block, top_k, sinks, theta)
         s = i // local * local
         for b in range(q.shape[0]):
             for h in range(k.shape[1]):

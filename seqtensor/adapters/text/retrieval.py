@@ -8,7 +8,8 @@ For a query at token i, with s = the start of its local block (``local`` tokens,
 - local keys: the tokens s..i (causal), exactly the fold's finest hop;
 - retrieved keys: every token of the ``top_k`` blocks of ``block`` tokens that lie wholly before
   s, ranked for this query by ``max over the block's keys of q_bar . k``, where q_bar is the mean
-  query of the query's kv group (GQA: one selection per kv head);
+  query of the query's kv group (GQA: one selection per kv head), at the positions the hop gives
+  them (below): the logit the block's best key would get;
 - sink keys: the first ``sinks`` tokens (when they lie before s).
 
 All of them share one softmax. Each key is counted once (sinks inside a retrieved block are sinks).
@@ -152,19 +153,30 @@ def _select(qbar: torch.Tensor, k: torch.Tensor, start: int, block: int, top_k: 
 
 
 def retrieval_selection(
-    q: torch.Tensor, k: torch.Tensor, local: int, block: int, top_k: int, sinks: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    local: int,
+    block: int,
+    top_k: int,
+    sinks: int = 0,
+    *,
+    rope_theta: float | None = None,
+    memory_distance: int | None = None,
 ) -> list[torch.Tensor]:
     """The retrieved blocks of each query (for analysis and tests): one (B, Hkv, kk_i) tensor per
     query i of the last Lq tokens, -1 where fewer than kk_i blocks are usable."""
     _check_inputs(q, k, k, local, block)
     B, H, Lq, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
+    distance = local if memory_distance is None else memory_distance
     qbar = q.unflatten(1, (Hkv, H // Hkv)).mean(2)
     out = []
     for i in range(T - Lq, T):
-        blocks, usable = _select(
-            qbar[:, :, i - (T - Lq)][:, :, None], k, i // local * local, block, top_k, sinks
-        )
+        s = i // local * local
+        qi = qbar[:, :, i - (T - Lq)][:, :, None]
+        if rope_theta is not None:
+            qi = _rotate(qi, torch.tensor([distance + i - s], device=q.device), rope_theta)
+        blocks, usable = _select(qi, k, s, block, top_k, sinks)
         out.append(torch.where(usable, blocks, -1)[:, :, 0])
     return out
 
@@ -214,10 +226,11 @@ def retrieval_attention(
         k_loc, v_loc = kw[:, :, s:b], vw[:, :, s:b]
         kpos = torch.arange(s, b, device=q.device)
         ns = min(sinks, s)
-        blocks, usable = _select(qt.mean(2), kw, s, block, top_k, sinks)
         if rope_theta is not None:
             qt = _rotate(qt, qpos - s + distance, rope_theta)
             k_loc = _rotate(k_loc, kpos - s + distance, rope_theta)
+        # ranked by the logit a block's best key would get where it is placed (position 0)
+        blocks, usable = _select(qt.mean(2), kw, s, block, top_k, sinks)
         parts = [
             torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(
                 kpos[None, :] > qpos[:, None], float("-inf")
