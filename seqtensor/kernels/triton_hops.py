@@ -26,7 +26,8 @@ Design (docs/semantics.md, "One hop"):
   into C chunks and writes (B, H, P, C, n_j, d) partial sums; the host adds their sum to the
   summary rows (N / S of them, a small fraction of the tensor).
 - tensor_rope is applied to q and k rows as they are loaded (cos / sin of pos * inv_freq read from a
-  small fp32 table, the position being the fibre coordinate), so no extra pass over q and k; its
+  small table, fp16 for bf16 inputs and the working precision otherwise, cached on the
+  ``TensorRoPE`` module; the position is the fibre coordinate), so no extra pass over q and k; its
   gradient is the inverse rotation of the rotated-space gradient.
 - Backward recomputes each hop from q, k, the hop's input value state and its logsumexp. Saved for
   backward: the m - 1 intermediate value states (input dtype), per-hop logsumexp (fp32, (B, H, N)),
@@ -35,7 +36,11 @@ Design (docs/semantics.md, "One hop"):
   fibre fits one block (n_j <= BLOCK, the common case) one program computes S, P and dS once for
   dq, dk and dv together. Each backward hop also writes rowsum(dV * V) for the rows whose dV it
   produced: that is the next backward hop's delta = rowsum(dO * O), so O is read only once.
-  Peak memory of forward+backward stays below FlashAttention's (docs/performance.md).
+  Peak memory of forward+backward stays within 1% of FlashAttention's (docs/performance.md).
+- NaN stays NaN: a row's softmax sum is tested for == 0 (no valid key: output 0), never > 0.
+
+The hops (order, (P, n_j, S), summary keys) come from ``core.plan.hop_plan``; block sizes, warps
+and autotuning from ``kernels.tuning``.
 
 Unsupported calls (CPU tensors without TRITON_INTERPRET, per-hop positional schemes other than
 TensorRoPE, head dims above 256) run the reference with a RuntimeWarning: see ``fallback_reason``.

@@ -93,3 +93,17 @@ def test_inv_freq_keeps_its_precision_when_the_module_is_cast():
     q, _ = cast.apply(x, x)
     q_ref, _ = RoPE(64).apply(x, x)
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
+def test_rotation_table_is_cached_grown_and_rebuilt_when_inv_freq_changes():
+    rope = TensorRoPE(8)
+    t = rope.rotation_table(10, torch.float32, "cpu")
+    assert t.shape == (10, 8) and rope.rotation_table(5, torch.float32, "cpu") is t
+    pos = torch.arange(10, dtype=torch.float64)[:, None] * rope.inv_freq[None, :]
+    torch.testing.assert_close(t, torch.cat([pos.cos(), pos.sin()], 1).float())
+    bigger = rope.rotation_table(20, torch.float32, "cpu")
+    assert bigger.shape[0] == 20 and torch.equal(bigger[:10], t)
+    assert rope.rotation_table(5, torch.float16, "cpu").dtype == torch.float16
+    rope.inv_freq.mul_(2)  # edited in place: the table follows
+    moved = rope.rotation_table(20, torch.float32, "cpu")
+    assert moved is not bigger and torch.allclose(moved[1, :4], (2 * pos[1]).cos().float())
