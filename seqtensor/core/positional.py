@@ -28,6 +28,7 @@ __all__ = [
     "Sinusoidal",
     "Learned",
     "make_positional",
+    "POSITIONAL_CHOICES",
     "rotate",
 ]
 
@@ -284,13 +285,17 @@ class Learned(PositionalScheme):
         return q + pe, k + pe
 
 
+# The names make_positional accepts: the one list every config of a positional scheme checks against.
+POSITIONAL_CHOICES = ("tensor_rope", "rope", "sinusoidal", "learned", "none")
+
+
 def make_positional(
     spec: str | PositionalScheme | None, head_dim: int, max_len: int = 8192
 ) -> PositionalScheme | None:
     """Build a scheme from a name ("tensor_rope", "rope", "sinusoidal", "learned", "none") or pass one through."""
     if spec is None or isinstance(spec, PositionalScheme):
         return spec
-    check_choice("positional", spec, ("tensor_rope", "rope", "sinusoidal", "learned", "none"))
+    check_choice("positional", spec, POSITIONAL_CHOICES)
     if spec == "tensor_rope":
         return TensorRoPE(head_dim)
     if spec == "rope":

@@ -10,6 +10,8 @@ from typing import Any
 
 from .._validation import check, check_choice, check_int, check_real
 from ..core.folds import ExtrapolatingFold, FoldLike, fold_from_dict, fold_to_dict
+from ..core.plan import COVERAGES
+from ..core.positional import POSITIONAL_CHOICES
 from ..kernels.registry import BACKEND_CHOICES
 
 __all__ = ["ModelConfig"]
@@ -56,10 +58,8 @@ class ModelConfig:
             f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
         )
         check_choice("attention", self.attention, ("tensorized", "full"))
-        check_choice("coverage", self.coverage, ("full", "axial"))
-        check_choice(
-            "positional", self.positional, ("tensor_rope", "rope", "sinusoidal", "learned", "none")
-        )
+        check_choice("coverage", self.coverage, COVERAGES)
+        check_choice("positional", self.positional, POSITIONAL_CHOICES)
         check_choice("backend", self.backend, BACKEND_CHOICES)
         check(
             self.n_kv_heads is None
