@@ -59,6 +59,8 @@ class RetrievalConfig:
     memory_distance : with RoPE applied by the hop, how far back retrieved and sink tokens sit
         (default: the finest dim, so every distance stays below twice the local block).
     coarse_hops : also run the fold's coarse hops after the retrieval hop (axial coverage only).
+    sliding : local keys are each query's last ``local`` tokens (back to a block boundary) rather
+        than its aligned block.
     """
 
     top_k: int = 16
@@ -66,6 +68,7 @@ class RetrievalConfig:
     sinks: int = 64
     memory_distance: int | None = None
     coarse_hops: bool = False
+    sliding: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "block", "sinks"):
@@ -81,10 +84,11 @@ class RetrievalConfig:
             f"RetrievalConfig.memory_distance must be None or an int >= 0, "
             f"got {self.memory_distance!r}",
         )
-        check(
-            isinstance(self.coarse_hops, bool),
-            f"RetrievalConfig.coarse_hops must be a bool, got {self.coarse_hops!r}",
-        )
+        for name in ("coarse_hops", "sliding"):
+            check(
+                isinstance(getattr(self, name), bool),
+                f"RetrievalConfig.{name} must be a bool, got {getattr(self, name)!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,10 +136,19 @@ def _check_inputs(q, k, v, local: int, block: int) -> None:
     )
 
 
-def _select(qbar: torch.Tensor, k: torch.Tensor, start: int, block: int, top_k: int, sinks: int):
-    """Top-k blocks wholly before ``start`` for each query: qbar (B, Hkv, t, d), k (B, Hkv, T, d)
-    -> (blocks (B, Hkv, t, kk) int64, usable (B, Hkv, t, kk) bool), kk = min(top_k, start/block)."""
-    nb = start // block
+def _window_starts(positions: torch.Tensor, local: int, block: int, sliding: bool) -> torch.Tensor:
+    """First local key of each query: its aligned local block, or (sliding) its last ``local``
+    tokens extended back to a block boundary, so every earlier token is in a retrievable block."""
+    if sliding:
+        return (positions - local + 1).clamp(min=0) // block * block
+    return positions // local * local
+
+
+def _select(qbar: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, block: int, top_k: int,
+            sinks: int):  # fmt: skip
+    """Top-k blocks wholly before each query's window start: qbar (B, Hkv, t, d), k (B, Hkv, T, d),
+    starts (t,) -> (blocks (B, Hkv, t, kk) int64, usable (B, Hkv, t, kk) bool)."""
+    nb = int(starts.max()) // block
     kk = min(top_k, nb)
     if kk == 0:
         shape = (*qbar.shape[:3], 0)
@@ -145,9 +158,10 @@ def _select(qbar: torch.Tensor, k: torch.Tensor, start: int, block: int, top_k: 
         )
     scores = torch.einsum("bhqd,bhkd->bhqk", qbar, k[:, :, : nb * block])
     scores = scores.unflatten(-1, (nb, block)).amax(-1)  # (B, Hkv, t, nb)
+    ends = (torch.arange(nb, device=k.device) + 1) * block
     # blocks made only of sink tokens add nothing: the sinks are attended to anyway
-    sink_only = (torch.arange(nb, device=k.device) + 1) * block <= sinks
-    scores = scores.masked_fill(sink_only, float("-inf"))
+    unusable = (ends[None, :] > starts[:, None]) | (ends[None, :] <= sinks)  # (t, nb)
+    scores = scores.masked_fill(unusable, float("-inf"))
     top, blocks = scores.topk(kk, dim=-1)
     return blocks, top > float("-inf")
 
@@ -160,6 +174,7 @@ def retrieval_selection(
     top_k: int,
     sinks: int = 0,
     *,
+    sliding: bool = False,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
 ) -> list[torch.Tensor]:
@@ -172,11 +187,11 @@ def retrieval_selection(
     qbar = q.unflatten(1, (Hkv, H // Hkv)).mean(2)
     out = []
     for i in range(T - Lq, T):
-        s = i // local * local
+        start = _window_starts(torch.tensor([i], device=q.device), local, block, sliding)
         qi = qbar[:, :, i - (T - Lq)][:, :, None]
         if rope_theta is not None:
-            qi = _rotate(qi, torch.tensor([distance + i - s], device=q.device), rope_theta)
-        blocks, usable = _select(qi, k, s, block, top_k, sinks)
+            qi = _rotate(qi, distance + i - start, rope_theta)
+        blocks, usable = _select(qi, k, start, block, top_k, sinks)
         out.append(torch.where(usable, blocks, -1)[:, :, 0])
     return out
 
@@ -190,6 +205,7 @@ def retrieval_attention(
     top_k: int,
     block: int,
     sinks: int = 0,
+    sliding: bool = False,
     scale: float | None = None,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
@@ -198,8 +214,10 @@ def retrieval_attention(
     """The retrieval hop (see the module docstring). q (B, H, Lq, d) are the last Lq of the T
     tokens of k (B, Hkv, T, d) and v (B, Hkv, T, dv) -> (B, H, Lq, dv).
 
-    ``tile``: queries processed together (default 512; memory grows with tile * top_k * block);
-    a tile never crosses a local block.
+    ``sliding``: the local keys of query i are its last ``local`` tokens (back to a block
+    boundary) instead of its aligned local block, so a query at the start of a block keeps its
+    recent context.
+    ``tile``: queries processed together (default 512; memory grows with tile * top_k * block).
     """
     _check_inputs(q, k, v, local, block)
     check(top_k >= 0 and sinks >= 0, f"top_k and sinks must be >= 0, got {top_k}, {sinks}")
@@ -217,28 +235,33 @@ def retrieval_attention(
     out = torch.empty(B, Hkv, G, Lq, dv, dtype=work, device=q.device)
     a = offset
     while a < T:
-        s = a // local * local
-        b = min(T, s + local, (a // tile + 1) * tile)
+        b = min(T, (a // tile + 1) * tile)
+        if not sliding:  # a tile stays inside one local block
+            b = min(b, a // local * local + local)
         qt = qg[:, :, :, a - offset : b - offset]  # (B, Hkv, G, t, d)
         t = b - a
         qpos = torch.arange(a, b, device=q.device)
-        # local keys s..b-1, causal
-        k_loc, v_loc = kw[:, :, s:b], vw[:, :, s:b]
-        kpos = torch.arange(s, b, device=q.device)
-        ns = min(sinks, s)
+        starts = _window_starts(qpos, local, block, sliding)  # (t,)
+        lo = int(starts[0])
+        k_loc, v_loc = kw[:, :, lo:b], vw[:, :, lo:b]
+        kpos = torch.arange(lo, b, device=q.device)
+        ns = min(sinks, int(starts[-1]))
+        q_mem = qt
         if rope_theta is not None:
-            qt = _rotate(qt, qpos - s + distance, rope_theta)
-            k_loc = _rotate(k_loc, kpos - s + distance, rope_theta)
-        # ranked by the logit a block's best key would get where it is placed (position 0)
-        blocks, usable = _select(qt.mean(2), kw, s, block, top_k, sinks)
-        parts = [
-            torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(
-                kpos[None, :] > qpos[:, None], float("-inf")
-            )
-        ]
-        values = [None]
+            # local keys at their true distances; retrieved and sink keys at position 0, so they sit
+            # distance + (i - start) tokens back
+            q_mem = _rotate(qt, qpos - starts + distance, rope_theta)
+            qt = _rotate(qt, qpos, rope_theta)
+            k_loc = _rotate(k_loc, kpos, rope_theta)
+        # ranked by the logit a block's best key would get where it is placed
+        blocks, usable = _select(q_mem.mean(2), kw, starts, block, top_k, sinks)
+        outside = (kpos[None, :] > qpos[:, None]) | (kpos[None, :] < starts[:, None])
+        parts = [torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(outside, float("-inf"))]
+        values = [v_loc]
         if ns > 0:
-            parts.append(torch.einsum("bhgqd,bhkd->bhgqk", qt, kw[:, :, :ns]))
+            sink_logits = torch.einsum("bhgqd,bhkd->bhgqk", q_mem, kw[:, :, :ns])
+            late = torch.arange(ns, device=q.device)[None, :] >= starts[:, None]
+            parts.append(sink_logits.masked_fill(late, float("-inf")))
             values.append(vw[:, :, :ns])
         kk = blocks.shape[-1]
         if kk > 0:
@@ -247,20 +270,13 @@ def retrieval_attention(
             index = tokens.flatten(2)[..., None]
             k_mem = kw.gather(2, index.expand(-1, -1, -1, d)).unflatten(2, (t, -1))
             v_mem = vw.gather(2, index.expand(-1, -1, -1, dv)).unflatten(2, (t, -1))
-            mem = torch.einsum("bhgqd,bhqmd->bhgqm", qt, k_mem)
+            mem = torch.einsum("bhgqd,bhqmd->bhgqm", q_mem, k_mem)
             parts.append(mem.masked_fill(~keep[:, :, None], float("-inf")))
-            values.append(v_mem)
-        logits = torch.cat(parts, -1) * scale
-        p = torch.softmax(logits, -1)
-        widths = [x.shape[-1] for x in parts]
-        pieces = p.split(widths, -1)
-        o = torch.einsum("bhgqk,bhkd->bhgqd", pieces[0], v_loc)
-        j = 1
-        if ns > 0:
-            o = o + torch.einsum("bhgqk,bhkd->bhgqd", pieces[j], values[j])
-            j += 1
+        p = torch.softmax(torch.cat(parts, -1) * scale, -1)
+        pieces = p.split([x.shape[-1] for x in parts], -1)
+        o = sum(torch.einsum("bhgqk,bhkd->bhgqd", w, x) for w, x in zip(pieces, values))
         if kk > 0:
-            o = o + torch.einsum("bhgqm,bhqmd->bhgqd", pieces[j], values[j])
+            o = o + torch.einsum("bhgqm,bhqmd->bhgqd", pieces[-1], v_mem)
         out[:, :, :, a - offset : b - offset] = o
         a = b
     return out.flatten(1, 2).to(q.dtype)
@@ -298,6 +314,7 @@ def retrieval_tensorized_attention(
         top_k=config.top_k,
         block=config.block,
         sinks=config.sinks,
+        sliding=config.sliding,
         scale=scale,
         rope_theta=rope_theta,
         memory_distance=config.memory_distance,

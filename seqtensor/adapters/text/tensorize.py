@@ -393,6 +393,7 @@ def _retrieval_call(settings: _LayerSettings, query, key, value, mask, scale, L:
         top_k=retrieval.top_k,
         block=retrieval.block,
         sinks=retrieval.sinks,
+        sliding=retrieval.sliding,
         scale=scale,
         rope_theta=theta,
         memory_distance=retrieval.memory_distance,
