@@ -4,7 +4,7 @@ The stock model was trained to 8,192 tokens. The tensorized model keeps its weig
 attention with the retrieval hop (``tensorize(model, retrieval=...)``): a local causal block of
 ``--local`` tokens at true RoPE distances, plus the ``--top-k`` earlier blocks of ``--block``
 tokens that score highest for each query, plus ``--sinks`` initial tokens, retrieved tokens placed
-``--local`` tokens back; no coarse hops. Protocol: ``passkey_accuracy`` (a random 5-digit key at 5
+``--memory-distance`` plus the query's offset in its window back; no coarse hops. Protocol: ``passkey_accuracy`` (a random 5-digit key at 5
 depths, greedy decoding with the KV cache), one trial per depth and length.
 
 Usage: ``python benchmarks/llm_retrieval_passkey.py --out benchmarks/results/llm_retrieval_passkey_<device>.json``
@@ -66,6 +66,13 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--sliding", action="store_true", help="sliding local window (RetrievalConfig)")
+    ap.add_argument(
+        "--memory-distance",
+        type=int,
+        default=None,
+        help="retrieved tokens sit this + (query - window start) back (default: --local)",
+    )
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/llm_retrieval_passkey.json")
@@ -79,7 +86,13 @@ def main() -> None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model, tokenizer = load_gguf_model(args.gguf, dtype, device)
     stock_lengths = args.lengths if args.stock_lengths is None else args.stock_lengths
-    retrieval = RetrievalConfig(top_k=args.top_k, block=args.block, sinks=args.sinks)
+    retrieval = RetrievalConfig(
+        top_k=args.top_k,
+        block=args.block,
+        sinks=args.sinks,
+        sliding=args.sliding,
+        memory_distance=args.memory_distance,
+    )
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
