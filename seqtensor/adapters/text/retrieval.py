@@ -3,9 +3,11 @@
 Legend: B batch, H query heads, Hkv kv heads (G = H / Hkv per group), T tokens (keys), Lq queries
 (the last Lq of the T tokens), d head dim, ``local`` the finest block of the fold.
 
-For a query at token i, with s = the start of its local block (``local`` tokens, aligned):
+For a query at token i, with s = the start of its window: its aligned local block of ``local``
+tokens (the fold's finest block), or with ``sliding`` its last ``local`` tokens extended back to a
+block boundary:
 
-- local keys: the tokens s..i (causal), exactly the fold's finest hop;
+- local keys: the tokens s..i (causal); without ``sliding`` exactly the fold's finest hop;
 - retrieved keys: every token of the ``top_k`` blocks of ``block`` tokens that lie wholly before
   s, ranked for this query by ``max over the block's keys of q_bar . k``, where q_bar is the mean
   query of the query's kv group (GQA: one selection per kv head), at the positions the hop gives
@@ -18,10 +20,10 @@ query and earlier keys: decoding with a KV cache gives what a whole-sequence cal
 
 Positions: with ``rope_theta`` None the hop uses q and k as given (e.g. already rotated at their
 true positions by the model, or no positions at all). With ``rope_theta``, q and k arrive unrotated
-and the hop applies RoPE (the Llama convention: halves rotated, frequencies ``theta^(-2i/d)``): the
-query at ``memory_distance + (i - s)``, local keys at ``memory_distance + (j - s)`` (true relative
-distances), retrieved and sink keys at 0, so they sit ``memory_distance + (i - s)`` tokens back,
-inside the range the model was trained on however far back they are.
+and the hop applies RoPE (the Llama convention: halves rotated, frequencies ``theta^(-2i/d)``):
+local keys at their true distances, retrieved and sink keys ``memory_distance + (i - s)`` tokens
+back (default ``memory_distance``: ``local``), inside the range the model was trained on however
+far back they are.
 
 ``retrieval_attention`` is the hop alone; ``retrieval_tensorized_attention`` adds the fold's coarse
 hops after it. The reference computes scores for every earlier key (O(T) per query) in tiles of
