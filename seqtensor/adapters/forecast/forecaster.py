@@ -45,7 +45,7 @@ from .panel import (
     warn_missing,
 )
 from .persistence import load_forecaster, plot_forecast, save_forecaster
-from .seasonality import resolve_seasons
+from .seasonality import resolve_seasons, start_candidates
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
 __all__ = ["Forecaster"]
@@ -142,8 +142,11 @@ class Forecaster(BaseEstimator):
         unit scale); training then refines it with the encoder. 0 starts it at the seasonal
         profile (zero without seasons) instead (as
         does an input_size above 4,096, where the L x L solve would cost more than it gives).
-        The fit is pulled towards the seasonal-profile forecast (below), and the penalty is
-        chosen on the last fifth of the windows among 1x-10,000x this value and the profile alone.
+        The fit is pulled towards one of the closed-form forecasts of
+        ``seasonality.start_candidates`` (last value, look-back mean, seasonal naive per season,
+        level + seasonal profiles), and that forecast and the penalty (1x-10,000x this value, or
+        the forecast alone) are chosen together on the last fifth of the windows in time
+        (``start_``), as an Auto model picks among its candidates.
     seasonality : "auto", int, sequence of int or None, default "auto"
         Seasonal periods in steps (48 and 336 for half-hourly data with daily and weekly cycles).
         The linear map starts from their profiles averaged over the look-back's cycles (an
@@ -159,8 +162,15 @@ class Forecaster(BaseEstimator):
         outputs ``<alias>-lo-80`` / ``<alias>-hi-80`` columns, as Nixtla's libraries name them.
     max_steps, batch_size, learning_rate : int, int, float, default 500, 32, 3e-4
         Training length (optimizer steps), windows per step, AdamW peak learning rate.
-    val_size : int, default 0
+    val_size : int or "auto", default "auto"
         Last steps of each series held out for validation (``fit(val_size=...)`` overrides it).
+        "auto": 3h when the shortest series has at least ``input_size + 8h`` steps, h when it has
+        ``input_size + 4h``, else 0. With a held-out part the fit is chosen on it: the closed-form
+        start (below) is scored before the first step, the network is trained with the best
+        validated weights restored, and the start is kept unless training lowered the validation
+        loss. When the start is kept its linear map is refit on every window, held-out part
+        included (a closed-form solve, cheap); a trained network is not refit (the held-out
+        steps then only inform the choice). ``selected_`` says which was kept.
     val_check_steps : int, default 100
         Validate every this many steps (when ``val_size > 0``).
     early_stopping : int, optional
@@ -187,6 +197,12 @@ class Forecaster(BaseEstimator):
     scaler_ : pd.DataFrame, per series ``mean`` and ``std`` of the training steps
     missing_report_ : pd.DataFrame, per series steps, missing targets and inserted grid steps
     history_ : list of dict, the trainer's metrics
+    start_ : str, the closed-form forecast the linear map was pulled towards ("naive", "profile",
+        ...; "" without a ridge start)
+    val_size_ : int, the held-out steps per series the fit used
+    selected_ : list of str, per network "start" (the closed-form start kept: training did not
+        lower the validation loss), "trained" (also with ``warm_start``), or "unvalidated" (no
+        held-out part)
     fit_time_ : float, seconds spent in training
 
     Examples
@@ -219,7 +235,7 @@ class Forecaster(BaseEstimator):
         max_steps: int = 500,
         batch_size: int = 32,
         learning_rate: float = 3e-4,
-        val_size: int = 0,
+        val_size: int | str = "auto",
         val_check_steps: int = 100,
         early_stopping: int | None = None,
         random_state: int | None = None,
@@ -287,6 +303,15 @@ class Forecaster(BaseEstimator):
         )
         check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
         check_choice("attention", self.attention, ("tensorized", "full"))
+        check(
+            self.val_size == "auto"
+            or (
+                isinstance(self.val_size, (int, np.integer))
+                and not isinstance(self.val_size, bool)
+                and self.val_size >= 0
+            ),
+            f"val_size must be 'auto' or an int >= 0, got {self.val_size!r}",
+        )
         check(float(self.skip_ridge) >= 0, f"skip_ridge must be >= 0, got {self.skip_ridge!r}")
         check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         check(
@@ -565,6 +590,10 @@ class Forecaster(BaseEstimator):
         bar = tqdm(disable=True) if bar is None else bar
         warm = bool(self.warm_start) and hasattr(self, "model_")
         L, h = self.input_size, self.h
+        if isinstance(val_size, str):
+            check(val_size == "auto", f"val_size must be 'auto' or an int >= 0, got {val_size!r}")
+            val_size = self._auto_val_size(min(panel.lengths))
+        self.val_size_ = int(val_size)
         check(
             isinstance(val_size, (int, np.integer)) and val_size >= 0,
             f"val_size must be an int >= 0, got {val_size!r}",
@@ -618,8 +647,10 @@ class Forecaster(BaseEstimator):
         if warm:
             self.seasons_ = self.model_config_.seasons
         else:
-            train_y = [row[: v.shape[1] - val_size] for v in y for row in v]
-            self.seasons_ = resolve_seasons(self.seasonality, train_y, int(L))
+            # on every step, held-out part included: the periods are structure, not a fit, and
+            # on a few weeks of history the held-out days can decide whether a weekly cycle has
+            # the two clear cycles detection needs (half-hourly demand lost its week without them)
+            self.seasons_ = resolve_seasons(self.seasonality, [row for v in y for row in v], int(L))
         config = ForecastModelConfig(
             input_size=int(L),
             h=int(h),
@@ -657,7 +688,7 @@ class Forecaster(BaseEstimator):
                 if isinstance(self.model_, ForecastEnsemble)
                 else [self.model_]
             )
-        members, self.history_ = [], []
+        members, self.history_, self.selected_, self.start_ = [], [], [], ""
         start = time.perf_counter()
         for member in range(int(self.n_models)):
             seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -672,7 +703,9 @@ class Forecaster(BaseEstimator):
                 bar.set_postfix_str("ridge init", refresh=False)
                 self._init_skip(train, seed)
             bar.update(1)
-            history = self._train(train, val, device, seed, bar)
+            history = self._train_from_start(train, val, device, seed, bar, warm)
+            if self.selected_[-1] == "start" and not warm:  # the closed form, on every window
+                self._init_skip(WindowDataset(data, *train_cuts(y, L, h, 0)), seed, refit=True)
             self.history_ += (
                 history if self.n_models == 1 else [{**r, "member": member} for r in history]
             )
@@ -693,8 +726,65 @@ class Forecaster(BaseEstimator):
         )
         return self
 
-    def _init_skip(self, train: WindowDataset, seed: int) -> None:
-        """Solve the linear skip in closed form (ridge) on up to 8,192 training windows."""
+    def _auto_val_size(self, shortest: int) -> int:
+        """Held-out steps for ``val_size="auto"``: 3h, h or 0 as the shortest series allows."""
+        L, h = int(self.input_size), int(self.h)
+        for k, need in ((3, 8), (1, 4)):
+            if shortest >= L + need * h:
+                return k * h
+        return 0
+
+    def _val_loss(self, val: WindowDataset, device: torch.device) -> float:
+        """The training loss of ``model_`` over the validation windows (observed steps weighted)."""
+        kind, qs = self.loss, self._quantile_levels()
+        self.model_.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(val), 256):
+                batch = val.__getitems__(np.arange(i, min(i + 256, len(val))))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = int((~torch.isnan(batch["target"])).sum())
+                loss = forecast_loss(self.model_(batch), batch["target"], kind, qs)
+                total, count = total + float(loss) * n, count + n
+        return total / max(count, 1)
+
+    def _train_from_start(
+        self,
+        train: WindowDataset,
+        val: WindowDataset | None,
+        device: torch.device,
+        seed: int,
+        bar: Any,
+        warm: bool,
+    ) -> list[dict]:
+        """Train ``model_``; with validation windows, keep its start unless training beats it.
+
+        The trainer validates every ``val_check_steps`` steps and restores its best weights, but
+        never before the first step; the start (the closed-form forecast chosen on held-out
+        windows) is scored here, and restored when the trained network does not improve on it:
+        on a few weeks of history, training often makes that start worse.
+        """
+        if val is None or len(val) == 0 or warm:  # a warm start trains on, as asked
+            self.selected_.append("trained" if warm else "unvalidated")
+            return self._train(train, val, device, seed, bar)
+        before = self._val_loss(val, device)
+        state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
+        history = self._train(train, val, device, seed, bar)
+        after = self._val_loss(val, device)
+        if after < before:
+            self.selected_.append("trained")
+        else:
+            self.model_.load_state_dict(state)
+            self.selected_.append("start")
+        history.insert(0, {"step": 0, "val_loss": before, "start": True})
+        return history
+
+    def _init_skip(self, train: WindowDataset, seed: int, refit: bool = False) -> None:
+        """Solve the linear skip in closed form (ridge) on up to 8,192 training windows.
+
+        The windows go in time order (cut point), so the ridge's held-out fifth is the latest
+        across series; ``refit=True`` keeps the chosen start and penalty and refits on ``train``.
+        """
         alpha = float(self.skip_ridge)
         if (
             alpha <= 0
@@ -704,15 +794,35 @@ class Forecaster(BaseEstimator):
             return
         if self.input_size > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
             return
+        model = self.model_
+        if refit:
+            if not hasattr(model, "skip_start_") or model.skip_alpha_ == float("inf"):
+                return  # the prior alone does not depend on the data
+            priors = {model.skip_start_: self._start_priors()[model.skip_start_]}
+            alpha = model.skip_alpha_
+        else:
+            priors = self._start_priors()
         idx = np.arange(len(train))
         if len(idx) > 8192:
             idx = np.sort(np.random.default_rng(seed).choice(idx, 8192, replace=False))
+        idx = idx[np.argsort(train.t[idx], kind="stable")]
         batch = train.__getitems__(idx)
-        self.model_.init_skip_ridge(
-            batch["y"].to(self.model_.skip.weight.device),
-            batch["target"].to(self.model_.skip.weight.device),
+        device = model.skip.weight.device
+        fitted = model.init_skip_ridge(
+            batch["y"].to(device),
+            batch["target"].to(device),
             alpha,
+            priors,
+            choose=not refit,
+            times=torch.from_numpy(train.t[idx]),
         )
+        if fitted and not self.start_:
+            self.start_ = model.skip_start_
+
+    def _start_priors(self) -> dict[str, np.ndarray]:
+        """The closed-form forecasts the linear skip may start from (``start_candidates``)."""
+        c = self.model_config_
+        return start_candidates(c.input_size, c.h, c.seasons)
 
     def _build_model(self, config: ForecastModelConfig) -> torch.nn.Module:
         """The network for ``config`` (subclasses swap it, e.g. ``baselines.DLinearForecaster``)."""

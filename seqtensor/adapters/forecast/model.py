@@ -31,6 +31,7 @@ holding the patch of every channel) differ only in C.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -174,15 +175,35 @@ class PatchForecastModel(nn.Module):
         return (y0 - mean) / std * obs, mean, std, obs
 
     @torch.no_grad()
-    def init_skip_ridge(self, y: torch.Tensor, target: torch.Tensor, alpha: float = 1.0) -> bool:
+    def init_skip_ridge(
+        self,
+        y: torch.Tensor,
+        target: torch.Tensor,
+        alpha: float = 1.0,
+        priors: Mapping[str, Any] | None = None,
+        choose: bool = True,
+        times: torch.Tensor | None = None,
+    ) -> bool:
         """Set the linear skip to the ridge-regression fit of the normalized targets on the look-back.
 
-        ``y`` (B, C, L), ``target`` (B, C, h) from training windows (NaN = missing; windows with a
-        missing target are left out). The skip is a linear least-squares problem, so its optimum
-        is solved in closed form instead of being approached by the same SGD steps (and the same
-        early stop) as the encoder: the encoder then starts from a converged DLinear-like forecast
-        and learns only the residual. ``alpha`` is the ridge penalty per window (features have unit
-        scale). Returns False (nothing changed) without a skip or a usable window.
+        ``y`` (B, C, L), ``target`` (B, C, h) from training windows in time order (NaN = missing;
+        windows with a missing target are left out). The skip is a linear least-squares problem,
+        so its optimum is solved in closed form instead of being approached by the same SGD steps
+        (and the same early stop) as the encoder: the encoder then starts from a converged
+        DLinear-like forecast and learns only the residual. ``alpha`` is the ridge penalty per
+        window (features have unit scale). ``priors``: name -> (L, h) closed-form forecasts the fit
+        is pulled towards (``seasonality.start_candidates``; default ``skip_prior()``).
+
+        The prior is the one with the lowest MAE over all windows (a prior alone fits nothing, so
+        every window is out of sample for it); the penalty (``alpha * 10^k``, k = 0..4, or the
+        prior alone) is the strongest within 5% of the lowest MAE on the last fifth of the
+        windows after a fit on the rest. The choice is kept in ``skip_start_`` (prior name),
+        ``skip_alpha_`` and ``skip_errors_`` ({(name, alpha): MAE; alpha inf: the prior alone,
+        on all windows}). ``times`` (B,), the windows' cut points: the fit
+        for the penalty then leaves out the windows whose targets reach into the held-out fifth
+        (a purged split: overlapping targets leak it, and an L x h map memorizes them). ``choose=False`` fits
+        the first prior with ``alpha`` as given, on every window. Returns False
+        (nothing changed) without a skip or a usable window.
         """
         if self.skip is None:
             return False
@@ -191,24 +212,42 @@ class PatchForecastModel(nn.Module):
         X, Y = z.reshape(-1, z.shape[-1]), t.reshape(-1, t.shape[-1])
         ok = ~torch.isnan(Y).any(-1)
         X, Y = X[ok], Y[ok]
+        if times is not None:
+            times = times.repeat_interleave(z.shape[1])[ok.cpu()]
         if len(X) < 2:
             return False
-        # The penalty pulls towards the seasonal-profile prior (zero without seasons). Its strength
-        # is chosen on the last fifth of the windows (time order) among alpha * 10^k and "prior
-        # only": a few weeks of history give a few hundred overlapping windows, where an L x h fit
-        # (alpha alone) doubled the error of the prior on half-hourly demand.
-        W0 = self.skip_prior().to(X)
-        n_fit = len(X) - max(1, len(X) // 5)
-        alphas = [alpha * 10.0**k for k in range(5)] + [float("inf")]
-        if n_fit >= 2:
-            errors = [_holdout_error(X, Y, W0, n_fit, a) for a in alphas]
+        if priors is None:
+            priors = {"prior": self.skip_prior()}
+        check(len(priors) >= 1, "priors must name at least one (L, h) map")
+        W0s = {k: torch.as_tensor(v).to(X) for k, v in priors.items()}
+        # A few weeks of history give a few hundred overlapping windows, where an L x h fit with
+        # alpha alone doubled the error of the seasonal prior on half-hourly demand: the penalty
+        # strength and the prior are chosen on held-out windows.
+        name, n_fit = next(iter(W0s)), len(X) - max(1, len(X) // 5)
+        self.skip_errors_ = {}
+        if choose and n_fit >= 2:
+            # A prior alone fits nothing, so every window is held out for it: the prior is chosen
+            # on all windows (weeks, not the last days: a weekly pattern needs them), the
+            # penalty towards it on the last fifth.
+            for key, W0 in W0s.items():
+                self.skip_errors_[(key, float("inf"))] = float((X @ W0 - Y).abs().mean())
+            name = min(W0s, key=lambda k: self.skip_errors_[(k, float("inf"))])
+            fit = torch.arange(len(X)) < n_fit
+            if times is not None:
+                purged = fit & (times <= times[n_fit:].min() - Y.shape[-1])
+                fit = purged if int(purged.sum()) >= 2 else fit
+            path, X_ho, Y_ho = _RidgePath(X[fit], Y[fit]), X[n_fit:], Y[n_fit:]
+            errors = {}
+            for a in [alpha * 10.0**k for k in range(5)] + [float("inf")]:
+                W, b = path.fit(W0s[name], a)
+                errors[a] = self.skip_errors_[(name, a)] = float((X_ho @ W + b - Y_ho).abs().mean())
             # the strongest penalty within 5% of the best (the one-standard-error rule's spirit):
             # the holdout is a few days, and a fit that only ties the prior there loses later
-            alpha = max(a for a, e in zip(alphas, errors) if e <= 1.05 * min(errors))
-        W, b = _ridge_towards(X, Y, W0, alpha)
+            alpha = max(a for a, e in errors.items() if e <= 1.05 * min(errors.values()))
+        W, b = _RidgePath(X, Y).fit(W0s[name], alpha)
         self.skip.weight.copy_(W.T.to(self.skip.weight.dtype))
         self.skip.bias.copy_(b.to(self.skip.bias.dtype))
-        self.skip_alpha_ = alpha
+        self.skip_alpha_, self.skip_start_ = alpha, name
         return True
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -255,27 +294,29 @@ class PatchForecastModel(nn.Module):
         return out * std[..., None] + mean[..., None]  # back to the scale of y
 
 
-def _ridge_towards(
-    X: torch.Tensor, Y: torch.Tensor, W0: torch.Tensor, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge fit of Y (N, h) on X (N, L) with the penalty alpha * N * ||W - W0||^2 -> (W (L, h), b (h,))."""
-    xm, ym = X.mean(0), Y.mean(0)
-    Xc, Yc = X - xm, Y - ym
-    W = W0
-    if alpha != float("inf"):
-        A = Xc.T @ Xc + alpha * len(X) * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
-        W = W0 + torch.linalg.solve(A, Xc.T @ (Yc - Xc @ W0))
-    if alpha == float("inf"):
-        return W, torch.zeros_like(ym)  # the prior alone: no bias
-    return W, ym - xm @ W
+class _RidgePath:
+    """Ridge fits of Y (N, h) on X (N, L) towards priors W0, for many penalties at one eigh.
 
+    Penalty alpha * N * ||W - W0||^2 with an intercept: W = W0 + (G + alpha N I)^-1 Xc'(Yc - Xc W0),
+    G = Xc'Xc = Q diag(lam) Q', so each (prior, alpha) costs two L x L x h products, not a solve.
+    """
 
-def _holdout_error(
-    X: torch.Tensor, Y: torch.Tensor, W0: torch.Tensor, n_fit: int, alpha: float
-) -> float:
-    """Mean absolute error on rows n_fit: of the ridge fit on rows :n_fit."""
-    W, b = _ridge_towards(X[:n_fit], Y[:n_fit], W0, alpha)
-    return float((X[n_fit:] @ W + b - Y[n_fit:]).abs().mean())
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        self.xm, self.ym, self.n = X.mean(0), Y.mean(0), len(X)
+        Xc = X - self.xm
+        self.lam, self.Q = torch.linalg.eigh(Xc.T @ Xc)
+        self.lam = self.lam.clamp_min(0)
+        self.QtXtY = self.Q.T @ (Xc.T @ (Y - self.ym))  # (L, h)
+
+    def fit(self, W0: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (L, h), b (h,)); alpha = inf gives the prior alone, without bias."""
+        if alpha == float("inf"):
+            return W0, torch.zeros_like(self.ym)
+        P0 = self.Q.T @ W0
+        W = W0 + self.Q @ (
+            (self.QtXtY - self.lam[:, None] * P0) / (self.lam + alpha * self.n)[:, None]
+        )
+        return W, self.ym - self.xm @ W
 
 
 class ForecastEnsemble(nn.Module):

@@ -22,7 +22,12 @@ import numpy as np
 
 from ..._validation import check
 
-__all__ = ["detect_seasonalities", "seasonal_profile_matrix", "autocorrelation"]
+__all__ = [
+    "autocorrelation",
+    "detect_seasonalities",
+    "seasonal_profile_matrix",
+    "start_candidates",
+]
 
 
 def autocorrelation(y: np.ndarray, max_lag: int) -> np.ndarray:
@@ -127,11 +132,15 @@ def detect_seasonalities(
     return tuple(seasons)
 
 
-def seasonal_profile_matrix(input_size: int, h: int, seasons: Sequence[int]) -> np.ndarray:
+def seasonal_profile_matrix(
+    input_size: int, h: int, seasons: Sequence[int], level_cycles: int | None = None
+) -> np.ndarray:
     """W (L, h) with ``forecast = lookback @ W``: level plus seasonal profiles averaged over cycles.
 
     Seasons that do not fit one whole cycle in the look-back are dropped; with none left the map is
-    the look-back mean (what a zero skip gives after instance normalization).
+    the look-back mean (what a zero skip gives after instance normalization). ``level_cycles``:
+    the level is the mean of this many last cycles of the longest season (default: all whole
+    cycles in the look-back); 1 follows a drifting level sooner, at more noise.
     """
     L = int(input_size)
     check(L >= 1 and h >= 1, f"input_size and h must be >= 1, got {input_size}, {h}")
@@ -140,7 +149,7 @@ def seasonal_profile_matrix(input_size: int, h: int, seasons: Sequence[int]) -> 
     if not used:
         return np.full((L, h), 1.0 / L)
     longest = used[-1]
-    K = L // longest
+    K = L // longest if level_cycles is None else max(1, min(int(level_cycles), L // longest))
     level = eye[:, L - K * longest :].mean(1, keepdims=True)  # (L, 1) whole cycles
     rest = eye - level  # (L, L): what the level leaves
     out = np.repeat(level, h, 1)  # (L, h)
@@ -153,6 +162,41 @@ def seasonal_profile_matrix(input_size: int, h: int, seasons: Sequence[int]) -> 
         # the next (longer) season sees what this one left, laid over the whole look-back
         phase = (np.arange(L) - L) % p
         rest = rest - profile[:, phase]
+    return out
+
+
+def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
+    """Closed-form forecasts the network can start from, each a linear map W (L, h) of the look-back.
+
+    The simple forecasts that StatsForecast's baselines and an MSTL-like decomposition make, so
+    the fit can pick the one that suits the data on held-out windows (``PatchForecastModel.
+    init_skip_ridge``), as an Auto model picks among its candidates:
+
+    - ``"naive"``: the last value (a random walk's best forecast);
+    - ``"mean"``: the look-back mean (a level without season, noise around it);
+    - ``"seasonal_naive_<p>"``: the last cycle of season p, repeated;
+    - ``"profile"``: level + seasonal profiles averaged over the look-back's cycles
+      (``seasonal_profile_matrix``);
+    - ``"profile_recent"``: the same with the level of the last cycle of the longest season only
+      (when the look-back holds more than one).
+
+    Seasons without one whole cycle in the look-back give no candidate.
+    """
+    L, h = int(input_size), int(h)
+    check(L >= 1 and h >= 1, f"input_size and h must be >= 1, got {input_size}, {h}")
+    steps = np.arange(h)
+    naive = np.zeros((L, h))
+    naive[L - 1] = 1.0
+    out = {"naive": naive, "mean": np.full((L, h), 1.0 / L)}
+    used = sorted({int(p) for p in seasons if 1 < int(p) <= L})
+    for p in used:
+        W = np.zeros((L, h))
+        W[L - p + steps % p, steps] = 1.0
+        out[f"seasonal_naive_{p}"] = W
+    if used:
+        out["profile"] = seasonal_profile_matrix(L, h, used)
+        if L // used[-1] > 1:
+            out["profile_recent"] = seasonal_profile_matrix(L, h, used, level_cycles=1)
     return out
 
 
