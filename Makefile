@@ -40,5 +40,6 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/ruff check $(SOURCES)
 
+# Two workers for the two cores; a test file stays on one worker (the distributed tests share ports).
 test: $(TEST_STAMP) lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=20 -rs tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=20 -rs tests
