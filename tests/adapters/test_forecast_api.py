@@ -1,4 +1,4 @@
-"""Forecaster API (issue 17): backtests that leave the model alone, Nixtla-compatible outputs,
+"""Forecaster API: backtests that leave the model alone, Nixtla-compatible outputs,
 future-frame helpers, frequency inference, progress, warnings, warm starts and bad values."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Save / load integrity of a Forecaster (issue 17 item 8) and the trainer's temp-file cleanup."""
+"""Save / load integrity of a Forecaster and the trainer's temp-file cleanup."""
 
 from __future__ import annotations
 
