@@ -1,4 +1,5 @@
-"""The op: ``tensorized_attention`` and ``attention_matrix``: argument checks, then dispatch to a kernel.
+"""The op: ``tensorized_attention`` and ``attention_matrix``: argument checks, then dispatch to a
+kernel.
 
 Legend: B batch, H query heads, Hkv kv heads, n length, d head dim, m fold order.
 """
@@ -132,8 +133,9 @@ def _prepare_call(
     fold = resolve_fold(fold, n)
     check(
         positional != "learned",
-        "positional='learned' has parameters, which a function call would draw afresh each time: build "
-        "seqtensor.core.positional.Learned(max_len, d) once (trained with the model) and pass it",
+        "positional='learned' has parameters, which a function call would draw afresh each time: "
+        "build seqtensor.core.positional.Learned(max_len, d) once (trained with the model) and "
+        "pass it",
     )
     if isinstance(positional, str) or positional is None:
         positional = _named_positional(positional, d, fold.size)
@@ -156,7 +158,8 @@ def _prepare_call(
         )
         check(
             fold.size == n and key_padding_mask is None,
-            f"mode='kronecker' needs a fold without padding (prod(dims)={fold.size}, n={n}) and no key_padding_mask",
+            f"mode='kronecker' needs a fold without padding (prod(dims)={fold.size}, n={n}) and no "
+            "key_padding_mask",
         )
     plan = hop_plan(fold.dims, n, causal=causal, coverage=coverage, hop_order=hop_order)
     return q, k, plan, hop_positional
@@ -280,8 +283,8 @@ def _one_hop_sdpa(q, k, v, causal, scale, hop_positional) -> torch.Tensor:
 
 
 def _check_hop_gates(gates: torch.Tensor, q: torch.Tensor, m: int, values: bool = True) -> None:
-    """(H, m - 1) floating gates in [0, 1] on q's device (the range read only with ``values``: a device
-    sync), or a named error."""
+    """(H, m - 1) floating gates in [0, 1] on q's device (the range read only with ``values``: a
+    device sync), or a named error."""
     check_tensor("hop_gates", gates, ndim=2, floating=True)
     H = q.shape[1]
     check(

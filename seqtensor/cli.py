@@ -1,7 +1,7 @@
 """The ``seqtensor`` command: forecast or backtest a CSV / Parquet file with the ``Forecaster``.
 
-    seqtensor forecast data.csv --h 48 [--freq h] [--level 80 95] --out forecast.csv --plot forecast.png
-    seqtensor backtest data.parquet --h 48 --n-windows 3 [--refit 2] --out backtest.csv
+    seqtensor forecast data.csv --h 48 [--freq h] [--level 80 95] --out forecast.csv --plot
+    forecast.png seqtensor backtest data.parquet --h 48 --n-windows 3 [--refit 2] --out backtest.csv
 
 The file is long (one row per series and step: ``unique_id``, ``ds``, ``y``, or the names given
 with ``--id-col`` / ``--time-col`` / ``--target-col``) or wide (a time column, then one numeric

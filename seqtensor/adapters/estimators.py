@@ -1,8 +1,8 @@
 """scikit-learn estimators for whole sequences: ``SequenceClassifier`` and ``SequenceRegressor``.
 
 Thin shells: ``fit`` validates with scikit-learn's own helpers, builds a
-``ModelConfig`` and a small network (input embedding -> ``Encoder`` -> ``SequenceHead``) and trains it
-through the one ``seqtensor.Trainer``; nothing here is a training loop.
+``ModelConfig`` and a small network (input embedding -> ``Encoder`` -> ``SequenceHead``) and trains
+it through the one ``seqtensor.Trainer``; nothing here is a training loop.
 
 Input layouts (legend: B samples, n sequence length, C channels per step, V vocabulary, D width):
 
@@ -173,7 +173,8 @@ class _SequenceEstimator(BaseEstimator):
             )
 
     def _validate_X(self, X, y=None, *, reset: bool, **y_options):
-        """Validate X (and y at fit) with scikit-learn's helpers; return X as (B, n, C) or (B, n)."""
+        """Validate X (and y at fit) with scikit-learn's helpers; return X as (B, n, C) or (B,
+        n)."""
         if reset:
             self._check_params()
         tokens = self.vocab_size is not None
@@ -189,7 +190,8 @@ class _SequenceEstimator(BaseEstimator):
         else:
             check(
                 X.ndim in (2, 3),
-                f"X must have shape (n_samples, seq_len) or (n_samples, seq_len, n_features), got {X.shape}",
+                "X must have shape (n_samples, seq_len) or (n_samples, seq_len, n_features), got "
+                f"{X.shape}",
             )
             check(
                 X.ndim == 2 or X.shape[2] >= 1,
@@ -201,7 +203,8 @@ class _SequenceEstimator(BaseEstimator):
                 self.n_channels_ = X.shape[2]
             check(
                 X.shape[2] == self.n_channels_,
-                f"X has {X.shape[2]} features per step, but {type(self).__name__} was fitted with {self.n_channels_}",
+                f"X has {X.shape[2]} features per step, but {type(self).__name__} was fitted with "
+                f"{self.n_channels_}",
             )
         return X, y
 
@@ -217,7 +220,8 @@ class _SequenceEstimator(BaseEstimator):
             )
         check(
             X.size == 0 or (X.min() >= 0 and X.max() < self.vocab_size),
-            f"token ids must be in [0, vocab_size={self.vocab_size}), got range [{X.min()}, {X.max()}]",
+            f"token ids must be in [0, vocab_size={self.vocab_size}), got range [{X.min()}, "
+            f"{X.max()}]",
         )
         return X.astype(np.int64)
 
@@ -272,7 +276,8 @@ class _SequenceEstimator(BaseEstimator):
             progress=bool(self.verbose),
             seed=seed,
             device=self.device,
-            strategy="none",  # an estimator is one process; torchrun users call the Trainer directly
+            # an estimator is one process; torchrun users call the Trainer directly
+            strategy="none",
         )
         trainer = Trainer(net, _batch_loss(loss_fn), trainer_config)
         global_rng = capture_rng()
@@ -282,7 +287,8 @@ class _SequenceEstimator(BaseEstimator):
             restore_rng(global_rng)
         self.model_config_ = config
         # On the CPU, predictions run in float64 so that no sample's output depends on which others
-        # share its batch (scikit-learn's subset and order invariance); weights stay exactly as trained.
+        # share its batch (scikit-learn's subset and order invariance); weights stay exactly as
+        # trained.
         self.model_ = net.eval().double() if trainer.device_.type == "cpu" else net.eval()
         self.history_ = trainer.history_
         self.n_iter_ = trainer.epoch_
@@ -290,7 +296,8 @@ class _SequenceEstimator(BaseEstimator):
         return self
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
-        """Network outputs (B, out_dim) for validated X, as float64 numpy, in chunks of ~64k tokens."""
+        """Network outputs (B, out_dim) for validated X, as float64 numpy, in chunks of ~64k
+        tokens."""
         param = next(self.model_.parameters())
         inputs = self._to_tensor(X)
         if inputs.is_floating_point():
@@ -312,7 +319,8 @@ def _split(inputs, targets, fraction, rng, stratify):
     n_val = int(np.ceil(fraction * n))
     check(
         n - n_val >= 1 and n_val >= 1,
-        f"validation_fraction={fraction} leaves no training or no validation sample out of n_samples={n}",
+        f"validation_fraction={fraction} leaves no training or no validation sample out of "
+        f"n_samples={n}",
     )
     idx = np.arange(n)
     try:
@@ -424,7 +432,8 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
         self.classes_, encoded = np.unique(y, return_inverse=True)
         check(
             len(self.classes_) >= 2,
-            f"SequenceClassifier needs samples of at least 2 classes in y; got 1 class ({self.classes_[0]!r})",
+            "SequenceClassifier needs samples of at least 2 classes in y; got 1 class "
+            f"({self.classes_[0]!r})",
         )
         targets = torch.as_tensor(encoded, dtype=torch.long)
         return self._fit_network(X, targets, len(self.classes_), _cross_entropy, stratify=encoded)
@@ -449,7 +458,8 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
 
 class SequenceRegressor(RegressorMixin, _SequenceEstimator):
     __doc__ = (
-        """Regress one or more real targets from whole sequences with a tensorized-attention encoder.
+        """Regress one or more real targets from whole sequences with a tensorized-attention
+        encoder.
 
     Targets are standardized internally (``y_mean_``, ``y_scale_``) and predictions mapped back.
 """
@@ -481,7 +491,8 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
         return tags
 
     def fit(self, X, y):
-        """Fit on X (n_samples, seq_len[, n_features]) and y (n_samples,) or (n_samples, n_outputs). Returns self."""
+        """Fit on X (n_samples, seq_len[, n_features]) and y (n_samples,) or (n_samples, n_outputs).
+        Returns self."""
         X, y = self._validate_X(X, y, reset=True, multi_output=True, y_numeric=True)
         y = np.asarray(y, dtype=np.float64)
         check(
@@ -505,7 +516,8 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
 
 
 def _check_float32_range(name: str, values: np.ndarray) -> None:
-    """Values beyond float32 (the network's dtype) would become inf: raise instead of predicting inf."""
+    """Values beyond float32 (the network's dtype) would become inf: raise instead of predicting
+    inf."""
     limit = float(np.finfo(np.float32).max)
     big = float(np.abs(values).max()) if values.size else 0.0
     check(

@@ -254,8 +254,9 @@ class BalancedFold:
 
 @dataclass(frozen=True)
 class BlockFold:
-    """Finest dim(s) fixed to a season (``block=48``) or nested seasons (``block=(7, 48)``: days of a
-    week, half-hours of a day); the coarser dims, ``order`` in all, are a balanced fold of the rest."""
+    """Finest dim(s) fixed to a season (``block=48``) or nested seasons (``block=(7, 48)``: days of
+    a week, half-hours of a day); the coarser dims, ``order`` in all, are a balanced fold of the
+    rest."""
 
     block: int | tuple[int, ...]
     order: int | None = None  # default: one dim more than the blocks
@@ -287,7 +288,8 @@ class BlockFold:
 
 @dataclass(frozen=True)
 class ExtrapolatingFold:
-    """For any n, every dim <= ``max_dim``: the order grows with n so positions stay in distribution.
+    """For any n, every dim <= ``max_dim``: the order grows with n so positions stay in
+    distribution.
 
     A model trained with dims up to ``max_dim`` sees only coordinates it was trained on at any
     length (tensor RoPE positions stay below each n_j), which is what makes extrapolation work.

@@ -20,9 +20,11 @@ from .._validation import check, check_choice
 
 __all__ = ["COVERAGES", "MODES", "Hop", "HopPlan", "hop_plan", "default_hop_order"]
 
-# "full": causal queries also reach every earlier token through summary tokens; "axial": fibres only.
+# "full": causal queries also reach every earlier token through summary tokens; "axial": fibres
+# only.
 COVERAGES = ("full", "axial")
-# "fibre": hop by hop attention along fibres; "kronecker": one n_j x n_j matrix per dim (non-causal).
+# "fibre": hop by hop attention along fibres; "kronecker": one n_j x n_j matrix per dim
+# (non-causal).
 MODES = ("fibre", "kronecker")
 
 
@@ -81,7 +83,8 @@ def hop_plan(
     coverage: str = "full",
     hop_order: Sequence[int] | None = None,
 ) -> HopPlan:
-    """The plan for n tokens folded as ``dims`` (a named error for a bad ``hop_order``/``coverage``).
+    """The plan for n tokens folded as ``dims`` (a named error for a bad
+    ``hop_order``/``coverage``).
 
     ``hop_order`` lists dims 0-based (0 = coarsest), default finest to coarsest. Plans are cached,
     so the per-call cost is one dictionary lookup.

@@ -85,7 +85,8 @@ class PositionalScheme(nn.Module):
         return q, k
 
     def hop(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Per-hop schemes: x (..., n_j, d) at coordinates ``positions`` (n_j,) (identity by default)."""
+        """Per-hop schemes: x (..., n_j, d) at coordinates ``positions`` (n_j,) (identity by
+        default)."""
         return x
 
 
@@ -207,7 +208,10 @@ class RoPE(PositionalScheme):
         )
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
+        return (
+            f"head_dim={self.head_dim}, base={self.base}, scaling={self.scaling}, "
+            f"factor={self.factor}"
+        )
 
 
 def _yarn_inv_freq(
@@ -285,14 +289,16 @@ class Learned(PositionalScheme):
         return q + pe, k + pe
 
 
-# The names make_positional accepts: the one list every config of a positional scheme checks against.
+# The names make_positional accepts: the one list every config of a positional scheme checks
+# against.
 POSITIONAL_CHOICES = ("tensor_rope", "rope", "sinusoidal", "learned", "none")
 
 
 def make_positional(
     spec: str | PositionalScheme | None, head_dim: int, max_len: int = 8192
 ) -> PositionalScheme | None:
-    """Build a scheme from a name ("tensor_rope", "rope", "sinusoidal", "learned", "none") or pass one through."""
+    """Build a scheme from a name ("tensor_rope", "rope", "sinusoidal", "learned", "none") or pass
+    one through."""
     if spec is None or isinstance(spec, PositionalScheme):
         return spec
     check_choice("positional", spec, POSITIONAL_CHOICES)

@@ -48,7 +48,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON = False
 _MAX_HEAD_DIM = 256
 # Rows of the rotation table in ``decode_constants``; with RoPE, chunks hold at most this many
-# positions and rotate their keys with it (angle-sum rule) instead of a sin and cos per key and frequency.
+# positions and rotate their keys with it (angle-sum rule) instead of a sin and cos per key and
+# frequency.
 _ROPE_TABLE = 64
 
 
@@ -74,7 +75,8 @@ def _head_setup(
     ROPE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Program -> (b, first head, heads, heads in range, t, offset, scaled query halves, inv_freq, K row base per head)."""
+    """Program -> (b, first head, heads, heads in range, t, offset, scaled query halves, inv_freq, K
+    row base per head)."""
     HB = tl.cdiv(H, HEADS)
     pid = tl.program_id(0)
     h0 = (pid % HB) * HEADS
@@ -147,15 +149,16 @@ def _decode_partial_kernel(
     BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Hop ``program_id(1)``, positions ``[split * SPAN, (split + 1) * SPAN)`` with split ``program_id(2)``:
-    the online-softmax partial (max, sum, weighted values) over its keys, the new token itself left out
-    (its value at this level is the previous hop's output, known only in the combine kernel).
+    """Hop ``program_id(1)``, positions ``[split * SPAN, (split + 1) * SPAN)`` with split
+    ``program_id(2)``: the online-softmax partial (max, sum, weighted values) over its keys, the new
+    token itself left out (its value at this level is the previous hop's output, known only in the
+    combine kernel).
 
     Vals: (V, ring_1, ..., ring_{m-1}); stride_vals: their (batch, head, token, dim) strides, flat.
-    W, R, BLOCK_B, SPAN, SPLITS: per-hop stride, size (0 = top), chunk, positions per split and splits;
-    the last split runs to the hop's end, so a graph captured at one length stays right as t grows.
-    v_shift: cache positions dropped from the front of V (row ``i`` of V is position ``i + v_shift``).
-    TOP_INT8: the top level holds int8 rows with fp32 scales in TopScale (B, H, slots).
+    W, R, BLOCK_B, SPAN, SPLITS: per-hop stride, size (0 = top), chunk, positions per split and
+    splits; the last split runs to the hop's end, so a graph captured at one length stays right as t
+    grows. v_shift: cache positions dropped from the front of V (row ``i`` of V is position ``i +
+    v_shift``). TOP_INT8: the top level holds int8 rows with fp32 scales in TopScale (B, H, slots).
     Tensors are (HEADS, keys, dim): the key indices are shared by the heads of a batch row.
     """
     b, h0, heads, h_ok, t, off, q1, q2, inv, k_base = _head_setup(
@@ -224,9 +227,10 @@ def _decode_partial_kernel(
                     pos = c + j // 2
                     summ = (j % 2) == 1
                     u = tl.where(summ, start + pos * w + (w - 1), t - (a - pos) * w)
-                    # summary keys of blocks b < a; none when t ends its own block (its fibre key is that
-                    # token). The scalar condition goes into the bound: a scalar comparison &-ed with a block
-                    # gives a non-bool mask under the interpreter, which triton 3.9's interpreter rejects
+                    # summary keys of blocks b < a; none when t ends its own block (its fibre key is
+                    # that token). The scalar condition goes into the bound: a scalar comparison
+                    # &-ed with a block gives a non-bool mask under the interpreter, which triton
+                    # 3.9's interpreter rejects
                     n_summ = tl.where(t % w == w - 1, 0, a)
                     ok = (pos < hi) & ((~summ) | (pos < n_summ))
                 else:
@@ -258,8 +262,9 @@ def _decode_partial_kernel(
                 if (
                     ROPE
                 ):  # rotate by the key's position relative to the query's: b - a = (c - a) + j
-                    # sin/cos of the chunk's first angle, then the angle-sum rule with the table of j
-                    # (BLOCK_B <= ROPE_TABLE; a sin and cos per key and frequency was ~25% of this kernel)
+                    # sin/cos of the chunk's first angle, then the angle-sum rule with the table of
+                    # j (BLOCK_B <= ROPE_TABLE; a sin and cos per key and frequency was ~25% of this
+                    # kernel)
                     first = (c - a).to(ACC) * inv
                     cos_c = tl.cos(first)[None, :]
                     sin_c = tl.sin(first)[None, :]
@@ -343,8 +348,8 @@ def _decode_combine_kernel(
 
     The own key is the same at every hop (k_t, rotated by 0: RoPE is relative); its value is V[t] at
     hop 0 and the previous hop's output at hop l >= 1, which is first stored in its ring slot (the
-    slot it overwrites lies outside its block), rounded to the ring's dtype (or int8 with a scale) as
-    the PyTorch path stores it. Head 0's program also writes ``length + 1``. GATED: hop l >= 1's
+    slot it overwrites lies outside its block), rounded to the ring's dtype (or int8 with a scale)
+    as the PyTorch path stores it. Head 0's program also writes ``length + 1``. GATED: hop l >= 1's
     output is mixed with that previous output, ``prev + g[h, l-1] * (out - prev)`` (hop gates).
     """
     b, h0, heads, h_ok, t, off, q1, q2, inv, k_base = _head_setup(
@@ -392,9 +397,8 @@ def _decode_combine_kernel(
     out = own
     prev = own
     for hop in tl.static_range(M):
-        if (
-            hop > 0
-        ):  # this token's level-hop value: the previous output, stored as the PyTorch path stores it
+        # this token's level-hop value: the previous output, stored as the PyTorch path stores it
+        if hop > 0:
             prev = out.to(O.dtype.element_ty).to(
                 ACC
             )  # before any int8 rounding: what the gate mixes
@@ -409,8 +413,9 @@ def _decode_combine_kernel(
             )
             if TOP_INT8 and hop == M - 1:
                 own = out.to(O.dtype.element_ty).to(tl.float32)
-                # div_rn: correctly rounded like PyTorch's division (plain '/' compiles to an approximate
-                # one on CUDA), so both paths store the same bytes; lanes past NDV hold zeros
+                # div_rn: correctly rounded like PyTorch's division (plain '/' compiles to an
+                # approximate one on CUDA), so both paths store the same bytes; lanes past NDV hold
+                # zeros
                 row_scale = tl.math.div_rn(
                     tl.max(tl.abs(own), 1), tl.full([HEADS], 127.0, tl.float32)
                 )
@@ -484,7 +489,8 @@ def _pow2(x: int) -> int:
 
 
 def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positional) -> str | None:
-    """Why the kernel cannot run this step (None when it can); the caller then uses the PyTorch path."""
+    """Why the kernel cannot run this step (None when it can); the caller then uses the PyTorch
+    path."""
     if q.shape[2] != 1:
         return f"{q.shape[2]} new tokens (the kernel decodes one)"
     if not (q.is_cuda or _INTERPRET):
@@ -536,15 +542,17 @@ def decode_step(
     top_scale: torch.Tensor | None = None,
     hop_gates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One new token through all hops, in two launches: per-(hop, split) partials, then their combine.
+    """One new token through all hops, in two launches: per-(hop, split) partials, then their
+    combine.
 
     q (B, H, 1, d); k, v (B, Hkv, T, d|dv): the K/V cache, the new token included. rings: levels
     1..m-1, (B, H, slots, dv) each (the top level must already hold room for index ``length``).
     length, offset (B,): the new token's compact index and the left padding. dims: the fold,
     coarsest first. consts: from ``decode_constants``. summary: ``coverage == "full"``. max_length:
-    host copy of ``length.max()``. v_shift: positions trimmed from the front of v (it holds positions
-    ``v_shift ..``; the first hop reads only the new token's finest block). top_scale: the fp32 row
-    scales (B, H, slots) of an int8 top level. hop_gates: (H, m - 1) learned hop gates, or None.
+    host copy of ``length.max()``. v_shift: positions trimmed from the front of v (it holds
+    positions ``v_shift ..``; the first hop reads only the new token's finest block). top_scale: the
+    fp32 row scales (B, H, slots) of an int8 top level. hop_gates: (H, m - 1) learned hop gates, or
+    None.
     Returns the output (B, H, 1, dv) and ``length + 1``.
     """
     B, H, _, d = q.shape
@@ -555,7 +563,8 @@ def decode_step(
     )
     check(
         m == 1 or rings[-1].shape[2] > max_length,
-        f"the top ring has {rings[-1].shape[2] if rings else 0} slots: it needs one for index max_length={max_length}",
+        f"the top ring has {rings[-1].shape[2] if rings else 0} slots: it needs one for index "
+        f"max_length={max_length}",
     )
     D1, D2 = (d + 1) // 2, d // 2
     block_dh, block_dv = _pow2(D1), _pow2(dv)

@@ -93,7 +93,8 @@ def fibre_attention_reference(
     compute_dtype: torch.dtype | None = None,
     hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multi-hop fibre attention. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n, dv).
+    """Multi-hop fibre attention. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n,
+    dv).
 
     Inputs are assumed validated (``seqtensor.tensorized_attention`` does that); ``hop_order``
     lists dims 0-based (0 = coarsest), default finest to coarsest. ``compute_dtype`` overrides the
@@ -206,8 +207,8 @@ def _hop(qg, kg, vg, valid, j, causal, with_summary, scale, hop_positional, comp
         pos = torch.arange(nj, device=qg.device)
         qf, kf = hop_positional.hop(qf, pos), hop_positional.hop(kf, pos)
     if causal and not with_summary and bool(valid.all()):
-        # every fibre is a plain causal sequence: SDPA's own causal path, no (F, nj, nj) mask (n_j = 2048 at
-        # 512k tokens would make that mask gigabytes)
+        # every fibre is a plain causal sequence: SDPA's own causal path, no (F, nj, nj) mask (n_j =
+        # 2048 at 512k tokens would make that mask gigabytes)
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, is_causal=True, scale=scale, enable_gqa=kf.shape[1] != G or vf.shape[1] != G
         )

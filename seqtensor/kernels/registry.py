@@ -51,7 +51,8 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend ``backend`` means on ``device``: "auto" is Triton on CUDA, the reference elsewhere."""
+    """The backend ``backend`` means on ``device``: "auto" is Triton on CUDA, the reference
+    elsewhere."""
     device = torch.device(device)
     check_choice("backend", backend, (*BACKEND_CHOICES, *_BACKENDS))
     if backend == "auto":

@@ -267,7 +267,8 @@ def _hop_fwd_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One hop for BLOCK_M queries of one fibre of one head: O = softmax(q k^T) V_in over the keys."""
+    """One hop for BLOCK_M queries of one fibre of one head: O = softmax(q k^T) V_in over the
+    keys."""
     QB = tl.cdiv(NJ, BLOCK_M)
     pid = tl.program_id(0)
     qb = pid % QB
@@ -451,7 +452,8 @@ def _dq_keys(
     BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq (rotated space, before the logit scale) from the key rows ``key_base + c * S``, c in [lo, hi)."""
+    """dq (rotated space, before the logit scale) from the key rows ``key_base + c * S``, c in [lo,
+    hi)."""
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
@@ -490,7 +492,8 @@ def _store_grad(
     ROPE: tl.constexpr,
     ACCUM: tl.constexpr,
 ):
-    """Scale, un-rotate (transpose of tensor_rope), zero rows of invalid tokens, add to DX if ACCUM, store."""
+    """Scale, un-rotate (transpose of tensor_rope), zero rows of invalid tokens, add to DX if ACCUM,
+    store."""
     x1 = x1 * scale
     x2 = x2 * scale
     if ROPE:
@@ -526,7 +529,8 @@ def _row_delta(
     DELTA_IN: tl.constexpr,
     STORE: tl.constexpr,
 ):
-    """delta_i = dO_i . O_i: read from Dl (written by the previous backward hop) or computed from O rows."""
+    """delta_i = dO_i . O_i: read from Dl (written by the previous backward hop) or computed from O
+    rows."""
     if DELTA_IN:
         delta = tl.load(Dl + tq, mask=rowq, other=0.0)
     else:
@@ -1129,7 +1133,8 @@ def _hop_bwd_summary_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Gradients of summary keys (p, c, S-1), c in block blk, from the queries of fibres s in chunk cb.
+    """Gradients of summary keys (p, c, S-1), c in block blk, from the queries of fibres s in chunk
+    cb.
 
     Writes partial sums to DKS (B, H, P, C, NJ, D) and DVS (B, H, P, C, NJ, DV), fp32/fp64.
     """
@@ -1254,7 +1259,8 @@ class _Launch:
 
 
 def _validity(plan: HopPlan | _Launch, B: int, key_padding_mask, device) -> torch.Tensor:
-    """(m + 1, B, N) uint8: level 0 = real unmasked tokens; level k+1 = attended a valid key in hop k."""
+    """(m + 1, B, N) uint8: level 0 = real unmasked tokens; level k+1 = attended a valid key in hop
+    k."""
     valid = torch.zeros(B, plan.N, dtype=torch.bool, device=device)
     valid[:, : plan.n] = True if key_padding_mask is None else key_padding_mask.to(torch.bool)
     levels = [valid]
@@ -1311,10 +1317,11 @@ def _kernel_dtypes(dtype: torch.dtype):
 
 
 def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates=None):
-    """All hops; returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and, with
-    ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
+    """All hops; returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and,
+    with ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
 
-    A gated hop's kernel writes its raw output; ``torch.lerp`` then mixes it with the hop's input."""
+    A gated hop's kernel writes its raw output; ``torch.lerp`` then mixes it with the hop's
+    input."""
     B, H, n, d = q.shape
     G, dv, N, m = H // k.shape[1], v.shape[-1], plan.N, len(plan.hops)
     acc, prec = _kernel_dtypes(q.dtype)
@@ -1390,7 +1397,8 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
         if gate is not None:
             if need_backward:
                 raws.append(out)
-            # vin + g * (out - vin) in fp32 (fp64), rounded once; rows >= n of the last hop are dropped below
+            # vin + g * (out - vin) in fp32 (fp64), rounded once; rows >= n of the last hop are
+            # dropped below
             out = torch.lerp(vin.to(gate.dtype), out.to(gate.dtype), gate).to(q.dtype)
         if need_backward and not last:
             states.append(out)
@@ -1411,9 +1419,9 @@ def _backward(
 ):
     """dq, dk, dv (and the gates' gradient, (H, m - 1), or None).
 
-    A gated hop (``V' = V + g (hop(V) - V)``) back-propagates g * dV' through its kernel, (1 - g) * dV'
-    straight to V, and rowsum(dV' * (hop(V) - V)) to g. Its rowsum(dO * O) is then computed here for
-    every hop (DELTA_IN), since the kernels' fused DELTA_OUT is rowsum over the unmixed rows."""
+    A gated hop (``V' = V + g (hop(V) - V)``) back-propagates g * dV' through its kernel, (1 - g) *
+    dV' straight to V, and rowsum(dV' * (hop(V) - V)) to g. Its rowsum(dO * O) is then computed here
+    for every hop (DELTA_IN), since the kernels' fused DELTA_OUT is rowsum over the unmixed rows."""
     B, H, n, d = q.shape
     Hkv = k.shape[1]
     G, dv, N, m = H // Hkv, v.shape[-1], plan.N, len(plan.hops)
@@ -1447,8 +1455,9 @@ def _backward(
             if do.shape[2] < N:  # the last hop's rows past n have no gradient
                 delta = torch.nn.functional.pad(delta, (0, N - do.shape[2])).contiguous()
         # dv is allocated last: one (B, H, n, dv) buffer less at the peak of the backward
-        # gated: the gradient of an intermediate state stays in fp32 (fp64), since it feeds the gates' sums
-        # and the residual path besides the next kernel (which gets it rounded to q's dtype)
+        # gated: the gradient of an intermediate state stays in fp32 (fp64), since it feeds the
+        # gates' sums and the residual path besides the next kernel (which gets it rounded to q's
+        # dtype)
         dvin = (
             _empty_like(v)
             if first
@@ -1460,7 +1469,8 @@ def _backward(
                 if hop.summary
                 else lse[idx]
             )
-        # written only with DELTA_OUT (not for the first hop, nor when gated): else any buffer will do
+        # written only with DELTA_OUT (not for the first hop, nor when gated): else any buffer
+        # will do
         delta_next = (
             lse[idx]
             if first or gates is not None
@@ -1562,7 +1572,8 @@ def _backward(
 def _summary_backward(
     q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
 ):
-    """Summary-key gradients: partial sums from the kernel, added to the (p, :, S-1) rows on the host."""
+    """Summary-key gradients: partial sums from the kernel, added to the (p, :, S-1) rows on the
+    host."""
     B, H, n, d = q.shape
     Hkv, dv, N = k.shape[1], vin.shape[-1], plan.N
     acc, prec = _kernel_dtypes(q.dtype)
@@ -1619,7 +1630,8 @@ def _summary_backward(
     P, nj, S = hop.P, hop.nj, hop.S
     dvs = dvs.sum(3)  # (B, H, P, nj, dv)
     dvin.view(B, H, P, nj, S, dv)[:, :, :, :, S - 1] += dvs.to(dvin.dtype)
-    # summary token of (p, c) is (p * nj + c) * S + S - 1: increasing, and below n for the first n // S
+    # summary token of (p, c) is (p * nj + c) * S + S - 1: increasing, and below n for the
+    # first n // S
     keep = n // S
     tok = torch.arange(keep, device=q.device) * S + S - 1
     dks = dks.sum(3).view(B, Hkv, H // Hkv, P * nj, d).sum(2)[:, :, :keep]  # (B, Hkv, keep, d)
@@ -1673,7 +1685,8 @@ class _FibreAttention(torch.autograd.Function):
 def fallback_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_positional
 ) -> str | None:
-    """Why the Triton kernels cannot run this call (None when they can); such calls use the reference."""
+    """Why the Triton kernels cannot run this call (None when they can); such calls use the
+    reference."""
     if not (q.is_cuda or tuning.INTERPRET):
         return f"tensors on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -1681,7 +1694,10 @@ def fallback_reason(
     if q.shape[-1] > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
         return f"head dims ({q.shape[-1]}, {v.shape[-1]}) exceed {_MAX_HEAD_DIM}"
     if hop_positional is not None and type(hop_positional) is not TensorRoPE:
-        return f"per-hop positional scheme {type(hop_positional).__name__} has no kernel (only TensorRoPE)"
+        return (
+            f"per-hop positional scheme {type(hop_positional).__name__} has no kernel (only "
+            "TensorRoPE)"
+        )
     return None
 
 
@@ -1700,7 +1716,8 @@ def tensorized_fibre_attention(
     key_padding_mask: torch.Tensor | None = None,
     hop_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multi-hop fibre attention on Triton. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) -> (B, H, n, dv).
+    """Multi-hop fibre attention on Triton. q (B, H, n, d), k (B, Hkv, n, d), v (B, Hkv, n, dv) ->
+    (B, H, n, dv).
 
     Same signature and results as ``fibre_attention_reference``; inputs may be strided views.
     Calls the kernels cannot run (see ``fallback_reason``) go to the reference with a warning.

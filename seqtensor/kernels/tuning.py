@@ -33,21 +33,23 @@ class Config:
     )
 
 
-# Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table below.
-# A non-empty override also turns autotuning off, so the configs compared are the ones that run.
+# Benchmarks set fields here (e.g. {"bwd_warps": 4}) to compare configs without editing the table
+# below. A non-empty override also turns autotuning off, so the configs compared are the ones that
+# run.
 CONFIG_OVERRIDE: dict = {}
 # None (default): on CUDA GPUs the table was not tuned on, hops are autotuned once per process and
-# fibre-length bucket (``_tuner``: triton.autotune over the candidates below, the table's among them). On the H200,
-# where the table was swept, autotune's picks were mixed (faster forwards on 128-long fibres, up to
-# 20% slower elsewhere: the backward's timings include restoring dq and dk) and tuning at 128k took
-# over a minute (docs/performance.md), so the table stays. True / False: always / never.
-# The interpreter and CONFIG_OVERRIDE always use the table.
+# fibre-length bucket (``_tuner``: triton.autotune over the candidates below, the table's among
+# them). On the H200, where the table was swept, autotune's picks were mixed (faster forwards on
+# 128-long fibres, up to 20% slower elsewhere: the backward's timings include restoring dq and dk)
+# and tuning at 128k took over a minute (docs/performance.md), so the table stays. True / False:
+# always / never. The interpreter and CONFIG_OVERRIDE always use the table.
 AUTOTUNE: bool | None = None
 TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
 
 
 def config(nj: int, d: int, dv: int) -> Config:
-    """Fixed meta-parameters: 16-row blocks under the interpreter, else sized to the fibre and head dim."""
+    """Fixed meta-parameters: 16-row blocks under the interpreter, else sized to the fibre and head
+    dim."""
     base = Config(16, 16, 16, 1, 1, 1) if INTERPRET else gpu_config(nj, d, dv)
     cfg = dataclasses.replace(base, **CONFIG_OVERRIDE)
     assert max(cfg.block_m, cfg.block_n, cfg.block) <= MAX_BLOCK, cfg
@@ -55,7 +57,8 @@ def config(nj: int, d: int, dv: int) -> Config:
 
 
 def gpu_config(nj: int, d: int, dv: int) -> Config:
-    """Blocks as large as useful: the fibre rounded up, capped by the register room of the head dim."""
+    """Blocks as large as useful: the fibre rounded up, capped by the register room of the head
+    dim."""
     fib = block_size(nj)
     wide = max(d, dv) > 128
     bm = min(fib, 64 if wide else 128)
@@ -89,14 +92,15 @@ FWD_CANDIDATES = (
     (32, 32, 4, 2),
 )
 BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2))
-# Tuned once per fibre-length bucket (a power of two: one tuner each, ``_tuner``) and these settings,
-# not per shape: P, S and the coarsest n_j change with every sequence length, and retuning each
-# would stall variable-length inputs (a text model's prompts) for seconds per new length.
+# Tuned once per fibre-length bucket (a power of two: one tuner each, ``_tuner``) and these
+# settings, not per shape: P, S and the coarsest n_j change with every sequence length, and retuning
+# each would stall variable-length inputs (a text model's prompts) for seconds per new length.
 TUNE_KEY = ["D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
 
 
 def fwd_candidates(configs, named_args, **kwargs) -> list:
-    """Forward configs for this hop: blocks no larger than the fibre or the head dim's register room."""
+    """Forward configs for this hop: blocks no larger than the fibre or the head dim's register
+    room."""
     table = gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
     seen = {(table.block_m, table.block_n, table.num_warps, table.num_stages): None}
     for bm, bn, warps, stages in FWD_CANDIDATES:
@@ -109,7 +113,8 @@ def fwd_candidates(configs, named_args, **kwargs) -> list:
 
 
 def bwd_candidates(configs, named_args, **kwargs) -> list:
-    """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below it."""
+    """Backward configs: one block per fibre when SINGLE (the fibre rounded up), else blocks below
+    it."""
     table = gpu_config(named_args["NJ"], kwargs["D1"] + kwargs["D2"], kwargs["NDV"])
     seen = {(table.block, table.bwd_warps, table.num_stages): None}
     for block, warps, stages in BWD_CANDIDATES:
@@ -123,11 +128,12 @@ TUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
 
 
 def tuner(direction: str, nj: int, kernel) -> triton.runtime.Autotuner:
-    """The autotuned kernel of one direction for fibres of up to ``block_size(nj)`` rows (one clipped candidate list).
+    """The autotuned kernel of one direction for fibres of up to ``block_size(nj)`` rows (one
+    clipped candidate list).
 
     triton.autotune only tunes when it holds more than one config: it gets the unclipped candidates,
-    and the prune functions replace them with the hop's clipped list. The backward accumulates dq and
-    dk in place across hops, so every timed run restores them.
+    and the prune functions replace them with the hop's clipped list. The backward accumulates dq
+    and dk in place across hops, so every timed run restores them.
     """
     key = (direction, block_size(nj))
     if key not in TUNERS:

@@ -164,7 +164,10 @@ class TensorizedAttention(_AttentionLayer):
 
     def extra_repr(self) -> str:
         device = self.q_proj.weight.device
-        return f"fold={self.fold!r}, causal={self.causal}, coverage={self.coverage}, backend={resolve_backend(self.backend, device)}"
+        return (
+            f"fold={self.fold!r}, causal={self.causal}, coverage={self.coverage}, "
+            f"backend={resolve_backend(self.backend, device)}"
+        )
 
 
 class FullAttention(_AttentionLayer):
@@ -193,7 +196,8 @@ class FullAttention(_AttentionLayer):
         )
         check(
             self.positional is None or not self.positional.per_hop,
-            "FullAttention has no hops: use a global positional scheme ('rope', 'sinusoidal', 'learned', 'none')",
+            "FullAttention has no hops: use a global positional scheme ('rope', 'sinusoidal', "
+            "'learned', 'none')",
         )
 
     def _attend(self, q, k, v, key_padding_mask):

@@ -40,7 +40,8 @@ def seasonal_naive(history: np.ndarray, h: int, season: int) -> np.ndarray:
 
 
 class DLinear(nn.Module):
-    """forward(batch) -> (N, C, h, 1): trend and remainder of ``batch["y"]`` (N, C, L), one linear map each.
+    """forward(batch) -> (N, C, h, 1): trend and remainder of ``batch["y"]`` (N, C, L), one linear
+    map each.
 
     Missing values (NaN) are replaced by the window's observed mean first. Weights are shared
     across channels, as in the paper's default.

@@ -85,7 +85,8 @@ def infer_freq(times: Sequence[pd.Series]) -> Any:
 
 
 def _series_freqs(t: pd.Series, integer: bool) -> dict[str, Any]:
-    """One series' best frequencies by name (see ``infer_freq``; several on a tie, none for 1 stamp)."""
+    """One series' best frequencies by name (see ``infer_freq``; several on a tie, none for 1
+    stamp)."""
     if len(t) < 2:
         return {}
     if integer:
@@ -254,13 +255,15 @@ def _check_columns(df: pd.DataFrame, id_col, time_col, target_col, exog: Sequenc
         check(
             ok or pd.api.types.is_bool_dtype(dtype) and col != target_col,
             f"column {col!r} must be numeric, got dtype {dtype}; convert it first, "
-            f"e.g. pd.to_numeric(df[{col!r}], errors='coerce') (non-numbers become NaN and are masked)",
+            f"e.g. pd.to_numeric(df[{col!r}], errors='coerce') (non-numbers become NaN and are "
+            "masked)",
             TypeError,
         )
     time = df[time_col]
     check(
         pd.api.types.is_datetime64_any_dtype(time) or pd.api.types.is_integer_dtype(time),
-        f"column {time_col!r} must hold timestamps (datetime64) or integer steps, got dtype {time.dtype}; "
+        f"column {time_col!r} must hold timestamps (datetime64) or integer steps, got dtype "
+        f"{time.dtype}; "
         f"parse it with pd.to_datetime",
         TypeError,
     )
@@ -336,7 +339,8 @@ def build_panel(
         first = df.loc[dup, [id_col, time_col]].iloc[0].tolist()
         raise ValueError(
             f"df has {int(dup.sum())} duplicate ({id_col}, {time_col}) rows, first {first}; "
-            f"aggregate them first, e.g. df.groupby([{id_col!r}, {time_col!r}], as_index=False).mean()"
+            f"aggregate them first, e.g. df.groupby([{id_col!r}, {time_col!r}], "
+            "as_index=False).mean()"
         )
     # Series sorted by id (categorical ids: in category order) and rows by time, so the row order of
     # the frame never changes a result.
@@ -353,7 +357,8 @@ def build_panel(
         )
         check(
             integer_time == integer_freq and not isinstance(freq, bool),
-            f"freq={freq!r} does not fit the {times[0].dtype} time column {time_col!r}: integer time steps take an "
+            f"freq={freq!r} does not fit the {times[0].dtype} time column {time_col!r}: integer "
+            "time steps take an "
             "int freq, timestamps a pandas frequency such as 'h' or 'MS'",
             TypeError,
         )
@@ -367,9 +372,12 @@ def build_panel(
         if (pos < 0).any():
             bad = t[pos < 0].iloc[0]
             raise ValueError(
-                f"series {sid!r}: timestamp {bad} is not on the {freq_to_json(freq)!r} grid starting at "
-                f"{t.iloc[0]} ({int((pos < 0).sum())} such stamps): the timestamps are irregular. Resample "
-                f"first, e.g. df.set_index({time_col!r}).groupby({id_col!r}).resample(...).mean(), or pass freq="
+                f"series {sid!r}: timestamp {bad} is not on the {freq_to_json(freq)!r} grid "
+                "starting at "
+                f"{t.iloc[0]} ({int((pos < 0).sum())} such stamps): the timestamps are irregular. "
+                "Resample "
+                f"first, e.g. df.set_index({time_col!r}).groupby({id_col!r}).resample(...).mean(), "
+                "or pass freq="
             )
         y = np.full(len(grid), np.nan)
         y[pos] = g[target_col].to_numpy(float)
@@ -405,7 +413,8 @@ def warn_missing(report: pd.DataFrame, where: str, freq: Any = None) -> None:
             warnings.warn(
                 f"{where}: at frequency {name!r}, more than 10% of the grid steps of {len(sparse)} "
                 f"series are absent from the frame and were inserted as missing (series "
-                f"{first['unique_id']!r}: {int(first['inserted_steps'])} of {int(first['steps'])}). "
+                f"{first['unique_id']!r}: {int(first['inserted_steps'])} of "
+                f"{int(first['steps'])}). "
                 f"If that is not the data's frequency, pass freq= (e.g. 'B' for business days)",
                 stacklevel=4,
             )
@@ -414,7 +423,8 @@ def warn_missing(report: pd.DataFrame, where: str, freq: Any = None) -> None:
         total = int(bad["missing_y"].sum())
         inserted = int(bad["inserted_steps"].sum())
         warnings.warn(
-            f"{where}: {total} missing target values in {len(bad)} series ({inserted} of them at grid steps "
+            f"{where}: {total} missing target values in {len(bad)} series ({inserted} of them at "
+            "grid steps "
             f"absent from the frame); they are masked in the inputs and the loss. "
             f"Per-series counts: the `missing_report_` attribute.",
             stacklevel=4,
@@ -462,7 +472,8 @@ def future_exog(
         if (pos < 0).any():
             first = stamps[int(np.flatnonzero(pos < 0)[0])]
             raise ValueError(
-                f"futr_df has no row for series {sid!r} at {first} ({int((pos < 0).sum())} of the {h} future steps "
+                f"futr_df has no row for series {sid!r} at {first} ({int((pos < 0).sum())} of the "
+                f"{h} future steps "
                 f"missing): it needs every step from {stamps[0]} to {stamps[-1]}"
             )
         values = indexed.to_numpy(float)[pos]
@@ -486,7 +497,8 @@ def missing_future(
     id_col: str,
     time_col: str,
 ) -> pd.DataFrame:
-    """The rows of ``future`` (id, time) with no row in ``futr_df`` or a non-finite value in ``cols``."""
+    """The rows of ``future`` (id, time) with no row in ``futr_df`` or a non-finite value in
+    ``cols``."""
     if futr_df is None:
         return future if len(cols) else future.iloc[:0]
     check(

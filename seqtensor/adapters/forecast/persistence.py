@@ -271,7 +271,8 @@ def plot_forecast(
     max_series: int = 4,
     ax=None,
 ):
-    """Plot history, point forecast and quantile bands (pairs q, 1 - q) of up to ``max_series`` series.
+    """Plot history, point forecast and quantile bands (pairs q, 1 - q) of up to ``max_series``
+    series.
 
     Returns the matplotlib Figure. Needs matplotlib (``pip install seqtensor[plot]``).
     """

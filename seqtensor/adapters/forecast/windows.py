@@ -133,7 +133,8 @@ def train_cuts(y: list[np.ndarray], L: int, h: int, holdout: int) -> tuple[np.nd
 def val_cuts(
     y: list[np.ndarray], L: int, h: int, val_size: int, max_per_group: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validation cut points: targets inside the last ``val_size`` steps, at most ``max_per_group`` evenly spaced."""
+    """Validation cut points: targets inside the last ``val_size`` steps, at most ``max_per_group``
+    evenly spaced."""
     gs, ts = [], []
     for g, v in enumerate(y):
         T = v.shape[1]
