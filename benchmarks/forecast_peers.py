@@ -5,8 +5,9 @@ What a practitioner sees first: a few weeks of one real series, a rolling-origin
 Peers: StatsForecast ``MSTL`` (seasons detected on the training part, as the Forecaster does),
 ``AutoETS`` (season = the shortest detected, when <= 24 steps; else non-seasonal), ``SeasonalNaive``
 (the longest season), ``Naive``; ``AutoARIMA`` with ``--arima`` (slow past daily seasons of 24).
-The Forecaster runs with its defaults, look-back = 4 cycles of the longest detected season
-(512 without one), capped at half the training steps.
+The Forecaster runs with its defaults, look-back ``seasonality.default_input_size``: 4, 3 or 2
+whole cycles of the longest detected season, as many as leave max(one cycle, 8h) training steps
+(else 4 cycles or 512 without a season, capped at half the training steps).
 
 Run: ``pip install statsforecast`` then ``python benchmarks/forecast_peers.py``;
 results: benchmarks/results/forecast_peers_cpu.json and a markdown table on stdout.
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import default_input_size, detect_seasonalities
 from seqtensor.datasets.timeseries import (
     load_electricity_demand,
     load_glucose,
@@ -136,7 +137,7 @@ def main() -> None:
         df = df.reset_index(drop=True)
         n_train = len(df) - args.windows * h
         seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])
-        L = min(4 * seasons[-1] if seasons else 512, n_train // 2)
+        L = default_input_size(n_train, h, seasons)
         start = time.perf_counter()
         fc = Forecaster(h=h, input_size=L, random_state=0, device="cpu", verbose=False)
         fc.set_params(**dict(args.param or []))

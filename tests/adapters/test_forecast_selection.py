@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.model import _RidgePath
-from seqtensor.adapters.forecast.seasonality import seasonal_profile_matrix, start_candidates
+from seqtensor.adapters.forecast.model import (
+    SIMPLER_MARGIN,
+    ForecastModelConfig,
+    PatchForecastModel,
+    _RidgePath,
+    _rolling_folds,
+)
+from seqtensor.adapters.forecast.seasonality import (
+    default_input_size,
+    seasonal_profile_matrix,
+    start_candidates,
+)
 
 SMALL = dict(
     patch_len=8, d_model=16, n_layers=1, n_heads=2, batch_size=16, random_state=0, device="cpu"
@@ -59,25 +69,105 @@ def test_candidates_are_the_forecasts_they_name():
 
 
 def test_ridge_path_matches_the_normal_equations():
+    """The intercept is penalized like the map: float64 normal equations of [X, 1] towards [W0; 0]."""
     rng = np.random.default_rng(1)
     N, L, h = 200, 12, 5
     X, Y, W0 = rng.standard_normal((N, L)), rng.standard_normal((N, h)), rng.standard_normal((L, h))
     path = _RidgePath(torch.from_numpy(X), torch.from_numpy(Y))
+    X1, V0 = np.hstack([X, np.ones((N, 1))]), np.vstack([W0, np.zeros((1, h))])
     for alpha in (1e-3, 0.1, 10.0):
         W, b = path.fit(torch.from_numpy(W0), alpha)
-        Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-        want = W0 + np.linalg.solve(Xc.T @ Xc + alpha * N * np.eye(L), Xc.T @ (Yc - Xc @ W0))
-        np.testing.assert_allclose(W.numpy(), want, atol=1e-9)
-        np.testing.assert_allclose(b.numpy(), Y.mean(0) - X.mean(0) @ want, atol=1e-9)
+        want = V0 + np.linalg.solve(X1.T @ X1 + alpha * N * np.eye(L + 1), X1.T @ (Y - X1 @ V0))
+        np.testing.assert_allclose(W.numpy(), want[:-1], atol=1e-9)
+        np.testing.assert_allclose(b.numpy(), want[-1], atol=1e-9)
     W, b = path.fit(torch.from_numpy(W0), float("inf"))
     np.testing.assert_allclose(W.numpy(), W0), np.testing.assert_allclose(b.numpy(), 0.0)
+
+
+def test_large_penalties_converge_to_the_start():
+    """With the data far from the start (an offset the intercept could take), the fit still
+    approaches the start as the penalty grows: the gap shrinks like 1 / alpha."""
+    rng = np.random.default_rng(3)
+    N, L, h = 300, 16, 4
+    X = rng.standard_normal((N, L))
+    W0 = torch.from_numpy(start_candidates(L, h, (4,))["profile"])
+    Y = X @ rng.standard_normal((L, h)) + 5.0
+    path = _RidgePath(torch.from_numpy(X), torch.from_numpy(Y))
+    gaps = []
+    for alpha in (1e2, 1e4, 1e6):
+        W, b = path.fit(W0, alpha)
+        gaps.append(max(float((W - W0).abs().max()), float(b.abs().max())))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-4
+    assert gaps[1] / gaps[2] > 50  # O(1 / alpha)
+
+
+def test_rolling_folds_are_purged_and_in_time_order():
+    n, h = 80, 5
+    times = torch.arange(n) + 100
+    folds = _rolling_folds(n, times, h)
+    assert len(folds) == 3
+    for k, (fit, held) in enumerate(folds):
+        lo = n - (3 - k) * (n // 8)
+        assert held.nonzero().flatten().tolist() == list(range(lo, lo + n // 8))
+        # every fitted window's target ends before the block's first cut point
+        assert int(times[fit].max()) + h <= int(times[held].min())
+        assert int(fit.sum()) == lo - h + 1
+
+
+def _choose(X: np.ndarray, Y: np.ndarray, priors: dict) -> PatchForecastModel:
+    """init_skip_ridge on look-backs X (rows already zero-mean, unit-std, so instance
+    normalization leaves them alone) and normalized targets Y."""
+    L, h = X.shape[1], Y.shape[1]
+    m = PatchForecastModel(ForecastModelConfig(input_size=L, h=h))
+    Xt = torch.from_numpy(X)[:, None]
+    std = torch.sqrt(Xt.var(-1, unbiased=False, keepdim=True) + 1e-5)  # RevIN's epsilon
+    m.init_skip_ridge(
+        Xt, torch.from_numpy(Y)[:, None] * std, 0.1, priors, times=torch.arange(len(X))
+    )
+    return m
+
+
+def test_an_exact_start_is_kept_and_a_wrong_one_is_refit():
+    """Oracles: targets that are the start's own forecast (plus noise) keep the start itself
+    (alpha = inf, the simpler model within the margin); targets from another map, with a
+    start far from it, pick a weak penalty that beats the start by more than the margin."""
+    L, h, N = 24, 6, 400
+    rng = np.random.default_rng(0)
+    W0 = start_candidates(L, h, (6,))["seasonal_naive_6"]
+    X = rng.standard_normal((N, L))
+    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
+    Y = X @ W0 + 0.05 * rng.standard_normal((N, h))
+    m = _choose(X, Y, {"seasonal_naive_6": W0})
+    assert m.skip_alpha_ == float("inf") and m.skip_start_ == "seasonal_naive_6"
+    with torch.no_grad():
+        np.testing.assert_allclose(m.skip.weight.double().numpy().T, W0, atol=1e-6)
+        assert float(m.skip.bias.abs().max()) == 0.0
+
+    W_true = rng.standard_normal((L, h)) / np.sqrt(L)
+    Y = X @ W_true + 0.05 * rng.standard_normal((N, h))
+    m = _choose(X, Y, {"seasonal_naive_6": W0})
+    assert m.skip_alpha_ <= 1.0
+    errors = {a: e for (k, a), e in m.skip_errors_.items() if k == "seasonal_naive_6"}
+    assert errors[m.skip_alpha_] < (1 - SIMPLER_MARGIN) * errors[float("inf")]
+
+
+def test_default_input_size_takes_whole_cycles_the_data_allows():
+    # 5 weeks of half-hours, h = 48: 4 weeks would leave one week, 3 leave two
+    assert default_input_size(1680, 48, (48, 336)) == 3 * 336
+    assert default_input_size(8 * 336, 48, (48, 336)) == 4 * 336
+    assert default_input_size(1176, 24, (24,)) == 96  # hourly, 7 weeks: 4 days
+    assert default_input_size(700, 48, (48, 336)) == 350  # not 2 weeks: half the steps
+    assert default_input_size(4000, 48, ()) == 512
+    assert default_input_size(600, 48, ()) == 300
+    with pytest.raises(ValueError, match="n_steps"):
+        default_input_size(0, 48, ())
 
 
 def test_random_walk_starts_from_the_last_value():
     y = 100 + np.cumsum(np.random.default_rng(2).standard_normal(1500))
     fc = Forecaster(h=12, input_size=96, max_steps=1, verbose=False, **SMALL).fit(frame(y))
     assert fc.seasons_ == () and fc.start_ == "naive"
-    assert fc.val_size_ == 36  # "auto": 3h, the series holds input_size + 8h
+    assert fc.val_size_ == 84  # "auto": 7h, the series holds input_size + 16h
     assert fc.model_.skip_alpha_ >= 0.1 * 1e3  # pulled hard towards the last value
 
 
@@ -137,7 +227,8 @@ def test_training_is_kept_when_it_beats_the_start(monkeypatch):
 def test_auto_val_size_follows_the_series_length_and_explicit_values_win():
     y = seasonal(400)
     fc = Forecaster(h=12, input_size=96, max_steps=1, verbose=False, **SMALL)
-    assert fc.fit(frame(y)).val_size_ == 36  # 400 >= 96 + 8 * 12
+    assert fc.fit(frame(y)).val_size_ == 84  # 400 >= 96 + 16 * 12
+    assert fc.fit(frame(y[:250])).val_size_ == 36  # 96 + 8 * 12 <= 250 < 96 + 16 * 12
     assert fc.fit(frame(y[:160])).val_size_ == 12  # 96 + 4 * 12 <= 160 < 96 + 8 * 12
     assert fc.fit(frame(y[:130])).val_size_ == 0
     assert fc.selected_ == ["unvalidated"]
@@ -151,3 +242,41 @@ def test_bad_val_size_is_named(bad):
         Forecaster(h=12, input_size=96, val_size=bad, verbose=False, **SMALL).fit(
             frame(seasonal(400))
         )
+
+
+@pytest.mark.parametrize(
+    "after, kept", [(0.99, "start"), (1 - SIMPLER_MARGIN + 0.001, "start"), (0.9, "trained")]
+)
+def test_training_must_beat_the_start_by_the_margin(monkeypatch, after, kept):
+    """Oracle validation losses (start 1.0, trained ``after``): a network within the margin of
+    its start is not kept; the simpler start wins."""
+    losses = iter([1.0, after])
+    monkeypatch.setattr(Forecaster, "_val_loss", lambda self, val, device: next(losses))
+    monkeypatch.setattr(Forecaster, "_train", lambda self, *a, **k: [])
+    fc = Forecaster(h=12, input_size=48, verbose=False, **SMALL).fit(frame(seasonal(400)))
+    assert fc.selected_ == [kept]
+
+
+def test_selection_windows_split_the_held_out_part_without_overlap():
+    """The checkpoint is chosen on the first half of the held-out part (targets ending before
+    the second half), the start-versus-network choice on the second half."""
+    from seqtensor.adapters.forecast.windows import WindowData, WindowDataset, val_cuts
+
+    T, L, h, val_size = 400, 48, 12, 84
+    y = [np.ones((1, T)), np.ones((1, T - 30))]
+    data = WindowData(
+        y,
+        [np.zeros((0, T)), np.zeros((0, T - 30))],
+        [np.zeros((0, T)), np.zeros((0, T - 30))],
+        np.zeros((2, 0)),
+        L,
+        h,
+    )
+    val = WindowDataset(data, *val_cuts(y, L, h, val_size))
+    fc = Forecaster(h=h, input_size=L, verbose=False, **SMALL)
+    stop, choose = fc._selection_windows(val, [T, T - 30], val_size)
+    for g, length in enumerate([T, T - 30]):
+        s, c = stop.t[stop.g == g], choose.t[choose.g == g]
+        assert (s + h <= length - 42).all() and (c >= length - 42).all()
+        assert len(s) == 42 - h + 1 and len(c) == 42 - h + 1
+    assert fc._selection_windows(val, [T, T - 30], 2 * h - 1) == (val, val)  # too short to split

@@ -43,7 +43,17 @@ from ..._validation import check
 from ...nn import Encoder, ModelConfig
 from .seasonality import seasonal_profile_matrix
 
-__all__ = ["ForecastEnsemble", "ForecastModelConfig", "PatchForecastModel", "forecast_loss"]
+# How much better (relative error) a more complex candidate must be to replace a simpler one: the
+# ridge fit over its closed-form start, the trained network over the fit it started from.
+SIMPLER_MARGIN = 0.03
+
+__all__ = [
+    "SIMPLER_MARGIN",
+    "ForecastEnsemble",
+    "ForecastModelConfig",
+    "PatchForecastModel",
+    "forecast_loss",
+]
 
 
 @dataclass
@@ -195,13 +205,13 @@ class PatchForecastModel(nn.Module):
         is pulled towards (``seasonality.start_candidates``; default ``skip_prior()``).
 
         The prior is the one with the lowest MAE over all windows (a prior alone fits nothing, so
-        every window is out of sample for it); the penalty (``alpha * 10^k``, k = 0..4, or the
-        prior alone) is the strongest within 5% of the lowest MAE on the last fifth of the
-        windows after a fit on the rest. The choice is kept in ``skip_start_`` (prior name),
-        ``skip_alpha_`` and ``skip_errors_`` ({(name, alpha): MAE; alpha inf: the prior alone,
-        on all windows}). ``times`` (B,), the windows' cut points: the fit
-        for the penalty then leaves out the windows whose targets reach into the held-out fifth
-        (a purged split: overlapping targets leak it, and an L x h map memorizes them). ``choose=False`` fits
+        every window is out of sample for it); the penalty (``alpha * 10^k``, k = 0..4, or inf:
+        the prior alone) is chosen on rolling origins (``_rolling_folds``: the last three blocks
+        of an eighth of the windows, each scored after a purged fit on the windows before it):
+        the strongest within ``SIMPLER_MARGIN`` of the lowest MAE. The choice is kept in
+        ``skip_start_`` (prior name), ``skip_alpha_`` and ``skip_errors_`` ({(name, alpha): MAE;
+        alpha inf on all windows for each prior, then the chosen prior's folds}). ``times`` (B,),
+        the windows' cut points, purges the fits. ``choose=False`` fits
         the first prior with ``alpha`` as given, on every window. Returns False
         (nothing changed) without a skip or a usable window.
         """
@@ -223,27 +233,33 @@ class PatchForecastModel(nn.Module):
         # A few weeks of history give a few hundred overlapping windows, where an L x h fit with
         # alpha alone doubled the error of the seasonal prior on half-hourly demand: the penalty
         # strength and the prior are chosen on held-out windows.
-        name, n_fit = next(iter(W0s)), len(X) - max(1, len(X) // 5)
+        name = next(iter(W0s))
         self.skip_errors_ = {}
-        if choose and n_fit >= 2:
+        folds = _rolling_folds(len(X), times, Y.shape[-1]) if choose else []
+        if folds:
             # A prior alone fits nothing, so every window is held out for it: the prior is chosen
-            # on all windows (weeks, not the last days: a weekly pattern needs them), the
-            # penalty towards it on the last fifth.
+            # on all windows (weeks, not the last days: a weekly pattern needs them).
             for key, W0 in W0s.items():
                 self.skip_errors_[(key, float("inf"))] = float((X @ W0 - Y).abs().mean())
             name = min(W0s, key=lambda k: self.skip_errors_[(k, float("inf"))])
-            fit = torch.arange(len(X)) < n_fit
-            if times is not None:
-                purged = fit & (times <= times[n_fit:].min() - Y.shape[-1])
-                fit = purged if int(purged.sum()) >= 2 else fit
-            path, X_ho, Y_ho = _RidgePath(X[fit], Y[fit]), X[n_fit:], Y[n_fit:]
-            errors = {}
-            for a in [alpha * 10.0**k for k in range(5)] + [float("inf")]:
-                W, b = path.fit(W0s[name], a)
-                errors[a] = self.skip_errors_[(name, a)] = float((X_ho @ W + b - Y_ho).abs().mean())
-            # the strongest penalty within 5% of the best (the one-standard-error rule's spirit):
-            # the holdout is a few days, and a fit that only ties the prior there loses later
-            alpha = max(a for a, e in errors.items() if e <= 1.05 * min(errors.values()))
+            # The penalty on rolling origins: each fold fits on the windows before it (purged) and
+            # scores the next block, so one odd day cannot decide. alpha = inf is the prior itself.
+            alphas = [alpha * 10.0**k for k in range(5)] + [float("inf")]
+            sums, count = dict.fromkeys(alphas, 0.0), 0
+            for fit, held in folds:
+                path, X_ho, Y_ho = _RidgePath(X[fit], Y[fit]), X[held], Y[held]
+                for a in alphas:
+                    W, b = path.fit(W0s[name], a)
+                    sums[a] += float((X_ho @ W + b - Y_ho).abs().sum())
+                count += Y_ho.numel()
+            errors = {a: e / count for a, e in sums.items()}
+            for a, e in errors.items():
+                self.skip_errors_[(name, a)] = e
+            # the strongest penalty within SIMPLER_MARGIN of the best: the simpler model wins
+            # ties, since a fit that only ties the prior on a few days loses later
+            alpha = max(
+                a for a, e in errors.items() if e <= (1 + SIMPLER_MARGIN) * min(errors.values())
+            )
         W, b = _RidgePath(X, Y).fit(W0s[name], alpha)
         self.skip.weight.copy_(W.T.to(self.skip.weight.dtype))
         self.skip.bias.copy_(b.to(self.skip.bias.dtype))
@@ -294,29 +310,57 @@ class PatchForecastModel(nn.Module):
         return out * std[..., None] + mean[..., None]  # back to the scale of y
 
 
+def _rolling_folds(
+    n: int, times: torch.Tensor | None, h: int, n_folds: int = 3
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rolling-origin folds over n windows in time order: (fit mask, held-out mask) per fold.
+
+    The last ``n_folds`` blocks of n // 8 windows are held out in turn; each fold fits on the
+    windows whose targets end before its block starts (with ``times``, the cut points: a purged
+    split, as overlapping targets leak the block and an L x h map memorizes them). Folds with
+    fewer than 2 windows to fit on are dropped.
+    """
+    block = max(1, n // 8)
+    idx, out = torch.arange(n), []
+    for f in range(n_folds, 0, -1):
+        lo, hi = n - f * block, n - (f - 1) * block
+        if lo < 2:
+            continue
+        held = (idx >= lo) & (idx < hi)
+        fit = idx < lo
+        if times is not None:
+            purged = fit & (times <= times[lo:hi].min() - h)
+            fit = purged if int(purged.sum()) >= 2 else fit
+        out.append((fit, held))
+    return out
+
+
 class _RidgePath:
     """Ridge fits of Y (N, h) on X (N, L) towards priors W0, for many penalties at one eigh.
 
-    Penalty alpha * N * ||W - W0||^2 with an intercept: W = W0 + (G + alpha N I)^-1 Xc'(Yc - Xc W0),
-    G = Xc'Xc = Q diag(lam) Q', so each (prior, alpha) costs two L x L x h products, not a solve.
+    The intercept b is a column of ones, penalized like the map: alpha * N * (||W - W0||^2 +
+    ||b||^2). So the fit moves smoothly from least squares (alpha -> 0) to exactly the prior
+    (alpha -> inf, b -> 0); an unpenalized intercept stays free however large alpha grows.
+    With X1 = [X, 1], V0 = [W0; 0] and X1'X1 = Q diag(lam) Q':
+    V = V0 + Q diag(1 / (lam + alpha N)) Q' X1'(Y - X1 V0), two (L+1) x (L+1) x h products each.
     """
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        self.xm, self.ym, self.n = X.mean(0), Y.mean(0), len(X)
-        Xc = X - self.xm
-        self.lam, self.Q = torch.linalg.eigh(Xc.T @ Xc)
+        self.n = len(X)
+        X1 = torch.cat([X, X.new_ones(len(X), 1)], 1)  # (N, L + 1)
+        self.lam, self.Q = torch.linalg.eigh(X1.T @ X1)
         self.lam = self.lam.clamp_min(0)
-        self.QtXtY = self.Q.T @ (Xc.T @ (Y - self.ym))  # (L, h)
+        self.G, self.XtY = X1.T @ X1, X1.T @ Y  # (L+1, L+1), (L+1, h)
 
     def fit(self, W0: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (L, h), b (h,)); alpha = inf gives the prior alone, without bias."""
+        W0 = W0.to(self.G)
         if alpha == float("inf"):
-            return W0, torch.zeros_like(self.ym)
-        P0 = self.Q.T @ W0
-        W = W0 + self.Q @ (
-            (self.QtXtY - self.lam[:, None] * P0) / (self.lam + alpha * self.n)[:, None]
-        )
-        return W, self.ym - self.xm @ W
+            return W0, W0.new_zeros(W0.shape[1])
+        V0 = torch.cat([W0, W0.new_zeros(1, W0.shape[1])], 0)  # (L + 1, h)
+        R = self.Q.T @ (self.XtY - self.G @ V0)
+        V = V0 + self.Q @ (R / (self.lam + alpha * self.n)[:, None])
+        return V[:-1], V[-1]
 
 
 class ForecastEnsemble(nn.Module):

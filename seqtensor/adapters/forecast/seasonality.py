@@ -24,6 +24,7 @@ from ..._validation import check
 
 __all__ = [
     "autocorrelation",
+    "default_input_size",
     "detect_seasonalities",
     "seasonal_profile_matrix",
     "start_candidates",
@@ -198,6 +199,26 @@ def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[st
         if L // used[-1] > 1:
             out["profile_recent"] = seasonal_profile_matrix(L, h, used, level_cycles=1)
     return out
+
+
+def default_input_size(n_steps: int, h: int, seasons: Sequence[int]) -> int:
+    """A look-back for ``n_steps`` training steps: whole cycles of the longest season.
+
+    The profile start averages each season over the look-back's cycles, so more cycles mean less
+    noise, but every step in the look-back is a window fewer to choose and fit on. The rule: k
+    cycles of the longest season, k the largest of 4, 3, 2 that leaves max(one cycle, 8h) steps
+    after the look-back (the windows the start, the penalty and the held-out choice are made
+    on). Without a season, or when two cycles do not fit: min(4 cycles or 512, n_steps // 2).
+    Half-hourly demand over 5 weeks (1,680 steps, h=48, seasons 48 and 336) gets 3 weeks (1,008):
+    2.5 cycles cut the weekly profile to 2, and 4 leave one week of windows.
+    """
+    n, h = int(n_steps), int(h)
+    check(n >= 1 and h >= 1, f"n_steps and h must be >= 1, got {n_steps}, {h}")
+    longest = max((int(p) for p in seasons), default=0)
+    for k in (4, 3, 2) if longest else ():
+        if n - k * longest >= max(longest, 8 * h):
+            return k * longest
+    return max(1, min(4 * longest if longest else 512, n // 2))
 
 
 def resolve_seasons(
