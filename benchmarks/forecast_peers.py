@@ -147,7 +147,13 @@ def main() -> None:
         y = cv["y"].to_numpy()
         ok = np.isfinite(y)
         row = {"h": h, "look_back": L, "seasons": list(seasons), "steps": len(df)}
-        row["fit"] = {"start": fc.start_, "selected": fc.selected_, "val_size": fc.val_size_}
+        alpha = getattr(fc.model_, "skip_alpha_", None)  # the ridge penalty; inf: the start alone
+        row["fit"] = {
+            "start": fc.start_,
+            "penalty": None if alpha is None else str(alpha),
+            "selected": fc.selected_,
+            "val_size": fc.val_size_,
+        }
         row["Forecaster"] = {
             "mae": float(np.abs(cv["Forecaster"].to_numpy() - y)[ok].mean()),
             "mse": float(((cv["Forecaster"].to_numpy() - y) ** 2)[ok].mean()),
