@@ -21,11 +21,12 @@ level 0 is V, level m the output. Hop l for token t, with digit ``a = d_l(t)`` a
 ``w_l = n_m * ... * n_{m-l+1}``, reads
 
 - fibre keys ``t - (a - b) w_l`` for b = 0..a, at hop position b;
-- summary keys (``coverage="full"``, l >= 1) ``start_{l+1}(t) + b w_l + w_l - 1`` for b < a (the last
-  token of each earlier sibling block; skipped when t itself is the last of its block, since the
-  fibre key is then the same token).
+- summary keys (``coverage="full"``, l >= 1) ``start_{l+1}(t) + b w_l + w_l - 1`` for b < a
+  (the last token of each earlier sibling block; skipped when t itself is the last of its block,
+  since the fibre key is then the same token).
 
-Both lie inside t's block of ``w_{l+1}`` tokens (the whole past for the top hop). Hence what is kept:
+Both lie inside t's block of ``w_{l+1}`` tokens (the whole past for the top hop). Hence what
+is kept:
 
 - K, all tokens: every hop reads it (with tensor RoPE it is stored unrotated, and rotated at the
   hop position after the gather). Kept by the Hugging Face cache, which also keeps V = level 0
@@ -155,7 +156,8 @@ class CausalFold:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 rows and one fp32 scale per row (absmax / 127, rounding half up), as the decode kernel
-    stores them: both compute in fp32 with correctly rounded division, so they store the same bytes."""
+    stores them: both compute in fp32 with correctly rounded division, so they store the same
+    bytes."""
     x = x.float()
     scale = x.abs().amax(-1) / 127
     q = torch.floor(x / torch.where(scale > 0, scale, 1.0)[..., None] + 0.5)
@@ -191,7 +193,8 @@ def block_levels(
     Level l only mixes tokens inside blocks of ``w_l`` tokens, so it is the full multi-hop
     attention of the l finest dims run on each block as its own sequence. Each level is one
     ``tensorized_attention`` call (any backend). q (B, H, n, d), k, v (B, Hkv, n, d) ->
-    [(B, H, n, dv)] * (m - 1). ``hop_gates`` (H, m - 1): those of the model (see ``tensorized_attention``).
+    [(B, H, n, dv)] * (m - 1). ``hop_gates`` (H, m - 1): those of the model (see
+    ``tensorized_attention``).
     """
     B, H, n, _ = q.shape
     levels = []
@@ -217,7 +220,6 @@ def block_levels(
             positional=positional,
             scale=scale,
             backend=backend,
-            validate_values=False,
             hop_gates=None if hop_gates is None else hop_gates[:, : hop - 1],
         )  # (B * N/w, H, w, dv)
         out = out.reshape(B, N // w, H, w, -1).transpose(1, 2).reshape(B, H, N, -1)
@@ -235,7 +237,8 @@ def _decode_kernels():
 
 
 def _decode_module(q: torch.Tensor):
-    """``kernels.decode`` where it can run on q's device (CUDA, or CPU under the interpreter), else None."""
+    """``kernels.decode`` where it can run on q's device (CUDA, or CPU under the interpreter), else
+    None."""
     if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return None  # skip importing triton at all
     return _decode_kernels()
@@ -297,7 +300,8 @@ class LayerCache:
             hop_gates is None
             or tuple(hop_gates.shape)
             == (levels[0].shape[1] if levels else hop_gates.shape[0], fold.order - 1),
-            f"hop_gates must have shape (H, m-1={fold.order - 1}), got {None if hop_gates is None else tuple(hop_gates.shape)}",
+            f"hop_gates must have shape (H, m-1={fold.order - 1}), got "
+            f"{None if hop_gates is None else tuple(hop_gates.shape)}",
         )
         self.hop_gates = hop_gates
         self.stored = stored  # tokens in the backing K/V store (padding included)
@@ -387,8 +391,9 @@ class LayerCache:
         )
 
     def _plan_hops(self, first, offset, max_length: int, L: int, dtype: torch.dtype) -> list[dict]:
-        """The hops of ``plan`` for the state (length ``first``, ``offset``) it was asked for: layers
-        that already stepped have moved on, so a plan built late must not read ``self.length``."""
+        """The hops of ``plan`` for the state (length ``first``, ``offset``) it was asked for:
+        layers that already stepped have moved on, so a plan built late must not read
+        ``self.length``."""
         work = work_dtype(dtype)
         t = first[:, None] + torch.arange(L, device=first.device)  # (B, L)
         hops = []
@@ -446,8 +451,10 @@ class LayerCache:
         B, H, L, d = q.shape
         check(
             v_all.shape[2] + self.v_start == k_all.shape[2],
-            f"the value cache holds {v_all.shape[2]} positions from {self.v_start} but the key cache "
-            f"{k_all.shape[2]}: pass V without its first v_start positions (as the text adapter keeps it)",
+            f"the value cache holds {v_all.shape[2]} positions from {self.v_start} but the key "
+            "cache "
+            f"{k_all.shape[2]}: pass V without its first v_start positions (as the text adapter "
+            "keeps it)",
         )
         decode = _decode_module(q) if kernel and DECODE_KERNEL and L == 1 else None
         if decode is not None and decode.fallback_reason(q, k_all, v_all, self.positional) is None:
@@ -506,7 +513,8 @@ class LayerCache:
     def _step_kernel(
         self, decode, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor
     ) -> torch.Tensor:
-        """One new token through ``kernels.decode`` (two launches), which also advances ``length``."""
+        """One new token through ``kernels.decode`` (two launches), which also advances
+        ``length``."""
         self._grow_top(self.max_length)
         key = (q.dtype, q.device)
         if key not in self._consts:
@@ -551,7 +559,8 @@ class LayerCache:
         """Values of level ``hop`` at the keys: (B, H, L, K, dv).
 
         One new token: store it first (the slot it overwrites is outside its block), then gather.
-        Several: earlier tokens from the ring, this call's from ``level`` (the ring is written last).
+        Several: earlier tokens from the ring, this call's from ``level`` (the ring is written
+        last).
         """
         if "past" not in p:
             self._store(hop, p["slot"], level)
@@ -600,7 +609,8 @@ class LayerCache:
                 self.top_scale = scale
 
     def _write(self, new_levels: dict[int, torch.Tensor], t: torch.Tensor) -> None:
-        """Store a multi-token call's levels in the rings (only the last ``slots`` tokens: distinct slots)."""
+        """Store a multi-token call's levels in the rings (only the last ``slots`` tokens: distinct
+        slots)."""
         for hop, level in new_levels.items():
             slots = self._slots(hop)
             self._store(hop, self._slot(hop, t[:, -slots:]), level[:, :, -slots:])

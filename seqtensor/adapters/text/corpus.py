@@ -1,4 +1,5 @@
-"""Training data for adapting a causal LM: a token stream cut into sequences, and retrieval documents.
+"""Training data for adapting a causal LM: a token stream cut into sequences, and retrieval
+documents.
 
 ``PackedSequences`` cuts one token stream (documents joined with EOS) into non-overlapping
 sequences of a fixed context. ``RetrievalMix`` turns a share of them into retrieval documents:

@@ -1,7 +1,8 @@
-"""Long-context evaluation of causal language models: sliding-window perplexity and passkey retrieval.
+"""Long-context evaluation of causal language models: sliding-window perplexity and passkey
+retrieval.
 
-Works for any Hugging Face causal LM, stock or tensorized (``seqtensor.adapters.text.tensorize``); the
-protocols are those of the long-context literature (docs/results.md): perplexity with a
+Works for any Hugging Face causal LM, stock or tensorized (``seqtensor.adapters.text.tensorize``);
+the protocols are those of the long-context literature (docs/results.md): perplexity with a
 sliding window (stride 256 in published tables) and a random 5-digit passkey hidden in filler
 text at several depths, answered by greedy decoding.
 """
@@ -39,7 +40,8 @@ def _documents(token_ids) -> list[torch.Tensor]:
     if isinstance(token_ids, torch.Tensor):
         check(
             token_ids.ndim in (1, 2),
-            f"token_ids must be 1-D (or 2-D, one row a document), got shape {tuple(token_ids.shape)}",
+            "token_ids must be 1-D (or 2-D, one row a document), got shape "
+            f"{tuple(token_ids.shape)}",
         )
         check(
             not token_ids.is_floating_point()
@@ -115,12 +117,13 @@ def sliding_window_nll(
 def fixed_span_nll(
     model, token_ids, context: int, score_tokens: int, *, ce_chunk: int = 4096
 ) -> tuple[float, int]:
-    """Summed NLL of the last ``score_tokens`` tokens of each document, seen through ``context``-token windows.
+    """Summed NLL of the last ``score_tokens`` tokens of each document, seen through
+    ``context``-token windows.
 
     The scored tokens do not depend on ``context``, so values at several contexts compare the same
     text (with ``sliding_window_nll``'s last-quarter protocol, a longer context also scores other,
-    later text). Every scored token sees at least ``c = max(context - score_tokens, 3 * context // 4)``
-    tokens; windows step by ``context - c`` (one window once ``context >= 4 * score_tokens``).
+    later text). Every scored token sees at least ``c = max(context - score_tokens, 3 * context //
+    4)`` tokens; windows step by ``context - c`` (one window once ``context >= 4 * score_tokens``).
     """
     check(score_tokens >= 1, f"score_tokens must be >= 1, got {score_tokens}")
     check(context >= 2, f"context must be >= 2, got {context}")
@@ -129,7 +132,8 @@ def fixed_span_nll(
     for i, doc in enumerate(docs):
         check(
             len(doc) >= score_tokens + c,
-            f"document {i} has {len(doc)} tokens; scoring its last {score_tokens} with {c} tokens of context "
+            f"document {i} has {len(doc)} tokens; scoring its last {score_tokens} with {c} tokens "
+            "of context "
             f"needs {score_tokens + c}",
         )
     spans = [doc[len(doc) - score_tokens - c :] for doc in docs]
@@ -194,7 +198,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
     n_fill = length - len(head) - len(needle) - len(question)
     check(
         n_fill >= 0,
-        f"length={length} is shorter than the passkey prompt without filler ({length - n_fill} tokens)",
+        f"length={length} is shorter than the passkey prompt without filler ({length - n_fill} "
+        "tokens)",
     )
     whole: list[list[int]] = []
     while sum(map(len, whole)) + len(sentences[len(whole) % len(sentences)]) <= n_fill:

@@ -155,7 +155,8 @@ class FoldMix(Callback):
 
 
 def parse_folds(specs: Iterable[str], context: int) -> list[tuple[int, ...]]:
-    """``["2,4,2048", ...]`` -> ``[(2, 4, 2048), ...]``; each fold must cover ``context`` exactly."""
+    """``["2,4,2048", ...]`` -> ``[(2, 4, 2048), ...]``; each fold must cover ``context``
+    exactly."""
     folds = [tuple(int(d) for d in spec.split(",")) for spec in specs]
     for fold in folds:
         check(
@@ -166,9 +167,9 @@ def parse_folds(specs: Iterable[str], context: int) -> list[tuple[int, ...]]:
 
 
 def gate_optimizer(gate_lr: float) -> Callable:
-    """An ``optimizer_factory`` for the Trainer: its default AdamW, with the hop-gate logits in their
-    own group at ``gate_lr`` (no weight decay): at the model's lr they would move ~lr per step, too
-    slowly to learn in a few hundred steps."""
+    """An ``optimizer_factory`` for the Trainer: its default AdamW, with the hop-gate logits in
+    their own group at ``gate_lr`` (no weight decay): at the model's lr they would move ~lr per
+    step, too slowly to learn in a few hundred steps."""
     check(gate_lr > 0, f"gate_lr must be positive, got {gate_lr}")
 
     def factory(model, config):

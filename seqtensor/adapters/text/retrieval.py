@@ -1,4 +1,5 @@
-"""The retrieval hop: causal local attention plus the top-k most relevant earlier blocks, one softmax.
+"""The retrieval hop: causal local attention plus the top-k most relevant earlier blocks, one
+softmax.
 
 Legend: B batch, H query heads, Hkv kv heads (G = H / Hkv per group), T tokens (keys), Lq queries
 (the last Lq of the T tokens), d head dim, ``local`` the finest block of the fold.
@@ -351,7 +352,6 @@ def retrieval_tensorized_attention(
         positional=positional,
         scale=scale,
         backend=backend,
-        validate_values=False,
     )  # (B * local, H, N / local, dv)
     y = y.unflatten(0, (q.shape[0], local)).permute(0, 2, 3, 1, 4).flatten(2, 3)
     return y[:, :, :n].to(q.dtype)

@@ -51,6 +51,7 @@ from torch import nn
 from ..._validation import check, check_choice
 from ...attention import resolve_backend, tensorized_attention
 from ...core.folds import Fold
+from ...core.plan import COVERAGES
 from ...core.positional import TensorRoPE
 from .cache import CausalFold, LayerCache, block_levels
 from .retrieval import RetrievalConfig, retrieval_attention, retrieval_tensorized_attention
@@ -126,14 +127,15 @@ class TextAdapterConfig:
             f"hop_gate needs a fold of order >= 2 (coarse hops to gate), got {self.fold}",
         )
         check_choice("positional", self.positional, _POSITIONALS)
-        check_choice("coverage", self.coverage, ("full", "axial"))
+        check_choice("coverage", self.coverage, COVERAGES)
         check_choice("top_level_cache", self.top_level_cache, ("native", "int8"))
         retrieval = RetrievalConfig.from_value(self.retrieval)
         if retrieval is not None:
             self.retrieval = retrieval.to_dict()
             check(
                 self.fold[-1] % retrieval.block == 0,
-                f"retrieval block {retrieval.block} must divide the finest fold dim {self.fold[-1]}",
+                f"retrieval block {retrieval.block} must divide the finest fold dim "
+                f"{self.fold[-1]}",
             )
             check(
                 self.hop_gate is None,
@@ -214,7 +216,8 @@ def _key_mask(
     """(B, T) bool keep-mask from what transformers passes (2-D from ours, 4-D if a user built one).
 
     A 4-D mask must be causal attention over the kept keys, nothing else (packed documents or other
-    patterns would be silently ignored by the fold, so they raise; ``validate=False`` skips that check).
+    patterns would be silently ignored by the fold, so they raise; ``validate=False`` skips that
+    check).
     """
     if attention_mask is None:
         return None
@@ -234,13 +237,16 @@ def _key_mask(
             <= torch.arange(T - L, T, device=full.device)[:, None]
         )  # (L, T)
         real_rows = keep[:, None, T - L :, None]
-        # a padding query's row sees nothing, or everything (transformers unmasks such rows for SDPA)
+        # a padding query's row sees nothing, or everything (transformers unmasks such rows for
+        # SDPA)
         blank = full.all(-1, keepdim=True) | ~full.any(-1, keepdim=True)
         check(
             not validate
             or bool(((full == (causal & keep[:, None, None, :])) | (~real_rows & blank)).all()),
-            "a 4-D attention mask other than causal attention over the kept tokens (e.g. packed documents) is not "
-            "supported by tensorized attention: the fold decides which tokens meet; run documents as separate rows",
+            "a 4-D attention mask other than causal attention over the kept tokens (e.g. packed "
+            "documents) is not "
+            "supported by tensorized attention: the fold decides which tokens meet; run documents "
+            "as separate rows",
         )
         attention_mask = keep
     check(
@@ -262,7 +268,8 @@ def _check_one_sequence_per_row(
         falls = falls & mask[:, 1:] & mask[:, :-1]
     check(
         not bool(falls.any()),
-        "position_ids restart inside a row (packed documents): tensorized attention cannot keep documents "
+        "position_ids restart inside a row (packed documents): tensorized attention cannot keep "
+        "documents "
         "apart within one row; run them as separate rows (with left padding)",
     )
 
@@ -292,7 +299,8 @@ def _attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention function. query (B, H, L, d), key/value (B, Hkv, T, d) -> ((B, L, H, d), None).
+    """The registered attention function. query (B, H, L, d), key/value (B, Hkv, T, d) -> ((B, L, H,
+    d), None).
 
     T == L is a prefill; T > L means T - L tokens come from the cache (incremental decoding).
     Attention-probability dropout is not applied (none of the supported models train with it).
@@ -300,7 +308,8 @@ def _attention(
     settings: _LayerSettings | None = getattr(module, "_seqtensor", None)
     check(
         settings is not None,
-        f"{type(module).__name__} was switched to '{ATTENTION_NAME}' attention without seqtensor.adapters.text.tensorize.tensorize",
+        f"{type(module).__name__} was switched to '{ATTENTION_NAME}' attention without "
+        "seqtensor.adapters.text.tensorize.tensorize",
     )
     L, T = query.shape[2], key.shape[2]
     query, key, value = _common_dtype(query, key, value)
@@ -329,24 +338,29 @@ def _attention(
         state = _states(cache).get(module.layer_idx) if cache is not None else None
         check(
             state is not None,
-            f"layer {module.layer_idx}: the cache holds {T - L} tokens that were not prefilled by tensorized "
+            f"layer {module.layer_idx}: the cache holds {T - L} tokens that were not prefilled by "
+            "tensorized "
             "attention (prefill after tensorize, with the cache object that generation then uses)",
         )
         check(
             state.stored == T - L,
-            f"layer {module.layer_idx}: the cache holds {T - L} tokens but the tensorized state {state.stored} "
+            f"layer {module.layer_idx}: the cache holds {T - L} tokens but the tensorized state "
+            f"{state.stored} "
             "(was the cache cropped or edited outside generation?)",
         )
         check(
             (state.fold, state.coverage) == (settings.fold, settings.config.coverage)
             and (state.positional is None) == (settings.config.positional != "tensor_rope"),
-            f"layer {module.layer_idx}: the cache was prefilled with fold {state.fold.dims} ({state.coverage}) but the "
-            f"model is now tensorized with {settings.fold.dims} ({settings.config.coverage}, {settings.config.positional}): "
+            f"layer {module.layer_idx}: the cache was prefilled with fold {state.fold.dims} "
+            f"({state.coverage}) but the "
+            f"model is now tensorized with {settings.fold.dims} ({settings.config.coverage}, "
+            f"{settings.config.positional}): "
             "prefill again after tensorize",
         )
         check(
             mask is None or not first_layer or bool(mask[:, T - L :].all()),
-            "padding among the new tokens of a cached call: tensorized generation supports left padding in the "
+            "padding among the new tokens of a cached call: tensorized generation supports left "
+            "padding in the "
             "prefill only",
         )
         out = state.step(query, key, value, plan=_shared_plan(cache, state, L, query.dtype))
@@ -401,23 +415,27 @@ def _retrieval_call(settings: _LayerSettings, query, key, value, mask, scale, L:
 
 
 def _check_dynamic(cache, layer_idx: int) -> None:
-    """Fixed-size cache layers (static, sliding window) hold max_cache_len slots, not the tokens seen."""
+    """Fixed-size cache layers (static, sliding window) hold max_cache_len slots, not the tokens
+    seen."""
     layers = getattr(cache, "layers", None)
     layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
     check(
         getattr(layer, "max_cache_len", None) is None,
-        f"{type(layer).__name__} caches are not supported by tensorized generation (its K/V length is the fixed "
-        "max_cache_len, not the tokens seen): use the default DynamicCache (no cache_implementation)",
+        f"{type(layer).__name__} caches are not supported by tensorized generation (its K/V length "
+        "is the fixed "
+        "max_cache_len, not the tokens seen): use the default DynamicCache (no "
+        "cache_implementation)",
     )
 
 
 def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
-    """Drop the V rows of a ``DynamicLayer`` that no later step reads (``LayerCache.values_needed_from``).
+    """Drop the V rows of a ``DynamicLayer`` that no later step reads
+    (``LayerCache.values_needed_from``).
 
     Trimmed once at least a finest block's worth is droppable, into a copy of at most two finest
     blocks (a slice would keep the whole tensor alive). Other cache layers (static, sliding-window,
-    quantized) keep all of V. A cache trimmed this way has V shorter than K: it can only be continued
-    by a tensorized model.
+    quantized) keep all of V. A cache trimmed this way has V shorter than K: it can only be
+    continued by a tensorized model.
     """
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers) or type(layers[layer_idx]) is not DynamicLayer:
@@ -431,7 +449,8 @@ def _trim_values(cache, layer_idx: int, state: LayerCache) -> None:
 
 
 def _shared_plan(cache, state: LayerCache, L: int, dtype: torch.dtype):
-    """The step's key indices and rotation tables, built by the first layer and reused by the rest."""
+    """The step's key indices and rotation tables, built by the first layer and reused by the
+    rest."""
     key = (state.stored, L, dtype, state.length.device)
     cached = getattr(cache, "_seqtensor_plan", None)
     if cached is None or cached[0] != key:
@@ -441,7 +460,8 @@ def _shared_plan(cache, state: LayerCache, L: int, dtype: torch.dtype):
 
 
 def _hop_gates(module: nn.Module, m: int) -> torch.Tensor | None:
-    """The layer's (H, m - 1) gates for an order-m fold: levels past the trained ones repeat the coarsest."""
+    """The layer's (H, m - 1) gates for an order-m fold: levels past the trained ones repeat the
+    coarsest."""
     logits = getattr(module, "hop_gate_logits", None)
     if logits is None:
         return None
@@ -482,7 +502,6 @@ def _prefill(
         positional=positional,
         scale=scale,
         backend=cfg.backend,
-        validate_values=False,
         hop_gates=hop_gates,
     )  # (B, H, n, dv), compact order
     state = None
@@ -588,7 +607,8 @@ def _follow_batch_edits(cache) -> None:
 
 
 def _capture_cache(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook on attention modules: remember the cache of this call (5.x: ``cache``, older: ``past_key_values``)."""
+    """Forward pre-hook on attention modules: remember the cache of this call (5.x: ``cache``,
+    older: ``past_key_values``)."""
     module._seqtensor_cache = kwargs.get("cache", kwargs.get("past_key_values"))
 
 
@@ -667,8 +687,10 @@ def _as_fold_dims(fold) -> tuple[int, ...]:
     if isinstance(fold, (tuple, list)):
         return tuple(fold)
     raise TypeError(
-        "fold must be a tuple of dims, a Fold or a CausalFold: a decoder needs coordinates that do not "
-        f"move as the sequence grows, which a length-dependent strategy like {type(fold).__name__} does not give"
+        "fold must be a tuple of dims, a Fold or a CausalFold: a decoder needs coordinates that do "
+        "not "
+        f"move as the sequence grows, which a length-dependent strategy like {type(fold).__name__} "
+        "does not give"
     )
 
 
@@ -777,8 +799,8 @@ def tensorize(
     # instance attributes holding the model weakly (no cycle): see _Guarded
     model.set_attn_implementation = _Guarded(model, "set_attn_implementation")
     model.save_pretrained = _Guarded(model, "save_pretrained")
-    # the sliding windows switched off above, saved beside the settings: config.json holds the edited
-    # values, and load_tensorized puts these back so that untensorize restores them
+    # the sliding windows switched off above, saved beside the settings: config.json holds the
+    # edited values, and load_tensorized puts these back so that untensorize restores them
     stock = {k: restore[k] for k in ("sliding_window", "layer_types", "module_windows")}
     mc.seqtensor = {**config.to_dict(), "stock_windows": stock}
     model._seqtensor_restore = restore
@@ -786,8 +808,8 @@ def tensorize(
 
 
 # A checkpoint saved from a tensorized model carries this prefix on its model_type, so that stock
-# ``AutoModelForCausalLM.from_pretrained`` refuses it (naming the type) instead of silently loading a
-# stock model; ``load_tensorized`` reads the original type from ``config.seqtensor``.
+# ``AutoModelForCausalLM.from_pretrained`` refuses it (naming the type) instead of silently loading
+# a stock model; ``load_tensorized`` reads the original type from ``config.seqtensor``.
 TENSORIZED_MODEL_TYPE_PREFIX = "seqtensor_tensorized_"
 
 
@@ -805,7 +827,8 @@ class _Guarded:
             requested = args[0] if args else kwargs.get("attn_implementation")
             check(
                 requested == ATTENTION_NAME,
-                f"set_attn_implementation({requested!r}) on a tensorized model: its RoPE is applied "
+                f"set_attn_implementation({requested!r}) on a tensorized model: its RoPE is "
+                "applied "
                 "inside the tensorized attention, so another implementation would run without "
                 "positions. Call seqtensor.adapters.text.untensorize(model) first.",
             )
@@ -817,7 +840,8 @@ class _Guarded:
 
 
 def _mark_tensorized_checkpoint(folder, model_type: str) -> None:
-    """Prefix the saved config's model_type (see TENSORIZED_MODEL_TYPE_PREFIX); keep the original."""
+    """Prefix the saved config's model_type (see TENSORIZED_MODEL_TYPE_PREFIX); keep the
+    original."""
     import json
     from pathlib import Path
 
@@ -867,7 +891,8 @@ def untensorize(model: nn.Module) -> nn.Module:
 
 
 def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, ...)`` then ``tensorize`` with the saved settings.
+    """``AutoModelForCausalLM.from_pretrained(path, ...)`` then ``tensorize`` with the saved
+    settings.
 
     A model tensorized and then saved with ``save_pretrained`` carries its settings in
     ``config.seqtensor``; extra keyword arguments go to ``from_pretrained`` (dtype, device_map...).
@@ -907,7 +932,8 @@ def load_tensorized(path: str, **from_pretrained_kwargs) -> nn.Module:
 
 
 def _load_gate_logits(model: nn.Module, path: str) -> None:
-    """The learned hop gates from a local checkpoint folder (stock ``from_pretrained`` skips them)."""
+    """The learned hop gates from a local checkpoint folder (stock ``from_pretrained`` skips
+    them)."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -922,10 +948,12 @@ def _load_gate_logits(model: nn.Module, path: str) -> None:
     params = {name: p for name, p in model.named_parameters() if name.endswith("hop_gate_logits")}
     check(
         set(saved) == set(params),
-        f"{path} was saved with hop gates but holds {len(saved)} of the model's {len(params)} gate tensors "
+        f"{path} was saved with hop gates but holds {len(saved)} of the model's {len(params)} gate "
+        "tensors "
         "(load_tensorized reads them from the folder's .safetensors files)",
     )
     for name, p in params.items():
-        # as saved: the levels they were trained for (a model saved with a longer fold keeps fewer columns)
+        # as saved: the levels they were trained for (a model saved with a longer fold keeps fewer
+        # columns)
         module = model.get_submodule(name.rsplit(".", 1)[0])
         module.hop_gate_logits = nn.Parameter(saved[name].to(dtype=p.dtype, device=p.device))
