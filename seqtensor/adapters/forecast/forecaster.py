@@ -307,7 +307,8 @@ class Forecaster(BaseEstimator):
                 isinstance(self.patch_stride, (int, np.integer))
                 and 1 <= self.patch_stride <= self.patch_len
             ),
-            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got {self.patch_stride!r}",
+            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got "
+            f"{self.patch_stride!r}",
         )
         check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
         check_choice("attention", self.attention, ("tensorized", "full"))
@@ -346,7 +347,8 @@ class Forecaster(BaseEstimator):
         return self.alias or type(self).__name__
 
     def _quantile_levels(self) -> tuple[float, ...]:
-        """Trained quantiles, sorted, with 0.5 (the point forecast) included; () unless loss='quantile'."""
+        """Trained quantiles, sorted, with 0.5 (the point forecast) included; () unless
+        loss='quantile'."""
         if self.loss != "quantile":
             return ()
         levels = _check_levels(self.level)
@@ -613,8 +615,10 @@ class Forecaster(BaseEstimator):
         short = [sid for sid, T in zip(panel.ids, panel.lengths) if T <= h + val_size]
         check(
             not short,
-            f"series {short[:5]} ({len(short)} in all) have <= h + val_size = {h + val_size} steps: "
-            f"too short to train (a series shorter than input_size is left-padded and masked; one shorter "
+            f"series {short[:5]} ({len(short)} in all) have <= h + val_size = {h + val_size} "
+            "steps: "
+            "too short to train (a series shorter than input_size is left-padded and masked; one "
+            "shorter "
             f"than the horizon cannot give a target). Drop them or lower h",
         )
         if warm:
@@ -993,8 +997,10 @@ class Forecaster(BaseEstimator):
             )  # raises when the requested steps are missing
             if self.futr_cols_ and span > h:
                 warnings.warn(
-                    f"futr_df gives the {h} requested steps but not all {span} of the model's window: the "
-                    "rest use the training mean, so these steps can differ from a forecast with a longer futr_df",
+                    f"futr_df gives the {h} requested steps but not all {span} of the model's "
+                    "window: the "
+                    "rest use the training mean, so these steps can differ from a forecast with a "
+                    "longer futr_df",
                     stacklevel=2,
                 )
         out = self._roll_out(panel, static, ahead, h)  # (S, h, Q) original scale
@@ -1142,7 +1148,8 @@ class Forecaster(BaseEstimator):
         freq: Any = None,
         level: Sequence[float] | None = None,
     ) -> pd.DataFrame:
-        """Rolling-origin backtest: forecast ``n_windows`` windows of h steps at the end of each series.
+        """Rolling-origin backtest: forecast ``n_windows`` windows of h steps at the end of each
+        series.
 
         The last window ends at each series' last step; earlier ones start ``step_size`` (default
         h) steps apart. A copy of this estimator (same settings) is fit on the steps before the
@@ -1174,7 +1181,8 @@ class Forecaster(BaseEstimator):
         check(
             isinstance(refit, (bool, np.bool_))
             or (isinstance(refit, (int, np.integer)) and refit >= 1),
-            f"refit must be a bool or a positive int (refit every that many windows), got {refit!r}",
+            "refit must be a bool or a positive int (refit every that many windows), "
+            f"got {refit!r}",
         )
         every = (
             (n_windows if not refit else 1) if isinstance(refit, (bool, np.bool_)) else int(refit)
@@ -1203,7 +1211,8 @@ class Forecaster(BaseEstimator):
         return est._cv_frame(panel, ends, preds, level)
 
     def _backtest(self, panel: Panel, ends: list[np.ndarray]) -> list[np.ndarray]:
-        """Forecasts (S, h, Q) on the original scale for each list of history lengths in ``ends``."""
+        """Forecasts (S, h, Q) on the original scale for each list of history lengths in
+        ``ends``."""
         static = self._static_matrix(None, panel.ids, self.columns_["id_col"], fitting=False)
         y, futr, hist, static_g, mean, std = self._groups(panel, static)
         data = WindowData(y, futr, hist, static_g, self.input_size, self.h)
@@ -1247,12 +1256,14 @@ class Forecaster(BaseEstimator):
     # -----------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Save to the folder ``path``: ``forecaster.json`` (settings, scalers) and ``state.pt`` (tensors)."""
+        """Save to the folder ``path``: ``forecaster.json`` (settings, scalers) and ``state.pt``
+        (tensors)."""
         return save_forecaster(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Forecaster:
-        """Read a forecaster written by ``save`` (no code is unpickled); ``device`` overrides the saved one."""
+        """Read a forecaster written by ``save`` (no code is unpickled); ``device`` overrides the
+        saved one."""
         return load_forecaster(cls, path, device)
 
     def plot(
@@ -1263,7 +1274,8 @@ class Forecaster(BaseEstimator):
         history: int | None = None,
         max_series: int = 4,
     ):
-        """Plot the history in ``df``, the forecast and its quantile bands (needs matplotlib); returns the Figure."""
+        """Plot the history in ``df``, the forecast and its quantile bands (needs matplotlib);
+        returns the Figure."""
         self._check_fitted()
         return plot_forecast(
             df,

@@ -1,8 +1,9 @@
 """The forecasting network: patches of a long look-back and future query tokens through an encoder.
 
 Legend: B batch, C channels per sample, L look-back, h horizon, P patch length, s patch stride,
-n_p = ceil((L - P) / s) + 1 past tokens, n_f = ceil(h / P) future tokens, n = n_p + n_f, D width, Q outputs per step (1, or
-the number of quantiles), F / Hx / K known-future / past-only / static features per channel.
+n_p = ceil((L - P) / s) + 1 past tokens, n_f = ceil(h / P) future tokens, n = n_p + n_f, D width, Q
+outputs per step (1, or the number of quantiles), F / Hx / K known-future / past-only / static
+features per channel.
 
 1. Instance normalization (RevIN, Kim et al. 2022, https://openreview.net/forum?id=cGDAkQo1C0p):
    each window is shifted and scaled by the mean and std of its observed look-back, and the
@@ -82,7 +83,8 @@ class ForecastModelConfig:
         check(
             self.patch_stride is None
             or (isinstance(self.patch_stride, int) and 1 <= self.patch_stride <= self.patch_len),
-            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got {self.patch_stride!r}",
+            f"patch_stride must be None or an int in [1, patch_len={self.patch_len}], got "
+            f"{self.patch_stride!r}",
         )
         check(
             all(isinstance(p, int) and p >= 2 for p in self.seasons),
@@ -153,8 +155,8 @@ class PatchForecastModel(nn.Module):
         self.encoder = Encoder(c.encoder)
         self.head = nn.Linear(D, C * P * c.n_outputs)
         self.skip = nn.Linear(c.input_size, c.h) if c.linear_skip else None
-        # The encoder's readout starts at zero, so training starts from the linear skip alone and the
-        # encoder only adds what lowers the loss.
+        # The encoder's readout starts at zero, so training starts from the linear skip alone and
+        # the encoder only adds what lowers the loss.
         nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
         if self.skip is not None:  # with both at zero the first forecast is the window mean
             nn.init.zeros_(self.skip.bias)
@@ -173,7 +175,8 @@ class PatchForecastModel(nn.Module):
 
     @staticmethod
     def _revin(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, L) with NaN -> normalized z (0 where missing), mean, std (B, C, 1), observed mask."""
+        """(B, C, L) with NaN -> normalized z (0 where missing), mean, std (B, C, 1), observed
+        mask."""
         observed = ~torch.isnan(y)  # (B, C, L)
         obs = observed.to(y.dtype)
         # RevIN statistics over the observed look-back; a window with nothing observed gets (0, 1).
@@ -194,7 +197,8 @@ class PatchForecastModel(nn.Module):
         choose: bool = True,
         times: torch.Tensor | None = None,
     ) -> bool:
-        """Set the linear skip to the ridge-regression fit of the normalized targets on the look-back.
+        """Set the linear skip to the ridge-regression fit of the normalized targets on the
+        look-back.
 
         ``y`` (B, C, L), ``target`` (B, C, h) from training windows in time order (NaN = missing;
         windows with a missing target are left out). The skip is a linear least-squares problem,

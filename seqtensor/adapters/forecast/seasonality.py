@@ -52,7 +52,8 @@ def _peak_near(acf: np.ndarray, lag: int, tol: int) -> int:
 
 
 def _stands_out(acf: np.ndarray, lag: int, p: int, tol: int, margin: float) -> bool:
-    """Whether the ACF peak near ``lag`` exceeds the peaks one period ``p`` either side by ``margin``."""
+    """Whether the ACF peak near ``lag`` exceeds the peaks one period ``p`` either side by
+    ``margin``."""
     here = acf[_peak_near(acf, lag, tol)]
     side = max(acf[_peak_near(acf, lag - p, tol)], acf[_peak_near(acf, lag + p, tol)])
     return here - side > margin
@@ -167,7 +168,8 @@ def seasonal_profile_matrix(
 
 
 def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
-    """Closed-form forecasts the network can start from, each a linear map W (L, h) of the look-back.
+    """Closed-form forecasts the network can start from, each a linear map W (L, h) of the
+    look-back.
 
     The simple forecasts that StatsForecast's baselines and an MSTL-like decomposition make, so
     the fit can pick the one that suits the data on held-out windows (``PatchForecastModel.
