@@ -15,18 +15,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from seqtensor.adapters.text.tensorize import tensorize  # noqa: E402
-
-TINY = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 
 
 @pytest.fixture
@@ -42,8 +34,7 @@ def no_cyclic_gc():
 
 
 def _model(**kwargs) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model = tiny_llama()
     return tensorize(model, fold=(2, 3, 4), backend="reference", **kwargs)
 
 

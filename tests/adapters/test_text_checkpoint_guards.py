@@ -7,7 +7,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from seqtensor.adapters.text.tensorize import (  # noqa: E402
     load_tensorized,
@@ -15,19 +16,9 @@ from seqtensor.adapters.text.tensorize import (  # noqa: E402
     untensorize,
 )
 
-TINY = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-
 
 def _stock() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    return tiny_llama()
 
 
 def _ids() -> torch.Tensor:

@@ -210,23 +210,14 @@ def test_bad_settings_are_refused():
 # ----------------------------------------------------------------------------- in a tensorized model
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from seqtensor.adapters.text.tensorize import load_tensorized, tensorize  # noqa: E402
 
-TINY = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-
 
 def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model = tiny_llama()
     with torch.no_grad():  # sharper attention than the std-0.02 init, so selection matters
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
