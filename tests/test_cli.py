@@ -10,8 +10,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-FAST = ["--input-size", "24", "--max-steps", "3", "--patch-len", "8", "--d-model", "16",
-        "--n-layers", "1", "--n-heads", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+FAST = [
+    "--input-size",
+    "24",
+    "--max-steps",
+    "3",
+    "--patch-len",
+    "8",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def cli(*args, cwd=None):
@@ -42,8 +57,19 @@ def test_console_script_is_declared():
 
 def test_forecast_long_csv_with_intervals_and_plot(tmp_path):
     long_frame().to_csv(tmp_path / "data.csv", index=False)
-    run = cli("forecast", tmp_path / "data.csv", "--h", 6, "--level", 80, "--out",
-              tmp_path / "fc.csv", "--plot", tmp_path / "fc.png", *FAST)  # fmt: skip
+    run = cli(
+        "forecast",
+        tmp_path / "data.csv",
+        "--h",
+        6,
+        "--level",
+        80,
+        "--out",
+        tmp_path / "fc.csv",
+        "--plot",
+        tmp_path / "fc.png",
+        *FAST,
+    )
     assert run.returncode == 0, run.stderr
     out = pd.read_csv(tmp_path / "fc.csv", parse_dates=["ds"])
     assert list(out.columns) == [
@@ -65,8 +91,19 @@ def test_wide_parquet_backtest_to_stdout(tmp_path):
     wide = long_frame().pivot(index="ds", columns="unique_id", values="y").reset_index()
     wide.columns = ["when", "north", "south"]
     wide.to_parquet(tmp_path / "wide.parquet")
-    run = cli("backtest", tmp_path / "wide.parquet", "--h", 6, "--n-windows", 2, "--refit", 1,
-              "--time-col", "when", *FAST)  # fmt: skip
+    run = cli(
+        "backtest",
+        tmp_path / "wide.parquet",
+        "--h",
+        6,
+        "--n-windows",
+        2,
+        "--refit",
+        1,
+        "--time-col",
+        "when",
+        *FAST,
+    )
     assert run.returncode == 0, run.stderr
     from io import StringIO
 
@@ -126,8 +163,17 @@ def test_warnings_are_one_line_each(tmp_path):
 def test_integer_time_steps_and_an_int_freq(tmp_path):
     df = long_frame().assign(ds=lambda d: d.groupby("unique_id").cumcount() * 5)
     df.to_csv(tmp_path / "steps.csv", index=False)
-    run = cli("forecast", tmp_path / "steps.csv", "--h", 4, "--freq", 5, "--out",
-              tmp_path / "fc.parquet" if _has_pyarrow() else tmp_path / "fc.csv", *FAST)  # fmt: skip
+    run = cli(
+        "forecast",
+        tmp_path / "steps.csv",
+        "--h",
+        4,
+        "--freq",
+        5,
+        "--out",
+        tmp_path / "fc.parquet" if _has_pyarrow() else tmp_path / "fc.csv",
+        *FAST,
+    )
     assert run.returncode == 0, run.stderr
     out_path = tmp_path / ("fc.parquet" if _has_pyarrow() else "fc.csv")
     out = pd.read_parquet(out_path) if _has_pyarrow() else pd.read_csv(out_path)

@@ -128,18 +128,33 @@ def test_the_last_queries_alone_match_the_whole_sequence(sliding):
 
 
 @pytest.mark.parametrize(
-    "top_k,sinks,theta,distance,sliding", [(2, 0, None, None, False), (1, 3, None, None, False),
-                                           (2, 3, 100.0, None, False), (3, 2, 50.0, 5, False),
-                                           (2, 0, None, None, True), (2, 3, 100.0, 5, True)]
-)  # fmt: skip
+    "top_k,sinks,theta,distance,sliding",
+    [
+        (2, 0, None, None, False),
+        (1, 3, None, None, False),
+        (2, 3, 100.0, None, False),
+        (3, 2, 50.0, 5, False),
+        (2, 0, None, None, True),
+        (2, 3, 100.0, 5, True),
+    ],
+)
 def test_the_hop_matches_a_brute_force_softmax_over_the_selected_keys(
     top_k, sinks, theta, distance, sliding
 ):
     q, k, v = _qkv(n=30, seed=top_k + sinks)
     got = retrieval_attention(
-        q, k, v, 8, top_k=top_k, block=4, sinks=sinks, rope_theta=theta,
-        memory_distance=distance, sliding=sliding, tile=5,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        8,
+        top_k=top_k,
+        block=4,
+        sinks=sinks,
+        rope_theta=theta,
+        memory_distance=distance,
+        sliding=sliding,
+        tile=5,
+    )
     want = _brute(q, k, v, 8, 4, top_k, sinks, theta, distance, sliding)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -233,24 +248,34 @@ def test_a_model_retrieving_every_block_at_true_positions_is_the_stock_model():
     with torch.no_grad():
         stock = _model()(_ids()).logits
         model = tensorize(
-            _model(), fold=(2, 8), positional="rope", backend="reference",
+            _model(),
+            fold=(2, 8),
+            positional="rope",
+            backend="reference",
             retrieval={"top_k": 100, "block": 4, "sinks": 3},
-        )  # fmt: skip
+        )
         torch.testing.assert_close(model(_ids()).logits, stock, rtol=1e-5, atol=1e-5)
         few = tensorize(
-            _model(), fold=(2, 8), positional="rope", backend="reference",
+            _model(),
+            fold=(2, 8),
+            positional="rope",
+            backend="reference",
             retrieval={"top_k": 1, "block": 4, "sinks": 0},
-        )(_ids()).logits  # fmt: skip
+        )(_ids()).logits
     assert not torch.allclose(few, stock, atol=1e-3)  # with fewer blocks it is not
 
 
-@pytest.mark.parametrize("positional,sliding", [("tensor_rope", False), ("rope", False),
-                                               ("tensor_rope", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "positional,sliding", [("tensor_rope", False), ("rope", False), ("tensor_rope", True)]
+)
 def test_cached_generation_equals_uncached_with_the_retrieval_hop(positional, sliding):
     model = tensorize(
-        _model(), fold=(4, 8), positional=positional, backend="reference",
+        _model(),
+        fold=(4, 8),
+        positional=positional,
+        backend="reference",
         retrieval=RetrievalConfig(top_k=1, block=4, sinks=2, sliding=sliding),
-    )  # fmt: skip
+    )
     prompt = _ids(29)
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
@@ -286,9 +311,12 @@ def test_tensorize_refuses_retrieval_settings_it_cannot_run():
     with pytest.raises(ValueError, match="hop_gate"):
         tensorize(_model(), fold=(2, 8), hop_gate=0.5, retrieval={"block": 4})
     model = tensorize(
-        _model(), fold=(2, 8), coverage="axial", backend="reference",
+        _model(),
+        fold=(2, 8),
+        coverage="axial",
+        backend="reference",
         retrieval={"block": 4, "coarse_hops": True, "top_k": 1},
-    )  # fmt: skip
+    )
     with torch.no_grad():
         model(_ids(), use_cache=False)  # the whole-sequence call runs
         with pytest.raises(NotImplementedError, match="coarse hops"):
@@ -300,7 +328,10 @@ def test_the_hops_rope_is_the_models_rope():
     with torch.no_grad():
         stock = _model()(_ids()).logits
         model = tensorize(
-            _model(), fold=(2, 64), positional="tensor_rope", backend="reference",
+            _model(),
+            fold=(2, 64),
+            positional="tensor_rope",
+            backend="reference",
             retrieval={"top_k": 4, "block": 8, "sinks": 2},
-        )  # fmt: skip
+        )
         torch.testing.assert_close(model(_ids()).logits, stock, rtol=1e-5, atol=1e-5)

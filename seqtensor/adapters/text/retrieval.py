@@ -147,8 +147,9 @@ def _window_starts(positions: torch.Tensor, local: int, block: int, sliding: boo
     return positions // local * local
 
 
-def _select(qbar: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, block: int, top_k: int,
-            sinks: int):  # fmt: skip
+def _select(
+    qbar: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, block: int, top_k: int, sinks: int
+):
     """Top-k blocks wholly before each query's window start: qbar (B, Hkv, t, d), k (B, Hkv, T, d),
     starts (t,) -> (blocks (B, Hkv, t, kk) int64, usable (B, Hkv, t, kk) bool)."""
     nb = int(starts.max()) // block
