@@ -29,6 +29,8 @@ _LAZY = {
     "load_tensorized": "adapters.text",
     "perplexity": "adapters.text",
     "passkey_accuracy": "adapters.text",
+    "RetrievalConfig": "adapters.text",
+    "TextAdapterConfig": "adapters.text",
 }
 
 
@@ -86,6 +88,8 @@ __all__ = [
     "tensorize",
     "untensorize",
     "load_tensorized",
+    "TextAdapterConfig",
+    "RetrievalConfig",
     "perplexity",
     "passkey_accuracy",
 ]
