@@ -49,6 +49,9 @@ def datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
         if ch in set(w["unique_id"]):
             s = w[w["unique_id"] == ch][["unique_id", "ds", "y"]]
             out[f"tmy_{ch}_8w"] = (s.iloc[4000 : 4000 + 56 * 24], 24, "h")
+    if "temp_air" in set(w["unique_id"]):  # a second slice: spring, not summer
+        s = w[w["unique_id"] == "temp_air"][["unique_id", "ds", "y"]]
+        out["tmy_temp_air_8w_at1000"] = (s.iloc[1000 : 1000 + 56 * 24], 24, "h")
     try:
         e = load_electricity_demand()
     except ImportError:
@@ -56,6 +59,10 @@ def datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
     for sid, start in (("Demand", 5000), ("Temperature", 9000)):
         s = e[e["unique_id"] == sid][["unique_id", "ds", "y"]]
         out[f"elec_{sid.lower()}_6w"] = (s.iloc[start : start + 42 * 48], 48, "30min")
+    # more slices of demand: one slice does not tell a better start from a lucky one
+    s = e[e["unique_id"] == "Demand"][["unique_id", "ds", "y"]]
+    for start in (0, 2000, 6000, 9000, 12000, 15000):
+        out[f"elec_demand_6w_at{start}"] = (s.iloc[start : start + 42 * 48], 48, "30min")
     return out
 
 

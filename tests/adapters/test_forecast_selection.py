@@ -52,6 +52,7 @@ def test_candidates_are_the_forecasts_they_name():
         "seasonal_naive_48",
         "profile",
         "profile_recent",
+        "profile_smooth",
     }
     np.testing.assert_allclose(x @ c["naive"], np.full(h, x[-1]))
     np.testing.assert_allclose(x @ c["mean"], np.full(h, x.mean()))
@@ -66,6 +67,56 @@ def test_candidates_are_the_forecasts_they_name():
     level = np.ones(L) * 5.0  # a flat look-back: every candidate forecasts the flat value
     for W in c.values():
         np.testing.assert_allclose(level @ W, np.full(h, 5.0), atol=1e-12)
+
+
+def _smooth_profile_loop(x, h, p, decay, alpha):
+    """One season, by hand: weighted per-phase means of the whole cycles, the level smoothed by
+    the recursion level_t = alpha d_t + (1 - alpha) level_(t-1) over the deseasonalized x."""
+    L, k = len(x), len(x) // p
+    prof, total = np.zeros(p), 0.0
+    for c in range(k):  # c = 0 the oldest whole cycle
+        w = decay ** (k - 1 - c)
+        prof += w * x[L - k * p + c * p : L - k * p + (c + 1) * p]
+        total += w
+    prof = prof / total
+    prof -= prof.mean()
+    d = [x[t] - prof[(t - L) % p] for t in range(L)]
+    level = d[0]
+    for t in range(1, L):
+        level = alpha * d[t] + (1 - alpha) * level
+    return np.array([level + prof[j % p] for j in range(h)])
+
+
+@pytest.mark.parametrize("L,p,decay,alpha", [(96, 24, 0.7, 0.2), (100, 12, 0.5, 1.0)])
+def test_smooth_profile_is_weighted_cycles_plus_a_smoothed_level(L, p, decay, alpha):
+    h = 30
+    x = np.random.default_rng(1).standard_normal(L)
+    W = seasonal_profile_matrix(L, h, (p,), cycle_decay=decay, level_alpha=alpha)
+    np.testing.assert_allclose(x @ W, _smooth_profile_loop(x, h, p, decay, alpha), atol=1e-12)
+    # defaults of the start candidate
+    c = start_candidates(96, h, (24,))
+    want = _smooth_profile_loop(x[:96], h, 24, 0.7, 0.2)
+    np.testing.assert_allclose(x[:96] @ c["profile_smooth"], want, atol=1e-12)
+
+
+def test_smooth_profile_limits():
+    L, h, p = 96, 30, 24
+    x = np.random.default_rng(2).standard_normal(L)
+    # no decay and no smoothing setting: the plain profile
+    np.testing.assert_allclose(
+        seasonal_profile_matrix(L, h, (p,), cycle_decay=1.0), seasonal_profile_matrix(L, h, (p,))
+    )
+    # alpha 1: the level is the last deseasonalized value, so with a decay towards 0 (only the
+    # last cycle counts) the forecast repeats the last cycle: the seasonal naive forecast
+    W = seasonal_profile_matrix(L, h, (p,), cycle_decay=1e-12, level_alpha=1.0)
+    np.testing.assert_allclose(x @ W, x[L - p + np.arange(h) % p], atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [{"cycle_decay": 0.0}, {"cycle_decay": 1.5}, {"level_alpha": 0.0}])
+def test_smooth_profile_bad_settings_are_named(kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=name):
+        seasonal_profile_matrix(96, 24, (24,), **kw)
 
 
 def test_ridge_path_matches_the_normal_equations():

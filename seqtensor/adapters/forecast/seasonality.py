@@ -30,6 +30,13 @@ __all__ = [
     "start_candidates",
 ]
 
+# The "profile_smooth" start: recent cycles weigh more in the profile (each older cycle 0.7x) and
+# the level is smoothed with alpha 0.2. With it the default Forecaster's MAE relative to MSTL
+# fell by 9% (geometric mean) over 10 real slices and rose on one (1.7%), see
+# docs/forecasting_results.md; the two values were not tuned past a small grid.
+PROFILE_DECAY = 0.7
+LEVEL_ALPHA = 0.2
+
 
 def autocorrelation(y: np.ndarray, max_lag: int) -> np.ndarray:
     """ACF (max_lag + 1,) of a linearly detrended series; NaN are interpolated first."""
@@ -135,17 +142,31 @@ def detect_seasonalities(
 
 
 def seasonal_profile_matrix(
-    input_size: int, h: int, seasons: Sequence[int], level_cycles: int | None = None
+    input_size: int,
+    h: int,
+    seasons: Sequence[int],
+    level_cycles: int | None = None,
+    cycle_decay: float = 1.0,
+    level_alpha: float | None = None,
 ) -> np.ndarray:
     """W (L, h) with ``forecast = lookback @ W``: level plus seasonal profiles averaged over cycles.
 
     Seasons that do not fit one whole cycle in the look-back are dropped; with none left the map is
     the look-back mean (what a zero skip gives after instance normalization). ``level_cycles``:
     the level is the mean of this many last cycles of the longest season (default: all whole
-    cycles in the look-back); 1 follows a drifting level sooner, at more noise.
+    cycles in the look-back); 1 follows a drifting level sooner, at more noise. ``cycle_decay``
+    in (0, 1]: cycle c of k (0 the oldest) weighs ``cycle_decay ** (k - 1 - c)`` in each profile
+    (1: the plain mean), so a pattern that changes is followed. ``level_alpha`` in (0, 1]: the
+    level is instead simple exponential smoothing of the deseasonalized look-back (level_0 = d_0,
+    level_t = alpha d_t + (1 - alpha) level_{t-1}), as MSTL's trend forecast does it.
     """
     L = int(input_size)
     check(L >= 1 and h >= 1, f"input_size and h must be >= 1, got {input_size}, {h}")
+    check(0 < cycle_decay <= 1, f"cycle_decay must be in (0, 1], got {cycle_decay!r}")
+    check(
+        level_alpha is None or 0 < level_alpha <= 1,
+        f"level_alpha must be None or in (0, 1], got {level_alpha!r}",
+    )
     used = sorted({int(p) for p in seasons if 1 < int(p) <= L})
     eye = np.eye(L)  # row i: the look-back with a unit at step i; the map is linear
     if not used:
@@ -154,17 +175,25 @@ def seasonal_profile_matrix(
     K = L // longest if level_cycles is None else max(1, min(int(level_cycles), L // longest))
     level = eye[:, L - K * longest :].mean(1, keepdims=True)  # (L, 1) whole cycles
     rest = eye - level  # (L, L): what the level leaves
-    out = np.repeat(level, h, 1)  # (L, h)
+    out = np.zeros((L, h))
+    season = np.zeros((L, L))  # the seasonal part laid over the look-back
     for p in used:
         k = L // p
         cycles = rest[:, L - k * p :].reshape(L, k, p)  # (L, k cycles, p phases)
-        profile = cycles.mean(1)  # (L, p), phase 0 = the step p before the forecast's first
-        profile -= profile.mean(1, keepdims=True)  # a season adds no level
+        w = float(cycle_decay) ** np.arange(k - 1, -1, -1.0)
+        profile = np.einsum("lkp,k->lp", cycles, w / w.sum())  # (L, p), phase 0 = the step p
+        profile -= profile.mean(1, keepdims=True)  # before the forecast's first; adds no level
         out += profile[:, np.arange(h) % p]
         # the next (longer) season sees what this one left, laid over the whole look-back
         phase = (np.arange(L) - L) % p
         rest = rest - profile[:, phase]
-    return out
+        season += profile[:, phase]
+    if level_alpha is not None:
+        a = float(level_alpha)
+        w = a * (1 - a) ** np.arange(L - 1, -1, -1.0)  # the smoothing recursion, unrolled
+        w[0] = (1 - a) ** (L - 1)  # level_0 = d_0: the weights sum to 1
+        level = (eye - season) @ w[:, None]
+    return out + level
 
 
 def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
@@ -181,7 +210,10 @@ def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[st
     - ``"profile"``: level + seasonal profiles averaged over the look-back's cycles
       (``seasonal_profile_matrix``);
     - ``"profile_recent"``: the same with the level of the last cycle of the longest season only
-      (when the look-back holds more than one).
+      (when the look-back holds more than one);
+    - ``"profile_smooth"``: profiles weighted towards recent cycles (``PROFILE_DECAY`` a cycle)
+      and an exponentially smoothed level (``LEVEL_ALPHA``) of the deseasonalized look-back, as
+      MSTL forecasts (when the look-back holds more than one cycle of the longest season).
 
     Seasons without one whole cycle in the look-back give no candidate.
     """
@@ -200,6 +232,9 @@ def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[st
         out["profile"] = seasonal_profile_matrix(L, h, used)
         if L // used[-1] > 1:
             out["profile_recent"] = seasonal_profile_matrix(L, h, used, level_cycles=1)
+            out["profile_smooth"] = seasonal_profile_matrix(
+                L, h, used, cycle_decay=PROFILE_DECAY, level_alpha=LEVEL_ALPHA
+            )
     return out
 
 
