@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import default_input_size, detect_seasonalities
 from seqtensor.datasets.timeseries import load_glucose
 
 H, N_WINDOWS, START, DAYS = 288, 7, 20000, 21  # a day of 5-minute steps; 3 weeks of history
@@ -61,7 +61,7 @@ def main() -> None:
     df = df.reset_index(drop=True)
     n_train = len(df) - N_WINDOWS * H
     seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])
-    look_back = min(4 * seasons[-1] if seasons else 512, n_train // 2)
+    look_back = default_input_size(n_train, H, seasons)
     print(
         f"glucose, 5-minute steps: {len(df):,} steps ({DAYS} days), "
         f"{int(df['y'].isna().sum())} missing (masked); seasons found: {seasons or 'none'}"

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .._validation import check
+from .._validation import check, is_int
 
 __all__ = [
     "Fold",
@@ -49,20 +49,16 @@ class Fold:
         dims = tuple(dims)
         check(len(dims) > 0, "fold dims must not be empty")
         # one pass without messages first: formatting them was most of a call's host time
-        for d in () if all(type(x) is int and x > 0 for x in dims) else dims:
-            check(
-                isinstance(d, int) and not isinstance(d, bool),
-                f"fold dims must be ints, got {dims!r}",
-                TypeError,
-            )
-            check(d > 0, f"fold dims must be positive, got {dims!r}")
+        if not all(type(x) is int and x > 0 for x in dims):
+            for d in dims:
+                check(is_int(d), f"fold dims must be ints, got {dims!r}", TypeError)
+                check(d > 0, f"fold dims must be positive, got {dims!r}")
+            dims = tuple(int(d) for d in dims)  # numpy integers become Python ints
         self.dims: tuple[int, ...] = dims
         self.size: int = math.prod(dims)
         if n is not None and not (type(n) is int and 0 < n <= self.size):
-            check(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0,
-                f"sequence length n must be a positive int, got {n!r}",
-            )
+            check(is_int(n) and n > 0, f"sequence length n must be a positive int, got {n!r}")
+            n = int(n)
             check(
                 n <= self.size,
                 f"fold {dims} holds {self.size} tokens and does not cover a sequence of n={n}",
@@ -98,11 +94,8 @@ class Fold:
 
     def coords(self, t: int) -> tuple[int, ...]:
         """Coordinates ``(i_1, ..., i_m)`` of token t."""
-        check(
-            isinstance(t, int) and not isinstance(t, bool),
-            f"token index must be an int, got {t!r}",
-            TypeError,
-        )
+        check(is_int(t), f"token index must be an int, got {t!r}", TypeError)
+        t = int(t)
         check(0 <= t < self.size, f"token index {t} is outside the fold of size {self.size}")
         return tuple((t // s) % d for s, d in zip(self.strides, self.dims))
 
@@ -199,11 +192,12 @@ def _balanced_dims(
 GPU_DENSE_CROSSOVER = 4096
 
 
-def _check_dense_below(value: int) -> None:
-    check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-        f"dense_below must be an int >= 0, got {value!r}",
-    )
+def _int_field(strategy: object, name: str, low: int) -> None:
+    """Check an int setting of a frozen strategy and store it as a Python int (numpy integers
+    included, so the strategy stays JSON-serialisable)."""
+    value = getattr(strategy, name)
+    check(is_int(value) and value >= low, f"{name} must be an int >= {low}, got {value!r}")
+    object.__setattr__(strategy, name, int(value))
 
 
 @dataclass(frozen=True)
@@ -235,15 +229,9 @@ class BalancedFold:
     dense_below: int = 0
 
     def __post_init__(self) -> None:
-        check(
-            isinstance(self.order, int) and self.order >= 1,
-            f"order must be an int >= 1, got {self.order!r}",
-        )
-        check(
-            isinstance(self.multiple, int) and self.multiple >= 1,
-            f"multiple must be an int >= 1, got {self.multiple!r}",
-        )
-        _check_dense_below(self.dense_below)
+        _int_field(self, "order", 1)
+        _int_field(self, "multiple", 1)
+        _int_field(self, "dense_below", 0)
 
     def __call__(self, n: int) -> Fold:
         check(n >= 1, f"sequence length must be >= 1, got {n}")
@@ -263,17 +251,16 @@ class BlockFold:
 
     def __post_init__(self) -> None:
         blocks = self.block if isinstance(self.block, (tuple, list)) else (self.block,)
-        ok = len(blocks) >= 1 and all(
-            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks
-        )
+        ok = len(blocks) >= 1 and all(is_int(b) and b >= 1 for b in blocks)
         check(ok, f"block must be an int >= 1 or a tuple of them, got {self.block!r}")
+        blocks = tuple(int(b) for b in blocks)
         object.__setattr__(self, "block", tuple(blocks) if len(blocks) > 1 else blocks[0])
         order = len(blocks) + 1 if self.order is None else self.order
         check(
-            isinstance(order, int) and order > len(blocks),
+            is_int(order) and order > len(blocks),
             f"order must be an int > {len(blocks)} (the number of blocks), got {self.order!r}",
         )
-        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "order", int(order))
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -300,15 +287,9 @@ class ExtrapolatingFold:
     dense_below: int = 0  # as in BalancedFold
 
     def __post_init__(self) -> None:
-        _check_dense_below(self.dense_below)
-        check(
-            isinstance(self.max_dim, int) and self.max_dim >= 2,
-            f"max_dim must be an int >= 2, got {self.max_dim!r}",
-        )
-        check(
-            isinstance(self.min_order, int) and self.min_order >= 1,
-            f"min_order must be an int >= 1, got {self.min_order!r}",
-        )
+        _int_field(self, "dense_below", 0)
+        _int_field(self, "max_dim", 2)
+        _int_field(self, "min_order", 1)
 
     def __call__(self, n: int) -> Fold:
         check(n >= 1, f"sequence length must be >= 1, got {n}")

@@ -12,11 +12,10 @@ values for the op's string arguments (``COVERAGES``, ``MODES``).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._validation import check, check_choice
+from .._validation import check, check_choice, is_int
 
 __all__ = ["COVERAGES", "MODES", "Hop", "HopPlan", "hop_plan", "default_hop_order"]
 
@@ -93,7 +92,7 @@ def hop_plan(
         check(
             not isinstance(hop_order, str)
             and isinstance(hop_order, Sequence)
-            and all(isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hop_order),
+            and all(is_int(j) for j in hop_order),
             f"hop_order must be a sequence of int dims, got {hop_order!r}",
             TypeError,
         )

@@ -178,3 +178,17 @@ def test_dense_below_off_by_default_and_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="dense_below"):
             BalancedFold(2, dense_below=bad)
+
+
+def test_numpy_integers_are_accepted_and_stored_as_ints():
+    import numpy as np
+
+    fold = Fold((np.int64(4), np.int32(8)), n=np.int64(30))
+    assert fold.dims == (4, 8) and all(type(d) is int for d in fold.dims) and type(fold.n) is int
+    assert fold.coords(np.int64(9)) == (1, 1)
+    assert BlockFold(np.int64(8))(64).dims[-1] == 8
+    strategy = BalancedFold(order=np.int64(2), dense_below=np.int64(0))
+    assert type(strategy.order) is int and json.dumps(fold_to_dict(strategy))
+    assert type(ExtrapolatingFold(np.int64(64)).max_dim) is int
+    with pytest.raises(TypeError, match="fold dims must be ints"):
+        Fold((4.0, 8))
