@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .._validation import check, check_choice
+from .._validation import check, check_choice, is_int
 from ..nn import Encoder, ModelConfig, SequenceHead
 from ..train.checkpoint import capture_rng, restore_rng
 from ..train.trainer import Trainer, TrainerConfig
@@ -147,7 +147,7 @@ class _SequenceEstimator(BaseEstimator):
         for name in ("d_model", "n_layers", "n_heads", "max_epochs", "batch_size"):
             value = getattr(self, name)
             check(
-                isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1,
+                is_int(value) and value >= 1,
                 f"{name} must be an int >= 1, got {value!r}",
             )
         check(
@@ -160,9 +160,7 @@ class _SequenceEstimator(BaseEstimator):
         )
         if self.vocab_size is not None:
             check(
-                isinstance(self.vocab_size, numbers.Integral)
-                and not isinstance(self.vocab_size, bool)
-                and self.vocab_size >= 1,
+                is_int(self.vocab_size) and self.vocab_size >= 1,
                 f"vocab_size must be None or an int >= 1, got {self.vocab_size!r}",
             )
         if self.validation_fraction is not None:

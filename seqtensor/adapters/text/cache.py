@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..._validation import check
+from ..._validation import check, is_int
 from ...attention import tensorized_attention
 from ...core.folds import Fold
 from ...core.plan import hop_plan
@@ -111,11 +111,8 @@ class CausalFold:
         dims = tuple(self.dims)
         check(len(dims) > 0, "CausalFold dims must not be empty")
         for d in dims:
-            check(
-                isinstance(d, int) and not isinstance(d, bool) and d > 0,
-                f"CausalFold dims must be positive ints, got {dims!r}",
-            )
-        object.__setattr__(self, "dims", dims)
+            check(is_int(d) and d > 0, f"CausalFold dims must be positive ints, got {dims!r}")
+        object.__setattr__(self, "dims", tuple(int(d) for d in dims))
 
     @property
     def order(self) -> int:

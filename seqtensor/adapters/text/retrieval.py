@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..._validation import check
+from ..._validation import check, is_int
 from ...attention import tensorized_attention
 from ...core.folds import Fold
 from ...kernels.reference import work_dtype
@@ -77,13 +77,14 @@ class RetrievalConfig:
         for name in ("top_k", "block", "sinks"):
             value = getattr(self, name)
             check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                is_int(value) and value >= 0,
                 f"RetrievalConfig.{name} must be an int >= 0, got {value!r}",
             )
+            object.__setattr__(self, name, int(value))  # numpy integers saved as JSON ints
         check(self.block >= 1, f"RetrievalConfig.block must be >= 1, got {self.block}")
         check(
             self.memory_distance is None
-            or (isinstance(self.memory_distance, int) and self.memory_distance >= 0),
+            or (is_int(self.memory_distance) and self.memory_distance >= 0),
             f"RetrievalConfig.memory_distance must be None or an int >= 0, "
             f"got {self.memory_distance!r}",
         )
