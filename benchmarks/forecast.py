@@ -1,4 +1,4 @@
-"""Long-horizon forecasting benchmark: the ANCHORS protocol on real data, models side by side.
+"""Long-horizon forecasting benchmark: the published long-horizon protocol on real data, models side by side.
 
 Protocol (docs/results.md, "Peers measured side by side here"): every series z-scored with the
 mean and population std of its first 70% (train); the next 10% validates (early stopping, best

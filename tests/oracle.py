@@ -69,7 +69,7 @@ def effective_matrix(
     """(H, n, n) effective matrix for one batch element. q (H, n, d), k (Hkv, n, d), float64.
 
     valid: (n,) bool of kept tokens (default all). Padded/masked positions have zero q and k,
-    are keys only once they received a valid key (relays), as the SPEC requires.
+    are keys only once they received a valid key (relays), as docs/semantics.md defines.
     gates: (H, m - 1) hop gates; the i-th hop after the first is then (1 - g) I + g A.
     """
     H, n, d = q.shape
