@@ -201,9 +201,9 @@ def tensorized_attention(
     check_finite : raise on NaN/inf in q, k, v (and hop_gates outside [0, 1]). Off by default: the
         check reads every input and waits for the device. Without it NaN in gives NaN out, as in
         SDPA.
-    hop_gates : optional (H, m - 1) values in [0, 1], an extension of the hop of docs/semantics.md (fibre mode): the
-        i-th hop after the first updates ``V <- V + g[:, i] * (hop(V) - V)`` instead of
-        ``V <- hop(V)``, so a model can keep its local (first-hop) result and take only part of the
+    hop_gates : optional (H, m - 1) values in [0, 1], an extension of the hop of
+        docs/semantics.md (fibre mode): the i-th hop after the first updates
+        ``V <- V + g[:, i] * (hop(V) - V)`` instead of ``V <- hop(V)``, so a model can keep its local (first-hop) result and take only part of the
         coarser mixtures. All ones is the plain method. Differentiable (gates too), both backends.
 
     validate_values : deprecated name of ``check_finite``.
