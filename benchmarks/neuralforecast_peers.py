@@ -1,27 +1,30 @@
-"""Peer run: NeuralForecast's PatchTST on Victoria electricity demand, forecast.py's exact protocol.
+"""Peer runs: NeuralForecast's PatchTST and NHITS under forecast.py's exact protocol.
 
-Same data, split, z-scoring, test windows (stride 48 from the test border), validation slice and
-scoring as ``benchmarks/forecast.py`` (its helpers are imported, not copied). PatchTST "paper
-settings" as in docs/results.md: look-back 512, patch 16 / stride 8; the rest are
-NeuralForecast's PatchTST defaults (3 layers, 16 heads, d 128, FFN 256, dropout 0.2, RevIN, lr 1e-4,
-scaler "identity", windows_batch_size 1024), with MSE loss, at most 1,000 steps, validation every
-100 steps, early stopping patience 5, one seed. NeuralForecast runs in its own venv (--check needs
-only seqtensor, run it there too):
+Same data (Victoria electricity demand, sea-surface temperature), split, z-scoring, test windows
+(stride 48 from the test border), validation slice and scoring as ``benchmarks/forecast.py`` (its
+helpers are imported, not copied). Look-back 512 for both. PatchTST "paper settings" as in
+docs/results.md: patch 16 / stride 8; the rest are NeuralForecast's PatchTST defaults (3 layers,
+16 heads, d 128, FFN 256, dropout 0.2, RevIN, lr 1e-4, scaler "identity"). NHITS: NeuralForecast's
+defaults. Both with MSE loss, at most 1,000 steps, validation every 100 steps, early stopping
+patience 5, one seed:
 
-    /tmp/nfv/bin/python benchmarks/patchtst_peer.py --horizons 96 336 [--threads 2] [--check]
-        [--windows-batch-size 32]
+    python benchmarks/neuralforecast_peers.py --models PatchTST NHITS --datasets electricity sst \
+        --horizons 96 336 [--threads 2] [--check] [--windows-batch-size 32]
 
 At NeuralForecast's default 1,024 windows per step a step took ~16 s on this CPU (about 4.5 h for
 1,000 steps); the recorded results use 32 (the PatchTST paper's Electricity batch size), ~0.3 s a step.
 
 ``--check`` first compares the (unique_id, ds, cutoff) keys of NeuralForecast's cross_validation
 with those of seqtensor's (a 5-step DLinearForecaster) on the same cut and stops if they differ.
-Results merge into benchmarks/results/forecast_patchtst_cpu.json, keyed ``electricity|h=<h>|wbs=<windows per step>``.
+Results merge into benchmarks/results/forecast_neuralforecast_cpu.json, keyed
+``<dataset>|h=<h>|<model>|wbs=<windows per step>`` (the first PatchTST runs are in
+forecast_patchtst_cpu.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -36,14 +39,13 @@ import torch
 from forecast import RESULTS, STRIDE, load, score, test_windows  # noqa: E402
 from neuralforecast import NeuralForecast  # noqa: E402
 from neuralforecast.losses.pytorch import MSE  # noqa: E402
-from neuralforecast.models import PatchTST  # noqa: E402
+from neuralforecast.models import NHITS, PatchTST  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
-OUT = RESULTS / "forecast_patchtst_cpu.json"
+OUT = RESULTS / "forecast_neuralforecast_cpu.json"
+MODELS = {"PatchTST": (PatchTST, dict(patch_len=16, stride=8)), "NHITS": (NHITS, {})}
 SETTINGS = dict(
     input_size=512,
-    patch_len=16,
-    stride=8,
     max_steps=1000,
     val_check_steps=100,
     early_stop_patience_steps=5,
@@ -74,6 +76,8 @@ def keys(cv: pd.DataFrame) -> set:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--horizons", nargs="+", type=int, default=[96, 336])
+    p.add_argument("--models", nargs="+", default=["PatchTST"], choices=sorted(MODELS))
+    p.add_argument("--datasets", nargs="+", default=["electricity"], choices=["electricity", "sst"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--check", action="store_true", help="compare window keys with seqtensor's first"
@@ -90,7 +94,6 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    df, n_train, n_val, n_test = load("electricity")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"accuracy": {}}
     settings = {
         **SETTINGS,
@@ -103,71 +106,78 @@ def main() -> None:
         "neuralforecast": version("neuralforecast"),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "settings": {**settings, "loss": "MSE", "other": "NeuralForecast PatchTST defaults"},
+        "settings": {**settings, "loss": "MSE", "other": "NeuralForecast defaults otherwise"},
     }
-    for h in args.horizons:
+    for dataset, name, h in itertools.product(args.datasets, args.models, args.horizons):
+        df, _, n_val, n_test = load(dataset)
         cut, n_windows = test_windows(df, n_test, h)
-        timer = FitTimer()
-        model = PatchTST(
+        # NeuralForecast refuses missing targets (sea-surface temperature has 24, all in the
+        # training part): it gets them linearly interpolated; the scored test part has none
+        filled = cut.assign(
+            y=cut.groupby("unique_id")["y"].transform(
+                lambda s: s.interpolate(limit_direction="both")
+            )
+        )
+        cls, extra = MODELS[name]
+        model = cls(
             h=h,
             loss=MSE(),
             valid_loss=MSE(),
             **settings,
+            **extra,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[timer],
-            default_root_dir="/tmp/patchtst_peer_logs",
+            callbacks=[FitTimer()],
+            default_root_dir="/tmp/neuralforecast_peer_logs",
         )
         nf = NeuralForecast(models=[model], freq="30min")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             start = time.perf_counter()
-            cv = nf.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
+            cv = nf.cross_validation(filled, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
             wall = time.perf_counter() - start
         cv = cv.reset_index() if "unique_id" not in cv.columns else cv
         if args.check:
-            from seqtensor.adapters.forecast.baselines import DLinearForecaster
-
-            ours = DLinearForecaster(h=h, input_size=512, loss="mse", max_steps=5, device="cpu")
-            ours_cv = ours.cross_validation(
-                cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val
-            )
-            same = keys(cv) == keys(ours_cv) and len(cv) == len(ours_cv)
-            order = ["unique_id", "cutoff", "ds"]
-            y_diff = float(
-                abs(
-                    cv.sort_values(order)["y"].to_numpy()
-                    - ours_cv.sort_values(order)["y"].to_numpy()
-                ).max()
-            )
-            print(
-                f"h={h}: {len(cv)} rows, {cv['cutoff'].nunique()} cutoffs ({cv['cutoff'].min()} .. {cv['cutoff'].max()}); "
-                f"keys equal to seqtensor's: {same}; max |y diff| {y_diff:.2e}"
-            )
-            if not same or y_diff > 1e-9:
-                sys.exit("window keys differ from seqtensor's cross_validation")
+            check_keys(cv, filled, h, n_windows, n_val)
         row = {
-            "dataset": "electricity",
+            "dataset": dataset,
             "h": h,
             "look_back": 512,
-            "model": "PatchTST (NeuralForecast)",
+            "model": f"{name} (NeuralForecast)",
             "windows": n_windows,
             "cutoffs": int(cv["cutoff"].nunique()),
             "train_s": FitTimer.seen["seconds"],
             "wall_s": wall,
             "steps": FitTimer.seen["steps"],
-            **score(cv, "PatchTST"),
+            "windows_batch_size": args.windows_batch_size,
+            **score(cv, name),
         }
-        row["windows_batch_size"] = args.windows_batch_size
-        results["accuracy"][f"electricity|h={h}|wbs={args.windows_batch_size}"] = row
+        results["accuracy"][f"{dataset}|h={h}|{name}|wbs={args.windows_batch_size}"] = row
         print(
-            f"electricity h={h}: mse {row['mse']:.3f} mae {row['mae']:.3f} ({row['steps']} steps, train {row['train_s']:.0f} s, "
-            f"wall {wall:.0f} s) "
-            + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("mse_")),
+            f"{dataset} {name} h={h}: mse {row['mse']:.3f} mae {row['mae']:.3f} "
+            f"({row['steps']} steps, train {row['train_s']:.0f} s, wall {wall:.0f} s)",
             flush=True,
         )
         if not args.smoke:
             OUT.write_text(json.dumps(results, indent=1, default=float))
+
+
+def check_keys(cv: pd.DataFrame, cut: pd.DataFrame, h: int, n_windows: int, n_val: int) -> None:
+    """Stop unless NeuralForecast's windows are seqtensor's (same keys, same targets)."""
+    from seqtensor.adapters.forecast.baselines import DLinearForecaster
+
+    ours = DLinearForecaster(h=h, input_size=512, loss="mse", max_steps=5, device="cpu")
+    ours_cv = ours.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
+    same = keys(cv) == keys(ours_cv) and len(cv) == len(ours_cv)
+    order = ["unique_id", "cutoff", "ds"]
+    y_diff = float(
+        abs(
+            cv.sort_values(order)["y"].to_numpy() - ours_cv.sort_values(order)["y"].to_numpy()
+        ).max()
+    )
+    print(f"h={h}: {len(cv)} rows; keys equal to seqtensor's: {same}; max |y diff| {y_diff:.2e}")
+    if not same or y_diff > 1e-9:
+        sys.exit("window keys differ from seqtensor's cross_validation")
 
 
 if __name__ == "__main__":
