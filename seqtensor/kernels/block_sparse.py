@@ -1,0 +1,1387 @@
+"""Triton kernels of the retrieval hop: block-sparse attention (forward, backward, GQA) and block
+scores for choosing the blocks.
+
+Legend: B batch, H query heads, Hkv kv heads (G = H / Hkv), T keys, Lq queries (the last Lq of the
+T tokens), d head dim (halves D1 + D2 so rotate-half pairs stay apart), dv value dim, C query
+chunks of ``chunk`` queries, kk selected blocks per chunk, NB blocks of ``block`` tokens.
+
+Semantics: those of ``adapters/text/retrieval.py``'s hop, given the selection (the oracle is
+``block_sparse_reference``): query i, with window start s_i (its aligned ``local`` block, or with
+``sliding`` its last ``local`` tokens extended back to a block boundary), attends in one softmax to
+
+- local keys s_i..i, rotated (with ``rope_theta``) at their true positions;
+- the first ``sinks`` tokens that lie before s_i;
+- every token >= ``sinks`` of the blocks its chunk selected (``selection[b, h_kv, c]``, -1 padding;
+  each block wholly before the chunk's first window start, no block twice), so each key counts once.
+
+Sinks and retrieved keys are memory: unrotated, the query rotated at ``memory_distance + i - s_i``,
+so they sit that far back however old they are.
+
+Design (following ``kernels/triton_hops.py``: online softmax in exp2, fp32 accumulators, rotation
+applied on load from a host [cos | sin] table):
+
+- forward: one program per BLOCK_M queries of one head; three key passes (local, sinks, selected
+  blocks) share one online softmax; writes out and the logsumexp (log2 units).
+- backward dq: the same traversal, dq accumulated separately for the two rotations (local, memory)
+  and un-rotated once at the end.
+- backward dk/dv: one program per key tile (inside one block) of one kv head, looping over the G
+  query heads: the local queries of the tile, then (dk turned to the unrotated space once) the
+  chunks that selected its block, read from an inverse index (CSR, built on the host with a sort),
+  so no atomics and deterministic sums. The sink keys are read by every later query: a separate
+  kernel splits the queries into ranges and writes fp32 partial sums, which the dk/dv kernel adds.
+- block scores: qbar (the chunk's mean memory query over its kv group) against each block's
+  representatives: Quest's bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (two
+  dots), or the mean key; the top-k is torch.topk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import check, check_choice, is_int
+from . import tuning
+from .block_sparse_reference import memory_queries, window_starts
+from .triton_hops import (
+    _kernel_dtypes,
+    _load_halves,
+    _load_qk,
+    _load_rows,
+    _rotate,
+    _scores,
+    _store_halves,
+    _table_dtype,
+)
+
+__all__ = [
+    "block_sparse_attention",
+    "block_scores",
+    "select_blocks",
+    "check_selection",
+]
+
+# Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
+POISON = False
+_MAX_HEAD_DIM = 256
+# Benchmarks set keys here ("fwd_m", "fwd_n", "fwd_warps", "bwd_m", "bwd_n", "bwd_warps",
+# "stages") to compare launch settings without editing ``_config``.
+CONFIG_OVERRIDE: dict = {}
+
+
+def _config(d: int, chunk: int) -> dict:
+    if tuning.INTERPRET:
+        cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, bwd_m=16, bwd_n=16, bwd_warps=1, stages=1)
+    else:
+        wide = d > 128
+        cfg = dict(
+            fwd_m=64 if wide else 128,
+            fwd_n=32 if wide else 64,
+            fwd_warps=8,
+            bwd_m=32 if wide else 64,
+            bwd_n=32 if wide else 64,
+            bwd_warps=8,
+            stages=2,
+        )
+    cfg.update(CONFIG_OVERRIDE)
+    # a program's queries share one selection: BLOCK_M divides the chunk
+    while chunk % cfg["fwd_m"]:
+        cfg["fwd_m"] //= 2
+    while chunk % cfg["bwd_m"]:
+        cfg["bwd_m"] //= 2
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _starts(pos, LOCAL, BLK, SLIDING: tl.constexpr):
+    """Window start of the queries at ``pos`` (``block_sparse_reference.window_starts``)."""
+    if SLIDING:
+        return tl.maximum(pos - LOCAL + 1, 0) // BLK * BLK
+    return pos // LOCAL * LOCAL
+
+
+@triton.jit
+def _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING: tl.constexpr):
+    """Valid rows, token positions (padding rows clamped to the last token, so table reads stay in
+    range), window starts and memory positions of query rows ``offs_m``."""
+    rowq = offs_m < Lq
+    pos = tl.minimum(T - Lq + offs_m, T - 1)
+    starts = _starts(pos, LOCAL, BLK, SLIDING)
+    return rowq, pos, starts, DIST + pos - starts
+
+
+@triton.jit
+def _load_q2(Qp, rows, rowq, pos, mpos, Rot, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
+    """q rows as local keys see them (rotated at ``pos``) and as memory keys do (at ``mpos``)."""
+    x1, x2 = _load_halves(Qp, rows, rowq, offs_h, D1, D2, stride_d)
+    l1, l2, m1, m2 = x1, x2, x1, x2
+    if ROPE:
+        r1, r2 = _rotate(x1, x2, pos, Rot, offs_h, D1, 1)
+        l1 = r1.to(Qp.dtype.element_ty)
+        l2 = r2.to(Qp.dtype.element_ty)
+        r1, r2 = _rotate(x1, x2, mpos, Rot, offs_h, D1, 1)
+        m1 = r1.to(Qp.dtype.element_ty)
+        m2 = r2.to(Qp.dtype.element_ty)
+    return l1, l2, m1, m2
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a tile of logits ``sc`` (log2 units), keys ``ok``."""
+    sc = tl.where(ok, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _ds(q1, q2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC: tl.constexpr):
+    """Probabilities and dS = P * (dO V^T - delta) of a (queries, keys) tile (dS before the logit
+    scale)."""
+    sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+    p = tl.where(ok, tl.exp2(sc - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    return p, p * (dp - delta[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and dq: the query-centric traversal
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    Lse,
+    Sel,
+    Rot,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_sb,
+    stride_sh,
+    stride_sc,
+    stride_sk,
+    H,
+    G,
+    Lq,
+    T,
+    LOCAL,
+    BLK,
+    SINKS,
+    DIST,
+    CHUNK,
+    KK,
+    qk_scale,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    SLIDING: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Out and logsumexp of BLOCK_M queries of one head; heads vary fastest across programs, so
+    the G heads of a kv head read the same keys at about the same time."""
+    pid = tl.program_id(0)
+    h = pid % H
+    r = pid // H
+    QB = tl.cdiv(Lq, BLOCK_M)
+    qb = r % QB
+    b = (r // QB).to(tl.int64)
+    hk = h // G
+    offs_h = tl.arange(0, BLOCK_DH)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+    ql1, ql2, qm1, qm2 = _load_q2(
+        Q + b * stride_qb + h * stride_qh,
+        offs_m.to(tl.int64) * stride_qt,
+        rowq,
+        pos,
+        mpos,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_qd,
+        ROPE,
+    )
+    Kp = K + b * stride_kb + hk * stride_kh
+    Vp = V + b * stride_vb + hk * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    last = tl.minimum(T - Lq + qb * BLOCK_M + BLOCK_M - 1, T - 1)
+
+    # local keys s_i..i (starts are non-decreasing in i: the first row's is the smallest)
+    for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
+        offs_n = st + tl.arange(0, BLOCK_N)
+        kin = offs_n <= last
+        kpos = tl.minimum(offs_n, T - 1)
+        rows = kpos.to(tl.int64)
+        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
+        sc = _scores(ql1, ql2, k1, k2, qk_scale, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
+
+    # sink keys before the window, unrotated
+    for st in range(0, tl.minimum(SINKS, tl.max(starts, 0)), BLOCK_N):
+        offs_n = st + tl.arange(0, BLOCK_N)
+        kin = offs_n < SINKS
+        rows = offs_n.to(tl.int64)
+        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False)
+        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+        ok = kin[None, :] & (offs_n[None, :] < starts[:, None])
+        sc = _scores(qm1, qm2, k1, k2, qk_scale, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
+
+    # the chunk's selected blocks, unrotated; their sink tokens were counted above
+    Sp = Sel + b * stride_sb + hk * stride_sh + (qb * BLOCK_M // CHUNK) * stride_sc
+    for j in range(0, KK):
+        blk = tl.load(Sp + j * stride_sk)
+        if blk >= 0:
+            for st in range(0, BLK, BLOCK_N):
+                offs_b = st + tl.arange(0, BLOCK_N)
+                offs_n = blk * BLK + offs_b
+                kin = (offs_b < BLK) & (offs_n >= SINKS)
+                rows = offs_n.to(tl.int64)
+                k1, k2 = _load_qk(
+                    Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False
+                )
+                v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+                sc = _scores(qm1, qm2, k1, k2, qk_scale, DOT_PREC)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, sc, kin[None, :], v, DOT_PREC)
+
+    # every valid row has its own token as a local key: l_i > 0
+    l_safe = tl.where(rowq, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    rows = offs_m.to(tl.int64)
+    omask = rowq[:, None] & (offs_dv[None, :] < NDV)
+    tl.store(
+        O
+        + b * stride_ob
+        + h * stride_oh
+        + rows[:, None] * stride_ot
+        + offs_dv[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=omask,
+    )
+    tl.store(Lse + (b * H + h) * Lq + offs_m, m_i + tl.log2(l_safe), mask=rowq)
+
+
+@triton.jit
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    Lse,
+    Delta,
+    Sel,
+    Rot,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,
+    stride_sb,
+    stride_sh,
+    stride_sc,
+    stride_sk,
+    H,
+    G,
+    Lq,
+    T,
+    LOCAL,
+    BLK,
+    SINKS,
+    DIST,
+    CHUNK,
+    KK,
+    scale,
+    qk_scale,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    SLIDING: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq of BLOCK_M queries of one head: the forward's traversal; the local and memory parts are
+    accumulated in their own rotated spaces and each rotated back once."""
+    pid = tl.program_id(0)
+    h = pid % H
+    r = pid // H
+    QB = tl.cdiv(Lq, BLOCK_M)
+    qb = r % QB
+    b = (r // QB).to(tl.int64)
+    hk = h // G
+    offs_h = tl.arange(0, BLOCK_DH)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+    qrows = offs_m.to(tl.int64)
+    ql1, ql2, qm1, qm2 = _load_q2(
+        Q + b * stride_qb + h * stride_qh,
+        qrows * stride_qt,
+        rowq,
+        pos,
+        mpos,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_qd,
+        ROPE,
+    )
+    do = _load_rows(
+        DO + b * stride_dob + h * stride_doh, qrows * stride_dot, rowq, offs_dv, NDV, stride_dod
+    )
+    lse = tl.load(Lse + (b * H + h) * Lq + offs_m, mask=rowq, other=float("inf"))
+    delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=rowq, other=0.0)
+    Kp = K + b * stride_kb + hk * stride_kh
+    Vp = V + b * stride_vb + hk * stride_vh
+    dl1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    dl2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    dm1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    dm2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    last = tl.minimum(T - Lq + qb * BLOCK_M + BLOCK_M - 1, T - 1)
+
+    for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
+        offs_n = st + tl.arange(0, BLOCK_N)
+        kin = offs_n <= last
+        kpos = tl.minimum(offs_n, T - 1)
+        rows = kpos.to(tl.int64)
+        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
+        ok = ok & rowq[:, None]
+        _, ds = _ds(ql1, ql2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
+        ds = ds.to(k1.dtype)
+        dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+        dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+
+    for st in range(0, tl.minimum(SINKS, tl.max(starts, 0)), BLOCK_N):
+        offs_n = st + tl.arange(0, BLOCK_N)
+        kin = offs_n < SINKS
+        rows = offs_n.to(tl.int64)
+        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False)
+        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+        ok = kin[None, :] & (offs_n[None, :] < starts[:, None]) & rowq[:, None]
+        _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
+        ds = ds.to(k1.dtype)
+        if ROPE:
+            dm1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+            dm2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+        else:  # one space: one accumulator pair fewer in registers
+            dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+            dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+
+    Sp = Sel + b * stride_sb + hk * stride_sh + (qb * BLOCK_M // CHUNK) * stride_sc
+    for j in range(0, KK):
+        blk = tl.load(Sp + j * stride_sk)
+        if blk >= 0:
+            for st in range(0, BLK, BLOCK_N):
+                offs_b = st + tl.arange(0, BLOCK_N)
+                offs_n = blk * BLK + offs_b
+                kin = (offs_b < BLK) & (offs_n >= SINKS)
+                rows = offs_n.to(tl.int64)
+                k1, k2 = _load_qk(
+                    Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False
+                )
+                v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+                ok = kin[None, :] & rowq[:, None]
+                _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
+                ds = ds.to(k1.dtype)
+                if ROPE:
+                    dm1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+                    dm2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+                else:
+                    dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+                    dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+
+    if ROPE:  # gradients of the rotated copies back to q: the transposed rotations
+        dl1, dl2 = _rotate(dl1, dl2, pos, Rot, offs_h, D1, -1)
+        dm1, dm2 = _rotate(dm1, dm2, mpos, Rot, offs_h, D1, -1)
+        dl1 += dm1
+        dl2 += dm2
+    dq1 = dl1 * scale
+    dq2 = dl2 * scale
+    _store_halves(
+        DQ + b * stride_dqb + h * stride_dqh,
+        qrows * stride_dqt,
+        rowq,
+        offs_h,
+        D1,
+        D2,
+        stride_dqd,
+        dq1,
+        dq2,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# dk, dv: the key-centric traversal
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkv_tile(
+    dk1,
+    dk2,
+    dv,
+    k1,
+    k2,
+    v,
+    offs_n,
+    kin,
+    Qp,
+    DOp,
+    Lp,
+    Dp,
+    Rot,
+    lo,
+    hi,
+    Lq,
+    T,
+    LOCAL,
+    BLK,
+    SINKS,
+    DIST,
+    stride_qt,
+    stride_qd,
+    stride_dot,
+    stride_dod,
+    offs_h,
+    offs_dv,
+    D1,
+    D2,
+    NDV,
+    qk_scale,
+    KIND: tl.constexpr,
+    SLIDING: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dk and dv of key rows ``offs_n`` from the queries lo..hi - 1 of one head. KIND 0: as local
+    keys (q rotated at its position, k rotated already); 1: as sink keys; 2: as keys of a selected
+    block (both memory: q rotated at its memory position, k unrotated)."""
+    for st in range(lo, hi, BLOCK_M):
+        offs_m = st + tl.arange(0, BLOCK_M)
+        rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+        rowq = rowq & (offs_m < hi)
+        qrows = offs_m.to(tl.int64)
+        if KIND == 0:
+            q1, q2 = _load_qk(
+                Qp, qrows * stride_qt, rowq, pos, Rot, offs_h, D1, D2, stride_qd, ROPE
+            )
+            ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
+        else:
+            q1, q2 = _load_qk(
+                Qp, qrows * stride_qt, rowq, mpos, Rot, offs_h, D1, D2, stride_qd, ROPE
+            )
+            if KIND == 1:
+                ok = offs_n[None, :] < starts[:, None]
+            else:
+                ok = offs_n[None, :] >= 0
+        ok = ok & rowq[:, None] & kin[None, :]
+        do = _load_rows(DOp, qrows * stride_dot, rowq, offs_dv, NDV, stride_dod)
+        lse = tl.load(Lp + offs_m, mask=rowq, other=float("inf"))
+        delta = tl.load(Dp + offs_m, mask=rowq, other=0.0)
+        p, ds = _ds(q1, q2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        ds = tl.trans(ds.to(q1.dtype))
+        dk1 += tl.dot(ds, q1, input_precision=DOT_PREC)
+        dk2 += tl.dot(ds, q2, input_precision=DOT_PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _dkv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    Lse,
+    Delta,
+    Ptr,
+    Inv,
+    SinkDK,
+    SinkDV,
+    Rot,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_dvd,
+    H,
+    G,
+    Lq,
+    T,
+    LOCAL,
+    BLK,
+    SINKS,
+    NS,
+    DIST,
+    CHUNK,
+    NBT,
+    scale,
+    qk_scale,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    SLIDING: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dk, dv of one key tile (inside block ``kb``) of kv head hk, summed over its G query heads.
+    The sink keys' memory part comes precomputed (SinkDK, SinkDV: (B, Hkv, NS, d) fp32)."""
+    SUB = tl.cdiv(BLK, BLOCK_N)
+    Hkv = H // G
+    pid = tl.program_id(0)
+    sub = pid % SUB
+    r = pid // SUB
+    kb = r % NBT
+    r = r // NBT
+    hk = r % Hkv
+    b = (r // Hkv).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_DH)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_b = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BLK + offs_b
+    kin = (offs_b < BLK) & (offs_n < T)
+    kpos = tl.minimum(offs_n, T - 1)
+    krows = kpos.to(tl.int64)
+    Kp = K + b * stride_kb + hk * stride_kh
+    k1, k2 = _load_qk(Kp, krows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
+    v = _load_rows(
+        V + b * stride_vb + hk * stride_vh, krows * stride_vt, kin, offs_dv, NDV, stride_vd
+    )
+    dk1 = tl.zeros([BLOCK_N, BLOCK_DH], dtype=ACC)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_DH], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    offset = T - Lq
+    # local queries i with s_i <= t <= i: from the tile's first key to the last query whose window
+    # starts at or before its last key
+    t_last = tl.minimum(kb * BLK + sub * BLOCK_N + BLOCK_N - 1, T - 1)
+    if SLIDING:
+        i_max = (t_last // BLK + 1) * BLK + LOCAL - 2
+    else:
+        i_max = (t_last // LOCAL + 1) * LOCAL - 1
+    lo = tl.maximum(kb * BLK + sub * BLOCK_N - offset, 0)
+    hi = tl.minimum(i_max + 1 - offset, Lq)
+    for g in range(G):
+        h = hk * G + g
+        dk1, dk2, dv = _dkv_tile(
+            dk1,
+            dk2,
+            dv,
+            k1,
+            k2,
+            v,
+            offs_n,
+            kin,
+            Q + b * stride_qb + h * stride_qh,
+            DO + b * stride_dob + h * stride_doh,
+            Lse + (b * H + h) * Lq,
+            Delta + (b * H + h) * Lq,
+            Rot,
+            lo,
+            hi,
+            Lq,
+            T,
+            LOCAL,
+            BLK,
+            SINKS,
+            DIST,
+            stride_qt,
+            stride_qd,
+            stride_dot,
+            stride_dod,
+            offs_h,
+            offs_dv,
+            D1,
+            D2,
+            NDV,
+            qk_scale,
+            0,
+            SLIDING,
+            ROPE,
+            BLOCK_M,
+            DOT_PREC,
+        )
+    if ROPE:  # from here on dk is in the unrotated space of the memory keys
+        dk1, dk2 = _rotate(dk1, dk2, kpos, Rot, offs_h, D1, -1)
+        k1, k2 = _load_qk(Kp, krows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, False)
+    # sink keys: partial sums from _sink_kernel, already scaled to the logits
+    smask = kin & (offs_n < NS)
+    srow = (b * Hkv + hk) * NS + offs_n
+    s1 = tl.load(
+        SinkDK + srow[:, None] * (D1 + D2) + offs_h[None, :],
+        mask=smask[:, None] & (offs_h[None, :] < D1),
+        other=0.0,
+    )
+    s2 = tl.load(
+        SinkDK + srow[:, None] * (D1 + D2) + D1 + offs_h[None, :],
+        mask=smask[:, None] & (offs_h[None, :] < D2),
+        other=0.0,
+    )
+    sv = tl.load(
+        SinkDV + srow[:, None] * NDV + offs_dv[None, :],
+        mask=smask[:, None] & (offs_dv[None, :] < NDV),
+        other=0.0,
+    )
+    # the chunks that selected this block (their sink tokens excluded: counted as sinks)
+    kin_mem = kin & (offs_n >= SINKS)
+    e0 = tl.load(Ptr + (b * Hkv + hk) * NBT + kb)
+    e1 = tl.load(Ptr + (b * Hkv + hk) * NBT + kb + 1)
+    for e in range(e0, e1):
+        c = tl.load(Inv + e)
+        for g in range(G):
+            h = hk * G + g
+            dk1, dk2, dv = _dkv_tile(
+                dk1,
+                dk2,
+                dv,
+                k1,
+                k2,
+                v,
+                offs_n,
+                kin_mem,
+                Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh,
+                Lse + (b * H + h) * Lq,
+                Delta + (b * H + h) * Lq,
+                Rot,
+                c * CHUNK,
+                tl.minimum(c * CHUNK + CHUNK, Lq),
+                Lq,
+                T,
+                LOCAL,
+                BLK,
+                SINKS,
+                DIST,
+                stride_qt,
+                stride_qd,
+                stride_dot,
+                stride_dod,
+                offs_h,
+                offs_dv,
+                D1,
+                D2,
+                NDV,
+                qk_scale,
+                2,
+                SLIDING,
+                ROPE,
+                BLOCK_M,
+                DOT_PREC,
+            )
+    dk1 = dk1 * scale + s1
+    dk2 = dk2 * scale + s2
+    dv += sv
+    _store_halves(
+        DK + b * stride_dkb + hk * stride_dkh,
+        krows * stride_dkt,
+        kin,
+        offs_h,
+        D1,
+        D2,
+        stride_dkd,
+        dk1,
+        dk2,
+    )
+    vmask = kin[:, None] & (offs_dv[None, :] < NDV)
+    tl.store(
+        DV
+        + b * stride_dvb
+        + hk * stride_dvh
+        + krows[:, None] * stride_dvt
+        + offs_dv[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=vmask,
+    )
+
+
+@triton.jit
+def _sink_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    PartDK,
+    PartDV,
+    Rot,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    H,
+    G,
+    Lq,
+    T,
+    LOCAL,
+    BLK,
+    SINKS,
+    NS,
+    DIST,
+    SPLIT,
+    PER,
+    scale,
+    qk_scale,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    NDV: tl.constexpr,
+    SLIDING: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Partial dk, dv (scaled, fp32) of one tile of the NS sink keys as memory keys, from queries
+    [split * PER, split * PER + PER) of the G heads of kv head hk: PartDK (B, Hkv, SPLIT, NS, d)."""
+    NT = tl.cdiv(NS, BLOCK_N)
+    Hkv = H // G
+    pid = tl.program_id(0)
+    split = pid % SPLIT
+    r = pid // SPLIT
+    tile = r % NT
+    r = r // NT
+    hk = r % Hkv
+    b = (r // Hkv).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_DH)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    kin = offs_n < NS
+    krows = offs_n.to(tl.int64)
+    k1, k2 = _load_qk(
+        K + b * stride_kb + hk * stride_kh,
+        krows * stride_kt,
+        kin,
+        offs_n,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_kd,
+        False,
+    )
+    v = _load_rows(
+        V + b * stride_vb + hk * stride_vh, krows * stride_vt, kin, offs_dv, NDV, stride_vd
+    )
+    dk1 = tl.zeros([BLOCK_N, BLOCK_DH], dtype=ACC)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_DH], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    lo = split * PER
+    hi = tl.minimum(lo + PER, Lq)
+    for g in range(G):
+        h = hk * G + g
+        dk1, dk2, dv = _dkv_tile(
+            dk1,
+            dk2,
+            dv,
+            k1,
+            k2,
+            v,
+            offs_n,
+            kin,
+            Q + b * stride_qb + h * stride_qh,
+            DO + b * stride_dob + h * stride_doh,
+            Lse + (b * H + h) * Lq,
+            Delta + (b * H + h) * Lq,
+            Rot,
+            lo,
+            hi,
+            Lq,
+            T,
+            LOCAL,
+            BLK,
+            SINKS,
+            DIST,
+            stride_qt,
+            stride_qd,
+            stride_dot,
+            stride_dod,
+            offs_h,
+            offs_dv,
+            D1,
+            D2,
+            NDV,
+            qk_scale,
+            1,
+            SLIDING,
+            ROPE,
+            BLOCK_M,
+            DOT_PREC,
+        )
+    prow = ((b * Hkv + hk) * SPLIT + split) * NS + offs_n
+    dmask = kin[:, None] & (offs_h[None, :] < D1)
+    tl.store(PartDK + prow[:, None] * (D1 + D2) + offs_h[None, :], dk1 * scale, mask=dmask)
+    dmask = kin[:, None] & (offs_h[None, :] < D2)
+    tl.store(PartDK + prow[:, None] * (D1 + D2) + D1 + offs_h[None, :], dk2 * scale, mask=dmask)
+    vmask = kin[:, None] & (offs_dv[None, :] < NDV)
+    tl.store(PartDV + prow[:, None] * NDV + offs_dv[None, :], dv, mask=vmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block scores
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores_kernel(
+    Qbar,
+    Kmax,
+    Kmin,
+    Starts,
+    Out,
+    C,
+    NB,
+    BLK,
+    SINKS,
+    D: tl.constexpr,
+    MINMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Scores (BLOCK_C chunks x BLOCK_B blocks) of one (batch, kv head): MINMAX q+ . kmax + q- .
+    kmin (Quest's bound on the block's best logit), else qbar . kmean (Kmax holds the means);
+    -inf for blocks not wholly before the chunk's first window start or made only of sinks.
+    Inputs contiguous fp32: Qbar (BH, C, D), Kmax, Kmin (BH, NB, D), Starts (C,)."""
+    NCB = tl.cdiv(C, BLOCK_C)
+    NBB = tl.cdiv(NB, BLOCK_B)
+    pid = tl.program_id(0)
+    jb = pid % NBB
+    r = pid // NBB
+    ic = r % NCB
+    bh = (r // NCB).to(tl.int64)
+    offs_c = ic * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_b = jb * BLOCK_B + tl.arange(0, BLOCK_B)
+    cmask = offs_c < C
+    bmask = offs_b < NB
+    acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        qv = tl.load(
+            Qbar + (bh * C + offs_c[:, None]) * D + offs_d[None, :],
+            mask=cmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        kx = tl.load(
+            Kmax + (bh * NB + offs_b[:, None]) * D + offs_d[None, :],
+            mask=bmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        if MINMAX:
+            kn = tl.load(
+                Kmin + (bh * NB + offs_b[:, None]) * D + offs_d[None, :],
+                mask=bmask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(tl.maximum(qv, 0.0), tl.trans(kx), input_precision="ieee")
+            acc += tl.dot(tl.minimum(qv, 0.0), tl.trans(kn), input_precision="ieee")
+        else:
+            acc += tl.dot(qv, tl.trans(kx), input_precision="ieee")
+    first = tl.load(Starts + offs_c, mask=cmask, other=0)
+    ends = (offs_b + 1) * BLK
+    usable = (ends[None, :] <= first[:, None]) & (ends[None, :] > SINKS)
+    acc = tl.where(usable, acc, float("-inf"))
+    tl.store(
+        Out + (bh * C + offs_c[:, None]) * NB + offs_b[None, :],
+        acc,
+        mask=cmask[:, None] & bmask[None, :],
+    )
+
+
+REPRESENTATIVES = ("minmax", "mean")
+
+
+def block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block: int,
+    chunk: int,
+    local: int,
+    sliding: bool = False,
+    sinks: int = 0,
+    rope_theta: float | None = None,
+    memory_distance: int | None = None,
+    representatives: str = "minmax",
+) -> torch.Tensor:
+    """(B, Hkv, C, NB) fp32 score of each whole block of k for each query chunk (C = ceil(Lq /
+    chunk), NB = T // block): the chunk's mean memory query over its kv group (rotated at its
+    memory positions with ``rope_theta``) against the block's representatives ("minmax": Quest's
+    bound sum_d max(q_d kmax_d, q_d kmin_d); "mean": the mean key). -inf where unusable (not wholly
+    before the chunk's first window start, or only sink tokens)."""
+    check_choice("representatives", representatives, REPRESENTATIVES)
+    _check_qkv(q, k, k)
+    _check_window(block, chunk, local, sinks)
+    B, H, Lq, d = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    distance = local if memory_distance is None else memory_distance
+    C, NB = -(-Lq // chunk), T // block
+    q_mem = memory_queries(q.float(), T, local, block, sliding, rope_theta, distance)
+    pad = C * chunk - Lq
+    rows = torch.full((Lq,), 1.0, device=q.device)
+    qsum = torch.nn.functional.pad(q_mem, (0, 0, 0, pad)).unflatten(2, (C, chunk)).sum(3)
+    count = torch.nn.functional.pad(rows, (0, pad)).unflatten(0, (C, chunk)).sum(1)
+    qbar = (qsum / count[:, None]).unflatten(1, (Hkv, H // Hkv)).mean(2)  # (B, Hkv, C, d)
+    kb = k[:, :, : NB * block].float().unflatten(2, (NB, block))
+    minmax = representatives == "minmax"
+    kmax = (kb.amax(3) if minmax else kb.mean(3)).contiguous()
+    kmin = kb.amin(3).contiguous() if minmax else kmax
+    pos = torch.arange(T - Lq, T, device=q.device)
+    first = window_starts(pos, local, block, sliding)[::chunk].to(torch.int64).contiguous()
+    out = torch.empty((B, Hkv, C, NB), dtype=torch.float32, device=q.device)
+    if NB == 0:
+        return out
+    bc = 16 if tuning.INTERPRET else 64
+    bb = 16 if tuning.INTERPRET else 64
+    grid = (B * Hkv * triton.cdiv(C, bc) * triton.cdiv(NB, bb),)
+    _scores_kernel[grid](
+        qbar.contiguous(),
+        kmax,
+        kmin,
+        first,
+        out,
+        C,
+        NB,
+        block,
+        sinks,
+        D=d,
+        MINMAX=minmax,
+        BLOCK_C=bc,
+        BLOCK_B=bb,
+        BLOCK_D=min(64, _pow2(d)),
+    )
+    return out
+
+
+def select_blocks(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` best usable blocks of each chunk from ``block_scores``: (B, Hkv, C, kk) int32,
+    kk = min(top_k, NB), -1 where fewer are usable."""
+    check(is_int(top_k) and top_k >= 0, f"top_k must be an int >= 0, got {top_k!r}")
+    kk = min(int(top_k), scores.shape[-1])
+    top, blocks = scores.topk(kk, dim=-1)
+    return torch.where(top > float("-inf"), blocks, -1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_TABLES: dict = {}
+
+
+def _rotation_table(theta: float, d: int, rows: int, dtype, device) -> torch.Tensor:
+    """(>= rows, d) [cos | sin] of pos * theta^(-2i/d), pos = 0, 1, ...; cached, grown by doubling."""
+    key = (float(theta), d, dtype, torch.device(device))
+    hit = _TABLES.get(key)
+    if hit is None or hit.shape[0] < rows:
+        n = _pow2(rows)
+        inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv
+        hit = torch.cat([angles.cos(), angles.sin()], 1).to(dtype).contiguous()
+        _TABLES[key] = hit
+    return hit
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check(isinstance(x, torch.Tensor), f"{name} must be a tensor", TypeError)
+        check(x.ndim == 4, f"{name} must be 4-D (B, heads, tokens, d), got {tuple(x.shape)}")
+        check(
+            x.dtype in _DTYPES,
+            f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32, float64",
+            TypeError,
+        )
+    check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check(q.device == k.device == v.device, "q, k, v must be on one device")
+    B, H, Lq, d = q.shape
+    check(
+        k.shape[0] == B and k.shape[-1] == d and v.shape[:3] == k.shape[:3],
+        f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}",
+    )
+    check(H % k.shape[1] == 0, f"query heads {H} must be a multiple of kv heads {k.shape[1]}")
+    check(1 <= Lq <= k.shape[2], f"{Lq} queries for {k.shape[2]} keys: need 1 <= Lq <= T")
+    check(
+        max(d, v.shape[-1]) <= _MAX_HEAD_DIM,
+        f"head dims ({d}, {v.shape[-1]}) exceed {_MAX_HEAD_DIM}",
+    )
+    check(
+        q.is_cuda or tuning.INTERPRET,
+        f"block_sparse_attention runs Triton kernels: tensors on {q.device} need CUDA or "
+        "TRITON_INTERPRET=1 (block_sparse_reference computes the same on any device)",
+    )
+
+
+def _check_window(block: int, chunk: int, local: int, sinks: int) -> None:
+    for name, value, low in (("block", block, 1), ("chunk", chunk, 16), ("local", local, 1)):
+        check(is_int(value) and value >= low, f"{name} must be an int >= {low}, got {value!r}")
+    check(is_int(sinks) and sinks >= 0, f"sinks must be an int >= 0, got {sinks!r}")
+    check(local % block == 0, f"local ({local}) must be a multiple of block ({block})")
+    check(chunk % 16 == 0, f"chunk ({chunk}) must be a multiple of 16 (the kernels' query tile)")
+
+
+def check_selection(
+    selection: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block: int,
+    chunk: int,
+    local: int,
+    sliding: bool = False,
+) -> torch.Tensor:
+    """``selection`` as contiguous int32 after checking it: (B, Hkv, C, kk) integers, -1 or a block
+    wholly before the first window start of its chunk (never the window's or a future block), no
+    block twice in a chunk. One device sync."""
+    B, H, Lq, _ = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    C = -(-Lq // chunk)
+    check(isinstance(selection, torch.Tensor), "selection must be a tensor", TypeError)
+    check(
+        not selection.is_floating_point()
+        and not selection.is_complex()
+        and selection.dtype != torch.bool,
+        f"selection must be an integer tensor, got {selection.dtype}",
+        TypeError,
+    )
+    check(
+        selection.ndim == 4 and tuple(selection.shape[:3]) == (B, Hkv, C),
+        f"selection must be (B, Hkv, ceil(Lq / chunk), kk) = ({B}, {Hkv}, {C}, kk), got "
+        f"{tuple(selection.shape)}",
+    )
+    check(selection.device == q.device, "selection must be on the device of q")
+    sel = selection.long()
+    pos = torch.arange(T - Lq, T, device=q.device)
+    first = window_starts(pos, local, block, sliding)[::chunk]  # (C,)
+    future = (sel >= 0) & ((sel + 1) * block > first[:, None])
+    srt = sel.sort(-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    bad = (sel < -1) | future
+    if bool(bad.any() | dup.any()):
+        if bool(bad.any()):
+            b, h, c, j = (int(x) for x in bad.nonzero()[0])
+            x = int(sel[b, h, c, j])
+            raise ValueError(
+                f"selection[{b}, {h}, {c}, {j}] = {x}: "
+                + (
+                    "must be -1 (padding) or a block index"
+                    if x < -1
+                    else f"block {x} (tokens {x * block}..{(x + 1) * block - 1}) is not wholly "
+                    f"before chunk {c}'s window start {int(first[c])} (a future or local block)"
+                )
+            )
+        b, h, c, _ = (int(x) for x in dup.nonzero()[0])
+        raise ValueError(f"selection[{b}, {h}, {c}] names a block twice: each key counts once")
+    return selection.to(torch.int32).contiguous()
+
+
+def _inverse_index(sel: torch.Tensor, nbt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the chunks that selected each (batch, kv head, block): ptr (B * Hkv * nbt + 1,),
+    chunk ids int32. Padding sorts past the end; no device sync."""
+    B, Hkv, C, kk = sel.shape
+    n = B * Hkv * nbt
+    flat = sel.long().reshape(B * Hkv, C * kk)
+    bh = torch.arange(B * Hkv, device=sel.device)[:, None]
+    keys = torch.where(flat >= 0, bh * nbt + flat, n).flatten()
+    chunks = torch.arange(C, device=sel.device).repeat_interleave(kk).repeat(B * Hkv)
+    order = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=n + 1)[:n]
+    ptr = torch.zeros(n + 1, dtype=torch.int32, device=sel.device)
+    ptr[1:] = counts.cumsum(0)
+    return ptr, chunks[order].to(torch.int32).contiguous()
+
+
+class _Params:
+    """The call's settings, shared by forward and backward."""
+
+    def __init__(
+        self, q, k, v, *, block, chunk, local, sliding, sinks, rope_theta, distance, scale
+    ):
+        B, H, Lq, d = q.shape
+        self.B, self.H, self.Lq, self.d = B, H, Lq, d
+        self.Hkv, self.T, self.dv = k.shape[1], k.shape[2], v.shape[-1]
+        self.G = H // self.Hkv
+        self.block, self.chunk, self.local, self.sliding = block, chunk, local, sliding
+        self.sinks, self.ns = sinks, min(sinks, self.T)
+        self.distance, self.scale = distance, scale
+        self.rope = rope_theta is not None
+        self.D1, self.D2 = (d // 2, d // 2) if self.rope else ((d + 1) // 2, d // 2)
+        self.acc, self.prec = _kernel_dtypes(q.dtype)
+        # logsumexp, delta and sink partial sums: fp32, fp64 for fp64 inputs
+        self.work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.cfg = _config(d, chunk)
+        if self.rope:
+            rows = max(self.T, distance + local + block) + 1
+            self.rot = _rotation_table(rope_theta, d, rows, _table_dtype(q.dtype), q.device)
+        else:
+            self.rot = torch.zeros(1, dtype=torch.float32, device=q.device)
+
+    def scalars(self) -> tuple:
+        return (self.H, self.G, self.Lq, self.T, self.local, self.block, self.sinks)
+
+    def meta(self, bm: int, bn: int, warps: int) -> dict:
+        return dict(
+            D1=self.D1,
+            D2=self.D2,
+            NDV=self.dv,
+            SLIDING=self.sliding,
+            ROPE=self.rope,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_DH=_pow2(self.D1),
+            BLOCK_DV=_pow2(self.dv),
+            ACC=self.acc,
+            DOT_PREC=self.prec,
+            num_warps=warps,
+            num_stages=self.cfg["stages"],
+        )
+
+
+def _forward(q, k, v, sel, p: _Params):
+    cfg = p.cfg
+    out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
+    lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
+    grid = (p.B * p.H * triton.cdiv(p.Lq, cfg["fwd_m"]),)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, sel, p.rot,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sel.stride(),
+        *p.scalars(), p.distance, p.chunk, sel.shape[-1],
+        p.scale * math.log2(math.e),
+        **p.meta(cfg["fwd_m"], cfg["fwd_n"], cfg["fwd_warps"]),
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, sel, p: _Params):
+    cfg = p.cfg
+    bm, bn, warps = cfg["bwd_m"], cfg["bwd_n"], cfg["bwd_warps"]
+    meta = p.meta(bm, bn, warps)
+    qk_scale = p.scale * math.log2(math.e)
+    delta = (do.to(p.work) * out.to(p.work)).sum(-1).contiguous()  # rowsum(dO * O), (B, H, Lq)
+    dq, dk, dv = _empty(q.shape, q.dtype, q.device), _empty(k.shape, k.dtype, k.device), None
+    dv = _empty(v.shape, v.dtype, v.device)
+
+    # sink keys as memory: fp32 partial sums over query ranges, reduced here
+    ns = p.ns
+    sink_dk = torch.zeros((p.B, p.Hkv, ns, p.d), dtype=p.work, device=q.device)
+    sink_dv = torch.zeros((p.B, p.Hkv, ns, p.dv), dtype=p.work, device=q.device)
+    if ns > 0:
+        nt = triton.cdiv(ns, bn)
+        target = 4 if tuning.INTERPRET else 1024
+        split = max(1, min(triton.cdiv(p.Lq, bm), triton.cdiv(target, p.B * p.Hkv * nt)))
+        per = triton.cdiv(triton.cdiv(p.Lq, split), bm) * bm
+        split = triton.cdiv(p.Lq, per)
+        part_dk = _empty((p.B, p.Hkv, split, ns, p.d), p.work, q.device)
+        part_dv = _empty((p.B, p.Hkv, split, ns, p.dv), p.work, q.device)
+        _sink_kernel[(p.B * p.Hkv * nt * split,)](
+            q, k, v, do, lse, delta, part_dk, part_dv, p.rot,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *p.scalars(), ns, p.distance, split, per, p.scale, qk_scale,
+            **meta,
+        )  # fmt: skip
+        sink_dk, sink_dv = part_dk.sum(2).contiguous(), part_dv.sum(2).contiguous()
+
+    _dq_kernel[(p.B * p.H * triton.cdiv(p.Lq, bm),)](
+        q, k, v, do, dq, lse, delta, sel, p.rot,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *sel.stride(),
+        *p.scalars(), p.distance, p.chunk, sel.shape[-1], p.scale, qk_scale,
+        **meta,
+    )  # fmt: skip
+
+    nbt = triton.cdiv(p.T, p.block)
+    ptr, inv = _inverse_index(sel, nbt)
+    grid = (p.B * p.Hkv * nbt * triton.cdiv(p.block, bn),)
+    _dkv_kernel[grid](
+        q, k, v, do, dk, dv, lse, delta, ptr, inv, sink_dk, sink_dv, p.rot,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *p.scalars(), ns, p.distance, p.chunk, nbt, p.scale, qk_scale,
+        **meta,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sel, params):
+        out, lse = _forward(q, k, v, sel, params)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.params = params
+            ctx.save_for_backward(q, k, v, out, lse, sel)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, sel, ctx.params)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: torch.Tensor,
+    *,
+    block: int,
+    chunk: int,
+    local: int,
+    sliding: bool = False,
+    sinks: int = 0,
+    rope_theta: float | None = None,
+    memory_distance: int | None = None,
+    scale: float | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """The retrieval hop given its blocks (module docstring). q (B, H, Lq, d) are the last Lq of
+    the T tokens of k (B, Hkv, T, d), v (B, Hkv, T, dv); selection (B, Hkv, ceil(Lq / chunk), kk)
+    int, -1 padding: the blocks of ``block`` tokens that the queries of each chunk of ``chunk``
+    (a multiple of 16) retrieve. Window starts: queries' aligned ``local`` blocks, or ``sliding``.
+    ``memory_distance`` (default ``local``) only matters with ``rope_theta``. ``validate=False``
+    skips ``check_selection`` (and its device sync) for selections known to be valid, e.g. from
+    ``select_blocks``. Returns (B, H, Lq, dv) in q's dtype; differentiable in q, k, v."""
+    _check_qkv(q, k, v)
+    _check_window(block, chunk, local, sinks)
+    check(
+        rope_theta is None or (isinstance(rope_theta, (int, float)) and rope_theta > 0),
+        f"rope_theta must be None or > 0, got {rope_theta!r}",
+    )
+    check(
+        rope_theta is None or q.shape[-1] % 2 == 0,
+        f"RoPE needs an even head dim, got {q.shape[-1]}",
+    )
+    distance = local if memory_distance is None else memory_distance
+    check(
+        is_int(distance) and distance >= 0,
+        f"memory_distance must be None or an int >= 0, got {memory_distance!r}",
+    )
+    if validate:
+        sel = check_selection(
+            selection, q, k, block=block, chunk=chunk, local=local, sliding=sliding
+        )
+    else:
+        sel = selection.to(torch.int32).contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    params = _Params(
+        q, k, v, block=block, chunk=chunk, local=local, sliding=sliding, sinks=sinks,
+        rope_theta=rope_theta, distance=int(distance), scale=scale,
+    )  # fmt: skip
+    return _BlockSparse.apply(q, k, v, sel, params)
