@@ -31,6 +31,10 @@ _LAZY = {
     "passkey_accuracy": "adapters.text",
     "RetrievalConfig": "adapters.text",
     "TextAdapterConfig": "adapters.text",
+    "AttentionAnalysis": "adapters.text",
+    "attention_maps": "adapters.text",
+    "analyze_attention": "adapters.text",
+    "plot_attention_analysis": "adapters.text",
 }
 
 

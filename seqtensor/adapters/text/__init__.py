@@ -7,6 +7,7 @@ passkey retrieval and code retrieval; ``retrieval`` is the hop that lets each qu
 attend to its top-k earlier blocks (``tensorize(model, retrieval=...)``).
 """
 
+from .analysis import AttentionAnalysis, analyze_attention, attention_maps, plot_attention_analysis
 from .cache import CausalFold
 from .corpus import PackedSequences, RetrievalMix
 from .evaluation import code_retrieval, fixed_span_nll, passkey_accuracy, perplexity
@@ -50,4 +51,8 @@ __all__ = [
     "gate_summary",
     "load_gguf_model",
     "with_rope_scaling",
+    "AttentionAnalysis",
+    "attention_maps",
+    "analyze_attention",
+    "plot_attention_analysis",
 ]
