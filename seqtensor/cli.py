@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--input-size",
             type=int,
-            help="look-back in steps (default: up to 512, fitting the data)",
+            help="look-back in steps (default: whole cycles of the detected seasons, "
+            "as Forecaster(input_size=None) chooses)",
         )
         sub.add_argument("--max-steps", type=int, default=500, help="training steps")
         sub.add_argument("--patch-len", type=int, default=16, help="steps per token")
@@ -149,18 +150,6 @@ def _long(df: Any, id_col: str, time_col: str, target_col: str) -> Any:
     return long.rename_axis(time_col).reset_index()
 
 
-def _input_size(df: Any, args: argparse.Namespace) -> int:
-    """Default look-back: up to 512 steps, at most the shortest series' history before h."""
-    if args.input_size is not None:
-        return args.input_size
-    if args.id_col in df.columns:
-        shortest = int(df.groupby(args.id_col).size().min())
-    else:
-        shortest = len(df)
-    room = shortest - args.h * (1 + getattr(args, "n_windows", 0))
-    return max(args.patch_len, min(512, room // args.patch_len * args.patch_len))
-
-
 def _write(frame: Any, out: str | None) -> None:
     if out is None:
         frame.to_csv(sys.stdout, index=False)
@@ -176,8 +165,8 @@ def _write(frame: Any, out: str | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    for name in ("h", "max_steps", "patch_len"):
-        if getattr(args, name) < 1:
+    for name in ("h", "max_steps", "patch_len", "input_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.freq is not None and args.freq.isdigit():  # integer time steps take an int step
         args.freq = int(args.freq)
@@ -187,7 +176,7 @@ def _run(args: argparse.Namespace) -> None:
     cols = dict(id_col=args.id_col, time_col=args.time_col, target_col=args.target_col)
     fc = Forecaster(
         h=args.h,
-        input_size=_input_size(df, args),
+        input_size=args.input_size,
         patch_len=args.patch_len,
         d_model=args.d_model,
         n_layers=args.n_layers,

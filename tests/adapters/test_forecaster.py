@@ -825,3 +825,55 @@ def test_ensemble_averages_independently_trained_members(tmp_path):
 def test_n_models_must_be_positive():
     with pytest.raises(ValueError, match="n_models"):
         Forecaster(h=4, input_size=8, n_models=0).fit(seasonal_frame(n=40))
+
+
+# ---------------------------------------------------------------------------------------------
+# input_size=None: the look-back chosen from the detected seasons
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_input_size_follows_the_detected_season(tmp_path, capsys):
+    """input_size=None: 4 whole cycles of the detected period 24 (default_input_size's rule:
+    400 steps leave max(24, 8h=96) after 4 cycles), kept by save/load and clone."""
+    from seqtensor.adapters.forecast.seasonality import default_input_size
+
+    df = seasonal_frame(n=400, ids=("a",), noise=0.1)
+    fc = Forecaster(h=12, **{**TINY, "verbose": True}).fit(df)
+    assert fc.seasons_ == (24,)
+    assert fc.input_size_ == default_input_size(400, 12, (24,)) == 96
+    assert fc.model_config_.input_size == 96 and fc.get_params()["input_size"] is None
+    assert "look-back input_size=96" in capsys.readouterr().err
+    # the same fit as the look-back given explicitly
+    ref = Forecaster(h=12, input_size=96, **TINY).fit(df)
+    pd.testing.assert_frame_equal(fc.predict(), ref.predict())
+    loaded = Forecaster.load(fc.save(tmp_path / "auto"))
+    assert loaded.input_size is None and loaded.input_size_ == 96
+    pd.testing.assert_frame_equal(loaded.predict(), fc.predict())
+    twin = clone(fc)
+    assert twin.input_size is None and not hasattr(twin, "input_size_")
+
+
+def test_default_input_size_without_a_season_is_half_the_history():
+    """No season (white noise): min(512, n // 2) steps."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        {"unique_id": "a", "ds": pd.date_range("2021", periods=300, freq="h"),
+         "y": rng.standard_normal(300)}
+    )  # fmt: skip
+    fc = Forecaster(h=6, **TINY, verbose=False).fit(df)
+    assert fc.seasons_ == () and fc.input_size_ == 150
+
+
+def test_default_input_size_in_a_backtest_is_chosen_per_fit():
+    """cross_validation fits a copy on the steps before the first cutoff: the look-back is the
+    default for those steps, and the estimator itself is left unfitted."""
+    df = seasonal_frame(n=400, ids=("a",))
+    fc = Forecaster(h=12, **TINY, verbose=False)
+    cv = fc.cross_validation(df, n_windows=2)
+    assert len(cv) == 24 and not hasattr(fc, "input_size_")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "auto"])
+def test_bad_input_size_is_named(bad):
+    with pytest.raises(ValueError, match="input_size must be None or a positive int"):
+        Forecaster(h=6, input_size=bad, **TINY).fit(seasonal_frame(n=100, ids=("a",)))

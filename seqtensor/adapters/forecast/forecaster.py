@@ -51,7 +51,7 @@ from .panel import (
     warn_missing,
 )
 from .persistence import load_forecaster, plot_forecast, save_forecaster
-from .seasonality import resolve_seasons, start_candidates
+from .seasonality import default_input_size, resolve_seasons, start_candidates
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
 __all__ = ["Forecaster"]
@@ -116,8 +116,11 @@ class Forecaster(BaseEstimator):
     ----------
     h : int
         Forecast horizon the network is trained for; ``predict(h=...)`` can roll out further.
-    input_size : int
-        Look-back L in steps (2,048-16,384 is cheap with tensorized attention).
+    input_size : int or None, default None
+        Look-back L in steps (2,048-16,384 is cheap with tensorized attention). None: chosen at
+        fit from the seasons of the training data (``seasonality.default_input_size``: 4, 3 or 2
+        whole cycles of the longest season; 4 cycles or 512 steps without one, capped at half the
+        shortest series) and stored in ``input_size_``.
     patch_len : int, default 16
         Steps per token; the encoder sees ceil(L / patch_len) + ceil(h / patch_len) tokens.
     n_models : int, default 1
@@ -205,6 +208,8 @@ class Forecaster(BaseEstimator):
     scaler_ : pd.DataFrame, per series ``mean`` and ``std`` of the training steps
     missing_report_ : pd.DataFrame, per series steps, missing targets and inserted grid steps
     history_ : list of dict, the trainer's metrics
+    input_size_ : int, the look-back used (``input_size``, or the one chosen when it is None)
+    seasons_ : tuple of int, the seasonal periods used
     start_ : str, the closed-form forecast the linear map was pulled towards ("naive", "profile",
         ...; "" without a ridge start)
     val_size_ : int, the held-out steps per series the fit used
@@ -215,14 +220,14 @@ class Forecaster(BaseEstimator):
 
     Examples
     --------
-    >>> fc = Forecaster(h=48, input_size=512, max_steps=200).fit(df)  # doctest: +SKIP
+    >>> fc = Forecaster(h=48, max_steps=200).fit(df)  # doctest: +SKIP
     >>> fc.predict().head()  # doctest: +SKIP
     """
 
     def __init__(
         self,
         h: int,
-        input_size: int,
+        input_size: int | None = None,
         *,
         patch_len: int = 16,
         patch_stride: int | None = None,
@@ -287,9 +292,17 @@ class Forecaster(BaseEstimator):
     # -----------------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
+        check(
+            self.input_size is None
+            or (
+                isinstance(self.input_size, (int, np.integer))
+                and not isinstance(self.input_size, bool)
+                and self.input_size >= 1
+            ),
+            f"input_size must be None or a positive int, got {self.input_size!r}",
+        )
         for name in (
             "h",
-            "input_size",
             "patch_len",
             "n_models",
             "max_steps",
@@ -599,7 +612,8 @@ class Forecaster(BaseEstimator):
     ) -> Forecaster:
         bar = tqdm(disable=True) if bar is None else bar
         warm = bool(self.warm_start) and hasattr(self, "model_")
-        L, h = self.input_size, self.h
+        h = int(self.h)
+        L = self._resolve_look_back(panel, warm)
         if isinstance(val_size, str):
             check(val_size == "auto", f"val_size must be 'auto' or an int >= 0, got {val_size!r}")
             val_size = self._auto_val_size(min(panel.lengths))
@@ -656,13 +670,6 @@ class Forecaster(BaseEstimator):
 
         C = y[0].shape[0]
         qs = self._quantile_levels()
-        if warm:
-            self.seasons_ = self.model_config_.seasons
-        else:
-            # on every step, held-out part included: the periods are structure, not a fit, and
-            # on a few weeks of history the held-out days can decide whether a weekly cycle has
-            # the two clear cycles detection needs (half-hourly demand lost its week without them)
-            self.seasons_ = resolve_seasons(self.seasonality, [row for v in y for row in v], int(L))
         config = ForecastModelConfig(
             input_size=int(L),
             h=int(h),
@@ -739,13 +746,44 @@ class Forecaster(BaseEstimator):
         )
         return self
 
+    def _resolve_look_back(self, panel: Panel, warm: bool) -> int:
+        """Set ``seasons_`` and ``input_size_`` (``input_size``, or the default for the seasons
+        when it is None) for a fit on ``panel``; a warm start keeps the fitted ones."""
+        if warm:
+            fitted = int(self.model_config_.input_size)
+            check(
+                self.input_size is None or int(self.input_size) == fitted,
+                f"warm_start continues a model fit with input_size={fitted}; got {self.input_size}",
+            )
+            self.seasons_ = self.model_config_.seasons
+            self.input_size_ = fitted
+            return fitted
+        # on every step, held-out part included: the periods are structure, not a fit, and on
+        # a few weeks of history the held-out days can decide whether a weekly cycle has the two
+        # clear cycles detection needs (half-hourly demand lost its week without them)
+        found = resolve_seasons(self.seasonality, panel.y, max(panel.lengths))
+        shortest = min(panel.lengths)
+        if self.input_size is None:
+            L = default_input_size(shortest, int(self.h), found)
+            if self.verbose:
+                tqdm.write(
+                    f"{self.model_name}.fit: look-back input_size={L} steps (seasons "
+                    f"{list(found) or 'none'}, shortest series {shortest:,} steps)",
+                    file=sys.stderr,
+                )
+        else:
+            L = int(self.input_size)
+        self.seasons_ = tuple(p for p in found if p <= L)  # the look-back holds a whole cycle
+        self.input_size_ = L
+        return L
+
     def _auto_val_size(self, shortest: int) -> int:
         """Held-out steps for ``val_size="auto"``: 7h, 3h, h or 0 as the shortest series allows.
 
         More held-out windows (origins) make the start-versus-network choice less of a coin
         toss: on hourly air temperature 3 days kept a network that lost to its start later.
         """
-        L, h = int(self.input_size), int(self.h)
+        L, h = int(self.input_size_), int(self.h)
         for k, need in ((7, 16), (3, 8), (1, 4)):
             if shortest >= L + need * h:
                 return k * h
@@ -835,7 +873,7 @@ class Forecaster(BaseEstimator):
             or self.model_.skip is None
         ):
             return
-        if self.input_size > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
+        if self.input_size_ > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
             return
         model = self.model_
         if refit:
@@ -1063,7 +1101,7 @@ class Forecaster(BaseEstimator):
         chunks, done = [], 0
         while done < h:
             G = len(y)
-            data = WindowData(y, futr, hist, static_g, self.input_size, self.h)
+            data = WindowData(y, futr, hist, static_g, self.input_size_, self.h)
             pred = self._predict_windows(
                 data, np.arange(G), np.array([v.shape[1] for v in y])
             )  # (G, C, h_m, Q)
@@ -1215,7 +1253,7 @@ class Forecaster(BaseEstimator):
         ``ends``."""
         static = self._static_matrix(None, panel.ids, self.columns_["id_col"], fitting=False)
         y, futr, hist, static_g, mean, std = self._groups(panel, static)
-        data = WindowData(y, futr, hist, static_g, self.input_size, self.h)
+        data = WindowData(y, futr, hist, static_g, self.input_size_, self.h)
         G = len(y)
         g = np.tile(np.arange(G), len(ends))
         t = np.concatenate(

@@ -218,6 +218,8 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
     est = cls(h, input_size, **params)
     state = torch.load(folder / STATE, weights_only=True, map_location="cpu")
     est.model_config_ = ForecastModelConfig.from_dict(meta["model_config"])
+    est.input_size_ = est.model_config_.input_size  # the look-back fit chose, when input_size=None
+    est.seasons_ = tuple(est.model_config_.seasons)
     est.model_ = est._build_fitted_model(est.model_config_)
     bad = [
         k
