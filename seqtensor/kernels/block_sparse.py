@@ -61,6 +61,8 @@ __all__ = [
     "block_scores",
     "select_blocks",
     "check_selection",
+    "selection_rows",
+    "chunk_starts",
 ]
 
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
@@ -108,13 +110,15 @@ def _starts(pos, LOCAL, BLK, SLIDING: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING: tl.constexpr):
+def _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, WIN, SLIDING: tl.constexpr):
     """Valid rows, token positions (padding rows clamped to the last token, so table reads stay in
-    range), window starts and memory positions of query rows ``offs_m``."""
-    rowq = offs_m < Lq
+    range), window starts and memory positions of query rows ``offs_m`` (negative: rows before
+    the first query, in a tile aligned to the chunks). WIN 1: memory keys ``DIST + i - s_i`` back
+    (anchored at the window), 0: ``DIST`` back (anchored at the query)."""
+    rowq = (offs_m >= 0) & (offs_m < Lq)
     pos = tl.minimum(T - Lq + offs_m, T - 1)
     starts = _starts(pos, LOCAL, BLK, SLIDING)
-    return rowq, pos, starts, DIST + pos - starts
+    return rowq, pos, starts, DIST + (pos - starts) * WIN
 
 
 @triton.jit
@@ -197,6 +201,7 @@ def _fwd_kernel(
     BLK,
     SINKS,
     DIST,
+    WIN,
     CHUNK,
     KK,
     qk_scale,
@@ -217,14 +222,17 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     h = pid % H
     r = pid // H
-    QB = tl.cdiv(Lq, BLOCK_M)
+    # query tiles aligned to absolute positions (so to the chunks): the first may start before
+    # the first query
+    QOFF = (T - Lq) // BLOCK_M * BLOCK_M - (T - Lq)
+    QB = tl.cdiv(Lq - QOFF, BLOCK_M)
     qb = r % QB
     b = (r // QB).to(tl.int64)
     hk = h // G
     offs_h = tl.arange(0, BLOCK_DH)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+    offs_m = QOFF + qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, WIN, SLIDING)
     ql1, ql2, qm1, qm2 = _load_q2(
         Q + b * stride_qb + h * stride_qh,
         offs_m.to(tl.int64) * stride_qt,
@@ -243,7 +251,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    last = tl.minimum(T - Lq + qb * BLOCK_M + BLOCK_M - 1, T - 1)
+    last = tl.minimum(T - Lq + QOFF + qb * BLOCK_M + BLOCK_M - 1, T - 1)
 
     # local keys s_i..i (starts are non-decreasing in i: the first row's is the smallest)
     for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
@@ -269,7 +277,8 @@ def _fwd_kernel(
         acc, m_i, l_i = _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
 
     # the chunk's selected blocks, unrotated; their sink tokens were counted above
-    Sp = Sel + b * stride_sb + hk * stride_sh + (qb * BLOCK_M // CHUNK) * stride_sc
+    crow = (T - Lq + QOFF + qb * BLOCK_M) // CHUNK - (T - Lq) // CHUNK
+    Sp = Sel + b * stride_sb + hk * stride_sh + crow * stride_sc
     for j in range(0, KK):
         blk = tl.load(Sp + j * stride_sk)
         if blk >= 0:
@@ -345,6 +354,7 @@ def _dq_kernel(
     BLK,
     SINKS,
     DIST,
+    WIN,
     CHUNK,
     KK,
     scale,
@@ -366,14 +376,17 @@ def _dq_kernel(
     pid = tl.program_id(0)
     h = pid % H
     r = pid // H
-    QB = tl.cdiv(Lq, BLOCK_M)
+    # query tiles aligned to absolute positions (so to the chunks): the first may start before
+    # the first query
+    QOFF = (T - Lq) // BLOCK_M * BLOCK_M - (T - Lq)
+    QB = tl.cdiv(Lq - QOFF, BLOCK_M)
     qb = r % QB
     b = (r // QB).to(tl.int64)
     hk = h // G
     offs_h = tl.arange(0, BLOCK_DH)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+    offs_m = QOFF + qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, WIN, SLIDING)
     qrows = offs_m.to(tl.int64)
     ql1, ql2, qm1, qm2 = _load_q2(
         Q + b * stride_qb + h * stride_qh,
@@ -399,7 +412,7 @@ def _dq_kernel(
     dl2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
     dm1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
     dm2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
-    last = tl.minimum(T - Lq + qb * BLOCK_M + BLOCK_M - 1, T - 1)
+    last = tl.minimum(T - Lq + QOFF + qb * BLOCK_M + BLOCK_M - 1, T - 1)
 
     for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
         offs_n = st + tl.arange(0, BLOCK_N)
@@ -431,7 +444,8 @@ def _dq_kernel(
             dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
             dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
 
-    Sp = Sel + b * stride_sb + hk * stride_sh + (qb * BLOCK_M // CHUNK) * stride_sc
+    crow = (T - Lq + QOFF + qb * BLOCK_M) // CHUNK - (T - Lq) // CHUNK
+    Sp = Sel + b * stride_sb + hk * stride_sh + crow * stride_sc
     for j in range(0, KK):
         blk = tl.load(Sp + j * stride_sk)
         if blk >= 0:
@@ -502,6 +516,7 @@ def _dkv_tile(
     BLK,
     SINKS,
     DIST,
+    WIN,
     stride_qt,
     stride_qd,
     stride_dot,
@@ -523,7 +538,7 @@ def _dkv_tile(
     block (both memory: q rotated at its memory position, k unrotated)."""
     for st in range(lo, hi, BLOCK_M):
         offs_m = st + tl.arange(0, BLOCK_M)
-        rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, SLIDING)
+        rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, WIN, SLIDING)
         rowq = rowq & (offs_m < hi)
         qrows = offs_m.to(tl.int64)
         if KIND == 0:
@@ -599,6 +614,7 @@ def _dkv_kernel(
     SINKS,
     NS,
     DIST,
+    WIN,
     CHUNK,
     NBT,
     scale,
@@ -675,6 +691,7 @@ def _dkv_kernel(
             BLK,
             SINKS,
             DIST,
+            WIN,
             stride_qt,
             stride_qd,
             stride_dot,
@@ -716,6 +733,7 @@ def _dkv_kernel(
     kin_mem = kin & (offs_n >= SINKS)
     e0 = tl.load(Ptr + (b * Hkv + hk) * NBT + kb)
     e1 = tl.load(Ptr + (b * Hkv + hk) * NBT + kb + 1)
+    c0 = (T - Lq) // CHUNK * CHUNK - (T - Lq)  # query index of selection row 0's first token
     for e in range(e0, e1):
         c = tl.load(Inv + e)
         for g in range(G):
@@ -734,14 +752,15 @@ def _dkv_kernel(
                 Lse + (b * H + h) * Lq,
                 Delta + (b * H + h) * Lq,
                 Rot,
-                c * CHUNK,
-                tl.minimum(c * CHUNK + CHUNK, Lq),
+                tl.maximum(c0 + c * CHUNK, 0),
+                tl.minimum(c0 + c * CHUNK + CHUNK, Lq),
                 Lq,
                 T,
                 LOCAL,
                 BLK,
                 SINKS,
                 DIST,
+                WIN,
                 stride_qt,
                 stride_qd,
                 stride_dot,
@@ -820,6 +839,7 @@ def _sink_kernel(
     SINKS,
     NS,
     DIST,
+    WIN,
     SPLIT,
     PER,
     scale,
@@ -896,6 +916,7 @@ def _sink_kernel(
             BLK,
             SINKS,
             DIST,
+            WIN,
             stride_qt,
             stride_qd,
             stride_dot,
@@ -1007,32 +1028,53 @@ def block_scores(
     sinks: int = 0,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    memory_anchor: str = "window",
     representatives: str = "minmax",
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, Hkv, C, NB) fp32 score of each whole block of k for each query chunk (C = ceil(Lq /
-    chunk), NB = T // block): the chunk's mean memory query over its kv group (rotated at its
-    memory positions with ``rope_theta``) against the block's representatives ("minmax": Quest's
-    bound sum_d max(q_d kmax_d, q_d kmin_d); "mean": the mean key). -inf where unusable (not wholly
-    before the chunk's first window start, or only sink tokens)."""
+    """(B, Hkv, C, NB) fp32 score of each whole block of k (NB = T // block) for each selection
+    row (C = ``selection_rows``, the absolute chunks holding the Lq queries).
+
+    A chunk is ranked by the mean memory query (over its kv group, rotated with ``rope_theta`` where
+    it sees memory keys) of the *previous* chunk's tokens among the queries, as
+    ``adapters/text/retrieval.py``'s shared selection: a query's blocks never depend on later
+    queries. A row whose previous chunk has none of the queries (the first chunk; a decode step)
+    selects nothing unless ``ranks`` (B, Hkv, C, d) gives its ranking queries. Representatives:
+    "minmax", Quest's bound sum_d max(r_d kmax_d, r_d kmin_d); "mean", the mean key. -inf where
+    unusable: not wholly before the window start of the chunk's first token, or only sink tokens.
+    """
     check_choice("representatives", representatives, REPRESENTATIVES)
+    check_choice("memory_anchor", memory_anchor, ("window", "query"))
     _check_qkv(q, k, k)
     _check_window(block, chunk, local, sinks)
     B, H, Lq, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     distance = local if memory_distance is None else memory_distance
-    C, NB = -(-Lq // chunk), T // block
-    q_mem = memory_queries(q.float(), T, local, block, sliding, rope_theta, distance)
-    pad = C * chunk - Lq
-    rows = torch.full((Lq,), 1.0, device=q.device)
-    qsum = torch.nn.functional.pad(q_mem, (0, 0, 0, pad)).unflatten(2, (C, chunk)).sum(3)
-    count = torch.nn.functional.pad(rows, (0, pad)).unflatten(0, (C, chunk)).sum(1)
-    qbar = (qsum / count[:, None]).unflatten(1, (Hkv, H // Hkv)).mean(2)  # (B, Hkv, C, d)
+    C, NB = selection_rows(Lq, T, chunk), T // block
+    first = chunk_starts(Lq, T, chunk, local, block, sliding, q.device)
+    if ranks is None:
+        mq = memory_queries(
+            q.float(), T, local, block, sliding, rope_theta, distance, memory_anchor
+        )
+        mq = mq.unflatten(1, (Hkv, H // Hkv)).mean(2)  # (B, Hkv, Lq, d)
+        front = (T - Lq) % chunk  # absolute chunk boundaries
+        ones = torch.ones(Lq, device=q.device)
+        sums = torch.nn.functional.pad(mq, (0, 0, front, C * chunk - Lq - front))
+        count = torch.nn.functional.pad(ones, (front, C * chunk - Lq - front))
+        sums, count = sums.unflatten(2, (C, chunk)).sum(3), count.unflatten(0, (C, chunk)).sum(1)
+        # row c ranks by row c - 1; row 0's previous chunk is not among the queries
+        ranks = torch.nn.functional.pad(sums / count.clamp(min=1)[:, None], (0, 0, 1, -1))
+        count = torch.nn.functional.pad(count, (1, -1))
+        first = torch.where(count > 0, first, 0)  # ends <= 0 never: the row selects nothing
+    else:
+        check(
+            isinstance(ranks, torch.Tensor) and tuple(ranks.shape) == (B, Hkv, C, d),
+            f"ranks must be a ({B}, {Hkv}, {C}, {d}) tensor",
+        )
     kb = k[:, :, : NB * block].float().unflatten(2, (NB, block))
     minmax = representatives == "minmax"
     kmax = (kb.amax(3) if minmax else kb.mean(3)).contiguous()
     kmin = kb.amin(3).contiguous() if minmax else kmax
-    pos = torch.arange(T - Lq, T, device=q.device)
-    first = window_starts(pos, local, block, sliding)[::chunk].to(torch.int64).contiguous()
     out = torch.empty((B, Hkv, C, NB), dtype=torch.float32, device=q.device)
     if NB == 0:
         return out
@@ -1040,10 +1082,10 @@ def block_scores(
     bb = 16 if tuning.INTERPRET else 64
     grid = (B * Hkv * triton.cdiv(C, bc) * triton.cdiv(NB, bb),)
     _scores_kernel[grid](
-        qbar.contiguous(),
+        ranks.float().contiguous(),
         kmax,
         kmin,
-        first,
+        first.to(torch.int64).contiguous(),
         out,
         C,
         NB,
@@ -1138,6 +1180,17 @@ def _check_window(block: int, chunk: int, local: int, sinks: int) -> None:
     check(chunk % 16 == 0, f"chunk ({chunk}) must be a multiple of 16 (the kernels' query tile)")
 
 
+def selection_rows(Lq: int, T: int, chunk: int) -> int:
+    """Selection rows of a call: the chunks holding the last Lq of T tokens."""
+    return (T - 1) // chunk - (T - Lq) // chunk + 1
+
+
+def chunk_starts(Lq, T, chunk, local, block, sliding, device) -> torch.Tensor:
+    """(C,) window start of the first token of each selection row's chunk."""
+    first = torch.arange((T - Lq) // chunk, (T - 1) // chunk + 1, device=device) * chunk
+    return window_starts(first, local, block, sliding)
+
+
 def check_selection(
     selection: torch.Tensor,
     q: torch.Tensor,
@@ -1148,12 +1201,12 @@ def check_selection(
     local: int,
     sliding: bool = False,
 ) -> torch.Tensor:
-    """``selection`` as contiguous int32 after checking it: (B, Hkv, C, kk) integers, -1 or a block
-    wholly before the first window start of its chunk (never the window's or a future block), no
-    block twice in a chunk. One device sync."""
+    """``selection`` as contiguous int32 after checking it: (B, Hkv, C, kk) integers (C:
+    ``selection_rows``), -1 or a block wholly before the window start of its chunk's first token
+    (never the window's or a future block), no block twice in a chunk. One device sync."""
     B, H, Lq, _ = q.shape
     Hkv, T = k.shape[1], k.shape[2]
-    C = -(-Lq // chunk)
+    C = selection_rows(Lq, T, chunk)
     check(isinstance(selection, torch.Tensor), "selection must be a tensor", TypeError)
     check(
         not selection.is_floating_point()
@@ -1164,13 +1217,12 @@ def check_selection(
     )
     check(
         selection.ndim == 4 and tuple(selection.shape[:3]) == (B, Hkv, C),
-        f"selection must be (B, Hkv, ceil(Lq / chunk), kk) = ({B}, {Hkv}, {C}, kk), got "
+        f"selection must be (B, Hkv, chunks, kk) = ({B}, {Hkv}, {C}, kk), got "
         f"{tuple(selection.shape)}",
     )
     check(selection.device == q.device, "selection must be on the device of q")
     sel = selection.long()
-    pos = torch.arange(T - Lq, T, device=q.device)
-    first = window_starts(pos, local, block, sliding)[::chunk]  # (C,)
+    first = chunk_starts(Lq, T, chunk, local, block, sliding, q.device)
     future = (sel >= 0) & ((sel + 1) * block > first[:, None])
     srt = sel.sort(-1).values
     dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
@@ -1213,7 +1265,7 @@ class _Params:
     """The call's settings, shared by forward and backward."""
 
     def __init__(
-        self, q, k, v, *, block, chunk, local, sliding, sinks, rope_theta, distance, scale
+        self, q, k, v, *, block, chunk, local, sliding, sinks, rope_theta, distance, anchor, scale
     ):
         B, H, Lq, d = q.shape
         self.B, self.H, self.Lq, self.d = B, H, Lq, d
@@ -1222,6 +1274,7 @@ class _Params:
         self.block, self.chunk, self.local, self.sliding = block, chunk, local, sliding
         self.sinks, self.ns = sinks, min(sinks, self.T)
         self.distance, self.scale = distance, scale
+        self.win = int(anchor == "window")
         self.rope = rope_theta is not None
         self.D1, self.D2 = (d // 2, d // 2) if self.rope else ((d + 1) // 2, d // 2)
         self.acc, self.prec = _kernel_dtypes(q.dtype)
@@ -1255,15 +1308,20 @@ class _Params:
         )
 
 
+def _query_tiles(p: _Params, bm: int) -> int:
+    """Query tiles aligned to absolute positions: from the first query's tile to the end."""
+    return triton.cdiv(p.T - (p.T - p.Lq) // bm * bm, bm)
+
+
 def _forward(q, k, v, sel, p: _Params):
     cfg = p.cfg
     out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
-    grid = (p.B * p.H * triton.cdiv(p.Lq, cfg["fwd_m"]),)
+    grid = (p.B * p.H * _query_tiles(p, cfg["fwd_m"]),)
     _fwd_kernel[grid](
         q, k, v, out, lse, sel, p.rot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sel.stride(),
-        *p.scalars(), p.distance, p.chunk, sel.shape[-1],
+        *p.scalars(), p.distance, p.win, p.chunk, sel.shape[-1],
         p.scale * math.log2(math.e),
         **p.meta(cfg["fwd_m"], cfg["fwd_n"], cfg["fwd_warps"]),
     )  # fmt: skip
@@ -1294,15 +1352,15 @@ def _backward(do, q, k, v, out, lse, sel, p: _Params):
         _sink_kernel[(p.B * p.Hkv * nt * split,)](
             q, k, v, do, lse, delta, part_dk, part_dv, p.rot,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            *p.scalars(), ns, p.distance, split, per, p.scale, qk_scale,
+            *p.scalars(), ns, p.distance, p.win, split, per, p.scale, qk_scale,
             **meta,
         )  # fmt: skip
         sink_dk, sink_dv = part_dk.sum(2).contiguous(), part_dv.sum(2).contiguous()
 
-    _dq_kernel[(p.B * p.H * triton.cdiv(p.Lq, bm),)](
+    _dq_kernel[(p.B * p.H * _query_tiles(p, bm),)](
         q, k, v, do, dq, lse, delta, sel, p.rot,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *sel.stride(),
-        *p.scalars(), p.distance, p.chunk, sel.shape[-1], p.scale, qk_scale,
+        *p.scalars(), p.distance, p.win, p.chunk, sel.shape[-1], p.scale, qk_scale,
         **meta,
     )  # fmt: skip
 
@@ -1312,7 +1370,7 @@ def _backward(do, q, k, v, out, lse, sel, p: _Params):
     _dkv_kernel[grid](
         q, k, v, do, dk, dv, lse, delta, ptr, inv, sink_dk, sink_dv, p.rot,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *p.scalars(), ns, p.distance, p.chunk, nbt, p.scale, qk_scale,
+        *p.scalars(), ns, p.distance, p.win, p.chunk, nbt, p.scale, qk_scale,
         **meta,
     )  # fmt: skip
     return dq, dk, dv
@@ -1348,14 +1406,18 @@ def block_sparse_attention(
     sinks: int = 0,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    memory_anchor: str = "window",
     scale: float | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """The retrieval hop given its blocks (module docstring). q (B, H, Lq, d) are the last Lq of
-    the T tokens of k (B, Hkv, T, d), v (B, Hkv, T, dv); selection (B, Hkv, ceil(Lq / chunk), kk)
-    int, -1 padding: the blocks of ``block`` tokens that the queries of each chunk of ``chunk``
-    (a multiple of 16) retrieve. Window starts: queries' aligned ``local`` blocks, or ``sliding``.
-    ``memory_distance`` (default ``local``) only matters with ``rope_theta``. ``validate=False``
+    the T tokens of k (B, Hkv, T, d), v (B, Hkv, T, dv); selection (B, Hkv, C, kk) int, -1
+    padding: the blocks of ``block`` tokens that the queries of each chunk retrieve. Chunks are
+    absolute: tokens g * chunk .. g * chunk + chunk - 1 (``chunk`` a multiple of 16); row c is
+    chunk (T - Lq) // chunk + c, C = ``selection_rows(Lq, T, chunk)``. Window starts: queries'
+    aligned ``local`` blocks, or ``sliding``. With ``rope_theta``, memory keys sit
+    ``memory_distance`` (default ``local``) + i - s_i tokens back from query i
+    (``memory_anchor="window"``) or ``memory_distance`` back (``"query"``). ``validate=False``
     skips ``check_selection`` (and its device sync) for selections known to be valid, e.g. from
     ``select_blocks``. Returns (B, H, Lq, dv) in q's dtype; differentiable in q, k, v."""
     _check_qkv(q, k, v)
@@ -1368,6 +1430,7 @@ def block_sparse_attention(
         rope_theta is None or q.shape[-1] % 2 == 0,
         f"RoPE needs an even head dim, got {q.shape[-1]}",
     )
+    check_choice("memory_anchor", memory_anchor, ("window", "query"))
     distance = local if memory_distance is None else memory_distance
     check(
         is_int(distance) and distance >= 0,
@@ -1382,6 +1445,6 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     params = _Params(
         q, k, v, block=block, chunk=chunk, local=local, sliding=sliding, sinks=sinks,
-        rope_theta=rope_theta, distance=int(distance), scale=scale,
+        rope_theta=rope_theta, distance=int(distance), anchor=memory_anchor, scale=scale,
     )  # fmt: skip
     return _BlockSparse.apply(q, k, v, sel, params)

@@ -51,14 +51,17 @@ def memory_queries(
     sliding: bool,
     rope_theta: float | None,
     memory_distance: int,
+    memory_anchor: str = "window",
 ) -> torch.Tensor:
     """q as the memory keys (sinks, retrieved blocks) see it: rotated ``memory_distance + i - s_i``
-    tokens ahead of an unrotated key, or q itself without positions."""
+    (anchor "window") or ``memory_distance`` ("query") tokens ahead of an unrotated key, or q
+    itself without positions."""
     if rope_theta is None:
         return q
     pos = torch.arange(T - q.shape[2], T, device=q.device)
     starts = window_starts(pos, local, block, sliding)
-    return rotate(q, pos - starts + memory_distance, rope_theta)
+    ahead = pos - starts if memory_anchor == "window" else torch.zeros_like(pos)
+    return rotate(q, ahead + memory_distance, rope_theta)
 
 
 def allowed_keys(
@@ -85,7 +88,7 @@ def allowed_keys(
     chosen.scatter_(-1, torch.where(sel < 0, T // block, sel), True)
     chosen[..., -1] = False  # the -1 padding's slot
     per_token = chosen[..., t // block] & (t >= sinks)  # (B, Hkv, C, T)
-    retrieved = per_token[:, :, torch.arange(Lq, device=device) // chunk]
+    retrieved = per_token[:, :, pos // chunk - (T - Lq) // chunk]  # absolute chunks
     return local_ok, retrieved | sink_ok
 
 
@@ -102,6 +105,7 @@ def block_sparse_reference(
     sinks: int = 0,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    memory_anchor: str = "window",
     scale: float | None = None,
 ) -> torch.Tensor:
     """Dense masked-softmax version of ``block_sparse.block_sparse_attention`` (same arguments,
@@ -114,7 +118,7 @@ def block_sparse_reference(
     local_ok, memory_ok = allowed_keys(
         Lq, T, selection, block=block, chunk=chunk, local=local, sliding=sliding, sinks=sinks
     )
-    q_mem = memory_queries(q, T, local, block, sliding, rope_theta, distance)
+    q_mem = memory_queries(q, T, local, block, sliding, rope_theta, distance, memory_anchor)
     q_loc, k_loc = q, k
     if rope_theta is not None:
         q_loc = rotate(q, torch.arange(T - Lq, T, device=q.device), rope_theta)
@@ -140,31 +144,29 @@ def block_scores_reference(
     sinks: int = 0,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    memory_anchor: str = "window",
     representatives: str = "minmax",
 ) -> torch.Tensor:
-    """(B, Hkv, C, NB) scores of each earlier block for each query chunk, -inf for blocks not
-    wholly before the chunk's first window start or made only of sink tokens (as
-    ``block_sparse.block_scores``)."""
+    """(B, Hkv, C, NB) scores of ``block_sparse.block_scores``, one absolute chunk at a time: chunk
+    g ranked by the group-mean memory query of chunk g - 1's tokens among the queries."""
     B, H, Lq, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     distance = local if memory_distance is None else memory_distance
-    q_mem = memory_queries(q, T, local, block, sliding, rope_theta, distance)
-    C, NB = -(-Lq // chunk), T // block
-    qbar = torch.stack(
-        [q_mem[:, :, c * chunk : (c + 1) * chunk].mean(2) for c in range(C)], 2
-    )  # (B, H, C, d)
-    qbar = qbar.unflatten(1, (Hkv, H // Hkv)).mean(2)  # (B, Hkv, C, d)
+    mq = memory_queries(q, T, local, block, sliding, rope_theta, distance, memory_anchor)
+    mq = mq.unflatten(1, (Hkv, H // Hkv)).mean(2)
+    NB, g0, g1 = T // block, (T - Lq) // chunk, (T - 1) // chunk
     kb = k[:, :, : NB * block].unflatten(2, (NB, block))
-    if representatives == "minmax":
-        kmax, kmin = kb.amax(3), kb.amin(3)
-        prod = torch.maximum(
-            qbar[:, :, :, None] * kmax[:, :, None], qbar[:, :, :, None] * kmin[:, :, None]
-        )
-        scores = prod.sum(-1)
-    else:
-        scores = qbar @ kb.mean(3).transpose(-1, -2)
-    pos = torch.arange(T - Lq, T, device=q.device)
-    first = window_starts(pos, local, block, sliding)[::chunk]  # (C,) starts are non-decreasing
     ends = (torch.arange(NB, device=q.device) + 1) * block
-    unusable = (ends[None, :] > first[:, None]) | (ends[None, :] <= sinks)
-    return scores.masked_fill(unusable, float("-inf"))
+    rows = []
+    for g in range(g0, g1 + 1):
+        lo, hi = max((g - 1) * chunk, T - Lq), min(g * chunk, T)
+        start = int(window_starts(torch.tensor(g * chunk), local, block, sliding))
+        usable = (ends <= start) & (ends > sinks) & (hi > lo)
+        r = mq[:, :, lo - (T - Lq) : hi - (T - Lq)].mean(2) if hi > lo else mq[:, :, 0] * 0
+        if representatives == "minmax":
+            prod = torch.maximum(r[:, :, None] * kb.amax(3), r[:, :, None] * kb.amin(3))
+            score = prod.sum(-1)
+        else:
+            score = (r[:, :, None] * kb.mean(3)).sum(-1)
+        rows.append(score.masked_fill(~usable, float("-inf")))
+    return torch.stack(rows, 2)

@@ -34,12 +34,11 @@ def _inputs(B, H, Hkv, T, d, dtype, *, Lq=None, seed=0, device="cpu"):
 
 
 def random_selection(B, Hkv, Lq, T, kk, *, block, chunk, local, sliding, seed=0, device="cpu"):
-    """Valid random selections: distinct blocks wholly before each chunk's first window start, -1
-    padding at random slots."""
+    """Valid random selections: distinct blocks wholly before the window start of each chunk's
+    first token, -1 padding at random slots."""
     g = torch.Generator().manual_seed(seed)
-    C = -(-Lq // chunk)
-    pos = torch.arange(T - Lq, T)
-    first = R.window_starts(pos, local, block, sliding)[::chunk]
+    C = BS.selection_rows(Lq, T, chunk)
+    first = BS.chunk_starts(Lq, T, chunk, local, block, sliding, "cpu")
     sel = torch.full((B, Hkv, C, kk), -1, dtype=torch.int64)
     for b in range(B):
         for h in range(Hkv):
@@ -72,6 +71,7 @@ CASES = [
     (1, 1, 1, 75, None, 32, 8, 16, 16, True, 5, 50.0, 4),  # sliding, d=32
     (2, 2, 2, 64, None, 16, 4, 32, 16, False, 3, None, 16),  # top_k >= every earlier block
     (1, 2, 1, 90, 20, 16, 24, 16, 48, True, 10, 100.0, 2),  # last Lq queries; block 24
+    (1, 2, 1, 60, 3, 16, 8, 16, 16, False, 3, 100.0, 3),  # a few last queries (decode-like)
     (1, 2, 2, 48, None, 16, 16, 16, 16, False, 0, None, 0),  # top_k 0: local keys only
     (1, 4, 2, 64, None, 8, 8, 16, 32, False, 6, 10.0, 1),  # G=2 over 2 kv heads, d=8
 ]
@@ -101,12 +101,22 @@ def test_matches_float64_reference(case):
 
 @pytest.mark.interpreter
 def test_float64_inputs_and_strided_views():
-    """fp64 kernels agree to rounding; q, k, v as (B, T, heads, d) views are read in place."""
+    """fp64 kernels agree to rounding; q, k, v as (B, T, heads, d) views are read in place; memory
+    keys anchored at the query."""
     B, H, Hkv, T, d = 1, 2, 1, 48, 16
     q = torch.randn(B, T, H, d, dtype=f64).transpose(1, 2)
     k = torch.randn(B, T, Hkv, d, dtype=f64).transpose(1, 2)
     v = torch.randn(B, T, Hkv, d, dtype=f64).transpose(1, 2)
-    kw = dict(block=8, chunk=16, local=16, sinks=2, rope_theta=100.0, memory_distance=5, scale=0.3)
+    kw = dict(
+        block=8,
+        chunk=16,
+        local=16,
+        sinks=2,
+        rope_theta=100.0,
+        memory_distance=5,
+        memory_anchor="query",
+        scale=0.3,
+    )
     sel = random_selection(B, Hkv, T, T, 3, block=8, chunk=16, local=16, sliding=False)
     got = outputs(BS.block_sparse_attention, [q, k, v], sel, **kw)
     want = outputs(R.block_sparse_reference, [q, k, v], sel, **kw)
@@ -140,10 +150,15 @@ def test_all_blocks_is_dense_causal(block, sinks, G):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("representatives", ["minmax", "mean"])
-@pytest.mark.parametrize("rope,sliding", [(None, False), (100.0, True)])
-def test_block_scores_match_reference(representatives, rope, sliding):
-    q, k, _ = _inputs(1, 4, 2, 100, 16, torch.float32, Lq=70, seed=5)
-    kw = dict(block=8, chunk=16, local=24, sliding=sliding, sinks=9, rope_theta=rope)
+@pytest.mark.parametrize(
+    "rope,sliding,anchor,Lq",
+    [(None, False, "window", 100), (100.0, True, "window", 70), (100.0, False, "query", 45)],
+)
+def test_block_scores_match_reference(representatives, rope, sliding, anchor, Lq):
+    q, k, _ = _inputs(1, 4, 2, 100, 16, torch.float32, Lq=Lq, seed=5)
+    kw = dict(
+        block=8, chunk=16, local=24, sliding=sliding, sinks=9, rope_theta=rope, memory_anchor=anchor
+    )
     got = BS.block_scores(q, k, representatives=representatives, **kw).double()
     want = R.block_scores_reference(q.double(), k.double(), representatives=representatives, **kw)
     assert torch.equal(got == float("-inf"), want == float("-inf"))
@@ -154,12 +169,13 @@ def test_block_scores_match_reference(representatives, rope, sliding):
 
 @pytest.mark.interpreter
 def test_minmax_bounds_every_key():
-    """Quest's score bounds the best logit of the chunk's mean memory query in the block."""
+    """Quest's score bounds the best logit, in the block, of the ranking query: the previous
+    chunk's mean query (no positions)."""
     q, k, _ = _inputs(1, 2, 1, 64, 16, torch.float32, seed=6)
     kw = dict(block=8, chunk=16, local=16)
-    scores = BS.block_scores(q, k, **kw)  # (1, 1, C, NB)
-    qbar = q.unflatten(2, (4, 16)).mean(3).mean(1, keepdim=True)  # (1, 1, C, d)
-    best = (qbar @ k.transpose(-1, -2)).unflatten(-1, (8, 8)).amax(-1)  # (1, 1, C, NB)
+    scores = BS.block_scores(q, k, **kw)[:, :, 1:]  # (1, 1, C - 1, NB): chunk 0 has no ranking
+    qbar = q.unflatten(2, (4, 16)).mean(3).mean(1, keepdim=True)[:, :, :-1]  # (1, 1, C - 1, d)
+    best = (qbar @ k.transpose(-1, -2)).unflatten(-1, (8, 8)).amax(-1)
     ok = scores > float("-inf")
     assert ok.any() and bool((scores[ok] >= best[ok] - 1e-5).all())
 
@@ -167,24 +183,27 @@ def test_minmax_bounds_every_key():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("sliding", [False, True])
 def test_no_future_blocks_and_causal_pipeline(sliding):
-    """Scores -> top-k -> attention: changing keys and values at tokens >= p changes neither the
-    selection of chunks whose window starts at or before p, nor any output of a query before p."""
+    """Scores -> top-k -> attention: changing q, k and v at tokens >= p changes neither the
+    selection of chunks starting at or before p, nor any output of a query before p; no selected
+    block reaches its chunk's window."""
     B, H, Hkv, T, d = 1, 2, 1, 80, 16
     kw = dict(block=8, chunk=16, local=16, sliding=sliding, sinks=3, rope_theta=100.0)
     q, k, v = _inputs(B, H, Hkv, T, d, torch.float32, seed=7)
 
-    def pipeline(k, v):
+    def pipeline(q, k, v):
         sel = BS.select_blocks(BS.block_scores(q, k, **kw), 64)
         return sel, BS.block_sparse_attention(q, k, v, sel, **kw)
 
-    sel, out = pipeline(k, v)
-    first = R.window_starts(torch.arange(T), 16, 8, sliding)[::16]
+    sel, out = pipeline(q, k, v)
+    first = BS.chunk_starts(T, T, 16, 16, 8, sliding, "cpu")
+    assert (sel >= 0).any()
     for p in (35, 50, 64):
-        k2, v2 = k.clone(), v.clone()
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, p:] = 50 * torch.randn_like(q2[:, :, p:])
         k2[:, :, p:] = 50 * torch.randn_like(k2[:, :, p:])
         v2[:, :, p:] = 50
-        sel2, out2 = pipeline(k2, v2)
-        keep = first <= p
+        sel2, out2 = pipeline(q2, k2, v2)
+        keep = torch.arange(len(first)) * 16 <= p
         assert torch.equal(sel[:, :, keep], sel2[:, :, keep])
         assert torch.equal(out[:, :, :p], out2[:, :, :p])
         # every block named ends at or before its chunk's first window start
