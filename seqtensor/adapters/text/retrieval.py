@@ -2,7 +2,7 @@
 softmax.
 
 Legend: B batch, H query heads, Hkv kv heads (G = H / Hkv per group), T tokens (keys), Lq queries
-(the last Lq of the T tokens), d head dim, ``local`` the finest block of the fold.
+(the last Lq of the T tokens), d head dim, ``local`` the finest block of the fold, c ``chunk``.
 
 For a query at token i, with s = the start of its window: its aligned local block of ``local``
 tokens (the fold's finest block), or with ``sliding`` its last ``local`` tokens extended back to a
@@ -10,25 +10,49 @@ block boundary:
 
 - local keys: the tokens s..i (causal); without ``sliding`` exactly the fold's finest hop;
 - retrieved keys: every token of the ``top_k`` blocks of ``block`` tokens that lie wholly before
-  s, ranked for this query by ``max over the block's keys of q_bar . k``, where q_bar is the mean
-  query of the query's kv group (GQA: one selection per kv head), at the positions the hop gives
-  them (below): the logit the block's best key would get;
+  the selection's start, ranked by a *ranking query* against each block (below), at the positions
+  the hop gives them;
 - sink keys: the first ``sinks`` tokens (when they lie before s).
 
 All of them share one softmax. Each key is counted once (sinks inside a retrieved block are sinks).
-Only tokens before i are ever read, so the hop is causal, and a query's keys depend only on its own
-query and earlier keys: decoding with a KV cache gives what a whole-sequence call gives.
+
+Ranking queries (GQA: one selection per kv head). Every query j has a *memory query*: the mean over
+its kv group of its queries, placed (with RoPE) where retrieved keys are seen from j, so that
+memory query . key is the group's mean logit for that key.
+
+- per query (``shared=False``): query i ranks by the mean memory query of the last ``chunk``
+  queries up to and including i (fewer at the start); ``chunk=1`` is its own. Blocks wholly
+  before s.
+- shared (``shared=True``): the queries of chunk g (tokens g*c .. g*c + c - 1) share one
+  selection, ranked by the mean memory query of the previous chunk g - 1 (chunk 0 retrieves
+  nothing), among the blocks wholly before the window start of the chunk's first query.
+
+Both read only queries at or before i, so the output at i depends on tokens <= i alone, and a
+decode step (the last queries, with the ranking queries of the ``2c - 1`` tokens before them and
+the block representatives kept in ``RetrievalState``) gives what a whole-sequence call gives.
+
+A block's score for a ranking query r (``representative``):
+
+- "max": max over the block's keys of r . k, the exact best logit (reads every key: O(T) per
+  ranking query; the oracle);
+- "bound": Quest's upper bound sum_d max(r_d kmax_d, r_d kmin_d) from the block's elementwise key
+  max and min (>= "max");
+- "mean": r . mean key.
+
+"bound" and "mean" read two / one vectors per block (O(T / block)); decoding keeps them in
+``RetrievalState``, updated as blocks complete.
 
 Positions: with ``rope_theta`` None the hop uses q and k as given (e.g. already rotated at their
 true positions by the model, or no positions at all). With ``rope_theta``, q and k arrive unrotated
 and the hop applies RoPE (the Llama convention: halves rotated, frequencies ``theta^(-2i/d)``):
-local keys at their true distances, retrieved and sink keys ``memory_distance + (i - s)`` tokens
-back (default ``memory_distance``: ``local``), inside the range the model was trained on however
-far back they are.
+local keys at their true distances, retrieved and sink keys inside the range the model was trained
+on however far back they are: with ``memory_anchor="window"`` ``memory_distance + (i - s)`` tokens
+back (just before the window), with ``"query"`` exactly ``memory_distance`` back (default
+``memory_distance``: ``local``).
 
 ``retrieval_attention`` is the hop alone; ``retrieval_tensorized_attention`` adds the fold's coarse
-hops after it. The reference computes scores for every earlier key (O(T) per query) in tiles of
-queries, in the inputs' precision (float32 for half inputs); float64 inputs give a float64 oracle.
+hops after it. The reference computes in tiles of queries, in the inputs' precision (float32 for
+half inputs); float64 inputs give a float64 oracle.
 """
 
 from __future__ import annotations
@@ -39,17 +63,23 @@ from typing import Any
 
 import torch
 
-from ..._validation import check, is_int
+from ..._validation import check, check_choice, is_int
 from ...attention import tensorized_attention
 from ...core.folds import Fold
 from ...kernels.reference import work_dtype
 
 __all__ = [
+    "REPRESENTATIVES",
     "RetrievalConfig",
+    "RetrievalState",
+    "block_representatives",
     "retrieval_attention",
     "retrieval_selection",
     "retrieval_tensorized_attention",
 ]
+
+REPRESENTATIVES = ("max", "bound", "mean")
+MEMORY_ANCHORS = ("window", "query")
 
 
 @dataclass(frozen=True)
@@ -60,10 +90,15 @@ class RetrievalConfig:
     block : tokens per retrievable block; must divide the fold's finest dim.
     sinks : initial tokens every query also attends to.
     memory_distance : with RoPE applied by the hop, how far back retrieved and sink tokens sit
-        (default: the finest dim, so every distance stays below twice the local block).
+        (default: the finest dim).
     coarse_hops : also run the fold's coarse hops after the retrieval hop (axial coverage only).
     sliding : local keys are each query's last ``local`` tokens (back to a block boundary) rather
         than its aligned block.
+    chunk : queries whose memory queries are averaged into one ranking query (module docstring).
+    shared : the queries of a chunk share one selection, ranked by the previous chunk.
+    representative : how a block is scored: "max" (exact), "bound" (Quest) or "mean".
+    memory_anchor : "window" (retrieved tokens ``memory_distance + (i - s)`` back) or "query"
+        (exactly ``memory_distance`` back from every query).
     """
 
     top_k: int = 16
@@ -72,9 +107,13 @@ class RetrievalConfig:
     memory_distance: int | None = None
     coarse_hops: bool = False
     sliding: bool = False
+    chunk: int = 1
+    shared: bool = False
+    representative: str = "max"
+    memory_anchor: str = "window"
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "block", "sinks"):
+        for name in ("top_k", "block", "sinks", "chunk"):
             value = getattr(self, name)
             check(
                 is_int(value) and value >= 0,
@@ -82,20 +121,29 @@ class RetrievalConfig:
             )
             object.__setattr__(self, name, int(value))  # numpy integers saved as JSON ints
         check(self.block >= 1, f"RetrievalConfig.block must be >= 1, got {self.block}")
+        check(self.chunk >= 1, f"RetrievalConfig.chunk must be >= 1, got {self.chunk}")
         check(
             self.memory_distance is None
             or (is_int(self.memory_distance) and self.memory_distance >= 0),
             f"RetrievalConfig.memory_distance must be None or an int >= 0, "
             f"got {self.memory_distance!r}",
         )
-        for name in ("coarse_hops", "sliding"):
+        for name in ("coarse_hops", "sliding", "shared"):
             check(
                 isinstance(getattr(self, name), bool),
                 f"RetrievalConfig.{name} must be a bool, got {getattr(self, name)!r}",
             )
+        check_choice("RetrievalConfig.representative", self.representative, REPRESENTATIVES)
+        check_choice("RetrievalConfig.memory_anchor", self.memory_anchor, MEMORY_ANCHORS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def hop_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``retrieval_attention`` these settings give."""
+        out = self.to_dict()
+        del out["coarse_hops"]
+        return out
 
     @classmethod
     def from_value(cls, value: RetrievalConfig | dict[str, Any] | None) -> RetrievalConfig | None:
@@ -148,27 +196,225 @@ def _window_starts(positions: torch.Tensor, local: int, block: int, sliding: boo
     return positions // local * local
 
 
-def _select(
-    qbar: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, block: int, top_k: int, sinks: int
-):
-    """Top-k blocks wholly before each query's window start: qbar (B, Hkv, t, d), k (B, Hkv, T, d),
-    starts (t,) -> (blocks (B, Hkv, t, kk) int64, usable (B, Hkv, t, kk) bool)."""
-    nb = int(starts.max()) // block
+def block_representatives(
+    k: torch.Tensor, blocks: int, block: int, representative: str
+) -> tuple[torch.Tensor, ...]:
+    """What ``representative`` scores the first ``blocks`` blocks of k (B, Hkv, T, d) with:
+    (kmax, kmin) for "bound", (kmean,) for "mean", each (B, Hkv, blocks, d); () for "max"."""
+    if representative == "max":
+        return ()
+    kb = k[:, :, : blocks * block].unflatten(2, (blocks, block))
+    if representative == "bound":
+        return kb.amax(3), kb.amin(3)
+    return (kb.mean(3),)
+
+
+def _block_scores(r, k, reps, nb: int, block: int, representative: str) -> torch.Tensor:
+    """Scores of the first nb blocks for ranking queries r (B, Hkv, R, d) -> (B, Hkv, R, nb)."""
+    if representative == "max":
+        scores = torch.einsum("bhrd,bhkd->bhrk", r, k[:, :, : nb * block])
+        return scores.unflatten(-1, (nb, block)).amax(-1)
+    if representative == "bound":  # sum_d max(r_d kmax_d, r_d kmin_d)
+        kmax, kmin = (x[:, :, :nb].transpose(-1, -2) for x in reps)
+        return r.clamp(min=0) @ kmax + r.clamp(max=0) @ kmin
+    return r @ reps[0][:, :, :nb].transpose(-1, -2)
+
+
+def _select(r, valid, starts, k, reps, block: int, top_k: int, sinks: int, representative: str):
+    """Top-k blocks wholly before ``starts`` (R,) for ranking queries r (B, Hkv, R, d) (rows with
+    ``valid`` (R,) False select nothing) -> (blocks (B, Hkv, R, kk) int64, usable ... bool)."""
+    nb = int(starts.max()) // block if starts.numel() else 0
     kk = min(top_k, nb)
     if kk == 0:
-        shape = (*qbar.shape[:3], 0)
+        shape = (*r.shape[:3], 0)
         return (
-            torch.zeros(shape, dtype=torch.long, device=qbar.device),
-            torch.zeros(shape, dtype=torch.bool, device=qbar.device),
+            torch.zeros(shape, dtype=torch.long, device=r.device),
+            torch.zeros(shape, dtype=torch.bool, device=r.device),
         )
-    scores = torch.einsum("bhqd,bhkd->bhqk", qbar, k[:, :, : nb * block])
-    scores = scores.unflatten(-1, (nb, block)).amax(-1)  # (B, Hkv, t, nb)
+    scores = _block_scores(r, k, reps, nb, block, representative)  # (B, Hkv, R, nb)
     ends = (torch.arange(nb, device=k.device) + 1) * block
     # blocks made only of sink tokens add nothing: the sinks are attended to anyway
-    unusable = (ends[None, :] > starts[:, None]) | (ends[None, :] <= sinks)  # (t, nb)
-    scores = scores.masked_fill(unusable, float("-inf"))
-    top, blocks = scores.topk(kk, dim=-1)
+    unusable = (ends[None, :] > starts[:, None]) | (ends[None, :] <= sinks) | ~valid[:, None]
+    top, blocks = scores.masked_fill(unusable, float("-inf")).topk(kk, dim=-1)
     return blocks, top > float("-inf")
+
+
+def _memory_queries(q, qpos, starts, opts: dict) -> torch.Tensor:
+    """Queries (B, H, t, d) placed where they see retrieved keys (unchanged without RoPE)."""
+    if opts["rope_theta"] is None:
+        return q
+    distance = opts["local"] if opts["memory_distance"] is None else opts["memory_distance"]
+    if opts["memory_anchor"] == "window":
+        where = distance + qpos - starts
+    else:
+        where = torch.full_like(qpos, distance)
+    return _rotate(q, where, opts["rope_theta"])
+
+
+def _history_needed(offset: int, chunk: int, shared: bool) -> int:
+    """Memory queries of the tokens before the first query that its ranking query reads."""
+    if shared:
+        return offset - max(offset // chunk - 1, 0) * chunk
+    return min(offset, chunk - 1)
+
+
+def _rankings(mq, history, offset: int, local: int, opts: dict):
+    """Ranking queries from the group-mean memory queries mq (B, Hkv, Lq, d) of tokens
+    offset..T-1 and ``history`` (those of earlier tokens, the last ones kept).
+
+    Returns (ranks (B, Hkv, R, d), valid (R,), selection starts (R,), group (Lq,)): R ranking
+    rows, one per query or (shared) per chunk, and the row of each query.
+    """
+    chunk, shared = opts["chunk"], opts["shared"]
+    B, Hkv, Lq, d = mq.shape
+    device = mq.device
+    need = _history_needed(offset, chunk, shared)
+    have = 0 if history is None else history.shape[2]
+    check(
+        have >= need,
+        f"the ranking queries of the {need} tokens before the first query are needed "
+        f"(chunk={chunk}): decode with the state kept by a cached prefill (RetrievalState)",
+    )
+    ext = mq if need == 0 else torch.cat([history[:, :, have - need :].to(mq.dtype), mq], 2)
+    qpos = torch.arange(offset, offset + Lq, device=device)
+    if not shared:
+        # the last `chunk` memory queries up to each query (zeros before token 0, not counted)
+        ext = torch.nn.functional.pad(ext, (0, 0, chunk - 1 - need, 0))
+        sums = ext.unfold(2, chunk, 1).sum(-1)  # (B, Hkv, Lq, d)
+        ranks = sums / (qpos + 1).clamp(max=chunk).to(mq.dtype)[:, None]
+        starts = _window_starts(qpos, local, opts["block"], opts["sliding"])
+        return ranks, torch.ones(Lq, dtype=torch.bool, device=device), starts, qpos - offset
+    first, last = offset // chunk, (offset + Lq - 1) // chunk
+    if first == 0:  # chunk 0 has no previous chunk: a placeholder row, marked invalid
+        ext = torch.nn.functional.pad(ext, (0, 0, chunk, 0))
+    groups = last - first + 1
+    ranks = ext[:, :, : groups * chunk].unflatten(2, (groups, chunk)).mean(3)
+    g = torch.arange(first, last + 1, device=device)
+    starts = _window_starts(g * chunk, local, opts["block"], opts["sliding"])
+    return ranks, g >= 1, starts, qpos // chunk - first
+
+
+def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
+    """The hop (``retrieval_attention``) and the group-mean memory queries of its queries
+    (B, Hkv, Lq, d), which a decode state keeps."""
+    local, block, top_k, sinks = opts["local"], opts["block"], opts["top_k"], opts["sinks"]
+    sliding, chunk, shared = opts["sliding"], opts["chunk"], opts["shared"]
+    representative = opts["representative"]
+    _check_inputs(q, k, v, local, block)
+    check(top_k >= 0 and sinks >= 0, f"top_k and sinks must be >= 0, got {top_k}, {sinks}")
+    check(is_int(chunk) and chunk >= 1, f"chunk must be an int >= 1, got {chunk!r}")
+    check_choice("representative", representative, REPRESENTATIVES)
+    check_choice("memory_anchor", opts["memory_anchor"], MEMORY_ANCHORS)
+    B, H, Lq, d = q.shape
+    Hkv, T, dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(d) if opts["scale"] is None else float(opts["scale"])
+    theta = opts["rope_theta"]
+    work = work_dtype(q.dtype)
+    gs = chunk if shared else 1  # queries per selection
+    if tile is None:  # the gathered retrieved keys and values dominate: ~4 GiB in fp32
+        per_query = B * Hkv * top_k * block * (d + dv) // gs + B * H * 2 * local
+        tile = max(32, min(1024 if shared else 512, 2**30 // max(per_query, 1)))
+    check(tile >= 1, f"tile must be >= 1, got {tile}")
+    if shared:
+        tile = -(-tile // chunk) * chunk  # whole chunks per tile
+    qw, kw, vw = q.to(work), k.to(work), v.to(work)
+    offset = T - Lq
+    qpos_all = torch.arange(offset, T, device=q.device)
+    starts_all = _window_starts(qpos_all, local, block, sliding)
+    mq = _memory_queries(qw, qpos_all, starts_all, opts).unflatten(1, (Hkv, G)).mean(2)
+    ranks, valid, sel_starts, group = _rankings(mq, history, offset, local, opts)
+    if representative != "max" and reps is None:
+        reps = block_representatives(kw, T // block, block, representative)
+    elif representative != "max":
+        reps = tuple(x.to(work) for x in reps)
+    qg = qw.unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
+    out = torch.empty(B, Hkv, G, Lq, dv, dtype=work, device=q.device)
+    a = offset
+    while a < T:
+        b = min(T, (a // tile + 1) * tile)
+        if not sliding:  # a tile stays inside one local block
+            b = min(b, a // local * local + local)
+        t = b - a
+        qt = qg[:, :, :, a - offset : b - offset]  # (B, Hkv, G, t, d)
+        qpos, starts = qpos_all[a - offset : b - offset], starts_all[a - offset : b - offset]
+        lo = int(starts[0])
+        k_loc, v_loc = kw[:, :, lo:b], vw[:, :, lo:b]
+        kpos = torch.arange(lo, b, device=q.device)
+        ns = min(sinks, int(starts[-1]))
+        q_mem = qt
+        if theta is not None:
+            # local keys at their true distances; retrieved and sink keys at position 0, the
+            # queries where they see them
+            q_mem = _memory_queries(qt, qpos, starts, opts)
+            qt = _rotate(qt, qpos, theta)
+            k_loc = _rotate(k_loc, kpos, theta)
+        outside = (kpos[None, :] > qpos[:, None]) | (kpos[None, :] < starts[:, None])
+        parts = [torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(outside, float("-inf"))]
+        values = [v_loc]
+        if ns > 0:
+            sink_logits = torch.einsum("bhgqd,bhkd->bhgqk", q_mem, kw[:, :, :ns])
+            late = torch.arange(ns, device=q.device)[None, :] >= starts[:, None]
+            parts.append(sink_logits.masked_fill(late, float("-inf")))
+            values.append(vw[:, :, :ns])
+        g0, g1 = int(group[a - offset]), int(group[b - 1 - offset]) + 1
+        blocks, usable = _select(
+            ranks[:, :, g0:g1],
+            valid[g0:g1],
+            sel_starts[g0:g1],
+            kw,
+            reps,
+            block,
+            top_k,
+            sinks,
+            representative,
+        )  # (B, Hkv, nc, kk): nc selections, each shared by gs query slots
+        nc, kk = g1 - g0, blocks.shape[-1]
+        pre = a - (g0 + offset // chunk) * chunk if shared else 0
+        post = nc * gs - pre - t
+        if kk > 0:
+            tokens = (blocks[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)
+            keep = usable.repeat_interleave(block, -1) & (tokens >= sinks)  # (B, Hkv, nc, M)
+            index = tokens.flatten(2)[..., None]
+            k_mem = kw.gather(2, index.expand(-1, -1, -1, d)).unflatten(2, (nc, -1))
+            v_mem = vw.gather(2, index.expand(-1, -1, -1, dv)).unflatten(2, (nc, -1))
+            slots = torch.nn.functional.pad(q_mem, (0, 0, pre, post)).unflatten(3, (nc, gs))
+            mem = torch.einsum("bhgcqd,bhcmd->bhgcqm", slots, k_mem)
+            mem = mem.masked_fill(~keep[:, :, None, :, None], float("-inf"))
+            parts.append(mem.flatten(3, 4)[:, :, :, pre : pre + t])
+        p = torch.softmax(torch.cat(parts, -1) * scale, -1)
+        pieces = p.split([x.shape[-1] for x in parts], -1)
+        o = sum(torch.einsum("bhgqk,bhkd->bhgqd", w, x) for w, x in zip(pieces, values))
+        if kk > 0:
+            w = torch.nn.functional.pad(pieces[-1], (0, 0, pre, post)).unflatten(3, (nc, gs))
+            o = (
+                o
+                + torch.einsum("bhgcqm,bhcmd->bhgcqd", w, v_mem).flatten(3, 4)[
+                    :, :, :, pre : pre + t
+                ]
+            )
+        out[:, :, :, a - offset : b - offset] = o
+        a = b
+    return out.flatten(1, 2).to(q.dtype), mq
+
+
+def _options(local, top_k, block, sinks, sliding, scale, rope_theta, memory_distance, **extra):
+    opts = dict(
+        local=local,
+        top_k=top_k,
+        block=block,
+        sinks=sinks,
+        sliding=sliding,
+        scale=scale,
+        rope_theta=rope_theta,
+        memory_distance=memory_distance,
+        chunk=1,
+        shared=False,
+        representative="max",
+        memory_anchor="window",
+    )
+    opts.update(extra)
+    return opts
 
 
 def retrieval_selection(
@@ -182,21 +428,53 @@ def retrieval_selection(
     sliding: bool = False,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    chunk: int = 1,
+    shared: bool = False,
+    representative: str = "max",
+    memory_anchor: str = "window",
+    history: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The retrieved blocks of each query (for analysis and tests): one (B, Hkv, kk_i) tensor per
-    query i of the last Lq tokens, -1 where fewer than kk_i blocks are usable."""
+    query i of the last Lq tokens, -1 where fewer than kk_i blocks are usable. ``history``: as in
+    ``retrieval_attention``."""
     _check_inputs(q, k, k, local, block)
+    opts = _options(
+        local,
+        top_k,
+        block,
+        sinks,
+        sliding,
+        None,
+        rope_theta,
+        memory_distance,
+        chunk=chunk,
+        shared=shared,
+        representative=representative,
+        memory_anchor=memory_anchor,
+    )
     B, H, Lq, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
-    distance = local if memory_distance is None else memory_distance
-    qbar = q.unflatten(1, (Hkv, H // Hkv)).mean(2)
+    work = work_dtype(q.dtype)
+    qpos = torch.arange(T - Lq, T, device=q.device)
+    starts = _window_starts(qpos, local, block, sliding)
+    mq = _memory_queries(q.to(work), qpos, starts, opts).unflatten(1, (Hkv, H // Hkv)).mean(2)
+    ranks, valid, sel_starts, group = _rankings(mq, history, T - Lq, local, opts)
+    kw = k.to(work)
+    reps = block_representatives(kw, T // block, block, representative)
     out = []
-    for i in range(T - Lq, T):
-        start = _window_starts(torch.tensor([i], device=q.device), local, block, sliding)
-        qi = qbar[:, :, i - (T - Lq)][:, :, None]
-        if rope_theta is not None:
-            qi = _rotate(qi, distance + i - start, rope_theta)
-        blocks, usable = _select(qi, k, start, block, top_k, sinks)
+    for i in range(Lq):
+        g = int(group[i])
+        blocks, usable = _select(
+            ranks[:, :, g : g + 1],
+            valid[g : g + 1],
+            sel_starts[g : g + 1],
+            kw,
+            reps,
+            block,
+            top_k,
+            sinks,
+            representative,
+        )
         out.append(torch.where(usable, blocks, -1)[:, :, 0])
     return out
 
@@ -214,6 +492,12 @@ def retrieval_attention(
     scale: float | None = None,
     rope_theta: float | None = None,
     memory_distance: int | None = None,
+    chunk: int = 1,
+    shared: bool = False,
+    representative: str = "max",
+    memory_anchor: str = "window",
+    reps: tuple[torch.Tensor, ...] | None = None,
+    history: torch.Tensor | None = None,
     tile: int | None = None,
 ) -> torch.Tensor:
     """The retrieval hop (see the module docstring). q (B, H, Lq, d) are the last Lq of the T
@@ -221,70 +505,98 @@ def retrieval_attention(
 
     ``sliding``: the local keys of query i are its last ``local`` tokens (back to a block
     boundary) instead of its aligned local block, so a query at the start of a block keeps its
-    recent context.
-    ``tile``: queries processed together (default 512; memory grows with tile * top_k * block).
+    recent context. ``chunk``, ``shared``, ``representative``, ``memory_anchor``: as in
+    ``RetrievalConfig``.
+    ``reps``: ``block_representatives`` of k for at least the blocks before the last query (default:
+    computed from k). ``history``: group-mean memory queries (B, Hkv, h, d) of the h tokens before
+    the first query, needed when Lq < T and ``chunk`` > 1 (``RetrievalState`` keeps them).
+    ``tile``: queries processed together (default: from the memory the gathered keys take).
     """
-    _check_inputs(q, k, v, local, block)
-    check(top_k >= 0 and sinks >= 0, f"top_k and sinks must be >= 0, got {top_k}, {sinks}")
-    B, H, Lq, d = q.shape
-    Hkv, T, dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    distance = local if memory_distance is None else memory_distance
-    tile = 512 if tile is None else tile
-    check(tile >= 1, f"tile must be >= 1, got {tile}")
-    work = work_dtype(q.dtype)
-    qg = q.to(work).unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
-    kw, vw = k.to(work), v.to(work)
-    offset = T - Lq
-    out = torch.empty(B, Hkv, G, Lq, dv, dtype=work, device=q.device)
-    a = offset
-    while a < T:
-        b = min(T, (a // tile + 1) * tile)
-        if not sliding:  # a tile stays inside one local block
-            b = min(b, a // local * local + local)
-        qt = qg[:, :, :, a - offset : b - offset]  # (B, Hkv, G, t, d)
-        t = b - a
-        qpos = torch.arange(a, b, device=q.device)
-        starts = _window_starts(qpos, local, block, sliding)  # (t,)
-        lo = int(starts[0])
-        k_loc, v_loc = kw[:, :, lo:b], vw[:, :, lo:b]
-        kpos = torch.arange(lo, b, device=q.device)
-        ns = min(sinks, int(starts[-1]))
-        q_mem = qt
-        if rope_theta is not None:
-            # local keys at their true distances; retrieved and sink keys at position 0, so they sit
-            # distance + (i - start) tokens back
-            q_mem = _rotate(qt, qpos - starts + distance, rope_theta)
-            qt = _rotate(qt, qpos, rope_theta)
-            k_loc = _rotate(k_loc, kpos, rope_theta)
-        # ranked by the logit a block's best key would get where it is placed
-        blocks, usable = _select(q_mem.mean(2), kw, starts, block, top_k, sinks)
-        outside = (kpos[None, :] > qpos[:, None]) | (kpos[None, :] < starts[:, None])
-        parts = [torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(outside, float("-inf"))]
-        values = [v_loc]
-        if ns > 0:
-            sink_logits = torch.einsum("bhgqd,bhkd->bhgqk", q_mem, kw[:, :, :ns])
-            late = torch.arange(ns, device=q.device)[None, :] >= starts[:, None]
-            parts.append(sink_logits.masked_fill(late, float("-inf")))
-            values.append(vw[:, :, :ns])
-        kk = blocks.shape[-1]
-        if kk > 0:
-            tokens = (blocks[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)
-            keep = usable.repeat_interleave(block, -1) & (tokens >= sinks)  # (B, Hkv, t, kk*block)
-            index = tokens.flatten(2)[..., None]
-            k_mem = kw.gather(2, index.expand(-1, -1, -1, d)).unflatten(2, (t, -1))
-            v_mem = vw.gather(2, index.expand(-1, -1, -1, dv)).unflatten(2, (t, -1))
-            mem = torch.einsum("bhgqd,bhqmd->bhgqm", q_mem, k_mem)
-            parts.append(mem.masked_fill(~keep[:, :, None], float("-inf")))
-        p = torch.softmax(torch.cat(parts, -1) * scale, -1)
-        pieces = p.split([x.shape[-1] for x in parts], -1)
-        o = sum(torch.einsum("bhgqk,bhkd->bhgqd", w, x) for w, x in zip(pieces, values))
-        if kk > 0:
-            o = o + torch.einsum("bhgqm,bhqmd->bhgqd", pieces[-1], v_mem)
-        out[:, :, :, a - offset : b - offset] = o
-        a = b
-    return out.flatten(1, 2).to(q.dtype)
+    opts = _options(
+        local,
+        top_k,
+        block,
+        sinks,
+        sliding,
+        scale,
+        rope_theta,
+        memory_distance,
+        chunk=chunk,
+        shared=shared,
+        representative=representative,
+        memory_anchor=memory_anchor,
+    )
+    return _hop(q, k, v, opts, reps=reps, history=history, tile=tile)[0]
+
+
+class RetrievalState:
+    """Decoding state of one layer's retrieval hop, besides the Hugging Face K/V cache (which keeps
+    every key and value: any earlier block may be retrieved).
+
+    It keeps the representatives of every completed block (none for "max", which reads every key)
+    and the group-mean memory queries of the last ``2 * chunk - 1`` tokens. A new token then ranks
+    O(T / block) representatives and reads O(top_k * block + local) keys; its output equals the
+    whole-sequence call's, since the hop at a token reads nothing after it.
+
+    Attributes: ``options`` (the hop's settings), ``stored`` (tokens seen), ``length`` (B,) (the
+    same, per row), ``reps``, ``history``.
+    """
+
+    def __init__(self, options: dict, mq: torch.Tensor, k: torch.Tensor) -> None:
+        self.options = dict(options)
+        B, T = k.shape[0], k.shape[2]
+        self.stored = T
+        self.length = torch.full((B,), T, device=k.device)
+        self.history = mq[:, :, mq.shape[2] - self._kept() :]
+        block, rep = options["block"], options["representative"]
+        self.reps = block_representatives(k.to(mq.dtype), T // block, block, rep)
+
+    def _kept(self) -> int:
+        chunk = self.options["chunk"]
+        return 2 * chunk - 1 if self.options["shared"] else chunk - 1
+
+    @classmethod
+    def prefill(cls, q, k, v, options: dict) -> tuple[torch.Tensor, RetrievalState]:
+        """Whole-sequence hop output and the state that continues it."""
+        out, mq = _hop(q, k, v, options)
+        return out, cls(options, mq, k)
+
+    def step(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        """The hop for the L new queries q (B, H, L, d); k_all, v_all: every token, the new ones
+        last."""
+        T, L = k_all.shape[2], q.shape[2]
+        check(
+            T - L == self.stored,
+            f"the cache holds {T - L} earlier tokens but the retrieval state {self.stored} (was "
+            "the cache cropped or edited outside generation?)",
+        )
+        block, rep = self.options["block"], self.options["representative"]
+        done = self.reps[0].shape[2] if self.reps else 0
+        if self.reps and T // block > done:  # blocks completed since: their representatives
+            work = self.reps[0].dtype
+            new = block_representatives(
+                k_all[:, :, done * block : T // block * block].to(work),
+                T // block - done,
+                block,
+                rep,
+            )
+            self.reps = tuple(torch.cat([a, b], 2) for a, b in zip(self.reps, new))
+        out, mq = _hop(q, k_all, v_all, self.options, reps=self.reps, history=self.history)
+        kept = self._kept()
+        history = torch.cat([self.history.to(mq.dtype), mq], 2)
+        self.history = history[:, :, history.shape[2] - kept :]
+        self.stored, self.length = T, self.length + L
+        return out
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search reordering, batch selection)."""
+        self.length = self.length[index]
+        self.history = self.history[index]
+        self.reps = tuple(x[index] for x in self.reps)
+
+    def memory_bytes(self) -> int:
+        """Bytes held beyond the Hugging Face K/V cache."""
+        return sum(x.numel() * x.element_size() for x in (self.history, *self.reps))
 
 
 def retrieval_tensorized_attention(
@@ -316,13 +628,9 @@ def retrieval_tensorized_attention(
         k,
         v,
         local,
-        top_k=config.top_k,
-        block=config.block,
-        sinks=config.sinks,
-        sliding=config.sliding,
         scale=scale,
         rope_theta=rope_theta,
-        memory_distance=config.memory_distance,
+        **config.hop_options(),
     )
     if not config.coarse_hops or len(dims) == 1:
         return out

@@ -54,7 +54,7 @@ from ...core.folds import Fold
 from ...core.plan import COVERAGES
 from ...core.positional import TensorRoPE
 from .cache import CausalFold, LayerCache, block_levels
-from .retrieval import RetrievalConfig, retrieval_attention, retrieval_tensorized_attention
+from .retrieval import RetrievalConfig, RetrievalState, retrieval_tensorized_attention
 
 try:
     from transformers import AttentionInterface
@@ -322,7 +322,9 @@ def _attention(
     if cache is not None:
         _check_dynamic(cache, module.layer_idx)
     if settings.retrieval is not None:
-        out = _retrieval_call(settings, query, key, value, mask, scale, L, T)
+        out = _retrieval_call(
+            settings, query, key, value, mask, scale, L, T, cache, module.layer_idx
+        )
         return out.transpose(1, 2).contiguous(), None
     if T == L:
         if first_layer:
@@ -337,10 +339,10 @@ def _attention(
     else:
         state = _states(cache).get(module.layer_idx) if cache is not None else None
         check(
-            state is not None,
+            isinstance(state, LayerCache),
             f"layer {module.layer_idx}: the cache holds {T - L} tokens that were not prefilled by "
-            "tensorized "
-            "attention (prefill after tensorize, with the cache object that generation then uses)",
+            "tensorized attention without the retrieval hop (prefill after tensorize, with the "
+            "cache object that generation then uses)",
         )
         check(
             state.stored == T - L,
@@ -368,10 +370,13 @@ def _attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _retrieval_call(settings: _LayerSettings, query, key, value, mask, scale, L: int, T: int):
-    """The retrieval hop (and the coarse hops after it, if on). No decoding state: the Hugging Face
-    cache keeps every key and value, and a step's queries read them directly (the hop never reads
-    a token after the query, so this equals the whole-sequence call)."""
+def _retrieval_call(
+    settings: _LayerSettings, query, key, value, mask, scale, L: int, T: int, cache, layer: int
+):
+    """The retrieval hop (and the coarse hops after it, if on). The Hugging Face cache keeps every
+    key and value; a ``RetrievalState`` attached to it (prefilled with the cache) keeps the block
+    representatives and recent ranking queries, so a step ranks blocks without reading every key.
+    The hop never reads a token after the query, so a step equals the whole-sequence call."""
     cfg, retrieval = settings.config, settings.retrieval
     check(
         mask is None or bool(mask.all()),
@@ -380,38 +385,38 @@ def _retrieval_call(settings: _LayerSettings, query, key, value, mask, scale, L:
     # "rope": q and k arrive rotated at their true positions; "tensor_rope": unrotated, and the hop
     # applies the model's RoPE with retrieved tokens at a fixed distance; "none": no positions
     theta = settings.rope_theta if cfg.positional == "tensor_rope" else None
+    options = dict(
+        retrieval.hop_options(), local=settings.fold.dims[-1], scale=scale, rope_theta=theta
+    )
     if T == L:
-        return retrieval_tensorized_attention(
-            query,
-            key,
-            value,
-            settings.fold.dims,
-            retrieval,
-            scale=scale,
-            rope_theta=theta,
-            coverage=cfg.coverage,
-            positional=settings.positional(query.device),
-            backend=cfg.backend,
-        )
+        if cache is None or (retrieval.coarse_hops and settings.fold.order > 1):
+            return retrieval_tensorized_attention(
+                query,
+                key,
+                value,
+                settings.fold.dims,
+                retrieval,
+                scale=scale,
+                rope_theta=theta,
+                coverage=cfg.coverage,
+                positional=settings.positional(query.device),
+                backend=cfg.backend,
+            )
+        out, _states(cache)[layer] = RetrievalState.prefill(query, key, value, options)
+        return out
     check(
         not retrieval.coarse_hops or settings.fold.order == 1,
         "cached generation with coarse hops after the retrieval hop is not implemented: "
         "use_cache=False, or coarse_hops=False",
         NotImplementedError,
     )
-    return retrieval_attention(
-        query,
-        key,
-        value,
-        settings.fold.dims[-1],
-        top_k=retrieval.top_k,
-        block=retrieval.block,
-        sinks=retrieval.sinks,
-        sliding=retrieval.sliding,
-        scale=scale,
-        rope_theta=theta,
-        memory_distance=retrieval.memory_distance,
+    state = _states(cache).get(layer) if cache is not None else None
+    check(
+        isinstance(state, RetrievalState) and state.options == options,
+        f"layer {layer}: the cache holds {T - L} tokens that were not prefilled by this "
+        "retrieval hop (prefill after tensorize, with the cache object that generation then uses)",
     )
+    return state.step(query, key, value)
 
 
 def _check_dynamic(cache, layer_idx: int) -> None:
@@ -550,7 +555,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
 # ----------------------------------------------------------------------------- cache integration
 
 
-def _states(cache) -> dict[int, LayerCache]:
+def _states(cache) -> dict[int, LayerCache | RetrievalState]:
     """The per-layer decoding states attached to a Hugging Face cache object."""
     states = getattr(cache, "_seqtensor_states", None)
     if states is None:
