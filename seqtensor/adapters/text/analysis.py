@@ -44,6 +44,7 @@ one layer's maps. For each layer and head it measures, averaged over batch rows 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ __all__ = [
     "attention_maps",
     "analyze_attention",
     "plot_attention_analysis",
+    "for_each_layer",
     "coverage_shares",
     "region_labels",
     "retrieval_coverage",
@@ -86,7 +88,7 @@ ANALYSIS_NAME = "seqtensor_analysis"
 REGIONS = ("local", "direct", "indirect", "rest")
 # Above this many rows the Kronecker rearrangement's top singular values are found by a randomized
 # SVD (torch.svd_lowrank); below it exactly, from the Gram matrix of the smaller side.
-_EXACT_KRON_SIDE = 4096
+_EXACT_KRON_SIDE = 1024
 
 
 # ----------------------------------------------------------------------------- the stock maps
@@ -179,11 +181,11 @@ def _check_layers(layers: Sequence[int] | None, count: int) -> list[int]:
     return sorted({int(i) for i in layers})
 
 
-def _each_layer(
+def for_each_layer(
     model: nn.Module,
     input_ids: torch.Tensor,
-    layers: Sequence[int] | None,
     fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    layers: Sequence[int] | None = None,
 ) -> list[int]:
     """Run the stock model on ``input_ids`` and call ``fn(layer, q, k, p)`` for each requested
     layer: q (B, H, n, d) and k (B, Hkv, n, d) as the attention receives them (after RoPE),
@@ -230,7 +232,7 @@ def attention_maps(
     family's eager attention. Keeps every requested map: for long inputs, ask for few layers (or
     use ``analyze_attention``, which keeps one layer at a time)."""
     maps: dict[int, torch.Tensor] = {}
-    _each_layer(model, input_ids, layers, lambda i, q, k, p: maps.__setitem__(i, p.float()))
+    for_each_layer(model, input_ids, lambda i, q, k, p: maps.__setitem__(i, p.float()), layers)
     return maps
 
 
@@ -252,11 +254,19 @@ def _fold_dims(fold: Sequence[int] | Fold | CausalFold, n: int) -> tuple[int, ..
     return (min(dims[0], -(-n // block)),) + tuple(dims[1:])
 
 
-def region_labels(dims: Sequence[int], n: int, coverage: str = "full", device=None):
-    """(region, level) labels of every (query t, key s) pair, both (n, n) int64: region 0..3 are
+def region_labels(
+    dims: Sequence[int], n: int, coverage: str = "full", device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(region, level) labels of every (query t, key s) pair, both (n, n) int8: region 0..3 are
     ``REGIONS`` (local, direct, indirect, rest) and -1 for s > t; level as in ``level_mass``."""
     check_choice("coverage", coverage, COVERAGES)
-    dims = tuple(dims)
+    return _labels(
+        tuple(int(d) for d in dims), int(n), coverage, str(torch.device(device or "cpu"))
+    )
+
+
+@functools.lru_cache(maxsize=2)  # a sweep of layers reuses one fold's labels (int8: n^2 bytes each)
+def _labels(dims: tuple[int, ...], n: int, coverage: str, device: str):
     m = len(dims)
     t = torch.arange(n, device=device)[:, None]
     s = torch.arange(n, device=device)[None, :]
@@ -278,12 +288,12 @@ def region_labels(dims: Sequence[int], n: int, coverage: str = "full", device=No
             keys = keys | (s % S == S - 1)
         direct |= same & earlier & keys
     direct &= causal & ~local
-    region = torch.full((n, n), -1, dtype=torch.long, device=device)
+    region = torch.full((n, n), -1, dtype=torch.int8, device=device)
     region[causal & ~reachable] = 3
     region[reachable & causal & ~local & ~direct] = 2
     region[direct] = 1
     region[local] = 0
-    level = torch.zeros((n, n), dtype=torch.long, device=device)
+    level = torch.zeros((n, n), dtype=torch.int8, device=device)
     for ell in range(1, m):
         width = math.prod(dims[m - ell :])  # tokens in a level-(ell - 1) block
         level[s // width != t // width] = ell
@@ -309,13 +319,15 @@ def coverage_shares(
 
 def _label_mass(p: torch.Tensor, labels: torch.Tensor, count: int, rows: slice) -> torch.Tensor:
     """Mean over batch rows and the queries ``rows`` of the mass on each label: p (B, H, n, n)
-    -> (H, count) float64; one head at a time, so the temporaries stay one map."""
-    out = torch.zeros(p.shape[1], count, dtype=torch.float64)
-    lab = labels[rows]
-    for h in range(p.shape[1]):
-        ph = p[:, h, rows]
-        for c in range(count):
-            out[h, c] = (ph * (lab == c)).sum(-1).double().mean().cpu()
+    -> (H, count) float64. Labels are shared by every batch row, so the rows are summed first;
+    one weighted histogram per head (label -1, the future, goes to a dropped bin)."""
+    B, H = p.shape[:2]
+    weights = p[:, :, rows].sum(0)  # (H, R, n)
+    index = (labels[rows].long() + 1).flatten()
+    out = torch.zeros(H, count, dtype=torch.float64)
+    for h in range(H):
+        hist = torch.bincount(index, weights=weights[h].flatten().double(), minlength=count + 1)
+        out[h] = hist[1 : count + 1].cpu() / (B * weights.shape[1])
     return out
 
 
@@ -637,7 +649,7 @@ def analyze_attention(
             )
         results[layer] = r
 
-    visited = _each_layer(model, input_ids, layers, measure)
+    visited = for_each_layer(model, input_ids, measure, layers)
     get = lambda key: np.stack([results[i][key].numpy() for i in visited])  # noqa: E731
     regions = get("regions")
     return AttentionAnalysis(
@@ -670,11 +682,9 @@ def plot_attention_analysis(analysis: AttentionAnalysis, path: str) -> None:
     """Heatmaps (layer x head) of local, local + direct, retrieval at the middle k, top-1 block SVD
     energy and Kronecker rank-1 energy of the first split, and coverage against k (needs
     matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure, not pyplot: no backend or global state of the caller's is touched
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
             "plot_attention_analysis needs matplotlib: pip install matplotlib"
@@ -688,22 +698,34 @@ def plot_attention_analysis(analysis: AttentionAnalysis, path: str) -> None:
     if a.splits:
         n1, n2 = a.splits[0]
         panels.append((f"Kronecker {n1}x{n2}, r={a.ranks[0]}", a.kron_energy[:, :, 0, 0]))
-    cols = len(panels) + (a.retrieval is not None)
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 0.18 * len(a.layers) + 2.2))
-    axes = np.atleast_1d(axes)
+    count = len(panels) + (a.retrieval is not None)
+    cols = min(3, count)
+    rows = -(-count // cols)
+    height = 1.6 + 0.09 * len(a.layers)
+    fig = Figure(figsize=(4.2 * cols, height * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[count:]:
+        ax.axis("off")
+    step = max(1, len(a.layers) // 10)
     for ax, (title, values) in zip(axes, panels):
         im = ax.imshow(values, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(len(a.layers)), [str(x) for x in a.layers], fontsize=6)
+        ax.set_xlabel("head", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_xticks(range(a.heads), [str(h) for h in range(a.heads)], fontsize=7)
+        ticks = range(0, len(a.layers), step)
+        ax.set_yticks(ticks, [str(a.layers[t]) for t in ticks], fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046)
     if a.retrieval is not None:
-        ax = axes[-1]
+        ax = axes[count - 1]
         per_layer = a.retrieval.mean(1)  # (L, len(ks))
         for li in range(len(a.layers)):
             ax.plot(
-                a.ks, per_layer[li], color=plt.cm.viridis(li / max(1, len(a.layers) - 1)), lw=0.7
+                a.ks,
+                per_layer[li],
+                color=colormaps["viridis"](li / max(1, len(a.layers) - 1)),
+                lw=0.7,
             )
         ax.plot(a.ks, a.retrieval.mean((0, 1)), color="k", lw=2, label="mean")
         ax.set_xscale("symlog", linthresh=1)
@@ -715,4 +737,3 @@ def plot_attention_analysis(analysis: AttentionAnalysis, path: str) -> None:
     fig.suptitle(f"attention of {len(a.layers)} layers, n={a.n}, fold {a.dims}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
