@@ -408,26 +408,11 @@ def _dq_kernel(
     delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=rowq, other=0.0)
     Kp = K + b * stride_kb + hk * stride_kh
     Vp = V + b * stride_vb + hk * stride_vh
-    dl1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
-    dl2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
-    dm1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
-    dm2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_DH], dtype=ACC)
     last = tl.minimum(T - Lq + QOFF + qb * BLOCK_M + BLOCK_M - 1, T - 1)
 
-    for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
-        offs_n = st + tl.arange(0, BLOCK_N)
-        kin = offs_n <= last
-        kpos = tl.minimum(offs_n, T - 1)
-        rows = kpos.to(tl.int64)
-        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
-        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
-        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
-        ok = ok & rowq[:, None]
-        _, ds = _ds(ql1, ql2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
-        ds = ds.to(k1.dtype)
-        dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-        dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
-
+    # memory keys first, with q rotated at its memory positions
     for st in range(0, tl.minimum(SINKS, tl.max(starts, 0)), BLOCK_N):
         offs_n = st + tl.arange(0, BLOCK_N)
         kin = offs_n < SINKS
@@ -437,12 +422,8 @@ def _dq_kernel(
         ok = kin[None, :] & (offs_n[None, :] < starts[:, None]) & rowq[:, None]
         _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
         ds = ds.to(k1.dtype)
-        if ROPE:
-            dm1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-            dm2 += tl.dot(ds, k2, input_precision=DOT_PREC)
-        else:  # one space: one accumulator pair fewer in registers
-            dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-            dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+        dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+        dq2 += tl.dot(ds, k2, input_precision=DOT_PREC)
 
     crow = (T - Lq + QOFF + qb * BLOCK_M) // CHUNK - (T - Lq) // CHUNK
     Sp = Sel + b * stride_sb + hk * stride_sh + crow * stride_sc
@@ -461,20 +442,30 @@ def _dq_kernel(
                 ok = kin[None, :] & rowq[:, None]
                 _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
                 ds = ds.to(k1.dtype)
-                if ROPE:
-                    dm1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-                    dm2 += tl.dot(ds, k2, input_precision=DOT_PREC)
-                else:
-                    dl1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-                    dl2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+                dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+                dq2 += tl.dot(ds, k2, input_precision=DOT_PREC)
 
-    if ROPE:  # gradients of the rotated copies back to q: the transposed rotations
-        dl1, dl2 = _rotate(dl1, dl2, pos, Rot, offs_h, D1, -1)
-        dm1, dm2 = _rotate(dm1, dm2, mpos, Rot, offs_h, D1, -1)
-        dl1 += dm1
-        dl2 += dm2
-    dq1 = dl1 * scale
-    dq2 = dl2 * scale
+    # one accumulator for both parts: the memory part moved to the local rotation's space
+    # (R(pos) R(mpos)^T), so a single transposed rotation at the end gives dq
+    if ROPE:
+        dq1, dq2 = _rotate(dq1, dq2, mpos, Rot, offs_h, D1, -1)
+        dq1, dq2 = _rotate(dq1, dq2, pos, Rot, offs_h, D1, 1)
+    for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
+        offs_n = st + tl.arange(0, BLOCK_N)
+        kin = offs_n <= last
+        kpos = tl.minimum(offs_n, T - 1)
+        rows = kpos.to(tl.int64)
+        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
+        ok = ok & rowq[:, None]
+        _, ds = _ds(ql1, ql2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
+        ds = ds.to(k1.dtype)
+        dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
+        dq2 += tl.dot(ds, k2, input_precision=DOT_PREC)
+
+    if ROPE:
+        dq1, dq2 = _rotate(dq1, dq2, pos, Rot, offs_h, D1, -1)
     _store_halves(
         DQ + b * stride_dqb + h * stride_dqh,
         qrows * stride_dqt,
@@ -483,8 +474,8 @@ def _dq_kernel(
         D1,
         D2,
         stride_dqd,
-        dq1,
-        dq2,
+        dq1 * scale,
+        dq2 * scale,
     )
 
 
@@ -711,24 +702,6 @@ def _dkv_kernel(
     if ROPE:  # from here on dk is in the unrotated space of the memory keys
         dk1, dk2 = _rotate(dk1, dk2, kpos, Rot, offs_h, D1, -1)
         k1, k2 = _load_qk(Kp, krows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, False)
-    # sink keys: partial sums from _sink_kernel, already scaled to the logits
-    smask = kin & (offs_n < NS)
-    srow = (b * Hkv + hk) * NS + offs_n
-    s1 = tl.load(
-        SinkDK + srow[:, None] * (D1 + D2) + offs_h[None, :],
-        mask=smask[:, None] & (offs_h[None, :] < D1),
-        other=0.0,
-    )
-    s2 = tl.load(
-        SinkDK + srow[:, None] * (D1 + D2) + D1 + offs_h[None, :],
-        mask=smask[:, None] & (offs_h[None, :] < D2),
-        other=0.0,
-    )
-    sv = tl.load(
-        SinkDV + srow[:, None] * NDV + offs_dv[None, :],
-        mask=smask[:, None] & (offs_dv[None, :] < NDV),
-        other=0.0,
-    )
     # the chunks that selected this block (their sink tokens excluded: counted as sinks)
     kin_mem = kin & (offs_n >= SINKS)
     e0 = tl.load(Ptr + (b * Hkv + hk) * NBT + kb)
@@ -777,6 +750,24 @@ def _dkv_kernel(
                 BLOCK_M,
                 DOT_PREC,
             )
+    # sink keys: their memory part's partial sums from _sink_kernel, already scaled to the logits
+    smask = kin & (offs_n < NS)
+    srow = (b * Hkv + hk) * NS + offs_n
+    s1 = tl.load(
+        SinkDK + srow[:, None] * (D1 + D2) + offs_h[None, :],
+        mask=smask[:, None] & (offs_h[None, :] < D1),
+        other=0.0,
+    )
+    s2 = tl.load(
+        SinkDK + srow[:, None] * (D1 + D2) + D1 + offs_h[None, :],
+        mask=smask[:, None] & (offs_h[None, :] < D2),
+        other=0.0,
+    )
+    sv = tl.load(
+        SinkDV + srow[:, None] * NDV + offs_dv[None, :],
+        mask=smask[:, None] & (offs_dv[None, :] < NDV),
+        other=0.0,
+    )
     dk1 = dk1 * scale + s1
     dk2 = dk2 * scale + s2
     dv += sv
