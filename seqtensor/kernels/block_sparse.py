@@ -569,6 +569,7 @@ def _dkv_kernel(
     Delta,
     Ptr,
     Inv,
+    Order,
     SinkDK,
     SinkDV,
     Rot,
@@ -628,7 +629,7 @@ def _dkv_kernel(
     Hkv = H // G
     pid = tl.program_id(0)
     sub = pid % SUB
-    r = pid // SUB
+    r = tl.load(Order + pid // SUB)  # blocks by decreasing selection count (``_inverse_index``)
     kb = r % NBT
     r = r // NBT
     hk = r % Hkv
@@ -1236,9 +1237,11 @@ def check_selection(
     return selection.to(torch.int32).contiguous()
 
 
-def _inverse_index(sel: torch.Tensor, nbt: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_index(sel: torch.Tensor, nbt: int) -> tuple[torch.Tensor, ...]:
     """CSR of the chunks that selected each (batch, kv head, block): ptr (B * Hkv * nbt + 1,),
-    chunk ids int32. Padding sorts past the end; no device sync."""
+    chunk ids int32, and the blocks by decreasing count: the dk/dv programs of a block many chunks
+    selected take longest, and starting them first keeps them off the tail. Padding sorts past the
+    end; no device sync."""
     B, Hkv, C, kk = sel.shape
     n = B * Hkv * nbt
     flat = sel.long().reshape(B * Hkv, C * kk)
@@ -1249,7 +1252,8 @@ def _inverse_index(sel: torch.Tensor, nbt: int) -> tuple[torch.Tensor, torch.Ten
     counts = torch.bincount(keys, minlength=n + 1)[:n]
     ptr = torch.zeros(n + 1, dtype=torch.int32, device=sel.device)
     ptr[1:] = counts.cumsum(0)
-    return ptr, chunks[order].to(torch.int32).contiguous()
+    by_count = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    return ptr, chunks[order].to(torch.int32).contiguous(), by_count.contiguous()
 
 
 class _Params:
@@ -1356,10 +1360,10 @@ def _backward(do, q, k, v, out, lse, sel, p: _Params):
     )  # fmt: skip
 
     nbt = triton.cdiv(p.T, p.block)
-    ptr, inv = _inverse_index(sel, nbt)
+    ptr, inv, by_count = _inverse_index(sel, nbt)
     grid = (p.B * p.Hkv * nbt * triton.cdiv(p.block, bn),)
     _dkv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, ptr, inv, sink_dk, sink_dv, p.rot,
+        q, k, v, do, dk, dv, lse, delta, ptr, inv, by_count, sink_dk, sink_dv, p.rot,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *p.scalars(), ns, p.distance, p.win, p.chunk, nbt, p.scale, qk_scale,
         **meta,

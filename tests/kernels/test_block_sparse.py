@@ -69,7 +69,7 @@ CASES = [
     (1, 2, 1, 80, None, 16, 8, 16, 32, False, 4, 100.0, 3),  # G=2, RoPE, sinks
     (1, 4, 1, 70, None, 16, 16, 16, 32, False, 0, None, 2),  # G=4, T not a multiple of block
     (1, 1, 1, 75, None, 32, 8, 16, 16, True, 5, 50.0, 4),  # sliding, d=32
-    (2, 2, 2, 64, None, 16, 4, 32, 16, False, 3, None, 16),  # top_k >= every earlier block
+    (1, 2, 2, 64, None, 16, 4, 32, 16, False, 3, None, 16),  # top_k >= every earlier block
     (1, 2, 1, 90, 20, 16, 24, 16, 48, True, 10, 100.0, 2),  # last Lq queries; block 24
     (1, 2, 1, 60, 3, 16, 8, 16, 16, False, 3, 100.0, 3),  # a few last queries (decode-like)
     (1, 2, 2, 48, None, 16, 16, 16, 16, False, 0, None, 0),  # top_k 0: local keys only
@@ -209,6 +209,21 @@ def test_no_future_blocks_and_causal_pipeline(sliding):
         # every block named ends at or before its chunk's first window start
         ends = (sel2.long() + 1) * 8
         assert bool(((sel2 < 0) | (ends <= first[:, None])).all())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("Lq", [1, 7, 21])
+def test_last_queries_equal_whole_sequence_rows(Lq):
+    """A call for the last Lq queries (a decode step) with the selection rows of their chunks gives
+    the whole-sequence call's last Lq rows."""
+    B, H, Hkv, T, d, chunk = 1, 2, 1, 70, 16, 16
+    q, k, v = _inputs(B, H, Hkv, T, d, torch.float32, seed=9)
+    kw = dict(block=8, chunk=chunk, local=32, sinks=3, rope_theta=100.0)
+    sel = BS.select_blocks(BS.block_scores(q, k, **kw), 3)
+    assert (sel >= 0).any()
+    full = BS.block_sparse_attention(q, k, v, sel, **kw)
+    last = BS.block_sparse_attention(q[:, :, T - Lq :], k, v, sel[:, :, (T - Lq) // chunk :], **kw)
+    torch.testing.assert_close(last, full[:, :, T - Lq :], rtol=1e-6, atol=1e-6)
 
 
 def _small():
