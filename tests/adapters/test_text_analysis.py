@@ -223,6 +223,12 @@ def test_block_energy_is_energy_weighted_over_earlier_blocks():
     p[0, 0, 4:, :4] = 1.0
     p[0, 0, :4, 4:] = torch.eye(4)  # above the diagonal: never a (query, earlier key) pair
     assert block_svd_energy(p, b, (1,))[0, 0].item() == pytest.approx(1.0)
+    # three blocks: (1, 0) rank 1 and heavy, (2, 0) empty, (2, 1) the identity (rank 4, energy 4)
+    p = torch.zeros(1, 1, 12, 12, dtype=torch.float64)
+    p[0, 0, 4:8, :4] = 3.0  # energy 144, all in one singular value
+    p[0, 0, 8:, 4:8] = torch.eye(4)
+    assert block_svd_energy(p, b, (1,))[0, 0].item() == pytest.approx((144 + 1) / (144 + 4))
+    assert block_svd_energy(p, b, (1,), min_key_block=1)[0, 0].item() == pytest.approx(1 / 4)
 
 
 # ----------------------------------------------------------------------------- (b) retrieval

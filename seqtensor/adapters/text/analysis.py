@@ -436,14 +436,19 @@ def top_energy(mats: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
 
 
 def block_svd_energy(
-    p: torch.Tensor, block: int, ranks: Sequence[int], max_pairs: int = 512
+    p: torch.Tensor,
+    block: int,
+    ranks: Sequence[int],
+    max_pairs: int = 512,
+    min_key_block: int = 0,
 ) -> torch.Tensor:
     """(c) p (B, H, n, n) -> (H, len(ranks)) ``svd_energy`` over (query block, earlier key block)
-    pairs of ``block`` tokens; at most
+    pairs of ``block`` tokens, key blocks from ``min_key_block`` on (1: leave out the block holding
+    the attention sinks, whose one strong column is rank 1 and outweighs the rest); at most
     ``max_pairs`` pairs, evenly spaced in the list ordered by query block then key block."""
     B, H, n, _ = p.shape
     nb = -(-n // block)
-    pairs = [(a, b) for a in range(nb) for b in range(a)]
+    pairs = [(a, b) for a in range(nb) for b in range(min_key_block, a)]
     out = torch.zeros(H, len(ranks), dtype=torch.float64)
     if not pairs:
         return out
@@ -455,7 +460,7 @@ def block_svd_energy(
     for h in range(H):
         blocks = padded[:, h].unflatten(1, (nb, block)).unflatten(3, (nb, block))
         blocks = blocks.permute(0, 1, 3, 2, 4)[:, qa, kb]  # (B, pairs, block, block)
-        out[h] = top_energy(blocks.float(), ranks)
+        out[h] = top_energy(blocks, ranks)
     return out
 
 
