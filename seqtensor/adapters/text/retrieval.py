@@ -220,10 +220,18 @@ def _block_scores(r, k, reps, nb: int, block: int, representative: str) -> torch
     return r @ reps[0][:, :, :nb].transpose(-1, -2)
 
 
-def _select(r, valid, starts, k, reps, block: int, top_k: int, sinks: int, representative: str):
-    """Top-k blocks wholly before ``starts`` (R,) for ranking queries r (B, Hkv, R, d) (rows with
-    ``valid`` (R,) False select nothing) -> (blocks (B, Hkv, R, kk) int64, usable ... bool)."""
-    nb = int(starts.max()) // block if starts.numel() else 0
+def _start(i: int, local: int, block: int, sliding: bool) -> int:
+    """``_window_starts`` of one position, on the host (no device sync)."""
+    return max(0, i - local + 1) // block * block if sliding else i // local * local
+
+
+def _select(
+    r, valid, starts, last: int, k, reps, block: int, top_k: int, sinks: int, representative: str
+):
+    """Top-k blocks wholly before ``starts`` (R,) (at most ``last``) for ranking queries r
+    (B, Hkv, R, d) (rows with ``valid`` (R,) False select nothing) -> (blocks (B, Hkv, R, kk)
+    int64, usable ... bool)."""
+    nb = last // block
     kk = min(top_k, nb)
     if kk == 0:
         shape = (*r.shape[:3], 0)
@@ -232,7 +240,7 @@ def _select(r, valid, starts, k, reps, block: int, top_k: int, sinks: int, repre
             torch.zeros(shape, dtype=torch.bool, device=r.device),
         )
     scores = _block_scores(r, k, reps, nb, block, representative)  # (B, Hkv, R, nb)
-    ends = (torch.arange(nb, device=k.device) + 1) * block
+    ends = (torch.arange(nb, device=r.device) + 1) * block
     # blocks made only of sink tokens add nothing: the sinks are attended to anyway
     unusable = (ends[None, :] > starts[:, None]) | (ends[None, :] <= sinks) | ~valid[:, None]
     top, blocks = scores.masked_fill(unusable, float("-inf")).topk(kk, dim=-1)
@@ -318,14 +326,18 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     check(tile >= 1, f"tile must be >= 1, got {tile}")
     if shared:
         tile = -(-tile // chunk) * chunk  # whole chunks per tile
-    qw, kw, vw = q.to(work), k.to(work), v.to(work)
+    qw = q.to(work)  # k and v are cast where read: a decode step reads O(top_k * block) rows
+    # "max" reads every key anyway (the oracle): cast once
+    k_rank = k.to(work) if representative == "max" else None
     offset = T - Lq
     qpos_all = torch.arange(offset, T, device=q.device)
     starts_all = _window_starts(qpos_all, local, block, sliding)
     mq = _memory_queries(qw, qpos_all, starts_all, opts).unflatten(1, (Hkv, G)).mean(2)
     ranks, valid, sel_starts, group = _rankings(mq, history, offset, local, opts)
     if representative != "max" and reps is None:
-        reps = block_representatives(kw, T // block, block, representative)
+        reps = block_representatives(
+            k[:, :, : T // block * block].to(work), T // block, block, representative
+        )
     elif representative != "max":
         reps = tuple(x.to(work) for x in reps)
     qg = qw.unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
@@ -338,10 +350,10 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
         t = b - a
         qt = qg[:, :, :, a - offset : b - offset]  # (B, Hkv, G, t, d)
         qpos, starts = qpos_all[a - offset : b - offset], starts_all[a - offset : b - offset]
-        lo = int(starts[0])
-        k_loc, v_loc = kw[:, :, lo:b], vw[:, :, lo:b]
+        lo = _start(a, local, block, sliding)
+        k_loc, v_loc = k[:, :, lo:b].to(work), v[:, :, lo:b].to(work)
         kpos = torch.arange(lo, b, device=q.device)
-        ns = min(sinks, int(starts[-1]))
+        ns = min(sinks, _start(b - 1, local, block, sliding))
         q_mem = qt
         if theta is not None:
             # local keys at their true distances; retrieved and sink keys at position 0, the
@@ -353,16 +365,21 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
         parts = [torch.einsum("bhgqd,bhkd->bhgqk", qt, k_loc).masked_fill(outside, float("-inf"))]
         values = [v_loc]
         if ns > 0:
-            sink_logits = torch.einsum("bhgqd,bhkd->bhgqk", q_mem, kw[:, :, :ns])
+            sink_logits = torch.einsum("bhgqd,bhkd->bhgqk", q_mem, k[:, :, :ns].to(work))
             late = torch.arange(ns, device=q.device)[None, :] >= starts[:, None]
             parts.append(sink_logits.masked_fill(late, float("-inf")))
-            values.append(vw[:, :, :ns])
-        g0, g1 = int(group[a - offset]), int(group[b - 1 - offset]) + 1
+            values.append(v[:, :, :ns].to(work))
+        if shared:  # host-side: group = qpos // chunk - offset // chunk
+            g0, g1 = a // chunk - offset // chunk, (b - 1) // chunk - offset // chunk + 1
+            last = _start((b - 1) // chunk * chunk, local, block, sliding)
+        else:
+            g0, g1, last = a - offset, b - offset, _start(b - 1, local, block, sliding)
         blocks, usable = _select(
             ranks[:, :, g0:g1],
             valid[g0:g1],
             sel_starts[g0:g1],
-            kw,
+            last,
+            k_rank,
             reps,
             block,
             top_k,
@@ -376,8 +393,8 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
             tokens = (blocks[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)
             keep = usable.repeat_interleave(block, -1) & (tokens >= sinks)  # (B, Hkv, nc, M)
             index = tokens.flatten(2)[..., None]
-            k_mem = kw.gather(2, index.expand(-1, -1, -1, d)).unflatten(2, (nc, -1))
-            v_mem = vw.gather(2, index.expand(-1, -1, -1, dv)).unflatten(2, (nc, -1))
+            k_mem = k.gather(2, index.expand(-1, -1, -1, d)).unflatten(2, (nc, -1)).to(work)
+            v_mem = v.gather(2, index.expand(-1, -1, -1, dv)).unflatten(2, (nc, -1)).to(work)
             slots = torch.nn.functional.pad(q_mem, (0, 0, pre, post)).unflatten(3, (nc, gs))
             mem = torch.einsum("bhgcqd,bhcmd->bhgcqm", slots, k_mem)
             mem = mem.masked_fill(~keep[:, :, None, :, None], float("-inf"))
@@ -468,6 +485,7 @@ def retrieval_selection(
             ranks[:, :, g : g + 1],
             valid[g : g + 1],
             sel_starts[g : g + 1],
+            int(sel_starts[g]),
             kw,
             reps,
             block,
