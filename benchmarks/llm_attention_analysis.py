@@ -18,7 +18,7 @@ Queries before ``--local`` are left out of the averages (their whole past is loc
 
 Usage::
 
-    python benchmarks/llm_attention_analysis.py --tokens 1024                  # CPU, ~2 min
+    python benchmarks/llm_attention_analysis.py --tokens 1024                  # CPU, ~5 min
     python benchmarks/llm_attention_analysis.py --tokens 8192 --device cuda    # GPU
 
 Writes benchmarks/results/llm_attention_analysis_<device>.json and a PNG next to it.
