@@ -417,7 +417,7 @@ def retrieval_coverage(
 def top_energy(mats: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     """For a batch of matrices (..., a, b): sum over the batch of each one's top-r squared singular
     values, over the sum of their squared Frobenius norms, for each r -> (len(ranks),) float64."""
-    total = mats.double().square().sum()
+    total = mats.double().square().sum().cpu()
     out = torch.zeros(len(ranks), dtype=torch.float64)
     if total == 0:
         return out
@@ -426,10 +426,12 @@ def top_energy(mats: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     mats = mats.double() if mats.device.type == "cpu" else mats.float()
     if min(a, b) <= _EXACT_KRON_SIDE:
         gram = mats @ mats.transpose(-1, -2) if a <= b else mats.transpose(-1, -2) @ mats
-        sq = torch.linalg.eigvalsh(gram).double().clamp(min=0).flip(-1)  # descending
+        # eigenvalues on the host in float64: these Gram matrices are small, and float64 keeps
+        # shares near 1 exact
+        sq = torch.linalg.eigvalsh(gram.cpu().double()).clamp(min=0).flip(-1)  # descending
     else:
         q = min(max(ranks) + 16, a, b)
-        sq = torch.svd_lowrank(mats, q=q, niter=6)[1].double().square()
+        sq = torch.svd_lowrank(mats, q=q, niter=6)[1].cpu().double().square()
     for c, r in enumerate(ranks):
         out[c] = sq[..., :r].sum() / total
     return out
