@@ -202,9 +202,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
         "tokens)",
     )
     whole: list[list[int]] = []
-    while sum(map(len, whole)) + len(sentences[len(whole) % len(sentences)]) <= n_fill:
+    used = 0  # tokens in ``whole`` (a running total: a 128k prompt has ~20k sentences)
+    while used + len(sentences[len(whole) % len(sentences)]) <= n_fill:
         whole.append(sentences[len(whole) % len(sentences)])
-    rest = n_fill - sum(map(len, whole))
+        used += len(whole[-1])
+    rest = n_fill - used
     fragment = sentences[len(whole) % len(sentences)][-rest:] if rest else []
     ends = np.cumsum([0] + [len(x) for x in whole]) + rest  # needle positions in the filler
     j = int(np.argmin(np.abs(ends - depth * n_fill)))
