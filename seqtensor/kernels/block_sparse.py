@@ -29,8 +29,8 @@ applied on load from a host [cos | sin] table):
   chunks that selected its block, read from an inverse index (CSR, built on the host with a sort),
   so no atomics and deterministic sums. The sink keys are read by every later query: a separate
   kernel splits the queries into ranges and writes fp32 partial sums, which the dk/dv kernel adds.
-- block scores: qbar (the chunk's mean memory query over its kv group) against each block's
-  representatives: Quest's bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (two
+- block scores: the ranking query (the previous chunk's mean memory query over the kv group, so
+  a selection never depends on later queries) against each block's representatives: Quest's bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (two
   dots), or the mean key; the top-k is torch.topk.
 """
 
