@@ -30,8 +30,9 @@ applied on load from a host [cos | sin] table):
   so no atomics and deterministic sums. The sink keys are read by every later query: a separate
   kernel splits the queries into ranges and writes fp32 partial sums, which the dk/dv kernel adds.
 - block scores: the ranking query (the previous chunk's mean memory query over the kv group, so
-  a selection never depends on later queries) against each block's representatives: Quest's bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (two
-  dots), or the mean key; the top-k is torch.topk.
+  a selection never depends on later queries) against each block's representatives: Quest's
+  bound sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (two dots), or the mean key;
+  the top-k is torch.topk.
 """
 
 from __future__ import annotations
