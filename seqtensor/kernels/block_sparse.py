@@ -1121,7 +1121,8 @@ _TABLES: dict = {}
 
 
 def _rotation_table(theta: float, d: int, rows: int, dtype, device) -> torch.Tensor:
-    """(>= rows, d) [cos | sin] of pos * theta^(-2i/d), pos = 0, 1, ...; cached, grown by doubling."""
+    """(>= rows, d) [cos | sin] of pos * theta^(-2i/d), pos = 0, 1, ...; cached per theta, d, dtype
+    and device, rebuilt larger when more rows are needed."""
     key = (float(theta), d, dtype, torch.device(device))
     hit = _TABLES.get(key)
     if hit is None or hit.shape[0] < rows:
