@@ -5,11 +5,16 @@ What a practitioner sees first: a few weeks of one real series, a rolling-origin
 Peers: StatsForecast ``MSTL`` (seasons detected on the training part, as the Forecaster does),
 ``AutoETS`` (season = the shortest detected, when <= 24 steps; else non-seasonal), ``SeasonalNaive``
 (the longest season), ``Naive``; ``AutoARIMA`` with ``--arima`` (slow past daily seasons of 24).
-The Forecaster runs with its defaults, look-back ``seasonality.default_input_size``: 4, 3 or 2
-whole cycles of the longest detected season, as many as leave max(one cycle, 8h) training steps
-(else 4 cycles or 512 without a season, capped at half the training steps).
+The Forecaster runs with its defaults (``input_size=None``: ``seasonality.default_input_size``,
+7, 4, 3 or 2 whole cycles of the longest detected season, as many as leave max(one cycle, 8h)
+training steps; else 4 cycles or 512 without a season, capped at half the training steps).
 
-Run: ``pip install statsforecast`` then ``python benchmarks/forecast_peers.py``;
+``--set extra`` (or ``all``) runs more slices of the same public series (other start offsets of sea-surface
+temperature, glucose, demand, electricity temperature, air temperature and irradiance, and two
+more weather channels), so that a change is judged on more than the table's rows; their rows
+carry ``"set": "extra"`` (recorded in benchmarks/results/forecast_peers_extra_cpu.json).
+
+Run: ``pip install statsforecast`` then ``python benchmarks/forecast_peers.py [--set extra --out forecast_peers_extra_cpu.json]``;
 results: benchmarks/results/forecast_peers_cpu.json and a markdown table on stdout.
 """
 
@@ -26,7 +31,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import default_input_size, detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import detect_seasonalities
 from seqtensor.datasets.timeseries import (
     load_electricity_demand,
     load_glucose,
@@ -35,6 +40,46 @@ from seqtensor.datasets.timeseries import (
 )
 
 RESULTS = Path(__file__).parent / "results"
+
+
+# Extra slices (start offsets) per series: 8 weeks of sea-surface temperature (30 min), 3 weeks
+# of glucose (5 min), 6 weeks of demand and temperature (30 min), 8 weeks of hourly weather.
+EXTRA = {
+    "sst": (0, 6000, 9000, 12000, 15000),
+    "glucose": (0, 10000, 30000, 40000, 50000),
+    "Demand": (1000, 4000, 8000, 11000, 14000),
+    "Temperature": (0, 3000, 6000, 12000, 15000),
+    "temp_air": (2000, 6000),
+    "ghi": (1000, 6000),
+    "wind_speed": (4000,),
+    "relative_humidity": (4000,),
+}
+
+
+def extra_datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
+    """The ``EXTRA`` slices, named as the table's rows with ``_at<start>``; half-hourly and
+    5-minute series first (the kinds of data the Forecaster is judged on)."""
+    out = {}
+    try:
+        e = load_electricity_demand()
+    except ImportError:
+        e = None
+    for sid in ("Demand", "Temperature") if e is not None else ():
+        s = e[e["unique_id"] == sid][["unique_id", "ds", "y"]]
+        for start in EXTRA[sid]:
+            out[f"elec_{sid.lower()}_6w_at{start}"] = (s.iloc[start : start + 42 * 48], 48, "30min")
+    g = load_glucose()[["unique_id", "ds", "y"]]
+    for start in EXTRA["glucose"]:
+        out[f"glucose_3w_at{start}"] = (g.iloc[start : start + 21 * 288], 288, "5min")
+    sst = load_sea_surface_temperature()
+    for start in EXTRA["sst"]:
+        out[f"sst_8w_at{start}"] = (sst.iloc[start : start + 56 * 48], 48, "30min")
+    w = load_tmy_weather()
+    for ch in ("temp_air", "ghi", "wind_speed", "relative_humidity"):
+        s = w[w["unique_id"] == ch][["unique_id", "ds", "y"]]
+        for start in EXTRA[ch] if len(s) else ():
+            out[f"tmy_{ch}_8w_at{start}"] = (s.iloc[start : start + 56 * 24], 24, "h")
+    return out
 
 
 def datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
@@ -114,6 +159,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=7)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--arima", action="store_true")
+    p.add_argument("--set", choices=("table", "extra", "all"), default="table")
     p.add_argument(
         "--param", nargs="*", type=_param, help="Forecaster settings, e.g. max_steps=200 val_size=0"
     )
@@ -138,22 +184,29 @@ def main() -> None:
         "windows": args.windows,
         "params": dict(args.param or []),
     }
-    for name, (df, h, freq) in datasets().items():
+    data, sets = {}, {}
+    for which, make in (("table", datasets), ("extra", extra_datasets)):
+        if args.set in (which, "all"):
+            part = make()
+            data.update(part)
+            sets.update(dict.fromkeys(part, which))
+    for name, (df, h, freq) in data.items():
         if args.only and name not in args.only:
             continue
         df = df.reset_index(drop=True)
         n_train = len(df) - args.windows * h
-        seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])
-        L = default_input_size(n_train, h, seasons)
+        seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])  # MSTL's, as the fit's
         start = time.perf_counter()
-        fc = Forecaster(h=h, input_size=L, random_state=0, device="cpu", verbose=False)
+        fc = Forecaster(h=h, random_state=0, device="cpu", verbose=False)  # input_size=None
         fc.set_params(**dict(args.param or []))
         cv = backtest(fc, df, h, args.windows)  # what cross_validation(refit=False) does
         t_fc = time.perf_counter() - start
+        L = fc.input_size_
         scv, t_sf = stats_peers(df, h, freq, args.windows, seasons, args.arima)
         y = cv["y"].to_numpy()
         ok = np.isfinite(y)
         row = {"h": h, "look_back": L, "seasons": list(seasons), "steps": len(df)}
+        row["set"] = sets[name]
         alpha = getattr(fc.model_, "skip_alpha_", None)  # the ridge penalty; inf: the start alone
         row["fit"] = {
             "start": fc.start_,
@@ -194,6 +247,18 @@ def print_table(results: dict) -> None:
         seasons = ",".join(map(str, row["seasons"])) or "none"
         print(
             f"| {name} | {row['h']} | {seasons} | {row['look_back']} | " + " | ".join(cells) + " |"
+        )
+    ratios = {
+        name: row["Forecaster"]["mae"] / row["MSTL"]["mae"]
+        for name, row in results["rows"].items()
+        if "MSTL" in row
+    }
+    if ratios:
+        geo = float(np.exp(np.mean(np.log(list(ratios.values())))))
+        wins = sum(r < 1 for r in ratios.values())
+        print(
+            f"\nForecaster / MSTL MAE: geometric mean {geo:.3f}, MSTL beaten on {wins} of "
+            f"{len(ratios)} rows"
         )
 
 

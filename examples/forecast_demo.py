@@ -2,8 +2,8 @@
 
 Data: a continuous glucose monitor, every 5 minutes (public domain, vendored under datasets/;
 gaps masked). Three weeks of history; the Forecaster (defaults, seasons read from the data) reads
-a look-back of 4 detected cycles and forecasts the next day (288 steps). Peers from StatsForecast:
-MSTL (the same seasons), AutoETS, SeasonalNaive, Naive (last value).
+a look-back of whole detected cycles (input_size=None) and forecasts the next day (288 steps).
+Peers from StatsForecast: MSTL (the same seasons), AutoETS, SeasonalNaive, Naive (last value).
 
 1. fit once on the history before the backtest (the Forecaster holds out its last days to choose
    between its closed-form start and the trained network);
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import default_input_size, detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import detect_seasonalities
 from seqtensor.datasets.timeseries import load_glucose
 
 H, N_WINDOWS, START, DAYS = 288, 7, 20000, 21  # a day of 5-minute steps; 3 weeks of history
@@ -60,8 +60,7 @@ def main() -> None:
     df = load_glucose()[["unique_id", "ds", "y"]].iloc[START : START + DAYS * 288]
     df = df.reset_index(drop=True)
     n_train = len(df) - N_WINDOWS * H
-    seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])
-    look_back = default_input_size(n_train, H, seasons)
+    seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])  # for MSTL, as the fit does
     print(
         f"glucose, 5-minute steps: {len(df):,} steps ({DAYS} days), "
         f"{int(df['y'].isna().sum())} missing (masked); seasons found: {seasons or 'none'}"
@@ -70,9 +69,7 @@ def main() -> None:
     # One fit, on the history before the first backtest window; each window is then forecast
     # from its true history (what cross_validation(refit=False) does) and the future from all of
     # it, so the demo trains once.
-    model = Forecaster(
-        h=H, input_size=look_back, max_steps=args.steps, random_state=0, device=args.device
-    )
+    model = Forecaster(h=H, max_steps=args.steps, random_state=0, device=args.device)
     start = time.perf_counter()
     model.fit(df.iloc[:n_train])
     parts = []
@@ -97,7 +94,7 @@ def main() -> None:
         err = err[ok]
         rows.append({"model": m, "MAE": np.abs(err).mean(), "RMSE": np.sqrt((err**2).mean())})
     table = pd.DataFrame(rows).set_index("model").sort_values("MAE")
-    print(f"\nbacktest: {N_WINDOWS} one-day windows, look-back {look_back} steps (mg/dL)\n")
+    print(f"\nbacktest: {N_WINDOWS} one-day windows, look-back {model.input_size_} steps (mg/dL)\n")
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     print(
         f"\nForecaster: start {model.start_!r}, kept {model.selected_[0]!r} after validation on "

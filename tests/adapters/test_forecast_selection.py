@@ -21,9 +21,12 @@ from seqtensor.adapters.forecast.model import (
     _rolling_folds,
 )
 from seqtensor.adapters.forecast.seasonality import (
+    FAST_LEVEL_ALPHA,
+    combined_start,
     default_input_size,
     seasonal_profile_matrix,
     start_candidates,
+    trend_profile_matrix,
 )
 
 SMALL = dict(
@@ -53,6 +56,8 @@ def test_candidates_are_the_forecasts_they_name():
         "profile",
         "profile_recent",
         "profile_smooth",
+        "profile_fast",
+        "profile_trend",
     }
     np.testing.assert_allclose(x @ c["naive"], np.full(h, x[-1]))
     np.testing.assert_allclose(x @ c["mean"], np.full(h, x.mean()))
@@ -97,6 +102,55 @@ def test_smooth_profile_is_weighted_cycles_plus_a_smoothed_level(L, p, decay, al
     c = start_candidates(96, h, (24,))
     want = _smooth_profile_loop(x[:96], h, 24, 0.7, 0.2)
     np.testing.assert_allclose(x[:96] @ c["profile_smooth"], want, atol=1e-12)
+    want = _smooth_profile_loop(x[:96], h, 24, 0.7, FAST_LEVEL_ALPHA)
+    np.testing.assert_allclose(x[:96] @ c["profile_fast"], want, atol=1e-12)
+
+
+def test_trend_profile_forecasts_a_trend_plus_two_seasons_exactly():
+    """Oracle: y = a + b t + two sinusoids (periods 24 and 96, nested) continues exactly; the
+    profile without a trend does not (its phase means carry the trend as a sawtooth)."""
+    L, h = 4 * 96, 60
+    t = np.arange(L + h)
+    y = 5 + 0.03 * t + 2 * np.sin(2 * np.pi * t / 24) + np.cos(2 * np.pi * t / 96 + 1)
+    W = trend_profile_matrix(L, h, (24, 96))
+    np.testing.assert_allclose(y[:L] @ W, y[L:], atol=1e-9)
+    np.testing.assert_allclose(y[:L] @ start_candidates(L, h, (24, 96))["profile_trend"], y[L:])
+    assert np.abs(y[:L] @ seasonal_profile_matrix(L, h, (24, 96)) - y[L:]).max() > 0.1
+    # any pattern of the longest period plus a trend, and a constant gives the constant
+    pattern = np.random.default_rng(4).standard_normal(96)
+    z = pattern[t % 96] - 0.5 * t
+    np.testing.assert_allclose(z[:L] @ W, z[L:], atol=1e-9)
+    np.testing.assert_allclose(np.full(L, 3.0) @ W, np.full(h, 3.0), atol=1e-12)
+    # fewer than two whole cycles: no trend can be told from the pattern
+    assert trend_profile_matrix(150, h, (96,)) is None
+
+
+def test_combined_start_is_the_mean_of_its_parts():
+    c = start_candidates(96, 12, (24,))
+    np.testing.assert_allclose(combined_start(c, "naive+profile"), (c["naive"] + c["profile"]) / 2)
+    np.testing.assert_array_equal(combined_start(c, "mean"), c["mean"])
+    with pytest.raises(ValueError, match="unknown start 'naive\\+bogus'"):
+        combined_start(c, "naive+bogus")
+
+
+def test_the_mean_of_the_best_two_starts_is_chosen_when_it_scores_best():
+    """Oracle: targets that are the average of the last-value and the look-back-mean forecasts
+    (and a worse third candidate): the combination of the two is exact and kept as it is."""
+    L, h, N = 24, 6, 400
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((N, L))
+    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
+    c = start_candidates(L, h, (6,))
+    priors = {k: c[k] for k in ("naive", "mean", "seasonal_naive_6")}
+    Y = X @ (priors["naive"] + priors["mean"]) / 2 + 0.05 * rng.standard_normal((N, h))
+    m = _choose(X, Y, priors)
+    assert set(m.skip_start_.split("+")) == {"naive", "mean"} and m.skip_alpha_ == float("inf")
+    with torch.no_grad():
+        want = (c["naive"] + c["mean"]) / 2
+        np.testing.assert_allclose(m.skip.weight.double().numpy().T, want, atol=1e-6)
+    # one exact candidate: it alone is kept, the combination with the next is worse
+    m = _choose(X, X @ priors["seasonal_naive_6"] + 0.05 * rng.standard_normal((N, h)), priors)
+    assert m.skip_start_ == "seasonal_naive_6"
 
 
 def test_smooth_profile_limits():
@@ -206,7 +260,10 @@ def test_default_input_size_takes_whole_cycles_the_data_allows():
     # 5 weeks of half-hours, h = 48: 4 weeks would leave one week, 3 leave two
     assert default_input_size(1680, 48, (48, 336)) == 3 * 336
     assert default_input_size(8 * 336, 48, (48, 336)) == 4 * 336
-    assert default_input_size(1176, 24, (24,)) == 96  # hourly, 7 weeks: 4 days
+    assert default_input_size(1176, 24, (24,)) == 168  # hourly, 7 weeks: 7 days
+    assert default_input_size(300, 24, (24,)) == 96  # 7 days would leave less than 8h
+    # 5-minute data with a weekly season: 2 weeks, within the ridge solve's limit of 4,096 steps
+    assert default_input_size(8 * 2016, 288, (288, 2016)) == 2 * 2016
     assert default_input_size(700, 48, (48, 336)) == 350  # not 2 weeks: half the steps
     assert default_input_size(4000, 48, ()) == 512
     assert default_input_size(600, 48, ()) == 300
@@ -237,7 +294,8 @@ def test_noiseless_seasonal_series_starts_from_a_seasonal_forecast_and_keeps_it(
         **SMALL,
     ).fit(frame(y[:T]))
     assert fc.seasons_ == (24,)
-    assert fc.start_ in {"seasonal_naive_24", "profile", "profile_recent"}
+    exact = {"seasonal_naive_24", "profile", "profile_recent", "profile_smooth", "profile_fast"}
+    assert set(fc.start_.split("+")) <= exact | {"profile_trend"}
     assert fc.selected_ == ["start"]
     assert fc.history_[0]["step"] == 0 and fc.history_[0]["val_loss"] < 1e-4
     pred = fc.predict()["Forecaster"].to_numpy()
@@ -331,3 +389,16 @@ def test_selection_windows_split_the_held_out_part_without_overlap():
         assert (s + h <= length - 42).all() and (c >= length - 42).all()
         assert len(s) == 42 - h + 1 and len(c) == 42 - h + 1
     assert fc._selection_windows(val, [T, T - 30], 2 * h - 1) == (val, val)  # too short to split
+
+
+def test_trended_two_season_series_is_forecast_from_the_trend_start():
+    """The Forecaster (input_size=None) on a noiseless trend + two given seasons: the start
+    that fits trend and phases jointly is exact, is chosen, and is kept over training."""
+    T, h = 1500, 24
+    t = np.arange(T + h)
+    y = 50 + 0.02 * t + 3 * np.sin(2 * np.pi * t / 24) + np.sin(2 * np.pi * t / 168)
+    fc = Forecaster(h=h, seasonality=(24, 168), max_steps=2, verbose=False, **SMALL)
+    fc.fit(frame(y[:T]))
+    assert fc.seasons_ == (24, 168) and fc.input_size_ == 7 * 168
+    assert fc.start_ == "profile_trend" and fc.selected_ == ["start"]
+    np.testing.assert_allclose(fc.predict()["Forecaster"].to_numpy(), y[T:], atol=1e-3)

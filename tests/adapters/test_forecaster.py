@@ -833,21 +833,21 @@ def test_n_models_must_be_positive():
 
 
 def test_default_input_size_follows_the_detected_season(tmp_path, capsys):
-    """input_size=None: 4 whole cycles of the detected period 24 (default_input_size's rule:
-    400 steps leave max(24, 8h=96) after 4 cycles), kept by save/load and clone."""
+    """input_size=None: 7 whole cycles of the detected period 24 (default_input_size's rule:
+    400 steps leave max(24, 8h=96) after 7 cycles), kept by save/load and clone."""
     from seqtensor.adapters.forecast.seasonality import default_input_size
 
     df = seasonal_frame(n=400, ids=("a",), noise=0.1)
     fc = Forecaster(h=12, **{**TINY, "verbose": True}).fit(df)
     assert fc.seasons_ == (24,)
-    assert fc.input_size_ == default_input_size(400, 12, (24,)) == 96
-    assert fc.model_config_.input_size == 96 and fc.get_params()["input_size"] is None
-    assert "look-back input_size=96" in capsys.readouterr().err
+    assert fc.input_size_ == default_input_size(400, 12, (24,)) == 168
+    assert fc.model_config_.input_size == 168 and fc.get_params()["input_size"] is None
+    assert "look-back input_size=168" in capsys.readouterr().err
     # the same fit as the look-back given explicitly
-    ref = Forecaster(h=12, input_size=96, **TINY).fit(df)
+    ref = Forecaster(h=12, input_size=168, **TINY).fit(df)
     pd.testing.assert_frame_equal(fc.predict(), ref.predict())
     loaded = Forecaster.load(fc.save(tmp_path / "auto"))
-    assert loaded.input_size is None and loaded.input_size_ == 96
+    assert loaded.input_size is None and loaded.input_size_ == 168
     pd.testing.assert_frame_equal(loaded.predict(), fc.predict())
     twin = clone(fc)
     assert twin.input_size is None and not hasattr(twin, "input_size_")

@@ -51,7 +51,13 @@ from .panel import (
     warn_missing,
 )
 from .persistence import load_forecaster, plot_forecast, save_forecaster
-from .seasonality import default_input_size, resolve_seasons, start_candidates
+from .seasonality import (
+    MAX_RIDGE_INPUT,
+    combined_start,
+    default_input_size,
+    resolve_seasons,
+    start_candidates,
+)
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
 __all__ = ["Forecaster"]
@@ -118,7 +124,7 @@ class Forecaster(BaseEstimator):
         Forecast horizon the network is trained for; ``predict(h=...)`` can roll out further.
     input_size : int or None, default None
         Look-back L in steps (2,048-16,384 is cheap with tensorized attention). None: chosen at
-        fit from the seasons of the training data (``seasonality.default_input_size``: 4, 3 or 2
+        fit from the seasons of the training data (``seasonality.default_input_size``: 7, 4, 3 or 2
         whole cycles of the longest season; 4 cycles or 512 steps without one, capped at half the
         shortest series) and stored in ``input_size_``.
     patch_len : int, default 16
@@ -873,13 +879,13 @@ class Forecaster(BaseEstimator):
             or self.model_.skip is None
         ):
             return
-        if self.input_size_ > 4096:  # an L x L solve: past 4,096 the skip starts at zero, as with 0
+        if self.input_size_ > MAX_RIDGE_INPUT:  # an L x L solve: past it the skip starts at zero
             return
         model = self.model_
         if refit:
             if not hasattr(model, "skip_start_") or model.skip_alpha_ == float("inf"):
                 return  # the prior alone does not depend on the data
-            priors = {model.skip_start_: self._start_priors()[model.skip_start_]}
+            priors = {model.skip_start_: combined_start(self._start_priors(), model.skip_start_)}
             alpha = model.skip_alpha_
         else:
             priors = self._start_priors()
