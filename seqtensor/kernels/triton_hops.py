@@ -62,10 +62,17 @@ from . import tuning
 from .reference import fibre_attention_reference
 from .tuning import MAX_BLOCK, block_size, config, launch
 
-__all__ = ["tensorized_fibre_attention", "fallback_reason"]
+__all__ = ["tensorized_fibre_attention", "fallback_reason", "rotate_for_hop"]
 
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
 POISON = False
+# tensor_rope in the backward: q and k (True) or q only ("q") rotated once per hop into scratch by
+# ``_rotate_kernel`` (the hop kernels then load them as plain rows and only un-rotate dq / dk)
+# rather than on every tile load (False). Forward: the same for k only (q is loaded once per program
+# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants); the defaults
+# are the measured faster ones.
+PREROTATE_BACKWARD: bool | str = True
+PREROTATE_FORWARD_KEYS = False
 _MAX_HEAD_DIM = 256
 
 
@@ -122,6 +129,57 @@ def _store_halves(X, rows, row_mask, offs_h, D1, D2, stride_d, x1, x2):
         x2.to(X.dtype.element_ty),
         mask=row_mask[:, None] & (offs_h[None, :] < D2),
     )
+
+
+@triton.jit
+def _rotate_kernel(
+    X,
+    Y,
+    Rot,
+    stride_xb,
+    stride_xh,
+    stride_xt,
+    stride_xd,
+    stride_yb,
+    stride_yh,
+    stride_yt,
+    stride_yd,
+    n,
+    H,
+    NJ,
+    S,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):
+    """Y = tensor_rope of X for one hop (token t at fibre coordinate (t // S) % NJ), BLOCK_T rows
+    of one head per program; rounded to Y's dtype exactly as ``_load_qk`` rounds in the kernels."""
+    TB = tl.cdiv(n, BLOCK_T)
+    pid = tl.program_id(0)
+    tb = pid % TB
+    r = pid // TB
+    h = r % H
+    b = (r // H).to(tl.int64)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = t < n
+    t64 = t.to(tl.int64)
+    pos = (t // S) % NJ
+    offs_h = tl.arange(0, BLOCK_DH)
+    x1, x2 = _load_qk(
+        X + b * stride_xb + h * stride_xh,
+        t64 * stride_xt,
+        rows,
+        pos,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_xd,
+        True,
+    )
+    Yp = Y + b * stride_yb + h * stride_yh
+    _store_halves(Yp, t64 * stride_yt, rows, offs_h, D1, D2, stride_yd, x1, x2)
 
 
 @triton.jit
@@ -258,6 +316,7 @@ def _hop_fwd_kernel(
     CAUSAL: tl.constexpr,
     SUMMARY: tl.constexpr,
     ROPE: tl.constexpr,
+    ROPE_K: tl.constexpr,
     MASKED: tl.constexpr,
     STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -339,7 +398,7 @@ def _hop_fwd_kernel(
         qk_scale,
         CAUSAL,
         False,
-        ROPE,
+        ROPE_K,
         MASKED,
         BLOCK_N,
         DOT_PREC,
@@ -378,7 +437,7 @@ def _hop_fwd_kernel(
             qk_scale,
             True,
             True,
-            ROPE,
+            ROPE_K,
             MASKED,
             BLOCK_N,
             DOT_PREC,
@@ -607,6 +666,8 @@ def _hop_bwd_kernel(
     CAUSAL: tl.constexpr,
     SUMMARY: tl.constexpr,
     ROPE: tl.constexpr,
+    ROPE_Q: tl.constexpr,
+    ROPE_GRAD: tl.constexpr,
     MASKED: tl.constexpr,
     FIRST: tl.constexpr,
     ACCUM: tl.constexpr,
@@ -684,7 +745,7 @@ def _hop_bwd_kernel(
                 D1,
                 D2,
                 stride_qd,
-                ROPE,
+                ROPE_Q,
             )
             do = _load_rows(
                 DO + b * stride_dob + h * stride_doh,
@@ -780,7 +841,7 @@ def _hop_bwd_kernel(
                 dq1,
                 dq2,
                 scale,
-                ROPE,
+                ROPE_GRAD,
                 ACCUM,
             )
             if FIRST:
@@ -819,7 +880,7 @@ def _hop_bwd_kernel(
             dk1,
             dk2,
             scale,
-            ROPE,
+            ROPE_GRAD,
             ACCUM,
         )
     else:
@@ -854,7 +915,7 @@ def _hop_bwd_kernel(
                     D1,
                     D2,
                     stride_qd,
-                    ROPE,
+                    ROPE_Q,
                 )
                 orow = rowq & (tq < n_o)
                 do = _load_rows(
@@ -927,7 +988,7 @@ def _hop_bwd_kernel(
             dk1,
             dk2,
             scale,
-            ROPE,
+            ROPE_GRAD,
             ACCUM,
         )
 
@@ -950,7 +1011,7 @@ def _hop_bwd_kernel(
                 D1,
                 D2,
                 stride_qd,
-                ROPE,
+                ROPE_Q,
             )
             do = _load_rows(
                 DO + b * stride_dob + h * stride_doh,
@@ -1074,7 +1135,7 @@ def _hop_bwd_kernel(
                 dq1,
                 dq2,
                 scale,
-                ROPE,
+                ROPE_GRAD,
                 ACCUM,
             )
 
@@ -1126,6 +1187,8 @@ def _hop_bwd_summary_kernel(
     D: tl.constexpr,
     NDV: tl.constexpr,
     ROPE: tl.constexpr,
+    ROPE_Q: tl.constexpr,
+    ROPE_GRAD: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_DH: tl.constexpr,
@@ -1197,7 +1260,7 @@ def _hop_bwd_summary_kernel(
             D1,
             D2,
             stride_qd,
-            ROPE,
+            ROPE_Q,
         )
         do = _load_rows(
             DO + b * stride_dob + h * stride_doh,
@@ -1219,7 +1282,7 @@ def _hop_bwd_summary_kernel(
         dk2 += tl.dot(ds, q2, input_precision=DOT_PREC)
     row = (((b * H + h) * P + p) * C + cb) * NJ + offs_n
     _store_grad(
-        DKS, row * D, rowk, rowk, offs_n, Rot, offs_h, D1, D2, 1, dk1, dk2, scale, ROPE, False
+        DKS, row * D, rowk, rowk, offs_n, Rot, offs_h, D1, D2, 1, dk1, dk2, scale, ROPE_GRAD, False
     )
     tl.store(
         DVS + row[:, None] * NDV + offs_dv[None, :],
@@ -1336,8 +1399,11 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    # k rotated per hop into one scratch buffer (reused: at most one hop's copy alive)
+    k_scratch = _empty(k.shape, k.dtype, k.device) if rope and PREROTATE_FORWARD_KEYS else None
     states, raws, vin = [], [], v
     for idx, hop in enumerate(plan.hops):
+        kh = k if k_scratch is None else rotate_for_hop(k, rot, hop.nj, hop.S, k_scratch)
         first, last = idx == 0, idx == m - 1
         gate = (
             None if gates is None or first else gates[:, idx - 1].to(lse.dtype)[None, :, None, None]
@@ -1349,7 +1415,7 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
         )
         args = (
             q,
-            k,
+            kh,
             vin,
             out,
             lse[idx if need_backward else 0],
@@ -1357,7 +1423,7 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
             dummy[0] if valid is not None else dummy,
             rot,
             *_strides(q),
-            *_strides(k),
+            *_strides(kh),
             *_strides(vin),
             *_strides(out),
             n,
@@ -1379,6 +1445,7 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
             CAUSAL=plan.causal,
             SUMMARY=hop.summary,
             ROPE=rope,
+            ROPE_K=rope and k_scratch is None,
             MASKED=plan.masked,
             STORE_LSE=need_backward,
             BLOCK_DH=block_size(D1),
@@ -1408,6 +1475,35 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
     return vin, states, lse, raws
 
 
+def rotate_for_hop(
+    x: torch.Tensor, rotation: torch.Tensor, nj: int, S: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """tensor_rope of x (B, H, n, d) for a hop viewing tokens as (P, nj, S): token t rotated by the
+    ``rotation`` table (``TensorRoPE.rotation_table``) at position (t // S) % nj. Written to ``out``
+    (any strides) or a new (B, H, n, d) tensor, in x's dtype."""
+    B, H, n, d = x.shape
+    out = _empty(x.shape, x.dtype, x.device) if out is None else out
+    block = 16 if tuning.INTERPRET else 64
+    D1 = (d + 1) // 2
+    _rotate_kernel[(B * H * triton.cdiv(n, block),)](
+        x,
+        out,
+        rotation,
+        *_strides(x),
+        *_strides(out),
+        n,
+        H,
+        nj,
+        S,
+        D1=D1,
+        D2=d // 2,
+        BLOCK_T=block,
+        BLOCK_DH=block_size(D1),
+        num_warps=4,
+    )
+    return out
+
+
 def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
     """Split the S - 1 sibling fibres into chunks so the summary kernel has enough programs."""
     target = 4 if tuning.INTERPRET else 1024
@@ -1430,12 +1526,23 @@ def _backward(
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
+    # pre-rotated q and k of the current hop (one scratch pair, overwritten per hop); the kernels
+    # then load plain rows (ROPE off) and un-rotate only dq and dk (ROPE_GRAD)
+    pre_q = rope and PREROTATE_BACKWARD in (True, "q")
+    pre_k = rope and PREROTATE_BACKWARD is True
+    q_scratch = _empty(q.shape, q.dtype, q.device) if pre_q else None
+    k_scratch = _empty(k.shape, k.dtype, k.device) if pre_k else None
     dq, dk = _empty_like(q), _empty_like(k)
     dgates = None if gates is None else torch.zeros(gates.shape, dtype=lse.dtype, device=q.device)
     do, delta = grad_out, None
     for idx in range(m - 1, -1, -1):
         hop = plan.hops[idx]
         first, last = idx == 0, idx == m - 1
+        qh, kh = q, k
+        if pre_q:
+            qh = rotate_for_hop(q, rot, hop.nj, hop.S, q_scratch)
+        if pre_k:
+            kh = rotate_for_hop(k, rot, hop.nj, hop.S, k_scratch)
         o = out if last else states[idx]
         vin = v if first else states[idx - 1]
         mixed_grad, wt = None, lse.dtype  # fp32 (fp64 for fp64 inputs), as the kernels accumulate
@@ -1480,8 +1587,8 @@ def _backward(
         v0 = dummy[0] if valid is not None else dummy
         cfg = config(hop.nj, d, dv)
         args = (
-            q,
-            k,
+            qh,
+            kh,
             vin,
             o,
             do,
@@ -1494,8 +1601,8 @@ def _backward(
             vin_lvl,
             v0,
             rot,
-            *_strides(q),
-            *_strides(k),
+            *_strides(qh),
+            *_strides(kh),
             *_strides(vin),
             *_strides(o),
             *_strides(do),
@@ -1522,7 +1629,9 @@ def _backward(
             NDV=dv,
             CAUSAL=plan.causal,
             SUMMARY=hop.summary,
-            ROPE=rope,
+            ROPE=rope and not pre_k,
+            ROPE_Q=rope and not pre_q,
+            ROPE_GRAD=rope,
             MASKED=plan.masked,
             FIRST=first,
             ACCUM=not last,
@@ -1539,8 +1648,8 @@ def _backward(
         launch(_hop_bwd_kernel, "bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if hop.summary:
             dvs = _summary_backward(
-                q,
-                k,
+                qh,
+                kh,
                 vin,
                 do,
                 dk,
@@ -1550,6 +1659,8 @@ def _backward(
                 vin_lvl,
                 v0,
                 rot,
+                rope and not pre_k,
+                rope and not pre_q,
                 rope,
                 valid,
                 plan,
@@ -1570,7 +1681,25 @@ def _backward(
 
 
 def _summary_backward(
-    q, k, vin, do, dk, dvin, lse, delta, vin_lvl, v0, rot, rope, valid, plan, hop, cfg, last
+    q,
+    k,
+    vin,
+    do,
+    dk,
+    dvin,
+    lse,
+    delta,
+    vin_lvl,
+    v0,
+    rot,
+    rope,
+    rope_q,
+    rope_grad,
+    valid,
+    plan,
+    hop,
+    cfg,
+    last,
 ):
     """Summary-key gradients: partial sums from the kernel, added to the (p, :, S-1) rows on the
     host."""
@@ -1618,6 +1747,8 @@ def _summary_backward(
         D=d,
         NDV=dv,
         ROPE=rope,
+        ROPE_Q=rope_q,
+        ROPE_GRAD=rope_grad,
         MASKED=plan.masked,
         BLOCK=cfg.block,
         BLOCK_DH=block_size(D1),

@@ -95,7 +95,18 @@ BWD_CANDIDATES = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (3
 # Tuned once per fibre-length bucket (a power of two: one tuner each, ``_tuner``) and these
 # settings, not per shape: P, S and the coarsest n_j change with every sequence length, and retuning
 # each would stall variable-length inputs (a text model's prompts) for seconds per new length.
-TUNE_KEY = ["D1", "D2", "NDV", "CAUSAL", "SUMMARY", "ROPE", "MASKED"]
+TUNE_KEY = [
+    "D1",
+    "D2",
+    "NDV",
+    "CAUSAL",
+    "SUMMARY",
+    "ROPE",
+    "ROPE_K",
+    "ROPE_Q",
+    "ROPE_GRAD",
+    "MASKED",
+]
 
 
 def fwd_candidates(configs, named_args, **kwargs) -> list:
