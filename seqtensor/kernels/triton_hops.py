@@ -25,10 +25,12 @@ Design (docs/semantics.md, "One hop"):
   gradients gather from all S - 1 sibling fibres: a separate key-centric kernel splits the s range
   into C chunks and writes (B, H, P, C, n_j, d) partial sums; the host adds their sum to the
   summary rows (N / S of them, a small fraction of the tensor).
-- tensor_rope is applied to q and k rows as they are loaded (cos / sin of pos * inv_freq read from a
-  small table, fp16 for bf16 inputs and the working precision otherwise, cached on the
-  ``TensorRoPE`` module; the position is the fibre coordinate), so no extra pass over q and k; its
-  gradient is the inverse rotation of the rotated-space gradient.
+- tensor_rope is applied to q and k rows as they are loaded in the forward (cos / sin of
+  pos * inv_freq read from a small table, fp16 for bf16 inputs and the working precision otherwise,
+  cached on the ``TensorRoPE`` module; the position is the fibre coordinate). The backward by
+  default rotates q and k once per hop into one reused scratch pair (``_rotate_kernel``, same
+  rounding as the on-load path) and runs its kernels on plain rows; dq and dk are un-rotated (the
+  inverse rotation of the rotated-space gradient) as they are stored.
 - Backward recomputes each hop from q, k, the hop's input value state and its logsumexp. Saved for
   backward: the m - 1 intermediate value states (input dtype), per-hop logsumexp (fp32, (B, H, N)),
   and the validity bytes. dq and dk accumulate across hops in the gradient dtype (read-add-write;
@@ -69,8 +71,9 @@ POISON = False
 # tensor_rope in the backward: q and k (True) or q only ("q") rotated once per hop into scratch by
 # ``_rotate_kernel`` (the hop kernels then load them as plain rows and only un-rotate dq / dk)
 # rather than on every tile load (False). Forward: the same for k only (q is loaded once per program
-# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants); the defaults
-# are the measured faster ones.
+# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants). The defaults
+# follow the byte-count prediction in benchmarks/NOTES.md ("tensor_rope pre-rotation"), not yet
+# measured on a GPU: flip them if the measurement disagrees.
 PREROTATE_BACKWARD: bool | str = True
 PREROTATE_FORWARD_KEYS = False
 _MAX_HEAD_DIM = 256
