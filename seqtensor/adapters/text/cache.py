@@ -141,8 +141,9 @@ class CausalFold:
     def extrapolating(cls, dims: Sequence[int], length: int) -> CausalFold:
         """Extend a training fold to ``length`` by adding leading dims no larger than ``dims[0]``.
 
-        Every coordinate then stays within the range seen in training (SPEC "Folding": grow the
-        order), and tokens before ``prod(dims)`` keep exactly their training-time outputs.
+        Every coordinate then stays within the range seen in training (docs/semantics.md,
+        "Folding": grow the order), and tokens before ``prod(dims)`` keep exactly their training-time
+        outputs.
         """
         dims = tuple(dims)
         check(length >= 1, f"length must be >= 1, got {length}")

@@ -95,7 +95,7 @@ class TextAdapterConfig:
     top_level_cache : how generation stores the top hop's input, the largest part of the cache:
         "native" (the model's dtype; exact) or "int8" (a per-row scale; ~1% error, half the bytes
         of bf16).
-    hop_gate : None (the method as SPEC defines it) or the initial value in (0, 1) of learned hop
+    hop_gate : None (the method as docs/semantics.md defines it) or the initial value in (0, 1) of learned hop
         gates: per layer, head and coarse level, ``V <- V + g * (hop(V) - V)``
         (``tensorized_attention(hop_gates=...)``). Levels beyond those trained use the coarsest
         trained gate.
