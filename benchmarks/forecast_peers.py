@@ -14,6 +14,11 @@ temperature, glucose, demand, electricity temperature, air temperature and irrad
 more weather channels), so that a change is judged on more than the table's rows; their rows
 carry ``"set": "extra"`` (recorded in benchmarks/results/forecast_peers_extra_cpu.json).
 
+``--neural`` adds NeuralForecast's ``NHITS`` and ``PatchTST`` to rows already in the results file
+(without re-running the others): their defaults, input size = the Forecaster's look-back for the
+row, at most 500 steps of 64 windows, early stopping on the last h steps before the first window
+(patience 5 checks of 50 steps), seed 1, trained once and forecasting each window without refit.
+
 Run: ``pip install statsforecast`` then ``python benchmarks/forecast_peers.py [--set extra --out forecast_peers_extra_cpu.json]``;
 results: benchmarks/results/forecast_peers_cpu.json and a markdown table on stdout.
 """
@@ -132,6 +137,47 @@ def stats_peers(df, h, freq, n_windows, seasons, arima):
     return cv, time.perf_counter() - start
 
 
+def neural_peers(df, h, freq, n_windows, input_size):
+    """NeuralForecast's NHITS and PatchTST on the same windows (gaps filled, as for the others)."""
+    import logging
+
+    from neuralforecast import NeuralForecast
+    from neuralforecast.models import NHITS, PatchTST
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    common = dict(
+        h=h,
+        input_size=input_size,
+        max_steps=500,
+        windows_batch_size=64,
+        val_check_steps=50,
+        early_stop_patience_steps=5,
+        random_seed=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    filled = df.assign(y=df["y"].interpolate().bfill().ffill())
+    nf = NeuralForecast(models=[NHITS(**common), PatchTST(**common)], freq=freq)
+    start = time.perf_counter()
+    cv = nf.cross_validation(df=filled, n_windows=n_windows, step_size=h, val_size=h)
+    return cv, time.perf_counter() - start
+
+
+def score_peers(row: dict, cv: pd.DataFrame, y: np.ndarray, seconds: float) -> None:
+    """MAE / MSE of each model column of a Nixtla backtest frame, on the truth's finite steps."""
+    ok = np.isfinite(y)
+    models = [c for c in cv.columns if c not in ("unique_id", "ds", "cutoff", "y")]
+    for m in models:
+        err = cv[m].to_numpy() - y
+        row[m] = {
+            "mae": float(np.abs(err)[ok].mean()),
+            "mse": float((err**2)[ok].mean()),
+            "seconds": seconds / len(models),
+        }
+
+
 def backtest(fc: Forecaster, df: pd.DataFrame, h: int, n_windows: int) -> pd.DataFrame:
     """Fit once before the first window, then forecast each window from its true history.
 
@@ -159,6 +205,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=7)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--arima", action="store_true")
+    p.add_argument("--neural", action="store_true", help="add NHITS and PatchTST to existing rows")
     p.add_argument("--set", choices=("table", "extra", "all"), default="table")
     p.add_argument(
         "--param", nargs="*", type=_param, help="Forecaster settings, e.g. max_steps=200 val_size=0"
@@ -177,13 +224,21 @@ def main() -> None:
         ),
         "cpu",
     )
-    results["meta"] = {
+    meta = {
         "device": f"{cpu} (CPU, 1 torch thread)",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "windows": args.windows,
         "params": dict(args.param or []),
     }
+    if args.neural:  # the other models' provenance stays as it was
+        from importlib.metadata import version
+
+        meta = {
+            **results.get("meta", {}),
+            "neural": {**meta, "neuralforecast": version("neuralforecast")},
+        }
+    results["meta"] = meta
     data, sets = {}, {}
     for which, make in (("table", datasets), ("extra", extra_datasets)):
         if args.set in (which, "all"):
@@ -195,6 +250,15 @@ def main() -> None:
             continue
         df = df.reset_index(drop=True)
         n_train = len(df) - args.windows * h
+        if args.neural:
+            row = results["rows"].get(name)
+            if row is None:
+                continue
+            ncv, t_nf = neural_peers(df, h, freq, args.windows, row["look_back"])
+            score_peers(row, ncv, df["y"].to_numpy()[n_train:], t_nf)
+            out_path.write_text(json.dumps(results, indent=1))
+            print(name, {m: round(row[m]["mae"], 4) for m in ("NHITS", "PatchTST")}, flush=True)
+            continue
         seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])  # MSTL's, as the fit's
         start = time.perf_counter()
         fc = Forecaster(h=h, random_state=0, device="cpu", verbose=False)  # input_size=None
@@ -219,14 +283,7 @@ def main() -> None:
             "mse": float(((cv["Forecaster"].to_numpy() - y) ** 2)[ok].mean()),
             "seconds": t_fc,
         }
-        peers = [c for c in scv.columns if c not in ("unique_id", "ds", "cutoff", "y")]
-        for m in peers:  # scored on the same steps (the peers' frame has gaps filled)
-            err = scv[m].to_numpy() - y
-            row[m] = {
-                "mae": float(np.abs(err)[ok].mean()),
-                "mse": float((err**2)[ok].mean()),
-                "seconds": t_sf / len(peers),
-            }
+        score_peers(row, scv, y, t_sf)  # the same steps (the peers' frame has gaps filled)
         results["rows"][name] = row
         out_path.write_text(json.dumps(results, indent=1))
         print(
@@ -239,7 +296,8 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    models = ["Forecaster", "MSTL", "AutoETS", "SeasonalNaive", "Naive", "AutoARIMA"]
+    models = ["Forecaster", "MSTL", "AutoETS", "SeasonalNaive", "Naive", "AutoARIMA", "NHITS"]
+    models.append("PatchTST")
     print("\n| series | h | seasons | look-back | " + " | ".join(models) + " |")
     print("|---" * (4 + len(models)) + "|")
     for name, row in results["rows"].items():

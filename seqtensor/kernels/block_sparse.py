@@ -1024,6 +1024,7 @@ def block_scores(
     memory_anchor: str = "window",
     representatives: str = "minmax",
     ranks: torch.Tensor | None = None,
+    block_reps: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, C, NB) fp32 score of each whole block of k (NB = T // block) for each selection
     row (C = ``selection_rows``, the absolute chunks holding the Lq queries).
@@ -1035,6 +1036,8 @@ def block_scores(
     selects nothing unless ``ranks`` (B, Hkv, C, d) gives its ranking queries. Representatives:
     "minmax", Quest's bound sum_d max(r_d kmax_d, r_d kmin_d); "mean", the mean key. -inf where
     unusable: not wholly before the window start of the chunk's first token, or only sink tokens.
+    ``block_reps``: the representatives already kept for at least the first NB blocks, (kmax, kmin)
+    or (kmean,), each (B, Hkv, >= NB, d), so a decode step does not re-read every key.
     """
     check_choice("representatives", representatives, REPRESENTATIVES)
     check_choice("memory_anchor", memory_anchor, ("window", "query"))
@@ -1064,10 +1067,20 @@ def block_scores(
             isinstance(ranks, torch.Tensor) and tuple(ranks.shape) == (B, Hkv, C, d),
             f"ranks must be a ({B}, {Hkv}, {C}, {d}) tensor",
         )
-    kb = k[:, :, : NB * block].float().unflatten(2, (NB, block))
     minmax = representatives == "minmax"
-    kmax = (kb.amax(3) if minmax else kb.mean(3)).contiguous()
-    kmin = kb.amin(3).contiguous() if minmax else kmax
+    if block_reps is None:
+        kb = k[:, :, : NB * block].float().unflatten(2, (NB, block))
+        kmax = (kb.amax(3) if minmax else kb.mean(3)).contiguous()
+        kmin = kb.amin(3).contiguous() if minmax else kmax
+    else:
+        check(
+            len(block_reps) == (2 if minmax else 1)
+            and all(x.shape[:2] == (B, Hkv) and x.shape[2] >= NB for x in block_reps),
+            f"block_reps must be {'(kmax, kmin)' if minmax else '(kmean,)'}, each "
+            f"({B}, {Hkv}, >= {NB}, {d})",
+        )
+        kmax = block_reps[0][:, :, :NB].float().contiguous()
+        kmin = block_reps[-1][:, :, :NB].float().contiguous()
     out = torch.empty((B, Hkv, C, NB), dtype=torch.float32, device=q.device)
     if NB == 0:
         return out

@@ -302,6 +302,41 @@ def _rankings(mq, history, offset: int, local: int, opts: dict):
     return ranks, g >= 1, starts, qpos // chunk - first
 
 
+def use_kernels(q: torch.Tensor, opts: dict) -> bool:
+    """Whether the hop runs on the block-sparse Triton kernels: on a GPU, for shared selections
+    of whole 16-query tiles ranked by "bound" or "mean" (per-query selections and the "max"
+    oracle stay on the reference)."""
+    return (
+        q.is_cuda
+        and opts["shared"]
+        and opts["chunk"] % 16 == 0
+        and opts["representative"] != "max"
+        and q.dtype != torch.float64
+        and q.shape[-1] <= 256
+    )
+
+
+def _kernel_hop(q, k, v, ranks, opts: dict, reps=None) -> torch.Tensor:
+    """The hop on ``kernels.block_sparse``: block scores against the ranking queries, top-k, then
+    block-sparse attention over local, sink and selected keys in one softmax."""
+    from ...kernels.block_sparse import block_scores, block_sparse_attention, select_blocks
+
+    window = dict(
+        block=opts["block"],
+        chunk=opts["chunk"],
+        local=opts["local"],
+        sliding=opts["sliding"],
+        sinks=opts["sinks"],
+        rope_theta=opts["rope_theta"],
+        memory_distance=opts["memory_distance"],
+        memory_anchor=opts["memory_anchor"],
+    )
+    kind = "minmax" if opts["representative"] == "bound" else "mean"
+    scores = block_scores(q, k, representatives=kind, ranks=ranks, block_reps=reps, **window)
+    selection = select_blocks(scores, opts["top_k"])
+    return block_sparse_attention(q, k, v, selection, scale=opts["scale"], validate=False, **window)
+
+
 def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     """The hop (``retrieval_attention``) and the group-mean memory queries of its queries
     (B, Hkv, Lq, d), which a decode state keeps."""
@@ -334,6 +369,8 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     starts_all = _window_starts(qpos_all, local, block, sliding)
     mq = _memory_queries(qw, qpos_all, starts_all, opts).unflatten(1, (Hkv, G)).mean(2)
     ranks, valid, sel_starts, group = _rankings(mq, history, offset, local, opts)
+    if use_kernels(q, opts):
+        return _kernel_hop(q, k, v, ranks, opts, reps), mq
     if representative != "max" and reps is None:
         reps = block_representatives(
             k[:, :, : T // block * block].to(work), T // block, block, representative
