@@ -84,3 +84,20 @@ def test_the_reference_runs_where_the_kernels_do_not_apply():
     assert not R.use_kernels(q, base)  # CPU tensors
     for change in ({"shared": False}, {"chunk": 8}, {"representative": "max"}):
         assert not R.use_kernels(q, {**base, **change})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_gpu_hop_runs_the_kernels_and_matches_the_reference(case):
+    H, Hkv, T, Lq, d, local, block, chunk, top_k, sinks, sliding, rep, anchor, theta = case
+    inputs = _inputs(H, Hkv, T, T, d)
+    kw = dict(local=local, block=block, top_k=top_k, sinks=sinks, sliding=sliding, chunk=chunk)
+    kw.update(shared=True, representative=rep, memory_anchor=anchor, rope_theta=theta)
+    grad = torch.randn(1, H, T, d, generator=torch.Generator().manual_seed(1), dtype=f64)
+    want = _hop(inputs, kw, grad)
+    cuda = [x.cuda().float() for x in inputs]
+    assert R.use_kernels(cuda[0], R._options(**kw, scale=None, memory_distance=None))
+    got = _hop(cuda, kw, grad.cuda())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.cpu() - b).abs().max().item()
+        assert err <= 2e-3 * max(1.0, b.abs().max().item()), f"{name}: max error {err:.3g}"
