@@ -14,6 +14,8 @@ from seqtensor.adapters.text.retrieval import (
     RetrievalConfig,
     RetrievalState,
     block_representatives,
+    dequantize_representatives,
+    quantize_representatives,
     retrieval_attention,
     retrieval_selection,
 )
@@ -218,6 +220,54 @@ def test_the_quest_bound_is_never_below_the_exact_best_logit(seed):
         torch.testing.assert_close(mean, k.unflatten(2, (-1, block)).mean(3))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_int8_representatives_keep_the_bound_an_upper_bound(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(2, 3, 64, 16, generator=g, dtype=torch.float64) * 10 ** (seed - 1)
+    r = torch.randn(2, 3, 7, 16, generator=g, dtype=torch.float64)
+    reps = block_representatives(k, 16, 4, "bound")
+    stored = quantize_representatives(reps, "bound")
+    assert all(q.dtype == torch.int8 for q, _ in stored)
+    kmax, kmin = dequantize_representatives(stored, torch.float64)
+    assert bool((kmax >= reps[0] - 1e-9 * reps[0].abs()).all())
+    assert bool((kmin <= reps[1] + 1e-9 * reps[1].abs()).all())
+    bound = (r[..., None, :] * kmax[:, :, None]).maximum(r[..., None, :] * kmin[:, :, None]).sum(-1)
+    exact = (r @ k.transpose(-1, -2)).unflatten(-1, (16, 4)).amax(-1)
+    assert bool((bound >= exact - 1e-9).all())
+    # one step of the per-row scale at most: within 1/126 of each row's largest entry
+    for a, b in zip((kmax, kmin), reps):
+        assert bool(((a - b).abs() <= b.abs().amax(-1, keepdim=True) / 126 * 1.0001).all())
+    (mean,) = dequantize_representatives(
+        quantize_representatives(block_representatives(k, 16, 4, "mean"), "mean"), torch.float64
+    )
+    want = k.unflatten(2, (16, 4)).mean(3)
+    assert bool(((mean - want).abs() <= want.abs().amax(-1, keepdim=True) / 252 * 1.0001).all())
+
+
+@pytest.mark.parametrize("mode", [MODES[5], MODES[6], MODES[2]])
+def test_int8_decode_state_continues_the_whole_sequence_call_with_half_the_bytes(mode):
+    q, k, v = _qkv(n=45, seed=5)
+    options = dict(_options(mode), int8_representatives=True)
+    whole, _ = RetrievalState.prefill(q, k, v, options)
+    kw = _kw(mode, top_k=2, block=BLOCK, sinks=2, rope_theta=100.0, int8_representatives=True)
+    want = retrieval_attention(q, k, v, LOCAL, **kw)
+    torch.testing.assert_close(whole, want, rtol=0, atol=0)
+    out, state = RetrievalState.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], options)
+    got = [out] + [
+        state.step(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1]) for i in range(30, 45)
+    ]
+    torch.testing.assert_close(torch.cat(got, 2), whole, rtol=1e-12, atol=1e-12)
+    rounded = dequantize_representatives(
+        quantize_representatives(block_representatives(k, 45 // BLOCK, BLOCK, mode[2]), mode[2]),
+        torch.float64,
+    )
+    for a, b in zip(state.reps, rounded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    reps_bytes = state.memory_bytes() - state.history.numel() * state.history.element_size()
+    plain_bytes = sum(x.numel() * x.element_size() for x in rounded)  # float64 rows
+    assert reps_bytes < plain_bytes / 4  # int8 rows and one fp32 scale each
+
+
 def _options(mode, theta=100.0):
     kw = _kw(mode, top_k=2, block=BLOCK, sinks=2, rope_theta=theta, memory_distance=None)
     return dict(kw, local=LOCAL, scale=None)
@@ -299,8 +349,12 @@ def _ids(n: int) -> torch.Tensor:
     return torch.randint(3, 61, (2, n), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("mode", [MODES[1], MODES[2], MODES[5], MODES[6]])
-def test_cached_generation_equals_uncached_in_every_ranking_mode(mode):
+@pytest.mark.parametrize(
+    "mode, int8",
+    [(MODES[1], False), (MODES[2], False), (MODES[5], False), (MODES[6], False)]
+    + [(MODES[5], True), (MODES[6], True)],
+)
+def test_cached_generation_equals_uncached_in_every_ranking_mode(mode, int8):
     chunk, shared, representative, anchor, sliding = mode
     retrieval = RetrievalConfig(
         top_k=1,
@@ -311,6 +365,7 @@ def test_cached_generation_equals_uncached_in_every_ranking_mode(mode):
         representative=representative,
         memory_anchor=anchor,
         sliding=sliding,
+        int8_representatives=int8,
     )
     model = tensorize(_model(), fold=(4, 8), backend="reference", retrieval=retrieval)
     prompt = _ids(29)

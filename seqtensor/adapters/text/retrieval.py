@@ -99,6 +99,9 @@ class RetrievalConfig:
     representative : how a block is scored: "max" (exact), "bound" (Quest) or "mean".
     memory_anchor : "window" (retrieved tokens ``memory_distance + (i - s)`` back) or "query"
         (exactly ``memory_distance`` back from every query).
+    int8_representatives : block representatives rounded to int8 rows with one fp32 scale each
+        ("bound": kmax rounded up and kmin down, so the score stays an upper bound); the decode
+        state stores them so, and the whole-sequence call uses the same rounded values.
     """
 
     top_k: int = 16
@@ -111,6 +114,7 @@ class RetrievalConfig:
     shared: bool = False
     representative: str = "max"
     memory_anchor: str = "window"
+    int8_representatives: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "block", "sinks", "chunk"):
@@ -128,7 +132,7 @@ class RetrievalConfig:
             f"RetrievalConfig.memory_distance must be None or an int >= 0, "
             f"got {self.memory_distance!r}",
         )
-        for name in ("coarse_hops", "sliding", "shared"):
+        for name in ("coarse_hops", "sliding", "shared", "int8_representatives"):
             check(
                 isinstance(getattr(self, name), bool),
                 f"RetrievalConfig.{name} must be a bool, got {getattr(self, name)!r}",
@@ -207,6 +211,39 @@ def block_representatives(
     if representative == "bound":
         return kb.amax(3), kb.amin(3)
     return (kb.mean(3),)
+
+
+def quantize_representatives(
+    reps: tuple[torch.Tensor, ...], representative: str
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(int8 rows, fp32 scale per row) of each representative tensor: scale absmax / 126, so that
+    rounding kmax up and kmin down ("bound") never leaves the int8 range; "mean" rounds to nearest."""
+    out = []
+    for i, x in enumerate(reps):
+        x = x if x.dtype == torch.float64 else x.float()
+        scale = (x.abs().amax(-1) / 126).float()
+        y = x / torch.where(scale > 0, scale, 1.0).to(x.dtype)[..., None]
+        if representative == "bound":
+            y = torch.ceil(y) if i == 0 else torch.floor(y)
+        else:
+            y = torch.floor(y + 0.5)
+        out.append((y.to(torch.int8), scale))
+    return tuple(out)
+
+
+def dequantize_representatives(stored, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``quantize_representatives`` (up to its rounding)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return tuple((q.to(work) * scale.to(work)[..., None]).to(dtype) for q, scale in stored)
+
+
+def _representatives(k, blocks: int, opts: dict, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Block representatives of k as the hop scores with them (rounded through int8 if asked)."""
+    block, representative = opts["block"], opts["representative"]
+    reps = block_representatives(k[:, :, : blocks * block].to(dtype), blocks, block, representative)
+    if opts.get("int8_representatives", False):
+        reps = dequantize_representatives(quantize_representatives(reps, representative), dtype)
+    return reps
 
 
 def _block_scores(r, k, reps, nb: int, block: int, representative: str) -> torch.Tensor:
@@ -369,14 +406,14 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     starts_all = _window_starts(qpos_all, local, block, sliding)
     mq = _memory_queries(qw, qpos_all, starts_all, opts).unflatten(1, (Hkv, G)).mean(2)
     ranks, valid, sel_starts, group = _rankings(mq, history, offset, local, opts)
-    if use_kernels(q, opts):
-        return _kernel_hop(q, k, v, ranks, opts, reps), mq
+    kernels = use_kernels(q, opts)
     if representative != "max" and reps is None:
-        reps = block_representatives(
-            k[:, :, : T // block * block].to(work), T // block, block, representative
-        )
+        if opts.get("int8_representatives", False) or not kernels:  # else the kernel computes them
+            reps = _representatives(k, T // block, opts, work)
     elif representative != "max":
         reps = tuple(x.to(work) for x in reps)
+    if kernels:
+        return _kernel_hop(q, k, v, ranks, opts, reps), mq
     qg = qw.unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
     out = torch.empty(B, Hkv, G, Lq, dv, dtype=work, device=q.device)
     a = offset
@@ -466,6 +503,7 @@ def _options(local, top_k, block, sinks, sliding, scale, rope_theta, memory_dist
         shared=False,
         representative="max",
         memory_anchor="window",
+        int8_representatives=False,
     )
     opts.update(extra)
     return opts
@@ -551,6 +589,7 @@ def retrieval_attention(
     shared: bool = False,
     representative: str = "max",
     memory_anchor: str = "window",
+    int8_representatives: bool = False,
     reps: tuple[torch.Tensor, ...] | None = None,
     history: torch.Tensor | None = None,
     tile: int | None = None,
@@ -560,8 +599,8 @@ def retrieval_attention(
 
     ``sliding``: the local keys of query i are its last ``local`` tokens (back to a block
     boundary) instead of its aligned local block, so a query at the start of a block keeps its
-    recent context. ``chunk``, ``shared``, ``representative``, ``memory_anchor``: as in
-    ``RetrievalConfig``.
+    recent context. ``chunk``, ``shared``, ``representative``, ``memory_anchor``,
+    ``int8_representatives``: as in ``RetrievalConfig``.
     ``reps``: ``block_representatives`` of k for at least the blocks before the last query (default:
     computed from k). ``history``: group-mean memory queries (B, Hkv, h, d) of the h tokens before
     the first query, needed when Lq < T and ``chunk`` > 1 (``RetrievalState`` keeps them).
@@ -580,8 +619,16 @@ def retrieval_attention(
         shared=shared,
         representative=representative,
         memory_anchor=memory_anchor,
+        int8_representatives=int8_representatives,
     )
     return _hop(q, k, v, opts, reps=reps, history=history, tile=tile)[0]
+
+
+def _cat_stored(a, b):
+    """Append stored representatives b to a along the block axis (plain or (int8, scale))."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], 2)
+    return torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2)
 
 
 class RetrievalState:
@@ -603,8 +650,29 @@ class RetrievalState:
         self.stored = T
         self.length = torch.full((B,), T, device=k.device)
         self.history = mq[:, :, mq.shape[2] - self._kept() :]
-        block, rep = options["block"], options["representative"]
-        self.reps = block_representatives(k.to(mq.dtype), T // block, block, rep)
+        self._stored = self._store(block_representatives(
+            k.to(mq.dtype), T // options["block"], options["block"], options["representative"]
+        ))  # fmt: skip
+
+    def _store(self, reps: tuple[torch.Tensor, ...]) -> tuple:
+        if not self.options.get("int8_representatives"):
+            return reps
+        return quantize_representatives(reps, self.options["representative"])
+
+    @property
+    def reps(self) -> tuple[torch.Tensor, ...]:
+        """The block representatives the hop scores with (dequantized when stored as int8)."""
+        if not self.options.get("int8_representatives"):
+            return self._stored
+        return dequantize_representatives(self._stored, self.history.dtype)
+
+    def _blocks_kept(self) -> int:
+        first = self._stored[0] if self._stored else None
+        return (
+            0
+            if first is None
+            else (first if isinstance(first, torch.Tensor) else first[0]).shape[2]
+        )
 
     def _kept(self) -> int:
         chunk = self.options["chunk"]
@@ -626,16 +694,15 @@ class RetrievalState:
             "the cache cropped or edited outside generation?)",
         )
         block, rep = self.options["block"], self.options["representative"]
-        done = self.reps[0].shape[2] if self.reps else 0
-        if self.reps and T // block > done:  # blocks completed since: their representatives
-            work = self.reps[0].dtype
-            new = block_representatives(
-                k_all[:, :, done * block : T // block * block].to(work),
+        done = self._blocks_kept()
+        if self._stored and T // block > done:  # blocks completed since: their representatives
+            new = self._store(block_representatives(
+                k_all[:, :, done * block : T // block * block].to(self.history.dtype),
                 T // block - done,
                 block,
                 rep,
-            )
-            self.reps = tuple(torch.cat([a, b], 2) for a, b in zip(self.reps, new))
+            ))  # fmt: skip
+            self._stored = tuple(_cat_stored(a, b) for a, b in zip(self._stored, new))
         out, mq = _hop(q, k_all, v_all, self.options, reps=self.reps, history=self.history)
         kept = self._kept()
         history = torch.cat([self.history.to(mq.dtype), mq], 2)
@@ -647,11 +714,17 @@ class RetrievalState:
         """Keep batch rows ``index`` (beam search reordering, batch selection)."""
         self.length = self.length[index]
         self.history = self.history[index]
-        self.reps = tuple(x[index] for x in self.reps)
+        self._stored = tuple(
+            x[index] if isinstance(x, torch.Tensor) else (x[0][index], x[1][index])
+            for x in self._stored
+        )
 
     def memory_bytes(self) -> int:
         """Bytes held beyond the Hugging Face K/V cache."""
-        return sum(x.numel() * x.element_size() for x in (self.history, *self.reps))
+        flat = [self.history]
+        for x in self._stored:
+            flat.extend([x] if isinstance(x, torch.Tensor) else x)
+        return sum(x.numel() * x.element_size() for x in flat)
 
 
 def retrieval_tensorized_attention(
