@@ -71,10 +71,10 @@ POISON = False
 # tensor_rope in the backward: q and k (True) or q only ("q") rotated once per hop into scratch by
 # ``_rotate_kernel`` (the hop kernels then load them as plain rows and only un-rotate dq / dk)
 # rather than on every tile load (False). Forward: the same for k only (q is loaded once per program
-# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants). The defaults
-# follow the byte-count prediction in benchmarks/NOTES.md ("tensor_rope pre-rotation"), not yet
-# measured on a GPU: flip them if the measurement disagrees.
-PREROTATE_BACKWARD: bool | str = True
+# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants). Off by
+# default: the byte-count prediction in benchmarks/NOTES.md ("tensor_rope pre-rotation") favours
+# the backward switch, but it has run only under the interpreter, never compiled on a GPU.
+PREROTATE_BACKWARD: bool | str = False
 PREROTATE_FORWARD_KEYS = False
 _MAX_HEAD_DIM = 256
 
