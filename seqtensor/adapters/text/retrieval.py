@@ -624,13 +624,6 @@ def retrieval_attention(
     return _hop(q, k, v, opts, reps=reps, history=history, tile=tile)[0]
 
 
-def _cat_stored(a, b):
-    """Append stored representatives b to a along the block axis (plain or (int8, scale))."""
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b], 2)
-    return torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2)
-
-
 class RetrievalState:
     """Decoding state of one layer's retrieval hop, besides the Hugging Face K/V cache (which keeps
     every key and value: any earlier block may be retrieved).
@@ -654,25 +647,18 @@ class RetrievalState:
             k.to(mq.dtype), T // options["block"], options["block"], options["representative"]
         ))  # fmt: skip
 
-    def _store(self, reps: tuple[torch.Tensor, ...]) -> tuple:
+    def _store(self, reps: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Each representative as stored: (rows,), or (int8 rows, scales); blocks on axis 2."""
         if not self.options.get("int8_representatives"):
-            return reps
+            return tuple((x,) for x in reps)
         return quantize_representatives(reps, self.options["representative"])
 
     @property
     def reps(self) -> tuple[torch.Tensor, ...]:
         """The block representatives the hop scores with (dequantized when stored as int8)."""
         if not self.options.get("int8_representatives"):
-            return self._stored
+            return tuple(x for (x,) in self._stored)
         return dequantize_representatives(self._stored, self.history.dtype)
-
-    def _blocks_kept(self) -> int:
-        first = self._stored[0] if self._stored else None
-        return (
-            0
-            if first is None
-            else (first if isinstance(first, torch.Tensor) else first[0]).shape[2]
-        )
 
     def _kept(self) -> int:
         chunk = self.options["chunk"]
@@ -694,7 +680,7 @@ class RetrievalState:
             "the cache cropped or edited outside generation?)",
         )
         block, rep = self.options["block"], self.options["representative"]
-        done = self._blocks_kept()
+        done = self._stored[0][0].shape[2] if self._stored else 0
         if self._stored and T // block > done:  # blocks completed since: their representatives
             new = self._store(block_representatives(
                 k_all[:, :, done * block : T // block * block].to(self.history.dtype),
@@ -702,7 +688,9 @@ class RetrievalState:
                 block,
                 rep,
             ))  # fmt: skip
-            self._stored = tuple(_cat_stored(a, b) for a, b in zip(self._stored, new))
+            self._stored = tuple(
+                tuple(torch.cat([x, y], 2) for x, y in zip(a, b)) for a, b in zip(self._stored, new)
+            )
         out, mq = _hop(q, k_all, v_all, self.options, reps=self.reps, history=self.history)
         kept = self._kept()
         history = torch.cat([self.history.to(mq.dtype), mq], 2)
@@ -714,17 +702,12 @@ class RetrievalState:
         """Keep batch rows ``index`` (beam search reordering, batch selection)."""
         self.length = self.length[index]
         self.history = self.history[index]
-        self._stored = tuple(
-            x[index] if isinstance(x, torch.Tensor) else (x[0][index], x[1][index])
-            for x in self._stored
-        )
+        self._stored = tuple(tuple(x[index] for x in part) for part in self._stored)
 
     def memory_bytes(self) -> int:
         """Bytes held beyond the Hugging Face K/V cache."""
-        flat = [self.history]
-        for x in self._stored:
-            flat.extend([x] if isinstance(x, torch.Tensor) else x)
-        return sum(x.numel() * x.element_size() for x in flat)
+        kept = [self.history, *(x for part in self._stored for x in part)]
+        return sum(x.numel() * x.element_size() for x in kept)
 
 
 def retrieval_tensorized_attention(
