@@ -4,7 +4,9 @@ Random weights, bf16, 32 layers, 32 query / 8 kv heads, head dim 128 (docs/resul
 to end"). Measured:
 
 - forward latency of ``LlamaModel`` (no LM head) at 8k, 32k, 128k, batch 1, median of repeats;
-  folds as in the paper's speed table (128x64, 32x32x32, 64x64x32);
+  folds as in the paper's speed table (128x64, 32x32x32, 64x64x32); with ``--retrieval JSON``
+  (``RetrievalConfig`` fields plus ``local``) the tensorized side runs the retrieval hop instead,
+  on the fold (n / local, local);
 - decode: latency of one generation step (``LlamaForCausalLM``, one new token per sequence) with a
   32k and a 128k cached context, batch 1 and a larger batch; the attention alone (one layer's
   attention call x 32 layers: SDPA over the cache versus ``LayerCache.step``); and cache memory
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from seqtensor.adapters.text import RetrievalConfig
 from seqtensor.adapters.text.cache import LayerCache
 from seqtensor.adapters.text.tensorize import CausalFold, cache_memory_bytes, tensorize, untensorize
 from seqtensor.attention import resolve_backend
@@ -100,7 +103,10 @@ DECODE_SWEEP = {
 }
 
 
-def fold_for(n: int) -> tuple[int, ...]:
+def fold_for(n: int, retrieval: dict | None = None) -> tuple[int, ...]:
+    if retrieval:  # the hop reads only the finest dim: one coarse dim covers the rest
+        local = retrieval.get("local", 2048)
+        return (n // local, local)
     if n in FOLDS:
         return FOLDS[n]
     return (
@@ -169,7 +175,12 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
         ids = torch.randint(0, vocab, (1, n), device=device)
         for method in ("sdpa", "tensorized"):
             if method == "tensorized":
-                tensorize(model, fold=fold_for(n))
+                hop = {k: v for k, v in (args.retrieval or {}).items() if k != "local"}
+                tensorize(
+                    model,
+                    fold=fold_for(n, args.retrieval),
+                    retrieval=RetrievalConfig(**hop) if args.retrieval else None,
+                )
             reps, warmup = (2, 0) if (method == "sdpa" and n >= 131072) else (args.reps, 1)
             if (
                 args.compile
@@ -182,7 +193,8 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
             row = {
                 "n": n,
                 "method": method,
-                "fold": list(fold_for(n)) if method == "tensorized" else None,
+                "fold": list(fold_for(n, args.retrieval)) if method == "tensorized" else None,
+                "retrieval": args.retrieval if method == "tensorized" else None,
                 "compiled": args.compile,
             }
             try:
@@ -503,6 +515,13 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         help="run only the memory loop: 10 forwards at this n returning their cache (gc off)",
+    )
+    parser.add_argument(
+        "--retrieval",
+        type=json.loads,
+        default=None,
+        help='forward with the retrieval hop, e.g. {"shared": true, "chunk": 64, '
+        '"representative": "bound", "sliding": true}',
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -53,6 +53,9 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1  # final lr / peak lr of the decaying schedules
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None disables clipping
+    # > 0: keep an exponential moving average of the weights (Polyak averaging) with this decay per
+    # step; evaluation, the best-weight restore and the weights fit ends with use the average
+    ema_decay: float = 0.0
     precision: str = (
         "auto"  # "auto" (bf16 autocast on CUDA with bf16 support, else fp32), "bf16" or "fp32"
     )
@@ -112,6 +115,7 @@ class TrainerConfig:
             ("weight_decay", 0, math.inf),
             ("min_lr_ratio", 0, 1),
             ("min_delta", 0, math.inf),
+            ("ema_decay", 0, 1),
         ):
             value = getattr(self, name)
             check(
@@ -130,6 +134,11 @@ class TrainerConfig:
         check_choice("precision", self.precision, _PRECISIONS)
         check_choice("mode", self.mode, ("min", "max"))
         check_choice("strategy", self.strategy, ("auto", *STRATEGIES))
+        check(self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        check(
+            self.ema_decay == 0 or self.strategy != "fsdp",
+            "ema_decay is not supported with strategy='fsdp' (the average would be sharded)",
+        )
 
 
 def _finite(x: Any) -> bool:

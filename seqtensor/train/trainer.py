@@ -17,8 +17,12 @@ A *step* is one optimizer update over ``grad_accum_steps`` micro-batches; ``max_
 Under ``torchrun`` every rank runs ``fit``; rank 0 alone shows progress and writes logs and
 checkpoints.
 
-Resuming is exact: a checkpoint holds the weights, optimizer, scheduler, the random state of every
-rank and the data position (epoch and batches consumed), so on CPU N steps + resume + N steps give
+With ``ema_decay`` the trainer also keeps an exponential moving average of the trainable weights
+(from the weights after the first step); evaluation, the best weights and the weights ``fit`` ends
+with are the average's, while the optimizer steps the raw weights.
+
+Resuming is exact: a checkpoint holds the weights (and their average), optimizer, scheduler, the
+random state of every rank and the data position (epoch and batches consumed), so on CPU N steps + resume + N steps give
 the same weights as 2N steps straight. Evaluation, callbacks and checkpoints never change the
 training randomness (their RNG use is undone), so the training trajectory does not depend on them
 either.
@@ -467,6 +471,7 @@ class Trainer:
         self.should_stop = False
         self.checkpoint_path_: Path | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._ema: list[torch.Tensor] | None = None  # average of self._params (ema_decay > 0)
         self._stats: dict[str, float] = {}
         self._redo_stats: dict[str, float] | None = (
             None  # resumed inside a step's after-work: its stats
@@ -601,6 +606,7 @@ class Trainer:
         if self._scheduler is not None:
             self._scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)
+        self._update_average()
         self.global_step_ = step
         self._updating = False
 
@@ -672,6 +678,9 @@ class Trainer:
             and self.best_step_ != self.global_step_
         ):
             load_model_state(self.model, self._best_state)
+        elif self._ema is not None:  # the best (or only) weights are the average's
+            self._swap_average()
+        self._ema = None
         if self._logs is not None:
             self._logs.write_csv(self.history_)
         self._call("on_fit_end")
@@ -790,16 +799,52 @@ class Trainer:
         """Evaluate on the validation data; update the best score and weights and early stopping."""
         cfg, step = self._cfg, self.global_step_
         rng = capture_rng(self.device_)
-        metrics = self.evaluate(self._val_loader)
-        check(
-            cfg.monitor in metrics,
-            f"monitor={cfg.monitor!r} is not among the validation metrics {sorted(metrics)}",
-        )
-        if self._stopping.update(metrics[cfg.monitor], step) and cfg.restore_best:
-            self._best_state = model_state(self.model)
+        with self._averaged_weights():
+            metrics = self.evaluate(self._val_loader)
+            check(
+                cfg.monitor in metrics,
+                f"monitor={cfg.monitor!r} is not among the validation metrics {sorted(metrics)}",
+            )
+            if self._stopping.update(metrics[cfg.monitor], step) and cfg.restore_best:
+                self._best_state = model_state(self.model)
         self._call("on_eval_end", metrics)
         restore_rng(rng, self.device_)
         return metrics
+
+    # -- weight average ------------------------------------------------------------------------
+
+    def _update_average(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, after each optimizer step."""
+        decay = self._cfg.ema_decay
+        if decay == 0:
+            return
+        with torch.no_grad():
+            weights = [p.detach() for p in self._params]
+            if self._ema is None:
+                self._ema = [w.clone() for w in weights]
+            else:
+                torch._foreach_lerp_(self._ema, weights, 1.0 - decay)
+
+    def _swap_average(self) -> None:
+        """Exchange the model's trainable weights and their average (an involution)."""
+        with torch.no_grad():
+            for p, e in zip(self._params, self._ema):  # type: ignore[arg-type]
+                held = p.detach().clone()
+                p.copy_(e)
+                e.copy_(held)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """The average in the model for the block (no-op without one); raw weights back after,
+        even on an interrupt, so a checkpoint never stores the average as the weights."""
+        if self._ema is None:
+            yield
+            return
+        self._swap_average()
+        try:
+            yield
+        finally:
+            self._swap_average()
 
     def _eval_mean_loss(self, loader: Iterable[Any]) -> dict[str, float]:
         """Mean loss and metrics over ``loader`` weighted by batch size, summed exactly over
@@ -866,6 +911,9 @@ class Trainer:
             "rng": rngs,
             "early_stopping": before["early_stopping"],
             "best_model": before["best_model"],
+            "weight_average": None
+            if self._ema is None
+            else [e.detach().to("cpu", copy=True) for e in self._ema],
             "history": list(self.history_[: before["history_len"]]),
             "redo_step_stats": before[
                 "stats"
@@ -922,6 +970,18 @@ class Trainer:
             self._scheduler.load_state_dict(state["scheduler"])
         self._stopping.load_state_dict(state["early_stopping"])
         self._best_state = state["best_model"]
+        average = state.get("weight_average")
+        check(
+            average is not None or self._cfg.ema_decay == 0 or state["step"] == 0,
+            f"checkpoint {str(path)!r} holds no weight average: resume it with ema_decay=0",
+        )
+        if average is not None:
+            check(
+                self._cfg.ema_decay > 0 and len(average) == len(self._params),
+                f"checkpoint {str(path)!r} holds a weight average but this run has "
+                f"ema_decay={self._cfg.ema_decay} and {len(self._params)} trainable tensors",
+            )
+            self._ema = [a.to(p.device, p.dtype) for a, p in zip(average, self._params)]
         self.history_ = list(state["history"])
         self._redo_stats = state.get("redo_step_stats")
         self.global_step_, self.epoch_ = state["step"], state["epoch"]

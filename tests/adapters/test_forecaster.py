@@ -495,6 +495,8 @@ def test_sklearn_conventions(fitted):
         ({"h": 0}, "h must"),
         ({"attention": "flash"}, "attention"),
         ({"learning_rate": -1.0}, "learning_rate"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": "0.9"}, "ema_decay"),
         ({"patch_len": 4, "patch_stride": 5}, "patch_stride"),
         ({"patch_stride": 0}, "patch_stride"),
     ],
