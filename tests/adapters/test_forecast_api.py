@@ -191,7 +191,7 @@ def test_business_days_with_holidays_are_inferred_as_business_days():
         fc = Forecaster(h=5, input_size=20, **TINY).fit(df)
     assert not any("more than 10%" in str(w.message) for w in record)  # 4 of 120: no alarm
     assert fc.freq_ == pd.offsets.BDay()
-    assert (fc.predict()["ds"].dt.dayofweek < 5).all()  # no forecast lands on a weekend
+    assert (fc.predict()["ds"].dt.day_of_week < 5).all()  # no forecast lands on a weekend
 
 
 def test_calendar_aliases_given_as_freq():

@@ -879,3 +879,16 @@ def test_default_input_size_in_a_backtest_is_chosen_per_fit():
 def test_bad_input_size_is_named(bad):
     with pytest.raises(ValueError, match="input_size must be None or a positive int"):
         Forecaster(h=6, input_size=bad, **TINY).fit(seasonal_frame(n=100, ids=("a",)))
+
+
+def test_weight_average_decay_is_capped_by_the_run_length():
+    """A short run averages over at most its last 40%: decay min(ema_decay, 1 - 2.5/max_steps)."""
+    df = seasonal_frame(n=300, noise=0.3)
+    settings = {**TINY, "max_steps": 40, "val_size": 0, "verbose": False}
+
+    def forecast(decay):
+        return Forecaster(h=12, input_size=48, ema_decay=decay, **settings).fit(df).predict()
+
+    capped = forecast(0.995)
+    pd.testing.assert_frame_equal(capped, forecast(1 - 2.5 / 40))  # the cap is what ran
+    assert not np.allclose(capped["Forecaster"], forecast(0.5)["Forecaster"])  # the decay acts

@@ -121,7 +121,7 @@ def _series_freqs(t: pd.Series, integer: bool) -> dict[str, Any]:
             if d > pd.Timedelta(0):
                 offset = pd.tseries.frequencies.to_offset(d)
                 offsets[offset.freqstr] = offset
-    if "D" in offsets and (pd.DatetimeIndex(t).dayofweek < 5).all():
+    if "D" in offsets and (pd.DatetimeIndex(t).day_of_week < 5).all():
         offsets["B"] = pd.offsets.BusinessDay()  # weekdays only: days lost to weekends are no gaps
     fits = {}
     span = t.iloc[-1] - t.iloc[0]
