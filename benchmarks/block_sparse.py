@@ -77,14 +77,16 @@ def measure(n: int, args) -> dict:
 
     kr = k.detach().repeat_interleave(H // Hkv, 1).requires_grad_()
     vr = v.detach().repeat_interleave(H // Hkv, 1).requires_grad_()
-    flash = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+
+    def flash():  # a fresh context per call: sdpa_kernel's context manager is single-use
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
 
     def sdpa_fwd():
-        with flash, torch.no_grad():
+        with flash(), torch.no_grad():
             return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
 
     def sdpa_fwd_bwd():
-        with flash:
+        with flash():
             F.scaled_dot_product_attention(q, kr, vr, is_causal=True).backward(do)
 
     row["sdpa_fwd_ms"] = bench(sdpa_fwd)
