@@ -95,7 +95,53 @@ def measure(n: int, args) -> dict:
     row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["hop_fwd_bwd_ms"]
     keys = args.local / 2 + args.sinks + args.top_k * args.block
     row["key_ratio"] = (n / 2) / keys  # causal keys per query over the hop's, on average
+    if args.public:
+        row.update(measure_public(q.detach(), k.detach(), v.detach(), args))
+    for cfg in args.sweep:  # launch settings of the kernel alone, forward only
+        BS.CONFIG_OVERRIDE.clear()
+        BS.CONFIG_OVERRIDE.update(args.config, **cfg)
+        try:
+            row.setdefault("sweep", []).append({**cfg, "hop_fwd_ms": bench(fwd)})
+        except Exception as e:  # e.g. out of shared memory
+            row.setdefault("sweep", []).append({**cfg, "error": str(e)[:200]})
+        print("  sweep", row["sweep"][-1], flush=True)
+    BS.CONFIG_OVERRIDE.clear()
+    BS.CONFIG_OVERRIDE.update(args.config)
     return row
+
+
+def measure_public(q, k, v, args) -> dict:
+    """The hop as the text adapter calls it (``retrieval_attention``: memory queries, ranking,
+    block scores, top-k and the kernel), with the settings of ``--public`` and a profile of where
+    the forward's time goes."""
+    from seqtensor.adapters.text.retrieval import retrieval_attention
+
+    kw = dict(
+        top_k=args.top_k,
+        block=args.block,
+        sinks=args.sinks,
+        rope_theta=None if args.no_rope else 500000.0,
+        **args.public,
+    )
+
+    def call():
+        with torch.no_grad():
+            return retrieval_attention(q, k, v, args.local, **kw)
+
+    call()
+    out = {"public_settings": kw, "public_fwd_ms": bench(call)}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(table, flush=True)
+    out["public_profile"] = [
+        {"name": e.key[:80], "cuda_ms": e.device_time_total / 1e3, "calls": e.count}
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
+    ]
+    return out
 
 
 def main() -> None:
@@ -108,6 +154,16 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=64)
     ap.add_argument("--no-rope", action="store_true")
     ap.add_argument("--config", type=json.loads, default={}, help='e.g. {"fwd_m": 64}')
+    ap.add_argument(
+        "--public",
+        type=json.loads,
+        default=None,
+        help='also time retrieval_attention, e.g. {"shared": true, "chunk": 64, '
+        '"representative": "bound", "sliding": true}',
+    )
+    ap.add_argument(
+        "--sweep", type=json.loads, default=[], help='launch settings, e.g. [{"fwd_n": 128}]'
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     BS.CONFIG_OVERRIDE.update(args.config)
