@@ -1049,10 +1049,10 @@ def block_scores(
     C, NB = selection_rows(Lq, T, chunk), T // block
     first = chunk_starts(Lq, T, chunk, local, block, sliding, q.device)
     if ranks is None:
-        mq = memory_queries(
-            q.float(), T, local, block, sliding, rope_theta, distance, memory_anchor
-        )
-        mq = mq.unflatten(1, (Hkv, H // Hkv)).mean(2)  # (B, Hkv, Lq, d)
+        # the group mean first: a group's heads are rotated alike, so this equals the mean of the
+        # rotated queries at 1/G of the work
+        mean = q.unflatten(1, (Hkv, H // Hkv)).mean(2, dtype=torch.float32)
+        mq = memory_queries(mean, T, local, block, sliding, rope_theta, distance, memory_anchor)
         front = (T - Lq) % chunk  # absolute chunk boundaries
         ones = torch.ones(Lq, device=q.device)
         sums = torch.nn.functional.pad(mq, (0, 0, front, C * chunk - Lq - front))

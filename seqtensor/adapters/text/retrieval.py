@@ -398,13 +398,12 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     check(tile >= 1, f"tile must be >= 1, got {tile}")
     if shared:
         tile = -(-tile // chunk) * chunk  # whole chunks per tile
-    qw = q.to(work)  # k and v are cast where read: a decode step reads O(top_k * block) rows
-    # "max" reads every key anyway (the oracle): cast once
-    k_rank = k.to(work) if representative == "max" else None
     offset = T - Lq
     qpos_all = torch.arange(offset, T, device=q.device)
     starts_all = _window_starts(qpos_all, local, block, sliding)
-    mq = _memory_queries(qw, qpos_all, starts_all, opts).unflatten(1, (Hkv, G)).mean(2)
+    # the group mean first: every head of a group is rotated alike, so rotating the mean equals
+    # the mean of the rotated queries, at 1/G of the work (and no full-precision copy of q)
+    mq = _memory_queries(q.unflatten(1, (Hkv, G)).mean(2, dtype=work), qpos_all, starts_all, opts)
     ranks, valid, sel_starts, group = _rankings(mq, history, offset, local, opts)
     kernels = use_kernels(q, opts)
     if representative != "max" and reps is None:
@@ -414,6 +413,9 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
         reps = tuple(x.to(work) for x in reps)
     if kernels:
         return _kernel_hop(q, k, v, ranks, opts, reps), mq
+    qw = q.to(work)  # k and v are cast where read: a decode step reads O(top_k * block) rows
+    # "max" reads every key anyway (the oracle): cast once
+    k_rank = k.to(work) if representative == "max" else None
     qg = qw.unflatten(1, (Hkv, G))  # (B, Hkv, G, Lq, d)
     out = torch.empty(B, Hkv, G, Lq, dv, dtype=work, device=q.device)
     a = offset
