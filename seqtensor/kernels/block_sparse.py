@@ -55,6 +55,7 @@ from .triton_hops import (
     _scores,
     _store_halves,
     _table_dtype,
+    rotate_for_hop,
 )
 
 __all__ = [
@@ -166,9 +167,35 @@ def _ds(q1, q2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC: tl.constexpr)
 
 
 @triton.jit
+def _local_tile(
+    acc, m_i, l_i, q1, q2, KRp, Vp, st, starts, pos, last, T, offs_h, offs_dv,
+    stride_rt, stride_rd, stride_vt, stride_vd, qk_scale,
+    D1, D2, NDV, MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """One tile of local keys (already rotated) from ``st``; MASK False: every row sees every key
+    of the tile."""
+    offs_n = st + tl.arange(0, BLOCK_N)
+    kin = offs_n <= last
+    rows = tl.minimum(offs_n, T - 1).to(tl.int64)
+    k1, k2 = _load_halves(KRp, rows * stride_rt, kin, offs_h, D1, D2, stride_rd)
+    v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
+    sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
+    if MASK:
+        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
+        return _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q,
     K,
+    KR,
     V,
     O,
     Lse,
@@ -182,6 +209,10 @@ def _fwd_kernel(
     stride_kh,
     stride_kt,
     stride_kd,
+    stride_rb,
+    stride_rh,
+    stride_rt,
+    stride_rd,
     stride_vb,
     stride_vh,
     stride_vt,
@@ -219,7 +250,9 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """Out and logsumexp of BLOCK_M queries of one head; heads vary fastest across programs, so
-    the G heads of a kv head read the same keys at about the same time."""
+    the G heads of a kv head read the same keys at about the same time. KR: the keys rotated at
+    their true positions once on the host (K itself without RoPE), which the local keys read:
+    rotating them as loaded repeated the work for every query tile and head that reads them."""
     pid = tl.program_id(0)
     h = pid % H
     r = pid // H
@@ -248,23 +281,36 @@ def _fwd_kernel(
         ROPE,
     )
     Kp = K + b * stride_kb + hk * stride_kh
+    KRp = KR + b * stride_rb + hk * stride_rh
     Vp = V + b * stride_vb + hk * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     last = tl.minimum(T - Lq + QOFF + qb * BLOCK_M + BLOCK_M - 1, T - 1)
 
-    # local keys s_i..i (starts are non-decreasing in i: the first row's is the smallest)
-    for st in range(tl.min(starts, 0), last + 1, BLOCK_N):
-        offs_n = st + tl.arange(0, BLOCK_N)
-        kin = offs_n <= last
-        kpos = tl.minimum(offs_n, T - 1)
-        rows = kpos.to(tl.int64)
-        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, kpos, Rot, offs_h, D1, D2, stride_kd, ROPE)
-        v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
-        ok = (offs_n[None, :] >= starts[:, None]) & (offs_n[None, :] <= pos[:, None])
-        sc = _scores(ql1, ql2, k1, k2, qk_scale, DOT_PREC)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
+    # local keys s_i..i, in key tiles from the smallest start: tiles every row sees whole (after
+    # the largest start, before the smallest position) skip the masks, as flash attention does
+    lo = tl.min(starts, 0)
+    inner = lo + tl.cdiv(tl.max(starts, 0) - lo, BLOCK_N) * BLOCK_N
+    inner_end = inner + tl.maximum(tl.min(pos, 0) + 1 - inner, 0) // BLOCK_N * BLOCK_N
+    for st in range(lo, inner, BLOCK_N):
+        acc, m_i, l_i = _local_tile(
+            acc, m_i, l_i, ql1, ql2, KRp, Vp, st, starts, pos, last, T, offs_h, offs_dv,
+            stride_rt, stride_rd, stride_vt, stride_vd, qk_scale,
+            D1, D2, NDV, True, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+    for st in range(inner, inner_end, BLOCK_N):
+        acc, m_i, l_i = _local_tile(
+            acc, m_i, l_i, ql1, ql2, KRp, Vp, st, starts, pos, last, T, offs_h, offs_dv,
+            stride_rt, stride_rd, stride_vt, stride_vd, qk_scale,
+            D1, D2, NDV, False, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+    for st in range(inner_end, last + 1, BLOCK_N):
+        acc, m_i, l_i = _local_tile(
+            acc, m_i, l_i, ql1, ql2, KRp, Vp, st, starts, pos, last, T, offs_h, offs_dv,
+            stride_rt, stride_rd, stride_vt, stride_vd, qk_scale,
+            D1, D2, NDV, True, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
 
     # sink keys before the window, unrotated
     for st in range(0, tl.minimum(SINKS, tl.max(starts, 0)), BLOCK_N):
@@ -1328,9 +1374,11 @@ def _forward(q, k, v, sel, p: _Params):
     out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
     grid = (p.B * p.H * _query_tiles(p, cfg["fwd_m"]),)
+    # local keys rotated once at their true positions (bitwise as the kernels rotate on load)
+    kr = rotate_for_hop(k, p.rot, p.rot.shape[0], 1) if p.rope else k
     _fwd_kernel[grid](
-        q, k, v, out, lse, sel, p.rot,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sel.stride(),
+        q, k, kr, v, out, lse, sel, p.rot,
+        *q.stride(), *k.stride(), *kr.stride(), *v.stride(), *out.stride(), *sel.stride(),
         *p.scalars(), p.distance, p.win, p.chunk, sel.shape[-1],
         p.scale * math.log2(math.e),
         **p.meta(cfg["fwd_m"], cfg["fwd_n"], cfg["fwd_warps"]),
