@@ -329,14 +329,30 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
     rows = []
     key = cache_kwarg(model)
     for method in ("sdpa", "tensorized"):
-        fold = CausalFold(fold_for(n)) if method == "tensorized" else None
+        fold = CausalFold(fold_for(n, args.retrieval)) if method == "tensorized" else None
+        hop = {k: v for k, v in (args.retrieval or {}).items() if k != "local"}
         if fold is not None:
-            tensorize(model, fold=fold.dims, top_level_cache=args.top_level_cache)
+            tensorize(
+                model,
+                fold=fold.dims,
+                top_level_cache=args.top_level_cache,
+                retrieval=RetrievalConfig(**hop) if args.retrieval else None,
+            )
         try:
             reset_peak(device)
-            cache = synthetic_cache(
-                model, B, n, device, dtype, fold, args.top_level_cache == "int8"
-            )
+            if fold is not None and args.retrieval:
+                # the hop's state (block representatives, ranking queries) comes from a real
+                # prefill with the same cache object
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.config)
+                prompt = torch.randint(0, model.config.vocab_size, (B, n), device=device)
+                model(prompt, use_cache=True, logits_to_keep=1, **{key: cache})
+                del prompt
+            else:
+                cache = synthetic_cache(
+                    model, B, n, device, dtype, fold, args.top_level_cache == "int8"
+                )
             ids = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
             step = lambda: model(ids, use_cache=True, **{key: cache})  # noqa: E731
             times = timed(step, device, args.decode_steps, 2)
@@ -347,6 +363,7 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
                 "n": n,
                 "batch": B,
                 "method": method,
+                "retrieval": args.retrieval if fold is not None else None,
                 "step_median_ms": 1e3 * statistics.median(times),
                 "cache_gib": memory["total"] / 2**30,
                 "kv_gib": memory["kv"] / 2**30,
