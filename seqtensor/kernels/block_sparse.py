@@ -70,14 +70,15 @@ __all__ = [
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
 POISON = False
 _MAX_HEAD_DIM = 256
-# Benchmarks set keys here ("fwd_m", "fwd_n", "fwd_warps", "bwd_m", "bwd_n", "bwd_warps",
-# "stages") to compare launch settings without editing ``_config``.
+# Benchmarks set keys here ("fwd_m", "fwd_n", "fwd_warps", "fwd_heads", "bwd_m", "bwd_n",
+# "bwd_warps", "stages") to compare launch settings without editing ``_config``.
 CONFIG_OVERRIDE: dict = {}
 
 
 def _config(d: int, chunk: int) -> dict:
     if tuning.INTERPRET:
         cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, bwd_m=16, bwd_n=16, bwd_warps=1, stages=1)
+        cfg["fwd_heads"] = 2
     else:
         wide = d > 128
         cfg = dict(
@@ -88,6 +89,7 @@ def _config(d: int, chunk: int) -> dict:
             bwd_n=32 if wide else 64,
             bwd_warps=8,
             stages=2,
+            fwd_heads=1,
         )
     cfg.update(CONFIG_OVERRIDE)
     # a program's queries share one selection: BLOCK_M divides the chunk
@@ -96,6 +98,14 @@ def _config(d: int, chunk: int) -> dict:
     while chunk % cfg["bwd_m"]:
         cfg["bwd_m"] //= 2
     return cfg
+
+
+def _heads_per_program(cfg: dict, G: int) -> int:
+    """The forward's packed heads (``fwd_heads``), cut to a divisor of the group size G."""
+    heads = max(1, min(int(cfg["fwd_heads"]), G))
+    while G % heads:
+        heads -= 1
+    return heads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,28 +258,34 @@ def _fwd_kernel(
     BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
-    """Out and logsumexp of BLOCK_M queries of one head; heads vary fastest across programs, so
-    the G heads of a kv head read the same keys at about the same time. KR: the keys rotated at
+    """Out and logsumexp of QM queries of HEADS heads of one kv group (BLOCK_M = HEADS * QM tile
+    rows, head-major): the group's heads share keys and selection, so packing them fills the
+    tile and reads each key once for all of them. Head groups vary fastest across programs, so
+    the programs of a kv head read the same keys at about the same time. KR: the keys rotated at
     their true positions once on the host (K itself without RoPE), which the local keys read:
     rotating them as loaded repeated the work for every query tile and head that reads them."""
+    QM: tl.constexpr = BLOCK_M // HEADS
+    NG = G // HEADS
     pid = tl.program_id(0)
-    h = pid % H
-    r = pid // H
+    hg = pid % (H // HEADS)
+    r = pid // (H // HEADS)
     # query tiles aligned to absolute positions (so to the chunks): the first may start before
     # the first query
-    QOFF = (T - Lq) // BLOCK_M * BLOCK_M - (T - Lq)
-    QB = tl.cdiv(Lq - QOFF, BLOCK_M)
+    QOFF = (T - Lq) // QM * QM - (T - Lq)
+    QB = tl.cdiv(Lq - QOFF, QM)
     qb = r % QB
     b = (r // QB).to(tl.int64)
-    hk = h // G
+    hk = hg // NG
+    heads = hk * G + (hg % NG) * HEADS + tl.arange(0, BLOCK_M) // QM  # each row's head
     offs_h = tl.arange(0, BLOCK_DH)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_m = QOFF + qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = QOFF + qb * QM + tl.arange(0, BLOCK_M) % QM
     rowq, pos, starts, mpos = _query_rows(offs_m, Lq, T, LOCAL, BLK, DIST, WIN, SLIDING)
     ql1, ql2, qm1, qm2 = _load_q2(
-        Q + b * stride_qb + h * stride_qh,
-        offs_m.to(tl.int64) * stride_qt,
+        Q + b * stride_qb,
+        heads.to(tl.int64) * stride_qh + offs_m.to(tl.int64) * stride_qt,
         rowq,
         pos,
         mpos,
@@ -286,7 +302,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    last = tl.minimum(T - Lq + QOFF + qb * BLOCK_M + BLOCK_M - 1, T - 1)
+    last = tl.minimum(T - Lq + QOFF + qb * QM + QM - 1, T - 1)
 
     # local keys s_i..i, in key tiles from the smallest start: tiles every row sees whole (after
     # the largest start, before the smallest position) skip the masks, as flash attention does
@@ -324,7 +340,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _attend(acc, m_i, l_i, sc, ok, v, DOT_PREC)
 
     # the chunk's selected blocks, unrotated; their sink tokens were counted above
-    crow = (T - Lq + QOFF + qb * BLOCK_M) // CHUNK - (T - Lq) // CHUNK
+    crow = (T - Lq + QOFF + qb * QM) // CHUNK - (T - Lq) // CHUNK
     Sp = Sel + b * stride_sb + hk * stride_sh + crow * stride_sc
     for j in range(0, KK):
         blk = tl.load(Sp + j * stride_sk)
@@ -344,18 +360,14 @@ def _fwd_kernel(
     # every valid row has its own token as a local key: l_i > 0
     l_safe = tl.where(rowq, l_i, 1.0)
     out = acc / l_safe[:, None]
-    rows = offs_m.to(tl.int64)
+    rows = heads.to(tl.int64) * stride_oh + offs_m.to(tl.int64) * stride_ot
     omask = rowq[:, None] & (offs_dv[None, :] < NDV)
     tl.store(
-        O
-        + b * stride_ob
-        + h * stride_oh
-        + rows[:, None] * stride_ot
-        + offs_dv[None, :] * stride_od,
+        O + b * stride_ob + rows[:, None] + offs_dv[None, :] * stride_od,
         out.to(O.dtype.element_ty),
         mask=omask,
     )
-    tl.store(Lse + (b * H + h) * Lq + offs_m, m_i + tl.log2(l_safe), mask=rowq)
+    tl.store(Lse + (b * H + heads) * Lq + offs_m, m_i + tl.log2(l_safe), mask=rowq)
 
 
 @triton.jit
@@ -1373,7 +1385,8 @@ def _forward(q, k, v, sel, p: _Params):
     cfg = p.cfg
     out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
-    grid = (p.B * p.H * _query_tiles(p, cfg["fwd_m"]),)
+    heads = _heads_per_program(cfg, p.G)
+    grid = (p.B * (p.H // heads) * _query_tiles(p, cfg["fwd_m"]),)
     # local keys rotated once at their true positions (bitwise as the kernels rotate on load)
     kr = rotate_for_hop(k, p.rot, p.rot.shape[0], 1) if p.rope else k
     _fwd_kernel[grid](
@@ -1381,7 +1394,8 @@ def _forward(q, k, v, sel, p: _Params):
         *q.stride(), *k.stride(), *kr.stride(), *v.stride(), *out.stride(), *sel.stride(),
         *p.scalars(), p.distance, p.win, p.chunk, sel.shape[-1],
         p.scale * math.log2(math.e),
-        **p.meta(cfg["fwd_m"], cfg["fwd_n"], cfg["fwd_warps"]),
+        HEADS=heads,
+        **p.meta(heads * cfg["fwd_m"], cfg["fwd_n"], cfg["fwd_warps"]),
     )  # fmt: skip
     return out, lse
 
