@@ -511,6 +511,12 @@ def main(argv=None) -> None:
         help="print per-kernel times of one tensorized forward at this n and exit",
     )
     parser.add_argument(
+        "--block-sparse-config",
+        type=json.loads,
+        default={},
+        help='launch settings of the retrieval hop\'s kernels (kernels.block_sparse.CONFIG_OVERRIDE), e.g. {"fwd_heads": 2}',
+    )
+    parser.add_argument(
         "--contiguous-qkv",
         action="store_true",
         help="experiment: copy q, k, v to (B, H, n, d) before the kernels (tests whether layout matters)",
@@ -550,6 +556,10 @@ def main(argv=None) -> None:
         AttentionInterface.register(
             text_adapter.ATTENTION_NAME, torch.compiler.disable(text_adapter._attention)
         )
+    if args.block_sparse_config:
+        from seqtensor.kernels import block_sparse
+
+        block_sparse.CONFIG_OVERRIDE.update(args.block_sparse_config)
     if args.contiguous_qkv:
         attend = text_adapter.tensorized_attention
         text_adapter.tensorized_attention = lambda q, k, v, *a, **kw: attend(
@@ -573,6 +583,7 @@ def main(argv=None) -> None:
         "dtype": str(dtype),
         "tiny": args.tiny,
         "contiguous_qkv": args.contiguous_qkv,
+        "block_sparse_config": args.block_sparse_config,
         "top_level_cache": args.top_level_cache,
         "compile": args.compile,
         "layers": args.layers,
