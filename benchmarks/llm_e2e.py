@@ -114,6 +114,13 @@ def fold_for(n: int, retrieval: dict | None = None) -> tuple[int, ...]:
     )
 
 
+def retrieval_config(args) -> RetrievalConfig | None:
+    """``--retrieval`` as tensorize takes it (its ``local`` sets the fold, not the hop)."""
+    if not args.retrieval:
+        return None
+    return RetrievalConfig(**{k: v for k, v in args.retrieval.items() if k != "local"})
+
+
 def build_model(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -175,12 +182,7 @@ def forward_latency(model, lengths, device, args) -> list[dict]:
         ids = torch.randint(0, vocab, (1, n), device=device)
         for method in ("sdpa", "tensorized"):
             if method == "tensorized":
-                hop = {k: v for k, v in (args.retrieval or {}).items() if k != "local"}
-                tensorize(
-                    model,
-                    fold=fold_for(n, args.retrieval),
-                    retrieval=RetrievalConfig(**hop) if args.retrieval else None,
-                )
+                tensorize(model, fold=fold_for(n, args.retrieval), retrieval=retrieval_config(args))
             reps, warmup = (2, 0) if (method == "sdpa" and n >= 131072) else (args.reps, 1)
             if (
                 args.compile
@@ -330,13 +332,12 @@ def decode_latency(model, n: int, B: int, device, dtype, args) -> list[dict]:
     key = cache_kwarg(model)
     for method in ("sdpa", "tensorized"):
         fold = CausalFold(fold_for(n, args.retrieval)) if method == "tensorized" else None
-        hop = {k: v for k, v in (args.retrieval or {}).items() if k != "local"}
         if fold is not None:
             tensorize(
                 model,
                 fold=fold.dims,
                 top_level_cache=args.top_level_cache,
-                retrieval=RetrievalConfig(**hop) if args.retrieval else None,
+                retrieval=retrieval_config(args),
             )
         try:
             reset_peak(device)

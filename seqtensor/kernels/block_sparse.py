@@ -77,8 +77,8 @@ CONFIG_OVERRIDE: dict = {}
 
 def _config(d: int, chunk: int) -> dict:
     if tuning.INTERPRET:
-        cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, bwd_m=16, bwd_n=16, bwd_warps=1, stages=1)
-        cfg["fwd_heads"] = 2
+        cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, fwd_heads=2)
+        cfg.update(bwd_m=16, bwd_n=16, bwd_warps=1, stages=1)
     else:
         wide = d > 128
         cfg = dict(
