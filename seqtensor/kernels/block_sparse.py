@@ -1383,14 +1383,30 @@ def _query_tiles(p: _Params, bm: int) -> int:
     return triton.cdiv(p.T - (p.T - p.Lq) // bm * bm, bm)
 
 
+def _rotated_local_keys(k: torch.Tensor, p: _Params, qm: int) -> torch.Tensor:
+    """The keys the forward reads as local keys, rotated once at their true positions (bitwise as
+    the kernels rotate on load): only those from the first query tile's window start on, so a
+    decode step rotates O(local) keys, not the whole cache. Rows before that stay unwritten."""
+    if not p.rope:
+        return k
+    first = (p.T - p.Lq) // qm * qm  # query tiles are aligned to absolute positions
+    if p.sliding:
+        lo = max(0, first - p.local + 1) // p.block * p.block
+    else:
+        lo = first // p.local * p.local
+    kr = _empty(k.shape, k.dtype, k.device)
+    rows = p.rot.shape[0] - lo
+    rotate_for_hop(k[:, :, lo:], p.rot[lo:], rows, 1, out=kr[:, :, lo:])
+    return kr
+
+
 def _forward(q, k, v, sel, p: _Params):
     cfg = p.cfg
     out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
     heads = _heads_per_program(cfg, p.G, p.d)
     grid = (p.B * (p.H // heads) * _query_tiles(p, cfg["fwd_m"]),)
-    # local keys rotated once at their true positions (bitwise as the kernels rotate on load)
-    kr = rotate_for_hop(k, p.rot, p.rot.shape[0], 1) if p.rope else k
+    kr = _rotated_local_keys(k, p, cfg["fwd_m"])
     _fwd_kernel[grid](
         q, k, kr, v, out, lse, sel, p.rot,
         *q.stride(), *k.stride(), *kr.stride(), *v.stride(), *out.stride(), *sel.stride(),
