@@ -29,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from seqtensor.adapters.text.retrieval import RetrievalConfig, RetrievalState
+from seqtensor.kernels import block_sparse
 
 
 def sync(device: str) -> None:
@@ -48,10 +49,17 @@ def main() -> None:
         help="RetrievalConfig fields",
     )
     p.add_argument("--rope-theta", type=float, default=500000.0, help="0: no positions")
+    p.add_argument(
+        "--block-sparse-config",
+        type=json.loads,
+        default={},
+        help='launch settings of the hop kernels (kernels.block_sparse.CONFIG_OVERRIDE), e.g. {"fwd_m": 16}',
+    )
     p.add_argument("--tiny", action="store_true", help="small shapes, for a CPU check")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    block_sparse.CONFIG_OVERRIDE.update(args.block_sparse_config)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     B, H, Hkv, d, n = 1, 32, 8, 128, args.n
     if args.tiny:
@@ -83,6 +91,7 @@ def main() -> None:
         "local": args.local,
         "retrieval": config.to_dict(),
         "rope_theta": options["rope_theta"],
+        "block_sparse_config": args.block_sparse_config,
     }
     with torch.no_grad():
         for _ in range(3):  # compile and warm the caches
