@@ -24,6 +24,8 @@ from seqtensor.adapters.forecast.seasonality import (
     FAST_LEVEL_ALPHA,
     combined_start,
     default_input_size,
+    mstl_components,
+    mstl_matrix,
     seasonal_profile_matrix,
     start_candidates,
     trend_profile_matrix,
@@ -58,6 +60,7 @@ def test_candidates_are_the_forecasts_they_name():
         "profile_smooth",
         "profile_fast",
         "profile_trend",
+        "mstl",
     }
     np.testing.assert_allclose(x @ c["naive"], np.full(h, x[-1]))
     np.testing.assert_allclose(x @ c["mean"], np.full(h, x.mean()))
@@ -123,6 +126,49 @@ def test_trend_profile_forecasts_a_trend_plus_two_seasons_exactly():
     np.testing.assert_allclose(np.full(L, 3.0) @ W, np.full(h, 3.0), atol=1e-12)
     # fewer than two whole cycles: no trend can be told from the pattern
     assert trend_profile_matrix(150, h, (96,)) is None
+
+
+def test_mstl_components_are_a_pattern_and_a_level_exactly():
+    """Closed form: y = c + a zero-mean daily pattern, decomposed with seasons (24, 168): the daily
+    component is the pattern, the weekly one zero, the deseasonalized series c, and the forecast
+    continues y exactly (a constant maps to itself)."""
+    L, h = 3 * 168, 50
+    t = np.arange(L + h)
+    pattern = np.random.default_rng(2).standard_normal(24)
+    pattern -= pattern.mean()
+    y = 7.0 + pattern[t % 24]
+    comp, deseason = mstl_components(L, (24, 168))
+    np.testing.assert_allclose(comp[24] @ y[:L], pattern[t[:L] % 24], atol=1e-9)
+    np.testing.assert_allclose(comp[168] @ y[:L], 0.0, atol=1e-9)
+    np.testing.assert_allclose(deseason @ y[:L], 7.0, atol=1e-9)
+    W = mstl_matrix(L, h, (24, 168))
+    np.testing.assert_allclose(y[:L] @ W, y[L:], atol=1e-9)
+    np.testing.assert_allclose(np.full(L, 3.0) @ W, np.full(h, 3.0), atol=1e-12)
+    # fewer than two whole cycles of the longest season: no candidate
+    assert mstl_matrix(300, h, (24, 168)) is None
+    assert "mstl" not in start_candidates(300, h, (168,))
+
+
+def test_mstl_matrix_is_statsforecasts_mstl_with_a_fixed_level():
+    """Oracle: statsforecast's MSTL (statsmodels' STL inside) with simple exponential smoothing
+    (alpha 0.2) as its trend forecaster gives the same forecast as the linear map, on a random
+    walk plus two seasons; the map uses only the last MSTL_MAX_STEPS-bounded whole cycles."""
+    sf = pytest.importorskip("statsforecast.models")
+    rng = np.random.default_rng(3)
+    L, h = 2 * 168 + 5, 30  # 5 steps past the whole cycles: left out of the decomposition
+    t = np.arange(L)
+    y = rng.standard_normal(L).cumsum() + 3 * np.sin(2 * np.pi * t / 24) + (t // 24 % 7 > 4)
+    model = sf.MSTL(season_length=[24, 168], trend_forecaster=sf.SimpleExponentialSmoothing(0.2))
+    want = model.fit(y[5:]).predict(h)["mean"]
+    W = mstl_matrix(L, h, (24, 168))
+    np.testing.assert_allclose(y @ W, want, atol=1e-9)
+    assert np.all(W[:5] == 0)
+    np.testing.assert_allclose(start_candidates(L, h, (24, 168))["mstl"], W)
+    one = sf.MSTL(season_length=24, trend_forecaster=sf.SimpleExponentialSmoothing(0.5))
+    want = one.fit(y[-96:]).predict(h)["mean"]
+    np.testing.assert_allclose(
+        y[-96:] @ mstl_matrix(96, h, (24,), level_alpha=0.5), want, atol=1e-9
+    )
 
 
 def test_combined_start_is_the_mean_of_its_parts():

@@ -12,11 +12,16 @@ Legend: T steps of a series, L look-back, h horizon, p a seasonal period in step
   level = mean of the last whole cycles of the longest season, each season's profile = the mean over
   its whole cycles in the look-back of what the shorter seasons left, and the forecast repeats
   level + profiles. Averaging over cycles is what beats the seasonal naive forecast on noisy data.
+- ``mstl_matrix``: MSTL's forecast (Bandara et al. 2021) as a linear map: STL without robustness
+  weights is a chain of fixed local regressions and moving averages, so each seasonal component
+  is a matrix times the look-back (``mstl_components``, equal to statsmodels' STL as MSTL calls
+  it); the forecast repeats each component's last cycle and adds a smoothed level.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -27,6 +32,8 @@ __all__ = [
     "combined_start",
     "default_input_size",
     "detect_seasonalities",
+    "mstl_components",
+    "mstl_matrix",
     "seasonal_profile_matrix",
     "start_candidates",
     "trend_profile_matrix",
@@ -46,6 +53,11 @@ FAST_LEVEL_ALPHA = 0.5
 # An L x L ridge solve past this look-back costs more than it gives (the Forecaster then starts
 # its linear map at zero), so the default look-back stays within it.
 MAX_RIDGE_INPUT = 4096
+# The "mstl" start decomposes at most this many last steps of the look-back: building its map
+# costs about 30 dense products of this size (about 1 s at 1,008 steps on one CPU core, 8x that
+# at twice the steps), and MSTL fit on the last 3 weeks of half-hourly demand scored as well as
+# on all 5 (docs/forecasting_results.md).
+MSTL_MAX_STEPS = 1344
 # Cycles of the longest season in the default look-back, most first: a week of a daily season
 # (7) scored 5% better than 4 (MAE relative to MSTL over 32 slices); 10 helped hourly data and
 # hurt 5-minute glucose.
@@ -237,6 +249,154 @@ def trend_profile_matrix(input_size: int, h: int, seasons: Sequence[int]) -> np.
     return W
 
 
+def _loess_weights(n: int, q: int, degree: int, x: int, left: int, right: int) -> np.ndarray | None:
+    """Weights (n,) of STL's local regression at 1-based position ``x`` from points
+    ``left..right`` (tricube in distance, local linear when ``degree`` is 1): the ``est`` routine
+    of Cleveland et al. (1990), as statsmodels ports it. None when every weight is zero."""
+    w = np.zeros(n)
+    span = max(x - left, right - x) + (max(q - n, 0) // 2)  # a window wider than the data
+    j = np.arange(left, right + 1, dtype=float)
+    r = np.abs(j - x)
+    v = (
+        np.ones_like(r)
+        if span <= 0
+        else np.where(r <= 0.001 * span, 1.0, (1 - (r / span) ** 3) ** 3)
+    )
+    v = np.where(r <= 0.999 * span, v, 0.0) if span > 0 else v
+    if v.sum() <= 0:
+        return None
+    v = v / v.sum()
+    if span > 0 and degree > 0:
+        mid = (v * j).sum()
+        c = (v * (j - mid) ** 2).sum()
+        if np.sqrt(c) > 0.001 * (n - 1):  # a local line, unless the points barely spread
+            v = v * ((x - mid) / c * (j - mid) + 1)
+    w[left - 1 : right] = v
+    return w
+
+
+def _loess_matrix(n: int, q: int, degree: int) -> np.ndarray:
+    """(n, n): STL's loess smoother of window ``q`` at every point (jump 1); the window slides
+    with the point and stops at the ends."""
+    E = np.eye(n)  # a point without weights keeps its value, as in STL
+    if n < 2:
+        return E
+    left, right, half = 1, min(q, n), (q + 2) // 2
+    for i in range(1, n + 1):
+        if q < n and i > half and right != n:
+            left, right = left + 1, right + 1
+        row = _loess_weights(n, q, degree, i, left, right)
+        if row is not None:
+            E[i - 1] = row
+    return E
+
+
+def _moving_average(M: np.ndarray, q: int) -> np.ndarray:
+    """Means of ``q`` consecutive rows of M (n, ...) -> (n - q + 1, ...)."""
+    c = np.cumsum(np.concatenate([np.zeros_like(M[:1]), M]), 0)
+    return (c[q:] - c[:-q]) / q
+
+
+def _stl_seasonal(n: int, p: int, seasonal: int, inner: int = 5) -> np.ndarray:
+    """(n, n): the seasonal component of STL (period p, seasonal window ``seasonal``, degree 0,
+    trend and low-pass windows and degrees at statsmodels' defaults, ``inner`` passes, no
+    robustness weights) as a map of the series."""
+    trend = int(np.ceil(1.5 * p / (1 - 1.5 / seasonal)))
+    trend += trend % 2 == 0
+    low = p + 1 + (p % 2 == 1)  # the smallest odd window past p
+    # cycle-subseries: each phase smoothed across cycles and extended one cycle either side
+    C = np.zeros((n + 2 * p, n))
+    by_cycles: dict[int, np.ndarray] = {}  # phases have n // p or n // p + 1 cycles
+    for j in range(p):
+        idx = np.arange(j, n, p)
+        k = len(idx)
+        if k not in by_cycles:
+            rows = np.zeros((k + 2, k))
+            rows[1:-1] = _loess_matrix(k, seasonal, 0)
+            first = _loess_weights(k, seasonal, 0, 0, 1, min(seasonal, k))
+            last = _loess_weights(k, seasonal, 0, k + 1, max(1, k - seasonal + 1), k)
+            rows[0] = rows[1] if first is None else first
+            rows[-1] = rows[-2] if last is None else last
+            by_cycles[k] = rows
+        C[np.ix_(np.arange(k + 2) * p + j, idx)] = by_cycles[k]
+    # low-pass of the subseries (moving averages p, p, 3, then loess), taken off: what is left
+    # repeats and has no level
+    low_pass = _loess_matrix(n, low, 1) @ _moving_average(
+        _moving_average(_moving_average(C, p), p), 3
+    )
+    G = C[p : p + n] - low_pass  # seasonal from the detrended series
+    E = _loess_matrix(n, trend, 1)
+    # the inner loop: S = G (y - T), T = E (y - S); as maps T_next = (E - EG) + EG T
+    EG = E @ G
+    T = np.zeros((n, n))
+    for _ in range(inner - 1):
+        T = E - EG + EG @ T
+    return G - G @ T
+
+
+def mstl_components(n: int, seasons: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """MSTL's decomposition of n steps as linear maps: ({p: (n, n) seasonal component}, (n, n)
+    deseasonalized series), so that ``components[p] @ y`` is the season-p component of y.
+
+    As ``statsforecast``'s ``mstl`` (after R's ``forecast::mstl``): seasons shortest first, each
+    estimated by STL (seasonal window 7 + 4k for the k-th, degree 0) from the series minus the
+    other seasons' current estimates, two passes (one with a single season).
+    """
+    n = int(n)
+    used = sorted({int(p) for p in seasons})
+    check(n >= 2 and all(2 <= p <= n for p in used), f"bad n={n} or seasons={seasons!r}")
+    stl = {p: _stl_seasonal(n, p, 7 + 4 * k) for k, p in enumerate(used, start=1)}
+    deseason = np.eye(n)
+    comp = {p: np.zeros((n, n)) for p in used}
+    for _ in range(2 if len(used) > 1 else 1):
+        for p in used:
+            deseason = deseason + comp[p]
+            comp[p] = stl[p] @ deseason
+            deseason = deseason - comp[p]
+    return comp, deseason
+
+
+@lru_cache(maxsize=8)
+def _mstl_map(L: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
+    """``mstl_matrix`` for checked arguments, cached: a refit asks for the same map again."""
+    longest = seasons[-1]
+    n = min(L // longest, max(MSTL_MAX_STEPS // longest, 2)) * longest  # whole cycles
+    comp, deseason = mstl_components(n, seasons)
+    a = float(level_alpha)
+    w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)  # simple exponential smoothing, unrolled
+    w[0] = (1 - a) ** (n - 1)  # level_0 = the first value: the weights sum to 1
+    F = np.repeat((w @ deseason)[None], h, 0)  # (h, n): the level, flat
+    steps = np.arange(h)
+    for p in seasons:
+        F += comp[p][n - p + steps % p]  # each component's last cycle, repeated
+    W = np.zeros((L, h))
+    W[L - n :] = F.T
+    W.setflags(write=False)  # cached: callers get a copy
+    return W
+
+
+def mstl_matrix(
+    input_size: int, h: int, seasons: Sequence[int], level_alpha: float = LEVEL_ALPHA
+) -> np.ndarray | None:
+    """W (L, h): MSTL's forecast as a linear map of the look-back.
+
+    The last whole cycles of the longest season in the look-back (at most ``MSTL_MAX_STEPS``
+    steps) are decomposed as ``mstl_components`` does; the forecast repeats each seasonal
+    component's last cycle (statsforecast's MSTL) and adds simple exponential smoothing
+    (``level_alpha``) of the deseasonalized steps, a fixed-parameter stand-in for the AutoETS that
+    MSTL fits on them. A constant look-back maps to itself; a series that is any patterns of the
+    seasons plus a constant is forecast exactly. None without two whole cycles of the longest
+    season (STL then has no cycle-subseries to smooth).
+    """
+    L, h = int(input_size), int(h)
+    check(L >= 1 and h >= 1, f"input_size and h must be >= 1, got {input_size}, {h}")
+    check(0 < level_alpha <= 1, f"level_alpha must be in (0, 1], got {level_alpha!r}")
+    used = tuple(sorted({int(p) for p in seasons if 1 < int(p) <= L}))
+    if not used or L // used[-1] < 2:
+        return None
+    return _mstl_map(L, h, used, float(level_alpha)).copy()
+
+
 def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
     """Closed-form forecasts the network can start from, each a linear map W (L, h) of the
     look-back.
@@ -257,7 +417,10 @@ def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[st
       MSTL forecasts (when the look-back holds more than one cycle of the longest season);
     - ``"profile_fast"``: the same with a faster level (``FAST_LEVEL_ALPHA``);
     - ``"profile_trend"``: level, linear trend and phase effects fit jointly
-      (``trend_profile_matrix``), for a series that grows or falls.
+      (``trend_profile_matrix``), for a series that grows or falls;
+    - ``"mstl"``: MSTL's forecast (``mstl_matrix``): each season re-estimated by STL's local
+      regression across cycles, so a daily pattern that drifts over the weeks is followed, with
+      the level smoothed as ``"profile_smooth"``'s.
 
     Every map reproduces a constant look-back (its columns sum to 1), so it commutes with the
     network's per-window normalization. The fit may also combine the best two (``model.py``).
@@ -286,6 +449,7 @@ def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[st
                 L, h, used, cycle_decay=PROFILE_DECAY, level_alpha=FAST_LEVEL_ALPHA
             )
             out["profile_trend"] = trend_profile_matrix(L, h, used)
+            out["mstl"] = mstl_matrix(L, h, used)
     return out
 
 
