@@ -101,3 +101,30 @@ def test_gpu_hop_runs_the_kernels_and_matches_the_reference(case):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         err = (a.cpu() - b).abs().max().item()
         assert err <= 2e-3 * max(1.0, b.abs().max().item()), f"{name}: max error {err:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_decode_steps_match_and_never_sync():
+    """On the GPU, decode steps run the kernels, equal the whole-sequence reference, and make no
+    host sync (a sync per layer would serialise the host's launches with the GPU's work)."""
+    T, P = 200, 130
+    q, k, v = _inputs(4, 1, T, T, 16, seed=4)
+    kw = dict(top_k=2, block=8, sinks=4, rope_theta=100.0, chunk=16, shared=True)
+    want = R.retrieval_attention(q, k, v, 32, sliding=True, representative="bound", **kw)
+    opts = R._options(32, 2, 8, 4, True, None, 100.0, None, chunk=16, shared=True)
+    opts["representative"] = "bound"
+    q, k, v = (x.cuda().float() for x in (q, k, v))
+    assert R.use_kernels(q, opts)
+    out, state = R.RetrievalState.prefill(q[:, :, :P], k[:, :, :P], v[:, :, :P], opts)
+    state.step(q[:, :, P : P + 1], k[:, :, : P + 1], v[:, :, : P + 1])  # compile outside the check
+    torch.cuda.synchronize()
+    steps = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(P + 1, T):
+            steps.append(state.step(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = torch.cat(steps, 2).double().cpu()
+    ref = want[:, :, P + 1 :]
+    assert (got - ref).abs().max().item() <= 2e-3 * max(1.0, ref.abs().max().item())
