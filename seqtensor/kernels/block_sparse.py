@@ -75,7 +75,7 @@ _MAX_HEAD_DIM = 256
 CONFIG_OVERRIDE: dict = {}
 
 
-def _config(d: int, chunk: int) -> dict:
+def _config(d: int, chunk: int, Lq: int) -> dict:
     if tuning.INTERPRET:
         cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, fwd_heads=2)
         cfg.update(bwd_m=16, bwd_n=16, bwd_warps=1, stages=1)
@@ -91,6 +91,8 @@ def _config(d: int, chunk: int) -> dict:
             stages=2,
             fwd_heads=4,  # H100, 128k, chunk 64: 20.5 ms against 41.6 unpacked (NOTES.md)
         )
+        if Lq <= 16:  # a decode step: rows beyond the queries are wasted MMA work
+            cfg["fwd_m"] = 16
     cfg.update(CONFIG_OVERRIDE)
     # a program's queries share one selection: BLOCK_M divides the chunk
     while chunk % cfg["fwd_m"]:
@@ -1350,7 +1352,7 @@ class _Params:
         self.acc, self.prec = _kernel_dtypes(q.dtype)
         # logsumexp, delta and sink partial sums: fp32, fp64 for fp64 inputs
         self.work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        self.cfg = _config(d, chunk)
+        self.cfg = _config(d, chunk, Lq)
         if self.rope:
             rows = max(self.T, distance + local + block) + 1
             self.rot = _rotation_table(rope_theta, d, rows, _table_dtype(q.dtype), q.device)
