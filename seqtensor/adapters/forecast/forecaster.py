@@ -159,7 +159,8 @@ class Forecaster(BaseEstimator):
         does an input_size above 4,096, where the L x L solve would cost more than it gives).
         The fit is pulled towards one of the closed-form forecasts of
         ``seasonality.start_candidates`` (last value, look-back mean, seasonal naive per season,
-        level + seasonal profiles, plain or smoothed), chosen on all training windows (``start_``), as an Auto model
+        level + seasonal profiles, plain or smoothed, MSTL's decomposition forecast), chosen on
+        all training windows (``start_``), as an Auto model
         picks among its candidates; the penalty (1x-10,000x this value, or the forecast alone) is
         chosen on three rolling origins, the strongest within 3% of the best.
     seasonality : "auto", int, sequence of int or None, default "auto"
