@@ -30,6 +30,7 @@ Usage::
     python benchmarks/llm_adapt.py run --data data/llm --smoke    # the whole flow, tiny sizes, CPU
     python benchmarks/llm_adapt.py run ... --save-to runs/smol     # keep the trained model, then
     python benchmarks/llm_adapt.py evaluate --model runs/smol --data data/llm   # up to 128k, two fold growths
+    python benchmarks/llm_adapt.py run ... --retrieval '{"shared": true, "chunk": 64}'  # train with the retrieval hop
 
 On the GPU machine (the device tool; docs/install.md): the GGUF (98 MB) travels in two chunks,
 the ``gguf`` package as a wheel, all in folders that ``.git/info/exclude`` ignores (``/.carry/``)::
@@ -74,6 +75,7 @@ from seqtensor.adapters.text import (
     CausalFold,
     FoldMix,
     PackedSequences,
+    RetrievalConfig,
     RetrievalMix,
     StopAt,
     adaptation_config,
@@ -248,7 +250,13 @@ class Clock:
 
 def adapter_settings(args, backend: str) -> dict:
     """The ``tensorize`` keywords every stage of a run shares (all but the fold)."""
-    return dict(backend=backend, positional=args.positional, hop_gate=args.hop_gate)
+    retrieval = getattr(args, "retrieval", None)
+    return dict(
+        backend=backend,
+        positional=args.positional,
+        hop_gate=args.hop_gate,
+        retrieval=RetrievalConfig(**retrieval) if retrieval else None,
+    )
 
 
 def pick_backend(
@@ -597,6 +605,13 @@ def main(argv=None) -> None:
         help="learned hop gates starting at this value in (0, 1) (tensorize(hop_gate=...)); default: none",
     )
     r.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the hop-gate logits")
+    r.add_argument(
+        "--retrieval",
+        type=json.loads,
+        default=None,
+        help="train with the retrieval hop (tensorize(retrieval=...)), RetrievalConfig fields as "
+        'JSON, e.g. {"shared": true, "chunk": 64, "representative": "bound", "sliding": true}',
+    )
     r.add_argument(
         "--retrieval-mix",
         type=float,
