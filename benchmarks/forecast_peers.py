@@ -14,6 +14,10 @@ temperature, glucose, demand, electricity temperature, air temperature and irrad
 more weather channels), so that a change is judged on more than the table's rows; their rows
 carry ``"set": "extra"`` (recorded in benchmarks/results/forecast_peers_extra_cpu.json).
 
+``--set months`` runs 12-week slices of half-hourly demand (months of history, a 7-week
+look-back): a two-season series longer than the 6-week rows (rows carry ``"set": "months"``,
+benchmarks/results/forecast_peers_months_mstl_cpu.json).
+
 ``--neural`` adds NeuralForecast's ``NHITS`` and ``PatchTST`` to rows already in the results file
 (without re-running the others): their defaults, input size = the Forecaster's look-back for the
 row, at most 500 steps of 64 windows, early stopping on the last h steps before the first window
@@ -85,6 +89,19 @@ def extra_datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
         for start in EXTRA[ch] if len(s) else ():
             out[f"tmy_{ch}_8w_at{start}"] = (s.iloc[start : start + 56 * 24], 24, "h")
     return out
+
+
+def months_datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
+    """12-week slices of half-hourly demand (``elec_demand_12w_at<start>``)."""
+    try:
+        e = load_electricity_demand()
+    except ImportError:
+        return {}
+    s = e[e["unique_id"] == "Demand"][["unique_id", "ds", "y"]]
+    return {
+        f"elec_demand_12w_at{start}": (s.iloc[start : start + 84 * 48], 48, "30min")
+        for start in (0, 3000, 6000, 9000, 12000, 13400)
+    }
 
 
 def datasets() -> dict[str, tuple[pd.DataFrame, int, str]]:
@@ -206,7 +223,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--arima", action="store_true")
     p.add_argument("--neural", action="store_true", help="add NHITS and PatchTST to existing rows")
-    p.add_argument("--set", choices=("table", "extra", "all"), default="table")
+    p.add_argument("--set", choices=("table", "extra", "months", "all"), default="table")
     p.add_argument(
         "--param", nargs="*", type=_param, help="Forecaster settings, e.g. max_steps=200 val_size=0"
     )
@@ -240,7 +257,11 @@ def main() -> None:
         }
     results["meta"] = meta
     data, sets = {}, {}
-    for which, make in (("table", datasets), ("extra", extra_datasets)):
+    for which, make in (
+        ("table", datasets),
+        ("extra", extra_datasets),
+        ("months", months_datasets),
+    ):
         if args.set in (which, "all"):
             part = make()
             data.update(part)
