@@ -213,7 +213,9 @@ def run_protocol(model, tokenizer, protocol: str, length: int, args, prose) -> d
         made = [code_prompt(tokenizer, *prose, length, j, args) for j in range(args.trials)]
         prompts, keys = [m[0] for m in made], [m[1] for m in made]
         groups = [_bin(m[2]) for m in made]
-    texts = _answer(model, tokenizer, prompts, args.batch or args.trials, args.new_tokens)
+    # all prompts at once ran out of memory at 128k on an 80 GB GPU: at most 256k tokens per call
+    batch = args.batch or max(1, min(args.trials, 262144 // length))
+    texts = _answer(model, tokenizer, prompts, batch, args.new_tokens)
     right = [_right(t, k) for t, k in zip(texts, keys)]
     split: dict[str, list[int]] = {}
     for g, r in zip(groups, right):
@@ -288,7 +290,9 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096,
                     help="ppl: tokens scored (the same text at every length)")  # fmt: skip
     ap.add_argument("--trials", type=int, default=10, help="prompts per length and protocol")
-    ap.add_argument("--batch", type=int, default=0, help="prompts per generate call (0: all)")
+    ap.add_argument(
+        "--batch", type=int, default=0, help="prompts per generate call (0: up to 256k tokens)"
+    )
     ap.add_argument("--codes", type=int, default=4, help="codes hidden per prompt (one asked)")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--local", "--window", dest="local", type=int, default=2048)

@@ -102,12 +102,13 @@ def _config(d: int, chunk: int, Lq: int) -> dict:
     return cfg
 
 
-def _heads_per_program(cfg: dict, G: int, d: int) -> int:
-    """The forward's packed heads (``fwd_heads``), cut to a divisor of the group size G and to
-    tiles of at most 256 rows (128 for d > 128: the fp32 accumulator lives in registers)."""
-    rows = 256 if d <= 128 else 128
+def _heads_per_program(cfg: dict, G: int, d: int, itemsize: int = 2) -> int:
+    """The forward's packed heads (``fwd_heads``), cut to a power-of-2 divisor of the group size G
+    and to tiles of at most 256 rows of d 2-byte elements (128 beyond: the fp32 accumulator lives
+    in registers, and fp32 tiles of 256 x 128 exceed Hopper's shared memory)."""
+    rows = 256 if d * itemsize <= 256 else 128
     heads = max(1, min(int(cfg["fwd_heads"]), G, rows // cfg["fwd_m"]))
-    while G % heads:
+    while G % heads or heads & (heads - 1):  # tl.arange needs a power-of-2 BLOCK_M
         heads -= 1
     return heads
 
@@ -1406,7 +1407,7 @@ def _forward(q, k, v, sel, p: _Params):
     cfg = p.cfg
     out = _empty((p.B, p.H, p.Lq, p.dv), q.dtype, q.device)
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
-    heads = _heads_per_program(cfg, p.G, p.d)
+    heads = _heads_per_program(cfg, p.G, p.d, q.element_size())
     grid = (p.B * (p.H // heads) * _query_tiles(p, cfg["fwd_m"]),)
     kr = _rotated_local_keys(k, p, cfg["fwd_m"])
     _fwd_kernel[grid](
