@@ -115,6 +115,25 @@ def test_forward_packs_any_number_of_group_heads(heads, monkeypatch):
     assert_close([got.double()], [want], 2e-5)
 
 
+@pytest.mark.parametrize(
+    "G,fwd_m,d,itemsize,want",
+    [
+        (4, 64, 128, 2, 4),  # the 8B shape: 256 rows
+        (3, 64, 64, 2, 1),  # SmolLM2's groups of 3: the only power-of-2 divisor is 1
+        (6, 16, 64, 2, 2),
+        (8, 64, 128, 4, 2),  # fp32: 128 rows of 128
+        (4, 64, 256, 2, 2),  # d 256: 128 rows
+    ],
+)
+def test_packed_heads_are_a_power_of_two_dividing_the_group(G, fwd_m, d, itemsize, want):
+    """tl.arange needs a power-of-2 tile (3 heads x 64 rows failed to compile on the GPU), the
+    heads must split the group evenly, and the tile must fit shared memory."""
+    cfg = dict(fwd_heads=4, fwd_m=fwd_m)
+    got = BS._heads_per_program(cfg, G, d, itemsize)
+    assert got == want
+    assert G % got == 0 and got & (got - 1) == 0 and got * fwd_m * d * itemsize <= 256 * 256
+
+
 @pytest.mark.interpreter
 def test_float64_inputs_and_strided_views():
     """fp64 kernels agree to rounding; q, k, v as (B, T, heads, d) views are read in place; memory
