@@ -228,6 +228,7 @@ def _fwd_kernel(
     stride_rh,
     stride_rt,
     stride_rd,
+    KR_LO,
     stride_vb,
     stride_vh,
     stride_vt,
@@ -302,7 +303,7 @@ def _fwd_kernel(
         ROPE,
     )
     Kp = K + b * stride_kb + hk * stride_kh
-    KRp = KR + b * stride_rb + hk * stride_rh
+    KRp = KR + (b * stride_rb - KR_LO * stride_rt) + hk * stride_rh  # KR starts at key KR_LO
     Vp = V + b * stride_vb + hk * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -1386,21 +1387,20 @@ def _query_tiles(p: _Params, bm: int) -> int:
     return triton.cdiv(p.T - (p.T - p.Lq) // bm * bm, bm)
 
 
-def _rotated_local_keys(k: torch.Tensor, p: _Params, qm: int) -> torch.Tensor:
+def _rotated_local_keys(k: torch.Tensor, p: _Params, qm: int) -> tuple[torch.Tensor, int]:
     """The keys the forward reads as local keys, rotated once at their true positions (bitwise as
-    the kernels rotate on load): only those from the first query tile's window start on, so a
-    decode step rotates O(local) keys, not the whole cache. Rows before that stay unwritten."""
+    the kernels rotate on load), and the first of them: only those from the first query tile's
+    window start on, so a decode step rotates and stores O(local) keys, not the whole cache."""
     if not p.rope:
-        return k
+        return k, 0
     first = (p.T - p.Lq) // qm * qm  # query tiles are aligned to absolute positions
     if p.sliding:
         lo = max(0, first - p.local + 1) // p.block * p.block
     else:
         lo = first // p.local * p.local
-    kr = _empty(k.shape, k.dtype, k.device)
-    rows = p.rot.shape[0] - lo
-    rotate_for_hop(k[:, :, lo:], p.rot[lo:], rows, 1, out=kr[:, :, lo:])
-    return kr
+    kr = _empty((p.B, p.Hkv, p.T - lo, p.d), k.dtype, k.device)
+    rotate_for_hop(k[:, :, lo:], p.rot[lo:], p.rot.shape[0] - lo, 1, out=kr)
+    return kr, lo
 
 
 def _forward(q, k, v, sel, p: _Params):
@@ -1409,10 +1409,10 @@ def _forward(q, k, v, sel, p: _Params):
     lse = _empty((p.B, p.H, p.Lq), p.work, q.device)
     heads = _heads_per_program(cfg, p.G, p.d, q.element_size())
     grid = (p.B * (p.H // heads) * _query_tiles(p, cfg["fwd_m"]),)
-    kr = _rotated_local_keys(k, p, cfg["fwd_m"])
+    kr, kr_lo = _rotated_local_keys(k, p, cfg["fwd_m"])
     _fwd_kernel[grid](
         q, k, kr, v, out, lse, sel, p.rot,
-        *q.stride(), *k.stride(), *kr.stride(), *v.stride(), *out.stride(), *sel.stride(),
+        *q.stride(), *k.stride(), *kr.stride(), kr_lo, *v.stride(), *out.stride(), *sel.stride(),
         *p.scalars(), p.distance, p.win, p.chunk, sel.shape[-1],
         p.scale * math.log2(math.e),
         HEADS=heads,
