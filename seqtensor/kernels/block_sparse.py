@@ -270,8 +270,9 @@ def _fwd_kernel(
     rows, head-major): the group's heads share keys and selection, so packing them fills the
     tile and reads each key once for all of them. Head groups vary fastest across programs, so
     the programs of a kv head read the same keys at about the same time. KR: the keys rotated at
-    their true positions once on the host (K itself without RoPE), which the local keys read:
-    rotating them as loaded repeated the work for every query tile and head that reads them."""
+    their true positions once on the host (K itself without RoPE), from key KR_LO (the first any
+    local window reads) on, which the local keys read: rotating them as loaded repeated the work
+    for every query tile and head that reads them."""
     QM: tl.constexpr = BLOCK_M // HEADS
     NG = G // HEADS
     pid = tl.program_id(0)
