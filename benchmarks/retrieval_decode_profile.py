@@ -26,15 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from llm_e2e import sync
 from torch.profiler import ProfilerActivity, profile
 
 from seqtensor.adapters.text.retrieval import RetrievalConfig, RetrievalState
 from seqtensor.kernels import block_sparse
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -99,19 +95,19 @@ def main() -> None:
         for _ in range(32):
             step()
         sync(device)
+        reps = args.steps // 5
         times = []
-        for _ in range(args.steps // 5):
+        for _ in range(reps):
             t0 = time.perf_counter()
             step()
             sync(device)
             times.append(time.perf_counter() - t0)
         result["step_ms"] = 1e3 * sorted(times)[len(times) // 2]
         t0 = time.perf_counter()
-        for _ in range(args.steps // 5):
+        for _ in range(reps):
             step()
-        result["host_ms"] = 1e3 * (time.perf_counter() - t0) / (args.steps // 5)
+        result["host_ms"] = 1e3 * (time.perf_counter() - t0) / reps
         sync(device)
-        reps = args.steps // 5
         if device == "cuda":
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(reps):

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .._validation import check, check_choice, is_int
 from . import tuning
-from .block_sparse_reference import memory_queries, window_starts
+from .block_sparse_reference import memory_queries, window_start, window_starts
 from .triton_hops import (
     _kernel_dtypes,
     _load_halves,
@@ -1394,11 +1394,8 @@ def _rotated_local_keys(k: torch.Tensor, p: _Params, qm: int) -> tuple[torch.Ten
     window start on, so a decode step rotates and stores O(local) keys, not the whole cache."""
     if not p.rope:
         return k, 0
-    first = (p.T - p.Lq) // qm * qm  # query tiles are aligned to absolute positions
-    if p.sliding:
-        lo = max(0, first - p.local + 1) // p.block * p.block
-    else:
-        lo = first // p.local * p.local
+    # query tiles are aligned to absolute positions: the first tile's first row reads furthest back
+    lo = window_start((p.T - p.Lq) // qm * qm, p.local, p.block, p.sliding)
     kr = _empty((p.B, p.Hkv, p.T - lo, p.d), k.dtype, k.device)
     rotate_for_hop(k[:, :, lo:], p.rot[lo:], p.rot.shape[0] - lo, 1, out=kr)
     return kr, lo

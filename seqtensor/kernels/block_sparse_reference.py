@@ -32,6 +32,11 @@ def window_starts(positions: torch.Tensor, local: int, block: int, sliding: bool
     return positions // local * local
 
 
+def window_start(i: int, local: int, block: int, sliding: bool) -> int:
+    """``window_starts`` of one position, on the host (no device sync)."""
+    return max(0, i - local + 1) // block * block if sliding else i // local * local
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Llama rotate-half RoPE of x (..., P, d) at ``positions`` (P,), frequencies theta^(-2i/d)."""
     d = x.shape[-1]

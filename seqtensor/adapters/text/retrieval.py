@@ -66,6 +66,7 @@ import torch
 from ..._validation import check, check_choice, is_int
 from ...attention import tensorized_attention
 from ...core.folds import Fold
+from ...kernels.block_sparse_reference import window_start
 from ...kernels.reference import work_dtype
 
 __all__ = [
@@ -257,11 +258,6 @@ def _block_scores(r, k, reps, nb: int, block: int, representative: str) -> torch
     return r @ reps[0][:, :, :nb].transpose(-1, -2)
 
 
-def _start(i: int, local: int, block: int, sliding: bool) -> int:
-    """``_window_starts`` of one position, on the host (no device sync)."""
-    return max(0, i - local + 1) // block * block if sliding else i // local * local
-
-
 def _select(
     r, valid, starts, last: int, k, reps, block: int, top_k: int, sinks: int, representative: str
 ):
@@ -426,10 +422,10 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
         t = b - a
         qt = qg[:, :, :, a - offset : b - offset]  # (B, Hkv, G, t, d)
         qpos, starts = qpos_all[a - offset : b - offset], starts_all[a - offset : b - offset]
-        lo = _start(a, local, block, sliding)
+        lo = window_start(a, local, block, sliding)
         k_loc, v_loc = k[:, :, lo:b].to(work), v[:, :, lo:b].to(work)
         kpos = torch.arange(lo, b, device=q.device)
-        ns = min(sinks, _start(b - 1, local, block, sliding))
+        ns = min(sinks, window_start(b - 1, local, block, sliding))
         q_mem = qt
         if theta is not None:
             # local keys at their true distances; retrieved and sink keys at position 0, the
@@ -447,9 +443,9 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
             values.append(v[:, :, :ns].to(work))
         if shared:  # host-side: group = qpos // chunk - offset // chunk
             g0, g1 = a // chunk - offset // chunk, (b - 1) // chunk - offset // chunk + 1
-            last = _start((b - 1) // chunk * chunk, local, block, sliding)
+            last = window_start((b - 1) // chunk * chunk, local, block, sliding)
         else:
-            g0, g1, last = a - offset, b - offset, _start(b - 1, local, block, sliding)
+            g0, g1, last = a - offset, b - offset, window_start(b - 1, local, block, sliding)
         blocks, usable = _select(
             ranks[:, :, g0:g1],
             valid[g0:g1],
