@@ -60,20 +60,28 @@ def test_kernel_hop_matches_the_reference_hop(case, monkeypatch):
 
 @pytest.mark.interpreter
 def test_kernel_decode_steps_match_the_whole_sequence_call(monkeypatch):
-    """Prefill then decode on the kernel path gives the reference's whole-sequence outputs."""
+    """Prefill then decode on the kernel path gives the reference's whole-sequence outputs: one-token
+    steps that reuse their chunk's selection across three chunk boundaries, a three-token step in
+    between (the general path, which needs the deferred ranking queries), and a batch reordering."""
     monkeypatch.setattr(R, "use_kernels", lambda q, opts: True)
-    T, P = 72, 60
-    q, k, v = _inputs(2, 1, T, T, 16, seed=3)
+    T, P = 84, 30
+    q, k, v = (torch.cat([x, x.flip(2)]) for x in _inputs(2, 1, T, T, 16, seed=3))  # batch of 2
     opts = R._options(32, 2, 8, 4, False, None, 100.0, None, chunk=16, shared=True)
     opts["representative"] = "bound"
     want = R.retrieval_attention(q, k, v, 32, top_k=2, block=8, sinks=4, rope_theta=100.0,
                                  chunk=16, shared=True, representative="bound")  # fmt: skip
     q, k, v = q.float(), k.float(), v.float()
     out, state = R.RetrievalState.prefill(q[:, :, :P], k[:, :, :P], v[:, :, :P], opts)
-    steps = [
-        state.step(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1]) for i in range(P, T)
-    ]
-    got = torch.cat([out, *steps], 2).double()
+    outs, i = [out], P
+    while i < T:
+        L = 3 if i == 52 else 1
+        outs.append(state.step(q[:, :, i : i + L], k[:, :, : i + L], v[:, :, : i + L]))
+        i += L
+        if i == 70:  # swap the rows, and the inputs with them
+            state.select(torch.tensor([1, 0]))
+            q, k, v, want = (x.flip(0) for x in (q, k, v, want))
+            outs = [x.flip(0) for x in outs]
+    got = torch.cat(outs, 2).double()
     assert (got - want).abs().max().item() <= 2e-4 * max(1.0, want.abs().max().item())
 
 

@@ -349,25 +349,30 @@ def use_kernels(q: torch.Tensor, opts: dict) -> bool:
     )
 
 
-def _kernel_hop(q, k, v, ranks, opts: dict, reps=None) -> torch.Tensor:
-    """The hop on ``kernels.block_sparse``: block scores against the ranking queries, top-k, then
-    block-sparse attention over local, sink and selected keys in one softmax."""
-    from ...kernels.block_sparse import block_scores, block_sparse_attention, select_blocks
+def _window(opts: dict) -> dict:
+    """The settings the block-sparse kernels take."""
+    keys = ("block", "chunk", "local", "sliding", "sinks", "rope_theta")
+    return dict({key: opts[key] for key in keys}, memory_distance=opts["memory_distance"],
+                memory_anchor=opts["memory_anchor"])  # fmt: skip
 
-    window = dict(
-        block=opts["block"],
-        chunk=opts["chunk"],
-        local=opts["local"],
-        sliding=opts["sliding"],
-        sinks=opts["sinks"],
-        rope_theta=opts["rope_theta"],
-        memory_distance=opts["memory_distance"],
-        memory_anchor=opts["memory_anchor"],
-    )
+
+def _kernel_selection(q, k, ranks, opts: dict, reps=None) -> torch.Tensor:
+    """Top-k blocks of each shared chunk on ``kernels.block_sparse``: scores against the ranking
+    queries, then top-k."""
+    from ...kernels.block_sparse import block_scores, select_blocks
+
     kind = "minmax" if opts["representative"] == "bound" else "mean"
-    scores = block_scores(q, k, representatives=kind, ranks=ranks, block_reps=reps, **window)
-    selection = select_blocks(scores, opts["top_k"])
-    return block_sparse_attention(q, k, v, selection, scale=opts["scale"], validate=False, **window)
+    scores = block_scores(q, k, representatives=kind, ranks=ranks, block_reps=reps, **_window(opts))
+    return select_blocks(scores, opts["top_k"])
+
+
+def _kernel_attention(q, k, v, selection, opts: dict) -> torch.Tensor:
+    """Block-sparse attention over local, sink and selected keys in one softmax."""
+    from ...kernels.block_sparse import block_sparse_attention
+
+    return block_sparse_attention(
+        q, k, v, selection, scale=opts["scale"], validate=False, **_window(opts)
+    )
 
 
 def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
@@ -408,7 +413,8 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
     elif representative != "max":
         reps = tuple(x.to(work) for x in reps)
     if kernels:
-        return _kernel_hop(q, k, v, ranks, opts, reps), mq
+        selection = _kernel_selection(q, k, ranks, opts, reps)
+        return _kernel_attention(q, k, v, selection, opts), mq
     qw = q.to(work)  # k and v are cast where read: a decode step reads O(top_k * block) rows
     # "max" reads every key anyway (the oracle): cast once
     k_rank = k.to(work) if representative == "max" else None
@@ -631,6 +637,11 @@ class RetrievalState:
     O(T / block) representatives and reads O(top_k * block + local) keys; its output equals the
     whole-sequence call's, since the hop at a token reads nothing after it.
 
+    One-token steps on the kernels rank once per chunk: a shared chunk's selection depends only on
+    the tokens before it, so the chunk's later tokens reuse it, and their group-mean queries wait
+    unrotated until the next chunk needs them. This keeps a step to the attention kernel and a few
+    host operations (decoding is bound by the host's launches, not by the GPU).
+
     Attributes: ``options`` (the hop's settings), ``stored`` (tokens seen), ``length`` (B,) (the
     same, per row), ``reps``, ``history``.
     """
@@ -640,7 +651,10 @@ class RetrievalState:
         B, T = k.shape[0], k.shape[2]
         self.stored = T
         self.length = torch.full((B,), T, device=k.device)
-        self.history = mq[:, :, mq.shape[2] - self._kept() :]
+        self._history = mq[:, :, max(mq.shape[2] - self._kept(), 0) :]
+        self._pending: list[torch.Tensor] = []  # unrotated group means of the latest kernel steps
+        self._selection: torch.Tensor | None = None  # the blocks of chunk _selection_chunk
+        self._selection_chunk = -1
         self._stored = self._store(block_representatives(
             k.to(mq.dtype), T // options["block"], options["block"], options["representative"]
         ))  # fmt: skip
@@ -656,7 +670,23 @@ class RetrievalState:
         """The block representatives the hop scores with (dequantized when stored as int8)."""
         if not self.options.get("int8_representatives"):
             return tuple(x for (x,) in self._stored)
-        return dequantize_representatives(self._stored, self.history.dtype)
+        return dequantize_representatives(self._stored, self._history.dtype)
+
+    @property
+    def history(self) -> torch.Tensor:
+        """Group-mean memory queries (B, Hkv, h, d) of the last h = ``2 * chunk - 1`` tokens."""
+        if self._pending:  # rotated as ``_hop`` rotates them, so the values are the same
+            opts = self.options
+            means = torch.cat(self._pending, 2)
+            pos = torch.arange(self.stored - means.shape[2], self.stored, device=means.device)
+            starts = _window_starts(pos, opts["local"], opts["block"], opts["sliding"])
+            self._remember(_memory_queries(means, pos, starts, opts))
+            self._pending = []
+        return self._history
+
+    def _remember(self, mq: torch.Tensor) -> None:
+        history = torch.cat([self._history.to(mq.dtype), mq], 2)
+        self._history = history[:, :, max(history.shape[2] - self._kept(), 0) :]
 
     def _kept(self) -> int:
         chunk = self.options["chunk"]
@@ -681,7 +711,7 @@ class RetrievalState:
         done = self._stored[0][0].shape[2] if self._stored else 0
         if self._stored and T // block > done:  # blocks completed since: their representatives
             new = self._store(block_representatives(
-                k_all[:, :, done * block : T // block * block].to(self.history.dtype),
+                k_all[:, :, done * block : T // block * block].to(self._history.dtype),
                 T // block - done,
                 block,
                 rep,
@@ -689,22 +719,45 @@ class RetrievalState:
             self._stored = tuple(
                 tuple(torch.cat([x, y], 2) for x, y in zip(a, b)) for a, b in zip(self._stored, new)
             )
-        out, mq = _hop(q, k_all, v_all, self.options, reps=self.reps, history=self.history)
-        kept = self._kept()
-        history = torch.cat([self.history.to(mq.dtype), mq], 2)
-        self.history = history[:, :, history.shape[2] - kept :]
+        if L == 1 and use_kernels(q, self.options):
+            out = self._kernel_step(q, k_all, v_all)
+        else:
+            out, mq = _hop(q, k_all, v_all, self.options, reps=self.reps, history=self.history)
+            self._remember(mq)
         self.stored, self.length = T, self.length + L
         return out
+
+    def _kernel_step(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor):
+        """One token on the kernels, ranking only when it starts a new chunk (class docstring)."""
+        opts = self.options
+        T, Hkv = k_all.shape[2], k_all.shape[1]
+        _check_inputs(q, k_all, v_all, opts["local"], opts["block"])
+        mean = q.unflatten(1, (Hkv, q.shape[1] // Hkv)).mean(2, dtype=work_dtype(q.dtype))
+        chunk = (T - 1) // opts["chunk"]
+        if chunk != self._selection_chunk:
+            pos = torch.arange(T - 1, T, device=q.device)
+            starts = _window_starts(pos, opts["local"], opts["block"], opts["sliding"])
+            mq = _memory_queries(mean, pos, starts, opts)
+            ranks = _rankings(mq, self.history, T - 1, opts["local"], opts)[0]
+            reps = tuple(x.to(mq.dtype) for x in self.reps)
+            self._selection = _kernel_selection(q, k_all, ranks, opts, reps)
+            self._selection_chunk = chunk
+        self._pending.append(mean)
+        return _kernel_attention(q, k_all, v_all, self._selection, opts)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering, batch selection)."""
         self.length = self.length[index]
-        self.history = self.history[index]
+        self._history = self.history[index]
+        if self._selection is not None:
+            self._selection = self._selection[index]
         self._stored = tuple(tuple(x[index] for x in part) for part in self._stored)
 
     def memory_bytes(self) -> int:
         """Bytes held beyond the Hugging Face K/V cache."""
         kept = [self.history, *(x for part in self._stored for x in part)]
+        if self._selection is not None:
+            kept.append(self._selection)
         return sum(x.numel() * x.element_size() for x in kept)
 
 
