@@ -251,21 +251,26 @@ def _brute_retrieval(p, selected, local, cfg, k):
     return total.mean((0, 2))
 
 
-def test_retrieval_coverage_equals_the_sum_over_the_hop_keys():
+@pytest.mark.parametrize(
+    "ranking",
+    [{}, {"chunk": 16, "shared": True, "representative": "bound", "memory_anchor": "query"}],
+)
+def test_retrieval_coverage_equals_the_sum_over_the_hop_keys(ranking):
     model = _sharp_llama()
     n, local = 48, 8
-    cfg = RetrievalConfig(block=4, sinks=2)
+    cfg = RetrievalConfig(block=4, sinks=2, **ranking)
     ids = _ids(n, batch=2)
     captured = {}
     analysis.for_each_layer(model, ids, lambda i, q, k, p: captured.update(q=q, k=k, p=p), [0])
     q, k, p = captured["q"], captured["k"], captured["p"].double()
     ks = (0, 1, 3, 100)
     got = retrieval_coverage(q, k, p, local, cfg, ks)
-    selected = retrieval_selection(q, k, local, cfg.block, 100, cfg.sinks)
+    selected = retrieval_selection(q, k, local, cfg.block, 100, cfg.sinks, **ranking)
     for c, kk in enumerate(ks):
         torch.testing.assert_close(got[:, c], _brute_retrieval(p, selected, local, cfg, kk))
-    # every earlier block selected: window + sinks + blocks hold the whole causal row
-    np.testing.assert_allclose(got[:, -1].numpy(), 1.0, rtol=1e-6)  # p: float32 rows
+    if not ranking:  # (shared chunks: chunk 0 retrieves nothing)
+        # every earlier block selected: window + sinks + blocks hold the whole causal row
+        np.testing.assert_allclose(got[:, -1].numpy(), 1.0, rtol=1e-6)  # p: float32 rows
     assert (got[:, 0] < got[:, 1]).all() and (got[:, 1] <= got[:, 2]).all()
 
 

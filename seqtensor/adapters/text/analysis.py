@@ -360,7 +360,8 @@ def retrieval_coverage(
     """(b) for one layer: q (B, H, n, d), k (B, Hkv, n, d) as the retrieval hop receives them, p
     (B, H, n, n) the maps -> (H, len(ks)) float64: the mean over batch rows and queries from
     ``min_query`` of the mass on the hop's keys (local window of ``local`` tokens, sinks, the
-    non-sink tokens of the top-k blocks ``retrieval_selection`` picks)."""
+    non-sink tokens of the top-k blocks ``retrieval_selection`` picks with the config's ranking:
+    chunk, sharing, representative and memory anchor)."""
     ks = _check_ints("ks (top-k values)", ks, 0)
     config = RetrievalConfig.from_value(config)
     check(config is not None, "retrieval_coverage needs a RetrievalConfig")
@@ -397,6 +398,10 @@ def retrieval_coverage(
             sliding=config.sliding,
             rope_theta=rope_theta,
             memory_distance=config.memory_distance,
+            chunk=config.chunk,
+            shared=config.shared,
+            representative=config.representative,
+            memory_anchor=config.memory_anchor,
         )
         sel = torch.full((B, Hkv, n, kmax), -1, dtype=torch.long, device=p.device)
         for i, blocks in enumerate(selected):
