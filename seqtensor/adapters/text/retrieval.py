@@ -351,9 +351,8 @@ def use_kernels(q: torch.Tensor, opts: dict) -> bool:
 
 def _window(opts: dict) -> dict:
     """The settings the block-sparse kernels take."""
-    keys = ("block", "chunk", "local", "sliding", "sinks", "rope_theta")
-    return dict({key: opts[key] for key in keys}, memory_distance=opts["memory_distance"],
-                memory_anchor=opts["memory_anchor"])  # fmt: skip
+    keys = "block chunk local sliding sinks rope_theta memory_distance memory_anchor".split()
+    return {key: opts[key] for key in keys}
 
 
 def _kernel_selection(q, k, ranks, opts: dict, reps=None) -> torch.Tensor:
