@@ -26,7 +26,7 @@ __all__ = [
 
 def window_starts(positions: torch.Tensor, local: int, block: int, sliding: bool) -> torch.Tensor:
     """First local key of each query: its aligned ``local`` block, or (sliding) its last ``local``
-    tokens extended back to a block boundary (``retrieval._window_starts``)."""
+    tokens extended back to a block boundary, so every earlier token is in a retrievable block."""
     if sliding:
         return (positions - local + 1).clamp(min=0) // block * block
     return positions // local * local

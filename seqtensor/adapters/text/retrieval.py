@@ -66,7 +66,7 @@ import torch
 from ..._validation import check, check_choice, is_int
 from ...attention import tensorized_attention
 from ...core.folds import Fold
-from ...kernels.block_sparse_reference import window_start
+from ...kernels.block_sparse_reference import window_start, window_starts
 from ...kernels.reference import work_dtype
 
 __all__ = [
@@ -193,14 +193,6 @@ def _check_inputs(q, k, v, local: int, block: int) -> None:
     )
 
 
-def _window_starts(positions: torch.Tensor, local: int, block: int, sliding: bool) -> torch.Tensor:
-    """First local key of each query: its aligned local block, or (sliding) its last ``local``
-    tokens extended back to a block boundary, so every earlier token is in a retrievable block."""
-    if sliding:
-        return (positions - local + 1).clamp(min=0) // block * block
-    return positions // local * local
-
-
 def block_representatives(
     k: torch.Tensor, blocks: int, block: int, representative: str
 ) -> tuple[torch.Tensor, ...]:
@@ -323,7 +315,7 @@ def _rankings(mq, history, offset: int, local: int, opts: dict):
         ext = torch.nn.functional.pad(ext, (0, 0, chunk - 1 - need, 0))
         sums = ext.unfold(2, chunk, 1).sum(-1)  # (B, Hkv, Lq, d)
         ranks = sums / (qpos + 1).clamp(max=chunk).to(mq.dtype)[:, None]
-        starts = _window_starts(qpos, local, opts["block"], opts["sliding"])
+        starts = window_starts(qpos, local, opts["block"], opts["sliding"])
         return ranks, torch.ones(Lq, dtype=torch.bool, device=device), starts, qpos - offset
     first, last = offset // chunk, (offset + Lq - 1) // chunk
     if first == 0:  # chunk 0 has no previous chunk: a placeholder row, marked invalid
@@ -331,7 +323,7 @@ def _rankings(mq, history, offset: int, local: int, opts: dict):
     groups = last - first + 1
     ranks = ext[:, :, : groups * chunk].unflatten(2, (groups, chunk)).mean(3)
     g = torch.arange(first, last + 1, device=device)
-    starts = _window_starts(g * chunk, local, opts["block"], opts["sliding"])
+    starts = window_starts(g * chunk, local, opts["block"], opts["sliding"])
     return ranks, g >= 1, starts, qpos // chunk - first
 
 
@@ -400,7 +392,7 @@ def _hop(q, k, v, opts: dict, reps=None, history=None, tile: int | None = None):
         tile = -(-tile // chunk) * chunk  # whole chunks per tile
     offset = T - Lq
     qpos_all = torch.arange(offset, T, device=q.device)
-    starts_all = _window_starts(qpos_all, local, block, sliding)
+    starts_all = window_starts(qpos_all, local, block, sliding)
     # the group mean first: every head of a group is rotated alike, so rotating the mean equals
     # the mean of the rotated queries, at 1/G of the work (and no full-precision copy of q)
     mq = _memory_queries(q.unflatten(1, (Hkv, G)).mean(2, dtype=work), qpos_all, starts_all, opts)
@@ -551,7 +543,7 @@ def retrieval_selection(
     Hkv, T = k.shape[1], k.shape[2]
     work = work_dtype(q.dtype)
     qpos = torch.arange(T - Lq, T, device=q.device)
-    starts = _window_starts(qpos, local, block, sliding)
+    starts = window_starts(qpos, local, block, sliding)
     mq = _memory_queries(q.to(work), qpos, starts, opts).unflatten(1, (Hkv, H // Hkv)).mean(2)
     ranks, valid, sel_starts, group = _rankings(mq, history, T - Lq, local, opts)
     kw = k.to(work)
@@ -674,14 +666,18 @@ class RetrievalState:
     @property
     def history(self) -> torch.Tensor:
         """Group-mean memory queries (B, Hkv, h, d) of the last h = ``2 * chunk - 1`` tokens."""
-        if self._pending:  # rotated as ``_hop`` rotates them, so the values are the same
-            opts = self.options
+        if self._pending:
             means = torch.cat(self._pending, 2)
-            pos = torch.arange(self.stored - means.shape[2], self.stored, device=means.device)
-            starts = _window_starts(pos, opts["local"], opts["block"], opts["sliding"])
-            self._remember(_memory_queries(means, pos, starts, opts))
+            self._remember(self._memory_queries(means, self.stored - means.shape[2]))
             self._pending = []
         return self._history
+
+    def _memory_queries(self, means: torch.Tensor, first: int) -> torch.Tensor:
+        """Group-mean queries of tokens first, first + 1, ... rotated as ``_hop`` rotates them."""
+        opts = self.options
+        pos = torch.arange(first, first + means.shape[2], device=means.device)
+        starts = window_starts(pos, opts["local"], opts["block"], opts["sliding"])
+        return _memory_queries(means, pos, starts, opts)
 
     def _remember(self, mq: torch.Tensor) -> None:
         history = torch.cat([self._history.to(mq.dtype), mq], 2)
@@ -734,9 +730,7 @@ class RetrievalState:
         mean = q.unflatten(1, (Hkv, q.shape[1] // Hkv)).mean(2, dtype=work_dtype(q.dtype))
         chunk = (T - 1) // opts["chunk"]
         if chunk != self._selection_chunk:
-            pos = torch.arange(T - 1, T, device=q.device)
-            starts = _window_starts(pos, opts["local"], opts["block"], opts["sliding"])
-            mq = _memory_queries(mean, pos, starts, opts)
+            mq = self._memory_queries(mean, T - 1)
             ranks = _rankings(mq, self.history, T - 1, opts["local"], opts)[0]
             reps = tuple(x.to(mq.dtype) for x in self.reps)
             self._selection = _kernel_selection(q, k_all, ranks, opts, reps)
