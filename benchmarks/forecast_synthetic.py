@@ -8,7 +8,7 @@ MSTL with the true seasons (48, 336) and the weekly seasonal naive forecast refi
 MAE per seed, the Forecaster / MSTL ratio, the detected seasons and the chosen start.
 
 Usage: ``python benchmarks/forecast_synthetic.py --seeds 0 1 2 3 4 5 --out
-benchmarks/results/forecast_synthetic_cpu.json`` (about 40 s a seed on one CPU core; needs
+benchmarks/results/forecast_synthetic_cpu.json`` (about a minute a seed on one CPU core; needs
 statsforecast).
 """
 
