@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import calendar_periods, detect_seasonalities
 from seqtensor.datasets.timeseries import (
     load_electricity_demand,
     load_glucose,
@@ -280,7 +280,9 @@ def main() -> None:
             out_path.write_text(json.dumps(results, indent=1))
             print(name, {m: round(row[m]["mae"], 4) for m in ("NHITS", "PatchTST")}, flush=True)
             continue
-        seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])  # MSTL's, as the fit's
+        seasons = detect_seasonalities(  # MSTL's, as the fit's
+            df["y"].to_numpy()[:n_train], calendar=calendar_periods(freq)
+        )
         start = time.perf_counter()
         fc = Forecaster(h=h, random_state=0, device="cpu", verbose=False)  # input_size=None
         fc.set_params(**dict(args.param or []))

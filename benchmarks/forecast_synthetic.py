@@ -4,7 +4,7 @@ Each seed draws a half-hourly series of ``--weeks`` weeks: a daily pattern (two 
 phases), a weekly pattern (one random level per weekday, weekends lower), a slow level swing and
 AR(1) noise (coefficient 0.8). The last ``--windows`` windows of h steps are forecast: the
 Forecaster fit once on the data before them (``cross_validation(refit=False)``), StatsForecast's
-MSTL with the true seasons (48, 336) and the weekly seasonal naive forecast refit per window.
+MSTL with the true seasons (day, week) and the weekly seasonal naive forecast refit per window.
 MAE per seed, the Forecaster / MSTL ratio, the detected seasons and the chosen start.
 
 Usage: ``python benchmarks/forecast_synthetic.py --seeds 0 1 2 3 4 5 --out
@@ -39,7 +39,7 @@ def series(seed: int, weeks: int, day: int = 48) -> pd.DataFrame:
     for i in range(1, n):
         noise[i] = 0.8 * noise[i - 1] + shocks[i]
     y = 10 + 0.5 * np.sin(2 * np.pi * t / (1.5 * n)) + daily + weekday[(t // day) % 7] + noise
-    ds = pd.date_range("2024-01-01", periods=n, freq="30min")
+    ds = pd.date_range("2024-01-01", periods=n, freq=f"{24 * 60 // day}min")
     return pd.DataFrame({"unique_id": "s", "ds": ds, "y": y})
 
 
@@ -47,7 +47,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--weeks", type=int, default=6)
-    p.add_argument("--h", type=int, default=48)
+    p.add_argument(
+        "--day", type=int, default=48, help="steps per day (48: half-hourly, 288: 5-min)"
+    )
+    p.add_argument("--h", type=int, default=None, help="horizon (default: one day)")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -56,15 +59,17 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    h, W, rows = args.h, args.windows, []
+    day = args.day
+    h, W, rows = args.h or day, args.windows, []
     for seed in args.seeds:
-        df = series(seed, args.weeks)
+        df = series(seed, args.weeks, day)
         start = time.perf_counter()
         model = Forecaster(h=h, verbose=False).fit(df.iloc[: -W * h])
         cv = model.cross_validation(df, n_windows=W, step_size=h, refit=False)
         seconds = time.perf_counter() - start
         peers = StatsForecast(
-            models=[MSTL(season_length=[48, 336]), SeasonalNaive(336)], freq="30min"
+            models=[MSTL(season_length=[day, 7 * day]), SeasonalNaive(7 * day)],
+            freq=f"{24 * 60 // day}min",
         ).cross_validation(df=df, h=h, n_windows=W, step_size=h)
         cv = cv.merge(peers[["ds", "MSTL", "SeasonalNaive"]], on="ds")
         mae = {

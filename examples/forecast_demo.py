@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
-from seqtensor.adapters.forecast.seasonality import detect_seasonalities
+from seqtensor.adapters.forecast.seasonality import calendar_periods, detect_seasonalities
 from seqtensor.datasets.timeseries import load_glucose
 
 H, N_WINDOWS, START, DAYS = 288, 7, 20000, 21  # a day of 5-minute steps; 3 weeks of history
@@ -60,7 +60,9 @@ def main() -> None:
     df = load_glucose()[["unique_id", "ds", "y"]].iloc[START : START + DAYS * 288]
     df = df.reset_index(drop=True)
     n_train = len(df) - N_WINDOWS * H
-    seasons = detect_seasonalities(df["y"].to_numpy()[:n_train])  # for MSTL, as the fit does
+    seasons = detect_seasonalities(  # for MSTL, as the fit does
+        df["y"].to_numpy()[:n_train], calendar=calendar_periods("5min")
+    )
     print(
         f"glucose, 5-minute steps: {len(df):,} steps ({DAYS} days), "
         f"{int(df['y'].isna().sum())} missing (masked); seasons found: {seasons or 'none'}"

@@ -15,6 +15,7 @@ from seqtensor.adapters.forecast import Forecaster
 from seqtensor.adapters.forecast.baselines import seasonal_naive
 from seqtensor.adapters.forecast.model import ForecastModelConfig, PatchForecastModel
 from seqtensor.adapters.forecast.seasonality import (
+    calendar_periods,
     detect_seasonalities,
     resolve_seasons,
     seasonal_profile_matrix,
@@ -60,6 +61,70 @@ def test_detection_ignores_gaps_and_needs_two_cycles():
     assert detect_seasonalities(y) == (DAY, WEEK)
     # one week and a half: the weekly period has fewer than two cycles, the daily one stays
     assert detect_seasonalities(y[: WEEK + WEEK // 2]) == (DAY,)
+
+
+@pytest.mark.parametrize(
+    "freq, periods",
+    [
+        ("5min", (12, 288, 2016, 105120)),  # hour, day, week, year
+        ("30min", (2, 48, 336, 17520)),
+        ("h", (24, 168, 8760)),
+        ("2h", (12, 84, 4380)),
+        ("D", (7, 365)),
+        ("7D", ()),  # a week is one step, a year no whole number of them
+        ("B", (5,)),
+        ("W-SUN", (52,)),
+        ("MS", (12,)),
+        ("QS", (4,)),
+        (3, ()),  # integer time: no calendar
+        (None, ()),
+    ],
+)
+def test_calendar_periods(freq, periods):
+    assert calendar_periods(freq) == periods
+
+
+def five_minute_days(weeks: int, seed: int, weekly: float = 1.0) -> np.ndarray:
+    """5-minute steps: a daily shape, weekday levels (weekends lower) and AR(1) noise."""
+    rng = np.random.default_rng(seed)
+    day = 288
+    t = np.arange(weeks * 7 * day)
+    weekday = rng.normal(0, 0.6, 7)
+    weekday[5:] -= 1.0
+    noise, shocks = np.zeros(len(t)), rng.normal(0, 0.3, len(t))
+    for i in range(1, len(t)):
+        noise[i] = 0.8 * noise[i - 1] + shocks[i]
+    daily = np.sin(2 * np.pi * t / day + rng.uniform(0, 6)) + 0.5 * np.sin(4 * np.pi * t / day)
+    return 10 + daily + weekly * weekday[(t // day) % 7] + noise
+
+
+def test_detection_snaps_to_the_calendar_and_finds_a_week_in_three():
+    # Noise puts the daily ACF peak of this 5-minute series at 287 steps (and the week at 7 x 287);
+    # the clock says 288 and 2016. Three weeks hold too few cycles for the generic test of a
+    # second weekly cycle, but a calendar week standing above 6 and 8 days is kept.
+    y = five_minute_days(3, seed=2)
+    assert detect_seasonalities(y)[0] != 288
+    assert detect_seasonalities(y, calendar=calendar_periods("5min")) == (288, 2016)
+    for seed in (1, 4, 5):  # (seed 0's weekdays differ too little to stand out)
+        assert detect_seasonalities(
+            five_minute_days(3, seed), calendar=calendar_periods("5min")
+        ) == (288, 2016)
+        # without weekday levels, no week is invented
+        flat = five_minute_days(3, seed, weekly=0.0)
+        assert detect_seasonalities(flat, calendar=calendar_periods("5min")) == (288,)
+    # a period that is no clock cycle is left where the ACF puts it
+    t = np.arange(6000)
+    odd = np.sin(2 * np.pi * t / 100) + 0.2 * np.random.default_rng(0).standard_normal(len(t))
+    assert detect_seasonalities(odd, calendar=calendar_periods("5min")) == (100,)
+
+
+def test_forecaster_reads_seasons_on_the_clock_of_its_frequency():
+    y = five_minute_days(3, seed=2)[::6]  # half-hourly: 48 a day
+    df = pd.DataFrame(
+        {"unique_id": "s", "ds": pd.date_range("2024-01-01", periods=len(y), freq="30min"), "y": y}
+    )
+    fc = Forecaster(h=48, max_steps=2, verbose=False).fit(df)
+    assert fc.seasons_ == (48, 336)
 
 
 def test_resolve_seasons_settings():

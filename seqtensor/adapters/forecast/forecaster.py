@@ -167,8 +167,8 @@ class Forecaster(BaseEstimator):
         Seasonal periods in steps (48 and 336 for half-hourly data with daily and weekly cycles).
         The linear map starts from their profiles averaged over the look-back's cycles (an
         MSTL-like decomposition forecast) instead of the window mean. "auto" reads them off the
-        training data's autocorrelation (``seasonality.detect_seasonalities``, ``seasons_``);
-        a look-back of several cycles of the longest one makes the profiles accurate.
+        training data's autocorrelation (``seasonality.detect_seasonalities``, ``seasons_``),
+        snapped to the exact day and week of the data's frequency; a look-back of several cycles of the longest one makes the profiles accurate.
     loss : {"mae", "mse", "huber", "quantile"}, default "mae"
     quantiles : sequence of float in (0, 1), optional
         Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9) unless ``level`` is given); 0.5
@@ -782,7 +782,7 @@ class Forecaster(BaseEstimator):
         # on every step, held-out part included: the periods are structure, not a fit, and on
         # a few weeks of history the held-out days can decide whether a weekly cycle has the two
         # clear cycles detection needs (half-hourly demand lost its week without them)
-        found = resolve_seasons(self.seasonality, panel.y, max(panel.lengths))
+        found = resolve_seasons(self.seasonality, panel.y, max(panel.lengths), panel.freq)
         shortest = min(panel.lengths)
         if self.input_size is None:
             L = default_input_size(shortest, int(self.h), found)

@@ -5,7 +5,8 @@ Legend: T steps of a series, L look-back, h horizon, p a seasonal period in step
 - ``detect_seasonalities``: periods read off the autocorrelation function (ACF) of the detrended
   series. The first prominent ACF peak is the shortest season; a longer season is a multiple of it
   whose ACF stands above the neighbouring multiples (a week of half-hours, 336, stands above 288 and
-  384 when weekdays differ from weekends). This is the periodicity test of Hyndman and
+  384 when weekdays differ from weekends). Given the data's clock (``calendar_periods``), peaks
+  snap to the exact day or week in steps. This is the periodicity test of Hyndman and
   Athanasopoulos, FPP3 section 2.8 (https://otexts.com/fpp3/acf.html), made automatic.
 - ``seasonal_profile_matrix``: the linear map (L, h) of a classical additive decomposition
   forecast, as MSTL's seasonal part does it (Bandara et al. 2021, https://arxiv.org/abs/2107.13462):
@@ -24,11 +25,13 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 
 from ..._validation import check
 
 __all__ = [
     "autocorrelation",
+    "calendar_periods",
     "combined_start",
     "default_input_size",
     "detect_seasonalities",
@@ -78,6 +81,40 @@ def autocorrelation(y: np.ndarray, max_lag: int) -> np.ndarray:
     return acf / acf[0] if acf[0] > 0 else np.zeros(max_lag + 1)
 
 
+def calendar_periods(freq: object) -> tuple[int, ...]:
+    """Steps per hour, day, week and year at a pandas frequency (those of at least 2 steps).
+
+    A clock or calendar cycle has an exact length in steps, which the ACF peak only estimates: on
+    5-minute data noise put the daily peak at 287 and the week at 2,009 steps, and a profile of 287
+    steps drifts a step a day. ``detect_seasonalities(calendar=...)`` snaps peaks to these.
+    Integer steps and frequencies pandas cannot measure give ().
+    """
+    if freq is None or isinstance(freq, (int, np.integer)):
+        return ()
+    try:
+        offset = pd.tseries.frequencies.to_offset(freq)
+    except (TypeError, ValueError):
+        return ()
+    name = offset.name.split("-")[0]
+    n = max(int(getattr(offset, "n", 1)), 1)
+    by_name = {"B": (5,), "C": (5,), "W": (52,), "MS": (12,), "ME": (12,), "M": (12,),
+               "SMS": (24,), "SME": (24,), "QS": (4,), "QE": (4,), "Q": (4,)}  # fmt: skip
+    if name in by_name:
+        return tuple(p // n for p in by_name[name] if p % n == 0 and p // n >= 2)
+    try:
+        step = pd.Timedelta(offset).total_seconds()
+    except (TypeError, ValueError):
+        return ()
+    cycles = (3600.0, 86400.0, 7 * 86400.0, 365 * 86400.0)
+    return tuple(int(c // step) for c in cycles if step > 0 and c % step == 0 and c // step >= 2)
+
+
+def _snap(period: int, calendar: Sequence[int]) -> int:
+    """``period``, or the calendar period within 3% of it (under 17 steps: only an equal one)."""
+    near = [c for c in calendar if abs(period - c) <= round(0.03 * c)]
+    return min(near, key=lambda c: abs(period - c)) if near else period
+
+
 def _peak_near(acf: np.ndarray, lag: int, tol: int) -> int:
     """The lag of the largest ACF value within ``tol`` of ``lag``."""
     lo, hi = max(lag - tol, 1), min(lag + tol, len(acf) - 1)
@@ -97,6 +134,7 @@ def detect_seasonalities(
     max_seasons: int = 2,
     min_cycles: int = 2,
     threshold: float = 0.2,
+    calendar: Sequence[int] = (),
 ) -> tuple[int, ...]:
     """Seasonal periods (ascending, each a multiple of the one before) found in the ACF.
 
@@ -107,6 +145,10 @@ def detect_seasonalities(
     min_cycles : a period needs this many whole cycles in the (longest) series.
     threshold : the ACF at a period must exceed this (and stand ``threshold / 4`` above the ACF
         half a period earlier) to count as a season.
+    calendar : exact clock and calendar periods in steps (``calendar_periods(freq)``). The first
+        period snaps to one within 3% of it. A longer season that is one of them is kept when it
+        stands above its neighbouring multiples, even where the series is too short to show the
+        second cycle the generic test asks for (a week in 2-4 weeks of data).
 
     Returns () when the series has no season (white noise, a random walk, a trend).
     """
@@ -143,21 +185,24 @@ def detect_seasonalities(
     tol = max(1, first // 10)
     cands = range(max(2, first - tol), first + tol + 1)
     first = max(cands, key=lambda p: sum(acf[m * p] for m in range(1, min(5, max_lag // p) + 1)))
-    seasons = [first]
+    seasons = [_snap(first, calendar)]
     while len(seasons) < max_seasons:
         p = seasons[-1]
         tol = max(1, p // 50)
         found = None
         for m in range(2, max_lag // p):  # candidates m * p
+            if (m + 1) * p > max_lag:
+                break
             here = _peak_near(acf, m * p, tol)
             before = acf[_peak_near(acf, (m - 1) * p, tol)]
             after = acf[_peak_near(acf, (m + 1) * p, tol)]
             if acf[here] > threshold and acf[here] - max(before, after) > threshold / 4:
                 # A season repeats: where its second multiple fits, it must stand out there too
                 # (a few-day weather spell shows one bump, a week shows one every week).
-                if (2 * m + 1) * p > max_lag or not _stands_out(
-                    acf, 2 * m * p, p, tol, threshold / 8
-                ):
+                if (2 * m + 1) * p > max_lag:
+                    if m * p not in calendar:
+                        continue
+                elif not _stands_out(acf, 2 * m * p, p, tol, threshold / 8):
                     continue
                 found = m * p  # an exact multiple: nested seasons stay aligned
                 break
@@ -486,11 +531,15 @@ def default_input_size(n_steps: int, h: int, seasons: Sequence[int]) -> int:
 
 
 def resolve_seasons(
-    setting: int | Sequence[int] | str | None, series: Sequence[np.ndarray], input_size: int
+    setting: int | Sequence[int] | str | None,
+    series: Sequence[np.ndarray],
+    input_size: int,
+    freq: object = None,
 ) -> tuple[int, ...]:
-    """The seasons a model uses: ``"auto"`` detects them in ``series`` (training steps only), an
-    int or ints are taken as given, None or () means none. Periods longer than ``input_size`` are
-    dropped (the look-back must hold a whole cycle)."""
+    """The seasons a model uses: ``"auto"`` detects them in ``series`` (training steps only; with
+    ``freq``, snapped to its clock and calendar cycles), an int or ints are taken as given, None
+    or () means none. Periods longer than ``input_size`` are dropped (the look-back must hold a
+    whole cycle)."""
     if setting is None:
         return ()
     if isinstance(setting, str):
@@ -498,7 +547,8 @@ def resolve_seasons(
             setting == "auto", f"seasonality must be 'auto', an int, ints or None, got {setting!r}"
         )
         found = detect_seasonalities(
-            [v for v in series if np.isfinite(v).sum() >= 8] or [[0.0] * 8]
+            [v for v in series if np.isfinite(v).sum() >= 8] or [[0.0] * 8],
+            calendar=calendar_periods(freq),
         )
         return tuple(p for p in found if p <= input_size)
     values = [setting] if np.ndim(setting) == 0 else list(setting)
