@@ -1,7 +1,7 @@
 """The default Forecaster against MSTL on synthetic plain two-season series (a check of generality).
 
-Each seed draws a half-hourly series of ``--weeks`` weeks: a daily pattern (two harmonics, random
-phases), a weekly pattern (one random level per weekday, weekends lower), a slow level swing and
+Each seed draws a series of ``--weeks`` weeks, ``--day`` steps a day (48: half-hourly): a daily
+pattern (two harmonics, random phases), a weekly pattern (one random level per weekday, weekends lower), a slow level swing and
 AR(1) noise (coefficient 0.8). The last ``--windows`` windows of h steps are forecast: the
 Forecaster fit once on the data before them (``cross_validation(refit=False)``), StatsForecast's
 MSTL with the true seasons (day, week) and the weekly seasonal naive forecast refit per window.

@@ -119,12 +119,16 @@ def test_detection_snaps_to_the_calendar_and_finds_a_week_in_three():
 
 
 def test_forecaster_reads_seasons_on_the_clock_of_its_frequency():
-    y = five_minute_days(3, seed=2)[::6]  # half-hourly: 48 a day
+    y = five_minute_days(4, seed=1)[::6]  # half-hourly: 48 a day, four weeks
     df = pd.DataFrame(
         {"unique_id": "s", "ds": pd.date_range("2024-01-01", periods=len(y), freq="30min"), "y": y}
     )
-    fc = Forecaster(h=48, max_steps=2, verbose=False).fit(df)
-    assert fc.seasons_ == (48, 336)
+    fit = lambda **kw: Forecaster(h=48, max_steps=2, verbose=False, **kw).fit(df)  # noqa: E731
+    fc = fit()
+    assert (fc.input_size_, fc.seasons_) == (672, (48, 336))
+    # a detected week needs two cycles in the look-back; a given one, one
+    assert fit(input_size=504).seasons_ == (48,)
+    assert fit(input_size=504, seasonality=[48, 336]).seasons_ == (48, 336)
 
 
 def test_resolve_seasons_settings():
