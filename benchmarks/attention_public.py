@@ -30,7 +30,7 @@ from triton.testing import do_bench
 import seqtensor as st
 from seqtensor.core.folds import BalancedFold
 from seqtensor.core.positional import TensorRoPE
-from seqtensor.kernels import triton_hops
+from seqtensor.kernels import triton_hops, tuning
 from seqtensor.kernels.triton_hops import tensorized_fibre_attention
 
 CASES = {4096: (64, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
@@ -200,6 +200,7 @@ def write(path, rows, crossover, H, d, t0) -> None:
             prerotate_backward=triton_hops.PREROTATE_BACKWARD,
             prerotate_forward_keys=triton_hops.PREROTATE_FORWARD_KEYS,
         ),
+        autotune=tuning.use_autotune(torch.device("cuda")),
         rows=rows,
         crossover=crossover,
         seconds=time.time() - t0,

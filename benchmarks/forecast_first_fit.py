@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the results file (e.g. the tuning mode)")
     args = p.parse_args()
     rows = []
     for round_ in range(args.rounds):
@@ -70,8 +72,12 @@ def main() -> None:
     import torch
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    out = RESULTS / f"forecast_first_fit_{name.split()[-1].lower()}.json"
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    tag = f"_{args.tag}" if args.tag else ""
+    out = RESULTS / f"forecast_first_fit_{name.split()[1].lower()}{tag}.json"
+    env = {k: os.environ.get(k) for k in ("SEQTENSOR_AUTOTUNE", "TRITON_CACHE_DIR")}
+    out.write_text(
+        json.dumps({"device": name, "torch": torch.__version__, "env": env, "rows": rows}, indent=1)
+    )
     print(f"results in {out}")
 
 

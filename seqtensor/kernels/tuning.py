@@ -42,8 +42,9 @@ CONFIG_OVERRIDE: dict = {}
 # them). On the H200, where the table was swept, autotune's picks were mixed (faster forwards on
 # 128-long fibres, up to 20% slower elsewhere: the backward's timings include restoring dq and dk)
 # and tuning at 128k took over a minute (docs/performance.md), so the table stays. True / False:
-# always / never. The interpreter and CONFIG_OVERRIDE always use the table.
-AUTOTUNE: bool | None = None
+# always / never; the environment variable SEQTENSOR_AUTOTUNE=1 / 0 sets it for a process (and the
+# processes it starts). The interpreter and CONFIG_OVERRIDE always use the table.
+AUTOTUNE: bool | None = {"1": True, "0": False}.get(os.environ.get("SEQTENSOR_AUTOTUNE", ""))
 TABLE_GPUS = ("NVIDIA H200",)  # devices the table was tuned on (benchmarks/attention.py --sweep)
 
 
