@@ -82,6 +82,7 @@ def main() -> None:
             "ratio_to_mstl": mae["Forecaster"] / mae["MSTL"],
             "seasons": list(model.seasons_),
             "start": model.start_,
+            "statistical_weight": model.statistical_weight_,
             "selected": model.selected_,
             "seconds": seconds,
         }

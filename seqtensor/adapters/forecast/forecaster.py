@@ -53,14 +53,20 @@ from .panel import (
 from .persistence import load_forecaster, plot_forecast, save_forecaster
 from .seasonality import (
     MAX_RIDGE_INPUT,
+    MSTL_MAX_STEPS,
     combined_start,
     default_input_size,
+    mstl_forecast,
     resolve_seasons,
     start_candidates,
 )
 from .windows import WindowData, WindowDataset, collate_windows, train_cuts, val_cuts
 
 __all__ = ["Forecaster"]
+
+# Weights of the statistical forecast in the blend, tried on the held-out windows: coarse, because
+# those windows are few (a finer grid fits their noise).
+STATISTICAL_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -169,7 +175,16 @@ class Forecaster(BaseEstimator):
         MSTL-like decomposition forecast) instead of the window mean. "auto" reads them off the
         training data's autocorrelation (``seasonality.detect_seasonalities``, ``seasons_``),
         snapped to the exact day and week of the data's frequency, and keeps those with two
-        whole cycles in the look-back (a given period needs one); a look-back of several cycles of the longest one makes the profiles accurate.
+        whole cycles in the look-back (a given period needs one); a look-back of several cycles
+        of the longest one makes the profiles accurate.
+    statistical : "mstl" or None, default "mstl"
+        "mstl": blend the network's forecast with MSTL's (``seasonality.mstl_forecast``), made
+        from each series' whole history (its last ``MSTL_MAX_STEPS`` steps), not the look-back
+        alone, with every season found (``statistical_seasons_``), including those too long for
+        the look-back. The weight of MSTL's forecast, 0, 0.5 or 1, is chosen on the held-out
+        windows (``statistical_weight_``; 0 without them); the quantiles move with the point
+        forecast. On a few weeks of half-hourly data the look-back cannot hold two weekly
+        cycles while the history can (docs/forecasting_results.md). None: the network alone.
     loss : {"mae", "mse", "huber", "quantile"}, default "mae"
     quantiles : sequence of float in (0, 1), optional
         Quantiles for ``loss="quantile"`` (default (0.1, 0.5, 0.9) unless ``level`` is given); 0.5
@@ -224,6 +239,8 @@ class Forecaster(BaseEstimator):
     history_ : list of dict, the trainer's metrics
     input_size_ : int, the look-back used (``input_size``, or the one chosen when it is None)
     seasons_ : tuple of int, the seasonal periods used
+    statistical_seasons_ : tuple of int, the seasons of the statistical forecast (every one found)
+    statistical_weight_ : float, the weight of the statistical forecast in the output (0: none)
     start_ : str, the closed-form forecast the linear map was pulled towards ("naive", "profile",
         ...; "" without a ridge start)
     val_size_ : int, the held-out steps per series the fit used
@@ -256,6 +273,7 @@ class Forecaster(BaseEstimator):
         linear_skip: bool = True,
         skip_ridge: float = 0.1,
         seasonality: int | Sequence[int] | str | None = "auto",
+        statistical: str | None = "mstl",
         loss: str = "mae",
         quantiles: Sequence[float] | None = None,
         level: Sequence[float] | None = None,
@@ -287,6 +305,7 @@ class Forecaster(BaseEstimator):
         self.linear_skip = linear_skip
         self.skip_ridge = skip_ridge
         self.seasonality = seasonality
+        self.statistical = statistical
         self.loss = loss
         self.quantiles = quantiles
         self.level = level
@@ -341,6 +360,10 @@ class Forecaster(BaseEstimator):
         )
         check_choice("loss", self.loss, ("mae", "mse", "huber", "quantile"))
         check_choice("attention", self.attention, ("tensorized", "full"))
+        check(
+            self.statistical in (None, "mstl"),
+            f"statistical must be 'mstl' or None, got {self.statistical!r}",
+        )
         check(
             self.val_size == "auto"
             or (
@@ -516,6 +539,49 @@ class Forecaster(BaseEstimator):
         return [cat(ys)], [cat(futr)], [cat(hist)], static.reshape(1, -1), mean, std
 
     def _predict_windows(self, data: WindowData, g: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Forecasts for windows (g, t): (N, C, h, Q) on the training scale, the network's blended
+        with the statistical forecast by ``statistical_weight_``."""
+        out = self._network_windows(data, g, t)
+        weight = getattr(self, "statistical_weight_", 0.0)
+        if weight == 0:
+            return out
+        return self._blend(out, self._statistical_windows(data, g, t), weight)
+
+    def _statistical_windows(self, data: WindowData, g: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """MSTL's forecast for windows (g, t) from the history before each cut: (N, C, h), NaN
+        where the history holds no two cycles of a season."""
+        history = data.history(g, t, MSTL_MAX_STEPS)  # (N, C, S)
+        N, C, S = history.shape
+        rows = mstl_forecast(history.reshape(N * C, S), data.h, self.statistical_seasons_)
+        return rows.reshape(N, C, data.h)
+
+    def _blend(self, net: np.ndarray, stat: np.ndarray, weight: float) -> np.ndarray:
+        """net (N, C, h, Q) moved towards stat (N, C, h) by ``weight`` at the point forecast; the
+        other quantiles move with it. Where stat is NaN the network's forecast stays."""
+        shift = weight * (stat - net[..., self._point_index()])
+        return net + np.nan_to_num(shift, nan=0.0)[..., None]
+
+    def _choose_statistical_weight(self, windows: WindowDataset | None) -> None:
+        """``statistical_weight_``: the one of ``STATISTICAL_WEIGHTS`` with the lowest loss on the
+        held-out ``windows`` (the smallest on ties); unchanged without them."""
+        if not self.statistical or not self.statistical_seasons_ or windows is None:
+            return
+        if len(windows) == 0:
+            return
+        data, g, t = windows.data, windows.g, windows.t
+        net = self._network_windows(data, g, t)
+        stat = self._statistical_windows(data, g, t)
+        if np.isnan(stat).all():
+            return
+        target = data.batch(g, t)["target"]
+        qs = self._quantile_levels()
+        losses = [
+            float(forecast_loss(torch.from_numpy(self._blend(net, stat, w)), target, self.loss, qs))
+            for w in STATISTICAL_WEIGHTS
+        ]
+        self.statistical_weight_ = STATISTICAL_WEIGHTS[int(np.argmin(losses))]
+
+    def _network_windows(self, data: WindowData, g: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Network output for windows (g, t): (N, C, h, Q) on the training scale."""
         model, device = self.model_, next(self.model_.parameters()).device
         model.eval()
@@ -636,6 +702,8 @@ class Forecaster(BaseEstimator):
         warm = bool(self.warm_start) and hasattr(self, "model_")
         h = int(self.h)
         L = self._resolve_look_back(panel, warm)
+        if not warm:
+            self.statistical_weight_ = 0.0
         if isinstance(val_size, str):
             check(val_size == "auto", f"val_size must be 'auto' or an int >= 0, got {val_size!r}")
             val_size = self._auto_val_size(min(panel.lengths))
@@ -746,6 +814,8 @@ class Forecaster(BaseEstimator):
                 self._init_skip(train, seed)
             bar.update(1)
             history = self._train_from_start(train, val, device, seed, bar, warm, select)
+            if member == 0:  # before the refit below sees the held-out windows
+                self._choose_statistical_weight(select[1])
             if self.selected_[-1] == "start" and not warm:  # the closed form, on every window
                 self._init_skip(WindowDataset(data, *train_cuts(y, L, h, 0)), seed, refit=True)
             self.history_ += (
@@ -755,7 +825,9 @@ class Forecaster(BaseEstimator):
         self.fit_time_ = time.perf_counter() - start
         self.model_ = members[0] if len(members) == 1 else ForecastEnsemble(members)
         self.model_.eval()
-        keep = [max(0, T - L) for T in panel.lengths]  # the look-back is all predict needs
+        # the look-back is all the network needs; the statistical forecast reads further back
+        span = max(L, MSTL_MAX_STEPS) if self.statistical_weight_ else L
+        keep = [max(0, T - span) for T in panel.lengths]
         self.panel_ = Panel(
             panel.ids,
             [panel.times(s)[k] for s, k in enumerate(keep)],
@@ -784,6 +856,7 @@ class Forecaster(BaseEstimator):
         # a few weeks of history the held-out days can decide whether a weekly cycle has the two
         # clear cycles detection needs (half-hourly demand lost its week without them)
         found = resolve_seasons(self.seasonality, panel.y, max(panel.lengths), panel.freq)
+        self.statistical_seasons_ = found  # the whole history, not the look-back, holds them
         shortest = min(panel.lengths)
         # a given period needs one whole cycle in the look-back, a detected one two: a profile
         # of one cycle is that cycle's noise. On three weeks of half-hourly two-season data

@@ -108,6 +108,10 @@ def save_forecaster(est, path: str | Path) -> Path:
         "panel_starts": [_stamp_to_json(s) for s in panel.starts],
         "missing_report": est.missing_report_.to_dict(orient="list"),
         "fit_time": est.fit_time_,
+        "statistical": {
+            "weight": float(est.statistical_weight_),
+            "seasons": [int(p) for p in est.statistical_seasons_],
+        },
     }
     state = {
         "model": {k: v.detach().cpu() for k, v in est.model_.state_dict().items()},
@@ -257,6 +261,9 @@ def load_forecaster(cls, path: str | Path, device: str | None = None):
     )
     est.missing_report_ = pd.DataFrame(meta["missing_report"])
     est.fit_time_ = meta["fit_time"]
+    stat = meta.get("statistical", {"weight": 0.0, "seasons": []})  # older saves: no blend
+    est.statistical_weight_ = float(stat["weight"])
+    est.statistical_seasons_ = tuple(int(p) for p in stat["seasons"])
     est.history_ = []
     return est
 

@@ -36,6 +36,7 @@ __all__ = [
     "default_input_size",
     "detect_seasonalities",
     "mstl_components",
+    "mstl_forecast",
     "mstl_matrix",
     "seasonal_profile_matrix",
     "start_candidates",
@@ -401,11 +402,10 @@ def mstl_components(n: int, seasons: Sequence[int]) -> tuple[dict[int, np.ndarra
     return comp, deseason
 
 
-@lru_cache(maxsize=8)
-def _mstl_map(L: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
-    """``mstl_matrix`` for checked arguments, cached: a refit asks for the same map again."""
-    longest = seasons[-1]
-    n = min(L // longest, max(MSTL_MAX_STEPS // longest, 2)) * longest  # whole cycles
+@lru_cache(maxsize=16)
+def _mstl_core(n: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
+    """F (n, h): MSTL's forecast from exactly n steps (whole cycles of the longest season),
+    cached: refits and forecasts from histories of other lengths ask for the same map again."""
     comp, deseason = mstl_components(n, seasons)
     a = float(level_alpha)
     w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)  # simple exponential smoothing, unrolled
@@ -414,9 +414,21 @@ def _mstl_map(L: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> n
     steps = np.arange(h)
     for p in seasons:
         F += comp[p][n - p + steps % p]  # each component's last cycle, repeated
+    F = np.ascontiguousarray(F.T)
+    F.setflags(write=False)  # cached: callers must not change it
+    return F
+
+
+def _mstl_span(available: int, longest: int) -> int:
+    """Steps MSTL decomposes: whole cycles of the longest season, at most ``MSTL_MAX_STEPS``
+    (two cycles when one is longer than half of it)."""
+    return min(available // longest, max(MSTL_MAX_STEPS // longest, 2)) * longest
+
+
+def _mstl_map(L: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
+    n = _mstl_span(L, seasons[-1])
     W = np.zeros((L, h))
-    W[L - n :] = F.T
-    W.setflags(write=False)  # cached: callers get a copy
+    W[L - n :] = _mstl_core(n, h, seasons, level_alpha)
     return W
 
 
@@ -439,7 +451,45 @@ def mstl_matrix(
     used = tuple(sorted({int(p) for p in seasons if 1 < int(p) <= L}))
     if not used or L // used[-1] < 2:
         return None
-    return _mstl_map(L, h, used, float(level_alpha)).copy()
+    return _mstl_map(L, h, used, float(level_alpha))
+
+
+def mstl_forecast(
+    history: np.ndarray, h: int, seasons: Sequence[int], level_alpha: float = LEVEL_ALPHA
+) -> np.ndarray:
+    """MSTL's forecast (as ``mstl_matrix``) of each row of ``history`` (R, T) from its whole
+    history: (R, h).
+
+    NaN before a row's first observation is no history; NaN after it is filled by linear
+    interpolation (the last value carried forward at the end). Each row uses the seasons with two
+    whole cycles in its history and in ``MSTL_MAX_STEPS``, and decomposes the last whole cycles of
+    the longest of them (at most ``MSTL_MAX_STEPS`` steps); a row where no season has two cycles
+    gets NaN.
+    """
+    history = np.asarray(history, dtype=np.float64)
+    check(history.ndim == 2, f"history must be (rows, steps), got shape {history.shape}")
+    h = int(h)
+    check(h >= 1, f"h must be >= 1, got {h}")
+    check(0 < level_alpha <= 1, f"level_alpha must be in (0, 1], got {level_alpha!r}")
+    R, T = history.shape
+    seen = np.isfinite(history)
+    available = np.where(seen.any(1), T - seen.argmax(1), 0)
+    out = np.full((R, h), np.nan)
+    cap = min(T, MSTL_MAX_STEPS)
+    keys: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for r, a in enumerate(available):
+        used = tuple(sorted({int(p) for p in seasons if 2 <= int(p) and 2 * int(p) <= min(a, cap)}))
+        if used:
+            keys.setdefault((used, _mstl_span(int(a), used[-1])), []).append(r)
+    steps = np.arange(T)
+    for (used, n), rows in keys.items():
+        segment = history[rows, T - n :].copy()
+        for i in np.flatnonzero(~np.isfinite(segment).all(1)):
+            ok = np.isfinite(segment[i])
+            if ok.any():
+                segment[i] = np.interp(steps[:n], steps[:n][ok], segment[i][ok])
+        out[rows] = segment @ _mstl_core(n, h, used, float(level_alpha))
+    return out
 
 
 def start_candidates(input_size: int, h: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:

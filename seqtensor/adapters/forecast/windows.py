@@ -71,6 +71,15 @@ class WindowData:
             "static": self.static[torch.from_numpy(np.asarray(g))],  # (N, C*K)
         }
 
+    def history(self, g: np.ndarray, t: np.ndarray, span: int) -> np.ndarray:
+        """The ``span`` target steps before cut points t of groups g: (N, C, span), NaN before
+        each series' start (as many steps as exist, however long the look-back)."""
+        g, t = np.asarray(g, np.int64), np.asarray(t, np.int64)
+        start = self.offsets[g] + self.L  # position of each series' first step
+        pos = (start + t - span)[:, None] + np.arange(span)  # (N, span)
+        out = self.y[:, torch.from_numpy(np.maximum(pos, 0))].numpy().transpose(1, 0, 2)
+        return np.where((pos < start[:, None])[:, None], np.nan, out)
+
 
 class WindowDataset(torch.utils.data.Dataset):
     """Windows (g, t) of a ``WindowData``; ``__getitems__`` gathers a whole batch at once."""
