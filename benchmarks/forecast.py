@@ -104,7 +104,7 @@ def neural(kind: str, h: int, L: int, args, patch_len: int, seed: int = 0):
         n_models=args.n_models,
     )
     if kind == "DLinear":
-        return DLinearForecaster(learning_rate=args.dlinear_lr, **common)
+        return DLinearForecaster(learning_rate=args.dlinear_lr, statistical=None, **common)
     attention = "tensorized" if kind == "Forecaster" else "full"
     return Forecaster(
         patch_len=patch_len,

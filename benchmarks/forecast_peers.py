@@ -300,6 +300,7 @@ def main() -> None:
             "penalty": None if alpha is None else str(alpha),
             "selected": fc.selected_,
             "val_size": fc.val_size_,
+            "statistical_weight": fc.statistical_weight_,
         }
         row["Forecaster"] = {
             "mae": float(np.abs(cv["Forecaster"].to_numpy() - y)[ok].mean()),

@@ -15,7 +15,7 @@ from sklearn.base import clone
 from seqtensor.adapters.forecast import Forecaster
 from seqtensor.adapters.forecast import forecaster as forecaster_module
 from seqtensor.adapters.forecast.seasonality import MSTL_MAX_STEPS, mstl_forecast, mstl_matrix
-from seqtensor.adapters.forecast.windows import WindowData
+from seqtensor.adapters.forecast.windows import WindowData, WindowDataset
 
 SMALL = dict(
     patch_len=8, d_model=16, n_layers=1, n_heads=2, batch_size=16, random_state=0, device="cpu"
@@ -135,6 +135,27 @@ def test_blend_moves_every_quantile_with_the_point_forecast(monkeypatch):
     shift = blended["Forecaster"] - alone["Forecaster"]
     for col in ("Forecaster-lo-80", "Forecaster-hi-80"):
         np.testing.assert_allclose(blended[col] - alone[col], shift, atol=1e-4)
+
+
+def test_a_start_that_fits_nothing_chooses_the_weight_on_every_comparable_window():
+    """A kept closed-form start (penalty infinity) has seen no target: every window whose
+    history holds both seasons, as the series' end does, scores the weight; a ridge fit or a
+    trained network is scored on the late held-out windows only."""
+    T, h = 5 * WEEK, 24
+    y = two_seasons(T)
+    fc = Forecaster(h=h, input_size=48, seasonality=(DAY, WEEK), max_steps=1, verbose=False,
+                    **SMALL).fit(frame(y))  # fmt: skip
+    data = WindowData([y[None]], [np.zeros((0, T))], [np.zeros((0, T))], np.zeros((1, 0)), 48, h)
+    train = WindowDataset(data, np.zeros(500, np.int64), np.arange(48, 548))
+    val = WindowDataset(data, np.zeros(10, np.int64), np.arange(600, 610))
+    late = WindowDataset(data, np.zeros(5, np.int64), np.arange(605, 610))
+    fc.selected_, fc.model_.skip_alpha_ = ["start"], float("inf")
+    chosen = fc._weight_windows(train, val, late)
+    np.testing.assert_array_equal(chosen.t, np.r_[np.arange(2 * WEEK, 548), np.arange(600, 610)])
+    fc.model_.skip_alpha_ = 100.0
+    assert fc._weight_windows(train, val, late) is late
+    fc.selected_, fc.model_.skip_alpha_ = ["trained"], float("inf")
+    assert fc._weight_windows(train, val, late) is late
 
 
 def test_blend_survives_save_load_and_backtests_use_it(tmp_path):

@@ -79,6 +79,8 @@ class DLinearForecaster(Forecaster):
     """``Forecaster`` whose network is ``DLinear``; encoder settings (d_model, ...) are unused.
 
     ``patch_len`` and the exogenous inputs are ignored by the network; point losses only.
+    ``statistical=None`` keeps DLinear's own forecast (the default blends MSTL's in, as the
+    ``Forecaster`` does).
     """
 
     def _build_model(self, config: ForecastModelConfig) -> nn.Module:
