@@ -100,7 +100,8 @@ def main() -> None:
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     print(
         f"\nForecaster: start {model.start_!r}, kept {model.selected_[0]!r} after validation on "
-        f"{model.val_size_} held-out steps"
+        f"{model.val_size_} held-out steps; weight of MSTL's forecast from the whole history "
+        f"{model.statistical_weight_:g}"
     )
     print(f"time: Forecaster fit + forecasts {t_model:.0f} s, StatsForecast peers {t_peers:.0f} s")
     print("\nnext day (first rows):")
