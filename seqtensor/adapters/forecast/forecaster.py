@@ -550,10 +550,13 @@ class Forecaster(BaseEstimator):
     def _statistical_windows(self, data: WindowData, g: np.ndarray, t: np.ndarray) -> np.ndarray:
         """MSTL's forecast for windows (g, t) from the history before each cut: (N, C, h), NaN
         where the history holds no two cycles of a season."""
-        history = data.history(g, t, MSTL_MAX_STEPS)  # (N, C, S)
-        N, C, S = history.shape
-        rows = mstl_forecast(history.reshape(N * C, S), data.h, self.statistical_seasons_)
-        return rows.reshape(N, C, data.h)
+        out = []
+        for i in range(0, len(g), 512):  # a window's history is up to MSTL_MAX_STEPS steps
+            history = data.history(g[i : i + 512], t[i : i + 512], MSTL_MAX_STEPS)  # (N, C, S)
+            N, C, S = history.shape
+            rows = mstl_forecast(history.reshape(N * C, S), data.h, self.statistical_seasons_)
+            out.append(rows.reshape(N, C, data.h))
+        return np.concatenate(out) if out else np.zeros((0, data.C, data.h))
 
     def _blend(self, net: np.ndarray, stat: np.ndarray, weight: float) -> np.ndarray:
         """net (N, C, h, Q) moved towards stat (N, C, h) by ``weight`` at the point forecast; the
@@ -583,8 +586,10 @@ class Forecaster(BaseEstimator):
         def held(steps: np.ndarray) -> np.ndarray:
             return (2 * seasons[None] <= np.minimum(steps, MSTL_MAX_STEPS)[:, None]).sum(1)
 
-        keep = held(t) == held(data.lengths[g])
-        return WindowDataset(data, g[keep], t[keep]) if keep.any() else late
+        keep = np.flatnonzero(held(t) == held(data.lengths[g]))
+        if len(keep) > 8192:  # as many as the ridge start is fit on
+            keep = keep[np.linspace(0, len(keep) - 1, 8192).round().astype(np.int64)]
+        return WindowDataset(data, g[keep], t[keep]) if len(keep) else late
 
     def _choose_statistical_weight(self, windows: WindowDataset | None) -> None:
         """``statistical_weight_``: the one of ``STATISTICAL_WEIGHTS`` with the lowest loss on
