@@ -475,14 +475,16 @@ def mstl_forecast(
     seen = np.isfinite(history)
     available = np.where(seen.any(1), T - seen.argmax(1), 0)
     out = np.full((R, h), np.nan)
-    cap = min(T, MSTL_MAX_STEPS)
-    keys: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    for r, a in enumerate(available):
-        used = tuple(sorted({int(p) for p in seasons if 2 <= int(p) and 2 * int(p) <= min(a, cap)}))
+    keys: dict[tuple[tuple[int, ...], int], list[np.ndarray]] = {}
+    lengths, which = np.unique(available, return_inverse=True)
+    for k, a in enumerate(lengths.tolist()):
+        limit = min(a, MSTL_MAX_STEPS)
+        used = tuple(sorted({int(p) for p in seasons if int(p) >= 2 and 2 * int(p) <= limit}))
         if used:
-            keys.setdefault((used, _mstl_span(int(a), used[-1])), []).append(r)
+            keys.setdefault((used, _mstl_span(a, used[-1])), []).append(np.flatnonzero(which == k))
     steps = np.arange(T)
-    for (used, n), rows in keys.items():
+    for (used, n), parts in keys.items():
+        rows = np.concatenate(parts)
         segment = history[rows, T - n :].copy()
         for i in np.flatnonzero(~np.isfinite(segment).all(1)):
             ok = np.isfinite(segment[i])
