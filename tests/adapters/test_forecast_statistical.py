@@ -168,6 +168,10 @@ def test_blend_survives_save_load_and_backtests_use_it(tmp_path):
     assert loaded.statistical_weight_ == fc.statistical_weight_ == 1.0
     assert loaded.statistical_seasons_ == (DAY, WEEK)
     np.testing.assert_allclose(loaded.predict()["Forecaster"], fc.predict()["Forecaster"])
+    loaded.set_params(warm_start=True, max_steps=1).fit(frame(y[:T]))  # chosen again
+    assert loaded.statistical_weight_ == 1.0
+    loaded.set_params(statistical=None).fit(frame(y[:T]))
+    assert loaded.statistical_weight_ == 0.0
     cv = fc.cross_validation(frame(y), n_windows=2)
     history = np.stack([np.r_[np.full(h, np.nan), y[:T]], y[: T + h]])  # NaN: no history
     want = mstl_forecast(history, h, (DAY, WEEK)).ravel()

@@ -181,9 +181,10 @@ class Forecaster(BaseEstimator):
         "mstl": blend the network's forecast with MSTL's (``seasonality.mstl_forecast``), made
         from each series' whole history (its last ``MSTL_MAX_STEPS`` steps), not the look-back
         alone, with every season found (``statistical_seasons_``), including those too long for
-        the look-back. The weight of MSTL's forecast, 0, 0.5 or 1, is chosen on the held-out
-        windows (``statistical_weight_``; 0 without them); the quantiles move with the point
-        forecast. On a few weeks of half-hourly data the look-back cannot hold two weekly
+        the look-back. The weight of MSTL's forecast, 0, 0.5 or 1, is chosen on held-out
+        windows, or on every comparable window when the kept start fits nothing
+        (``statistical_weight_``; 0 without held-out windows); the quantiles move with the
+        point forecast. On a few weeks of half-hourly data the look-back cannot hold two weekly
         cycles while the history can (docs/forecasting_results.md). None: the network alone.
     loss : {"mae", "mse", "huber", "quantile"}, default "mae"
     quantiles : sequence of float in (0, 1), optional
@@ -594,9 +595,7 @@ class Forecaster(BaseEstimator):
     def _choose_statistical_weight(self, windows: WindowDataset | None) -> None:
         """``statistical_weight_``: the one of ``STATISTICAL_WEIGHTS`` with the lowest loss on
         ``windows`` (the smallest on ties); unchanged without them."""
-        if not self.statistical or not self.statistical_seasons_ or windows is None:
-            return
-        if len(windows) == 0:
+        if not self.statistical or not self.statistical_seasons_ or not windows:
             return
         data, g, t = windows.data, windows.g, windows.t
         net = self._network_windows(data, g, t)
@@ -732,7 +731,7 @@ class Forecaster(BaseEstimator):
         warm = bool(self.warm_start) and hasattr(self, "model_")
         h = int(self.h)
         L = self._resolve_look_back(panel, warm)
-        if not warm:
+        if not warm or not self.statistical:  # a warm start keeps its weight unless re-chosen
             self.statistical_weight_ = 0.0
         if isinstance(val_size, str):
             check(val_size == "auto", f"val_size must be 'auto' or an int >= 0, got {val_size!r}")

@@ -426,6 +426,7 @@ def _mstl_span(available: int, longest: int) -> int:
 
 
 def _mstl_map(L: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
+    """``mstl_matrix`` for checked arguments: the core map on the look-back's last whole cycles."""
     n = _mstl_span(L, seasons[-1])
     W = np.zeros((L, h))
     W[L - n :] = _mstl_core(n, h, seasons, level_alpha)
