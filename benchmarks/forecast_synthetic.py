@@ -52,6 +52,9 @@ def main() -> None:
     )
     p.add_argument("--h", type=int, default=None, help="horizon (default: one day)")
     p.add_argument("--windows", type=int, default=5)
+    p.add_argument(
+        "--statistical", default="mstl", help="the Forecaster's statistical setting ('none': off)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from statsforecast import StatsForecast
@@ -64,7 +67,8 @@ def main() -> None:
     for seed in args.seeds:
         df = series(seed, args.weeks, day)
         start = time.perf_counter()
-        model = Forecaster(h=h, verbose=False).fit(df.iloc[: -W * h])
+        statistical = None if args.statistical == "none" else args.statistical
+        model = Forecaster(h=h, statistical=statistical, verbose=False).fit(df.iloc[: -W * h])
         cv = model.cross_validation(df, n_windows=W, step_size=h, refit=False)
         seconds = time.perf_counter() - start
         peers = StatsForecast(
