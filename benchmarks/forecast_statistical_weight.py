@@ -32,7 +32,6 @@ import forecast_synthetic  # noqa: E402
 
 from seqtensor.adapters.forecast import Forecaster  # noqa: E402
 from seqtensor.adapters.forecast.model import forecast_loss  # noqa: E402
-from seqtensor.adapters.forecast.seasonality import MSTL_MAX_STEPS  # noqa: E402
 from seqtensor.adapters.forecast.windows import WindowDataset  # noqa: E402
 
 WEIGHTS = (0.0, 0.5, 1.0)
@@ -62,15 +61,9 @@ def record_choice(record: dict) -> None:
         alpha = getattr(self.model_, "skip_alpha_", 0)
         record["free"] = bool(self.selected_[-1] == "start" and alpha == np.inf)
         if self.statistical_seasons_ and val is not None:
-            g, t = np.concatenate([train.g, val.g]), np.concatenate([train.t, val.t])
-            seasons = np.asarray(self.statistical_seasons_)
-
-            def held(steps):
-                return (2 * seasons[None] <= np.minimum(steps, MSTL_MAX_STEPS)[:, None]).sum(1)
-
-            keep = held(t) == held(train.data.lengths[g])
-            record["n_comp"] = int(keep.sum())
-            record["comp"] = blend_losses(self, WindowDataset(train.data, g[keep], t[keep]))
+            comparable = self._comparable_windows(train, val)
+            record["n_comp"] = len(comparable)
+            record["comp"] = blend_losses(self, comparable)
         return choose(self, train, val, late)
 
     Forecaster._weight_windows = spy

@@ -578,8 +578,12 @@ class Forecaster(BaseEstimator):
         if late is None or val is None or not self.statistical_seasons_:
             return late
         free = self.selected_[-1] == "start" and getattr(self.model_, "skip_alpha_", 0) == np.inf
-        if not free:
-            return late
+        return (self._comparable_windows(train, val) or late) if free else late
+
+    def _comparable_windows(self, train: WindowDataset, val: WindowDataset) -> WindowDataset:
+        """The training and held-out windows whose history holds as many statistical seasons
+        (two cycles each within ``MSTL_MAX_STEPS``) as their series' end, at most 8,192 (as
+        many as the ridge start is fit on), evenly spaced."""
         data = train.data
         g, t = np.concatenate([train.g, val.g]), np.concatenate([train.t, val.t])
         seasons = np.asarray(self.statistical_seasons_)
@@ -588,9 +592,9 @@ class Forecaster(BaseEstimator):
             return (2 * seasons[None] <= np.minimum(steps, MSTL_MAX_STEPS)[:, None]).sum(1)
 
         keep = np.flatnonzero(held(t) == held(data.lengths[g]))
-        if len(keep) > 8192:  # as many as the ridge start is fit on
+        if len(keep) > 8192:
             keep = keep[np.linspace(0, len(keep) - 1, 8192).round().astype(np.int64)]
-        return WindowDataset(data, g[keep], t[keep]) if len(keep) else late
+        return WindowDataset(data, g[keep], t[keep])
 
     def _choose_statistical_weight(self, windows: WindowDataset | None) -> None:
         """``statistical_weight_``: the one of ``STATISTICAL_WEIGHTS`` with the lowest loss on
