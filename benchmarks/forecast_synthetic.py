@@ -86,6 +86,7 @@ def main() -> None:
             "ratio_to_mstl": mae["Forecaster"] / mae["MSTL"],
             "seasons": list(model.seasons_),
             "start": model.start_,
+            "statistical_seasons": list(model.statistical_seasons_),
             "statistical_weight": model.statistical_weight_,
             "selected": model.selected_,
             "seconds": seconds,

@@ -14,7 +14,15 @@ from sklearn.base import clone
 
 from seqtensor.adapters.forecast import Forecaster
 from seqtensor.adapters.forecast import forecaster as forecaster_module
-from seqtensor.adapters.forecast.seasonality import MSTL_MAX_STEPS, mstl_forecast, mstl_matrix
+from seqtensor.adapters.forecast.seasonality import (
+    LEVEL_ALPHA,
+    MSTL_LONGEST_SEASON,
+    MSTL_MAX_STEPS,
+    mstl_components,
+    mstl_forecast,
+    mstl_matrix,
+    mstl_seasons,
+)
 from seqtensor.adapters.forecast.windows import WindowData, WindowDataset
 
 SMALL = dict(
@@ -75,11 +83,46 @@ def test_mstl_forecast_reads_at_most_the_cap_and_fills_gaps():
     np.testing.assert_allclose(
         mstl_forecast(gappy[None], h, (DAY, WEEK))[0], filled[-MSTL_MAX_STEPS:] @ W
     )
-    too_long = MSTL_MAX_STEPS // 2 + 1
-    for seasons in ((DAY, too_long), (1, DAY)):  # a "season" of one step is no season
+    for seasons in ((DAY, T // 2 + 1), (1, DAY)):  # a "season" of one step is no season
         np.testing.assert_allclose(
             mstl_forecast(y[None], h, seasons), mstl_forecast(y[None], h, (DAY,))
         )
+
+
+def test_a_season_past_half_the_cap_is_decomposed_from_two_cycles():
+    """Oracle: statsforecast's MSTL on the last two cycles of a season longer than half of
+    ``MSTL_MAX_STEPS`` (a week of 5-minute steps is one); a season past ``MSTL_LONGEST_SEASON``
+    is left out even with two cycles in the history."""
+    sf = pytest.importorskip("statsforecast.models")
+    long, h = MSTL_MAX_STEPS // 2 + 28, 40
+    T = 2 * long + 300
+    t = np.arange(T)
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal(T).cumsum() + np.sin(2 * np.pi * t / DAY) + 2 * (t % long < 100)
+    assert mstl_seasons((DAY, long), T) == (DAY, long)
+    mstl = sf.MSTL(season_length=[DAY, long], trend_forecaster=sf.SimpleExponentialSmoothing(0.2))
+    want = mstl.fit(y[-2 * long :]).predict(h)["mean"]
+    np.testing.assert_allclose(mstl_forecast(y[None], h, (DAY, long))[0], want, atol=1e-9)
+    too_long = MSTL_LONGEST_SEASON + 1
+    assert mstl_seasons((DAY, too_long), 2 * too_long) == (DAY,)
+    assert mstl_seasons((DAY, long), 2 * long - 1) == (DAY,)
+
+
+@pytest.mark.parametrize(
+    "n,h,seasons", [(240, 30, (24,)), (336, 200, (24, 168)), (420, 9, (5, 12, 60))]
+)
+def test_mstl_map_from_carried_rows_is_the_dense_decomposition(n, h, seasons):
+    """The forecast map carries few rows backwards through the decomposition; oracle: the same
+    forecast from the dense (n, n) component maps of ``mstl_components``."""
+    comp, deseason = mstl_components(n, seasons)
+    a = LEVEL_ALPHA
+    w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)
+    w[0] = (1 - a) ** (n - 1)
+    steps = np.arange(h)
+    want = np.repeat((w @ deseason)[None], h, 0)
+    for p in seasons:
+        want = want + comp[p][n - p + steps % p]
+    np.testing.assert_allclose(mstl_matrix(n, h, seasons), want.T, atol=1e-12)
 
 
 def test_mstl_forecast_bad_input_is_named():

@@ -53,10 +53,11 @@ from .panel import (
 from .persistence import load_forecaster, plot_forecast, save_forecaster
 from .seasonality import (
     MAX_RIDGE_INPUT,
-    MSTL_MAX_STEPS,
+    MSTL_HISTORY,
     combined_start,
     default_input_size,
     mstl_forecast,
+    mstl_seasons,
     resolve_seasons,
     start_candidates,
 )
@@ -179,7 +180,7 @@ class Forecaster(BaseEstimator):
         of the longest one makes the profiles accurate.
     statistical : "mstl" or None, default "mstl"
         "mstl": blend the network's forecast with MSTL's (``seasonality.mstl_forecast``), made
-        from each series' whole history (its last ``MSTL_MAX_STEPS`` steps), not the look-back
+        from each series' whole history (its last ``MSTL_HISTORY`` steps), not the look-back
         alone, with every season found (``statistical_seasons_``), including those too long for
         the look-back. The weight of MSTL's forecast, 0, 0.5 or 1, is chosen on held-out
         windows, or on every comparable window when the kept start fits nothing
@@ -552,8 +553,8 @@ class Forecaster(BaseEstimator):
         """MSTL's forecast for windows (g, t) from the history before each cut: (N, C, h), NaN
         where the history holds no two cycles of a season."""
         out = []
-        for i in range(0, len(g), 512):  # a window's history is up to MSTL_MAX_STEPS steps
-            history = data.history(g[i : i + 512], t[i : i + 512], MSTL_MAX_STEPS)  # (N, C, S)
+        for i in range(0, len(g), 512):  # a window's history is up to MSTL_HISTORY steps
+            history = data.history(g[i : i + 512], t[i : i + 512], MSTL_HISTORY)  # (N, C, S)
             N, C, S = history.shape
             rows = mstl_forecast(history.reshape(N * C, S), data.h, self.statistical_seasons_)
             out.append(rows.reshape(N, C, data.h))
@@ -570,8 +571,8 @@ class Forecaster(BaseEstimator):
     ) -> WindowDataset | None:
         """The windows the statistical weight is chosen on: the late held-out ones, or, when the
         kept network is a closed-form start with nothing fit to the data (penalty infinity),
-        every window whose history holds as many seasons as the series' end (two cycles each
-        within ``MSTL_MAX_STEPS``), so that the statistical forecast is scored as it will be
+        every window whose history holds as many seasons as the series' end
+        (``mstl_seasons``), so that the statistical forecast is scored as it will be
         made. A few held-out days are a noisy vote: on half-hourly demand 25 late windows chose
         MSTL alone where 481 training windows chose the network, which the test windows
         confirmed (docs/forecasting_results.md)."""
@@ -582,14 +583,15 @@ class Forecaster(BaseEstimator):
 
     def _comparable_windows(self, train: WindowDataset, val: WindowDataset) -> WindowDataset:
         """The training and held-out windows whose history holds as many statistical seasons
-        (two cycles each within ``MSTL_MAX_STEPS``) as their series' end, at most 8,192 (as
-        many as the ridge start is fit on), evenly spaced."""
+        (``mstl_seasons``) as their series' end, at most 8,192 (as many as the ridge start is
+        fit on), evenly spaced."""
         data = train.data
         g, t = np.concatenate([train.g, val.g]), np.concatenate([train.t, val.t])
-        seasons = np.asarray(self.statistical_seasons_)
 
         def held(steps: np.ndarray) -> np.ndarray:
-            return (2 * seasons[None] <= np.minimum(steps, MSTL_MAX_STEPS)[:, None]).sum(1)
+            unique, inverse = np.unique(np.minimum(steps, MSTL_HISTORY), return_inverse=True)
+            counts = [len(mstl_seasons(self.statistical_seasons_, s)) for s in unique.tolist()]
+            return np.asarray(counts)[inverse]
 
         keep = np.flatnonzero(held(t) == held(data.lengths[g]))
         if len(keep) > 8192:
@@ -859,7 +861,7 @@ class Forecaster(BaseEstimator):
         self.model_ = members[0] if len(members) == 1 else ForecastEnsemble(members)
         self.model_.eval()
         # the look-back is all the network needs; the statistical forecast reads further back
-        span = max(L, MSTL_MAX_STEPS) if self.statistical_weight_ else L
+        span = max(L, MSTL_HISTORY) if self.statistical_weight_ else L
         keep = [max(0, T - span) for T in panel.lengths]
         self.panel_ = Panel(
             panel.ids,

@@ -38,6 +38,7 @@ __all__ = [
     "mstl_components",
     "mstl_forecast",
     "mstl_matrix",
+    "mstl_seasons",
     "seasonal_profile_matrix",
     "start_candidates",
     "trend_profile_matrix",
@@ -57,11 +58,17 @@ FAST_LEVEL_ALPHA = 0.5
 # An L x L ridge solve past this look-back costs more than it gives (the Forecaster then starts
 # its linear map at zero), so the default look-back stays within it.
 MAX_RIDGE_INPUT = 4096
-# The "mstl" start decomposes at most this many last steps of the look-back: building its map
-# costs about 30 dense products of this size (about 1 s at 1,008 steps on one CPU core, 8x that
-# at twice the steps), and MSTL fit on the last 3 weeks of half-hourly demand scored as well as
-# on all 5 (docs/forecasting_results.md).
+# MSTL decomposes at most this many last steps of whole cycles of the longest season (a look-back
+# for the "mstl" start, a whole history for the statistical forecast): MSTL fit on the last 3
+# weeks of half-hourly demand scored as well as on all 5 (docs/forecasting_results.md).
 MSTL_MAX_STEPS = 1344
+# A season longer than half of MSTL_MAX_STEPS is decomposed from exactly two cycles, up to a week
+# of 5-minute steps: on 3 weeks of 5-minute two-season data MSTL with the week scored 0.53x the
+# MAE of MSTL without it (benchmarks/NOTES.md). Its map (4,032 steps) is the costliest one built,
+# once per process and horizon (benchmarks/forecast_statistical_cost.py).
+MSTL_LONGEST_SEASON = 2016
+# The most steps of history the statistical forecast reads.
+MSTL_HISTORY = max(MSTL_MAX_STEPS, 2 * MSTL_LONGEST_SEASON)
 # Cycles of the longest season in the default look-back, most first: a week of a daily season
 # (7) scored 5% better than 4 (MAE relative to MSTL over 32 slices); 10 helped hourly data and
 # hurt 5-minute glucose.
@@ -337,47 +344,86 @@ def _loess_matrix(n: int, q: int, degree: int) -> np.ndarray:
     return E
 
 
-def _moving_average(M: np.ndarray, q: int) -> np.ndarray:
-    """Means of ``q`` consecutive rows of M (n, ...) -> (n - q + 1, ...)."""
-    c = np.cumsum(np.concatenate([np.zeros_like(M[:1]), M]), 0)
-    return (c[q:] - c[:-q]) / q
+def _banded_product(A: np.ndarray, B: np.ndarray, block: int = 256) -> np.ndarray:
+    """A @ B where each row of A is zero outside a window (a loess matrix): each block of rows
+    multiplies only the columns it touches, so a window of q costs about q / n of the product."""
+    out = np.empty((A.shape[0], B.shape[1]))
+    for i in range(0, A.shape[0], block):
+        touched = np.flatnonzero(A[i : i + block].any(0))
+        lo, hi = (touched[0], touched[-1] + 1) if len(touched) else (0, 0)
+        out[i : i + block] = A[i : i + block, lo:hi] @ B[lo:hi]
+    return out
 
 
-def _stl_seasonal(n: int, p: int, seasonal: int, inner: int = 5) -> np.ndarray:
-    """(n, n): the seasonal component of STL (period p, seasonal window ``seasonal``, degree 0,
-    trend and low-pass windows and degrees at statsmodels' defaults, ``inner`` passes, no
-    robustness weights) as a map of the series."""
+def _stl_operators(n: int, p: int, seasonal: int) -> tuple[np.ndarray, np.ndarray]:
+    """(G, E), each (n, n), of STL (period p, seasonal window ``seasonal``, degree 0, trend and
+    low-pass windows and degrees at statsmodels' defaults, no robustness weights): G maps a
+    detrended series to its seasonal component, E a deseasonalized one to its trend."""
     trend = int(np.ceil(1.5 * p / (1 - 1.5 / seasonal)))
     trend += trend % 2 == 0
     low = p + 1 + (p % 2 == 1)  # the smallest odd window past p
-    # cycle-subseries: each phase smoothed across cycles and extended one cycle either side
-    C = np.zeros((n + 2 * p, n))
-    by_cycles: dict[int, np.ndarray] = {}  # phases have n // p or n // p + 1 cycles
-    for j in range(p):
-        idx = np.arange(j, n, p)
-        k = len(idx)
-        if k not in by_cycles:
-            rows = np.zeros((k + 2, k))
-            rows[1:-1] = _loess_matrix(k, seasonal, 0)
-            first = _loess_weights(k, seasonal, 0, 0, 1, min(seasonal, k))
-            last = _loess_weights(k, seasonal, 0, k + 1, max(1, k - seasonal + 1), k)
-            rows[0] = rows[1] if first is None else first
-            rows[-1] = rows[-2] if last is None else last
-            by_cycles[k] = rows
-        C[np.ix_(np.arange(k + 2) * p + j, idx)] = by_cycles[k]
-    # low-pass of the subseries (moving averages p, p, 3, then loess), taken off: what is left
-    # repeats and has no level
-    low_pass = _loess_matrix(n, low, 1) @ _moving_average(
-        _moving_average(_moving_average(C, p), p), 3
-    )
-    G = C[p : p + n] - low_pass  # seasonal from the detrended series
-    E = _loess_matrix(n, trend, 1)
+    # Cycle-subseries: each phase j smoothed across its k cycles (R, (k + 2, k)) and extended one
+    # cycle either side, C[c p + j, m p + j] = R[c, m] for c < k + 2, m < k. The middle rows are
+    # the seasonal estimate; all of them go through moving averages p, p and 3 (one kernel of
+    # 2p + 1 taps), then loess, and that low-pass is taken off: what is left repeats and has no
+    # level. C is sparse, so the averaged rows are summed per cycle instead of over a dense C.
+    kernel = np.convolve(np.convolve(np.ones(p) / p, np.ones(p) / p), np.ones(3) / 3)
+    # toeplitz[r, j] = kernel[2p + j - r] (0 outside the kernel), r < 3p, j < p
+    padded = np.concatenate([np.zeros(p - 1), kernel, np.zeros(p - 1)])
+    toeplitz = np.lib.stride_tricks.sliding_window_view(padded, p)[::-1]
+    phases = np.arange(p)
+    cycles = (n - 1 - phases) // p + 1  # phases have n // p or n // p + 1 cycles
+    smoothed, averaged = np.zeros((n, n)), np.zeros((n, n))
+    for k in np.unique(cycles).tolist():
+        J = phases[cycles == k]
+        R = np.zeros((k + 2, k))
+        R[1:-1] = _loess_matrix(k, seasonal, 0)
+        first = _loess_weights(k, seasonal, 0, 0, 1, min(seasonal, k))
+        last = _loess_weights(k, seasonal, 0, k + 1, max(1, k - seasonal + 1), k)
+        R[0] = R[1] if first is None else first
+        R[-1] = R[-2] if last is None else last
+        m = np.arange(k)
+        cols = (m[:, None] * p + J).ravel()  # (k |J|), cycle-major
+        rows = (m[:, None, None] * p + J).repeat(k, 1).reshape(k, -1)  # (k, k |J|)
+        smoothed[rows, cols[None]] = np.repeat(R[1:-1], len(J), 1)
+        whole = len(J) == p  # every phase has k cycles: C's columns are in (cycle, phase) order
+        # row c p + j of C reaches averaged rows (c - 2) p + r, r < 3p
+        taps = toeplitz if whole else toeplitz[:, J]
+        block = averaged.reshape(n, k, p) if whole else np.zeros((n, k, len(J)))
+        for c in range(k + 2):
+            lo, hi = max(0, (c - 2) * p), min(n, (c + 1) * p)
+            if lo < hi:
+                part = taps[lo - (c - 2) * p : hi - (c - 2) * p]
+                block[lo:hi] += part[:, None, :] * R[c][None, :, None]
+        if not whole:
+            averaged[:, cols] = block.reshape(n, -1)
+    smoothed -= _banded_product(_loess_matrix(n, low, 1), averaged)  # the low-pass
+    return smoothed, _loess_matrix(n, trend, 1)
+
+
+def _stl_seasonal(n: int, p: int, seasonal: int, inner: int = 5) -> np.ndarray:
+    """(n, n): the seasonal component of STL (``_stl_operators``) after ``inner`` passes, as a
+    map of the series."""
+    G, E = _stl_operators(n, p, seasonal)
     # the inner loop: S = G (y - T), T = E (y - S); as maps T_next = (E - EG) + EG T
     EG = E @ G
     T = np.zeros((n, n))
     for _ in range(inner - 1):
         T = E - EG + EG @ T
     return G - G @ T
+
+
+def _rows_through_stl(X: np.ndarray, G: np.ndarray, E: np.ndarray, inner: int = 5) -> np.ndarray:
+    """X @ ``_stl_seasonal`` for X (r, n), without the (n, n) map: the seasonal map is
+    G - G T with T = sum_{j < inner - 1} (EG)^j (E - EG), so rows pass through E and G in turn
+    (2 inner - 1 products of (r, n) by (n, n) instead of about 2 inner of (n, n) by (n, n))."""
+    XG, Et = X @ G, np.ascontiguousarray(E.T)
+    XGT, Z = np.zeros_like(XG), XG
+    for _ in range(inner - 1):
+        ZE = _banded_product(Et, Z.T).T  # E is a loess matrix: banded
+        Z = ZE @ G
+        XGT += ZE - Z
+    return XG - XGT
 
 
 def mstl_components(n: int, seasons: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -405,18 +451,61 @@ def mstl_components(n: int, seasons: Sequence[int]) -> tuple[dict[int, np.ndarra
 @lru_cache(maxsize=16)
 def _mstl_core(n: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> np.ndarray:
     """F (n, h): MSTL's forecast from exactly n steps (whole cycles of the longest season),
-    cached: refits and forecasts from histories of other lengths ask for the same map again."""
-    comp, deseason = mstl_components(n, seasons)
+    cached: refits and forecasts from histories of other lengths ask for the same map again.
+
+    The forecast reads few rows of the decomposition (each component's last min(h, p) steps and
+    the smoothed level), so those rows are carried backwards through the passes of
+    ``mstl_components`` (each component is STL of the series minus the other components'
+    current estimates) instead of building the (n, n) maps: about 5x less work at 4,032 steps.
+    """
     a = float(level_alpha)
     w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)  # simple exponential smoothing, unrolled
     w[0] = (1 - a) ** (n - 1)  # level_0 = the first value: the weights sum to 1
-    F = np.repeat((w @ deseason)[None], h, 0)  # (h, n): the level, flat
+    operators = {p: _stl_operators(n, p, 7 + 4 * k) for k, p in enumerate(seasons, start=1)}
+    # the passes as versions of components: (season, the other seasons' versions it subtracts)
+    versions: list[tuple[int, list[int]]] = []
+    current: dict[int, int] = {}
+    for _ in range(2 if len(seasons) > 1 else 1):
+        for p in seasons:
+            versions.append((p, [v for q, v in current.items() if q != p]))
+            current[p] = len(versions) - 1
+    # output rows: each season's last min(h, p) steps, then the level (w @ deseasonalized)
+    offset = np.cumsum([0] + [min(h, p) for p in seasons])
+    R = int(offset[-1]) + 1
+    adjoint = [np.zeros((R, n)) for _ in versions]
+    for i, p in enumerate(seasons):
+        r = np.arange(min(h, p))
+        adjoint[current[p]][offset[i] + r, n - p + r] = 1.0
+        adjoint[current[p]][-1] -= w  # deseasonalized = the series minus the final components
+    rows = np.zeros((R, n))
+    rows[-1] = w
+    for v in range(len(versions) - 1, -1, -1):
+        p, subtracted = versions[v]
+        Y = _rows_through_stl(adjoint[v], *operators[p])
+        rows += Y
+        for u in subtracted:
+            adjoint[u] -= Y
     steps = np.arange(h)
-    for p in seasons:
-        F += comp[p][n - p + steps % p]  # each component's last cycle, repeated
+    F = np.repeat(rows[-1:], h, 0)  # (h, n): the level, flat
+    for i, p in enumerate(seasons):
+        F += rows[offset[i] + steps % p]  # each component's last cycle, repeated
     F = np.ascontiguousarray(F.T)
     F.setflags(write=False)  # cached: callers must not change it
     return F
+
+
+def mstl_seasons(seasons: Sequence[int], available: int) -> tuple[int, ...]:
+    """The seasons MSTL's forecast decomposes from ``available`` steps, shortest first: periods
+    of at least 2 and at most ``MSTL_LONGEST_SEASON`` steps with two whole cycles available."""
+    return tuple(
+        sorted(
+            {
+                int(p)
+                for p in seasons
+                if 2 <= int(p) <= MSTL_LONGEST_SEASON and 2 * int(p) <= available
+            }
+        )
+    )
 
 
 def _mstl_span(available: int, longest: int) -> int:
@@ -462,10 +551,10 @@ def mstl_forecast(
     history: (R, h).
 
     NaN before a row's first observation is no history; NaN after it is filled by linear
-    interpolation (the last value carried forward at the end). Each row uses the seasons with two
-    whole cycles in its history and in ``MSTL_MAX_STEPS``, and decomposes the last whole cycles of
-    the longest of them (at most ``MSTL_MAX_STEPS`` steps); a row where no season has two cycles
-    gets NaN.
+    interpolation (the last value carried forward at the end). Each row uses ``mstl_seasons`` of
+    its history and decomposes the last whole cycles of the longest of them (at most
+    ``MSTL_MAX_STEPS`` steps, or two cycles of a longer season); a row where no season has two
+    cycles gets NaN.
     """
     history = np.asarray(history, dtype=np.float64)
     check(history.ndim == 2, f"history must be (rows, steps), got shape {history.shape}")
@@ -479,8 +568,7 @@ def mstl_forecast(
     keys: dict[tuple[tuple[int, ...], int], list[np.ndarray]] = {}
     lengths, which = np.unique(available, return_inverse=True)
     for k, a in enumerate(lengths.tolist()):
-        limit = min(a, MSTL_MAX_STEPS)
-        used = tuple(sorted({int(p) for p in seasons if int(p) >= 2 and 2 * int(p) <= limit}))
+        used = mstl_seasons(seasons, a)
         if used:
             keys.setdefault((used, _mstl_span(a, used[-1])), []).append(np.flatnonzero(which == k))
     steps = np.arange(T)
