@@ -448,3 +448,33 @@ def test_trended_two_season_series_is_forecast_from_the_trend_start():
     assert fc.seasons_ == (24, 168) and fc.input_size_ == 7 * 168
     assert fc.start_ == "profile_trend" and fc.selected_ == ["start"]
     np.testing.assert_allclose(fc.predict()["Forecaster"].to_numpy(), y[T:], atol=1e-3)
+
+
+def test_a_zero_readout_skips_the_encoder_without_changing_the_forecast(monkeypatch):
+    """A kept start has a zero readout: without gradients the forecast is the linear skip alone
+    (oracle: the same model with the encoder run), and the encoder is not called; with a
+    nonzero readout, or with gradients on, it runs."""
+    L, h = 48, 12
+    torch.manual_seed(0)
+    m = PatchForecastModel(ForecastModelConfig(input_size=L, h=h, patch_len=8)).eval()
+    batch = {
+        "y": torch.randn(5, 1, L),
+        "futr": torch.zeros(5, 0, L + h),
+        "hist": torch.zeros(5, 0, L),
+        "static": torch.zeros(5, 0),
+    }
+    with torch.no_grad():
+        z, mean, std, obs = m._revin(batch["y"])
+        encoded = m._encode(batch, z, obs)
+        want = (encoded + m.skip(z)[..., None]) * std[..., None] + mean[..., None]
+        calls = []
+        encode = m._encode
+        monkeypatch.setattr(m, "_encode", lambda *a: calls.append(1) or encode(*a))
+        torch.testing.assert_close(m(batch), want)
+        assert calls == []
+        m.head.bias.fill_(0.1)  # a readout that adds 0.1 before the scale is undone
+        torch.testing.assert_close(m(batch), want + 0.1 * std[..., None])
+        assert calls == [1]
+    m.head.bias.data.zero_()
+    m(batch)  # gradients on: the encoder runs, so its weights get gradients
+    assert calls == [1, 1]

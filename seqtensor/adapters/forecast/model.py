@@ -288,7 +288,20 @@ class PatchForecastModel(nn.Module):
             f"y must be (B, {c.n_channels}, {c.input_size}), got {tuple(y.shape)}",
         )
         z, mean, std, obs = self._revin(y)  # z (B, C, L), 0 where missing
+        if torch.is_grad_enabled() or self.head.weight.any() or self.head.bias.any():
+            out = self._encode(batch, z, obs)  # (B, C, h, Q)
+        else:  # a zero readout (a kept closed-form start): the encoder cannot change the output
+            out = z.new_zeros(B, C, c.h, c.n_outputs)
+        if self.skip is not None:
+            out = out + self.skip(z)[..., None]  # (B, C, h, 1)
+        return out * std[..., None] + mean[..., None]  # back to the scale of y
 
+    def _encode(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor, obs: torch.Tensor
+    ) -> torch.Tensor:
+        """The encoder's forecast (B, C, h, Q) of the normalized look-back z and its mask obs."""
+        c = self.config
+        B, C, L = z.shape
         P, n_p, n_f, s = c.patch_len, c.n_past, c.n_future, c.stride
         futr = batch["futr"]  # (B, C*F, L + h)
         past_parts = [_patches(z, P, n_p, True, s), _patches(obs, P, n_p, True, s)]
@@ -300,7 +313,7 @@ class PatchForecastModel(nn.Module):
         future = past.new_zeros(B, n_f, past.shape[-1])  # (B, n_f, token_in)
         if c.n_futr:
             future[..., -C * c.n_futr * P :] = _patches(futr[..., L:], P, n_f, False)
-        is_future = torch.arange(n_p + n_f, device=y.device).ge(n_p).to(y.dtype)  # (n,)
+        is_future = torch.arange(n_p + n_f, device=z.device).ge(n_p).to(z.dtype)  # (n,)
         x = (
             self.embed(torch.cat([past, future], 1)) + is_future[:, None] * self.future_token
         )  # (B, n, D)
@@ -317,10 +330,7 @@ class PatchForecastModel(nn.Module):
             .permute(0, 2, 1, 3, 4)
             .reshape(B, C, n_f * P, c.n_outputs)
         )
-        out = out[:, :, : c.h]  # (B, C, h, Q)
-        if self.skip is not None:
-            out = out + self.skip(z)[..., None]  # (B, C, h, 1)
-        return out * std[..., None] + mean[..., None]  # back to the scale of y
+        return out[:, :, : c.h]
 
 
 def _rolling_folds(
