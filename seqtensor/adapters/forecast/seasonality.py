@@ -456,7 +456,8 @@ def _mstl_core(n: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> 
     The forecast reads few rows of the decomposition (each component's last min(h, p) steps and
     the smoothed level), so those rows are carried backwards through the passes of
     ``mstl_components`` (each component is STL of the series minus the other components'
-    current estimates) instead of building the (n, n) maps: about 5x less work at 4,032 steps.
+    current estimates) instead of building the (n, n) maps: about a sixth of the work at 4,032
+    steps.
     """
     a = float(level_alpha)
     w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)  # simple exponential smoothing, unrolled
@@ -497,15 +498,8 @@ def _mstl_core(n: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> 
 def mstl_seasons(seasons: Sequence[int], available: int) -> tuple[int, ...]:
     """The seasons MSTL's forecast decomposes from ``available`` steps, shortest first: periods
     of at least 2 and at most ``MSTL_LONGEST_SEASON`` steps with two whole cycles available."""
-    return tuple(
-        sorted(
-            {
-                int(p)
-                for p in seasons
-                if 2 <= int(p) <= MSTL_LONGEST_SEASON and 2 * int(p) <= available
-            }
-        )
-    )
+    periods = {int(p) for p in seasons}
+    return tuple(sorted(p for p in periods if 2 <= p <= MSTL_LONGEST_SEASON and 2 * p <= available))
 
 
 def _mstl_span(available: int, longest: int) -> int:
