@@ -359,20 +359,19 @@ def _rolling_folds(
 
 
 class _RidgePath:
-    """Ridge fits of Y (N, h) on X (N, L) towards priors W0, for many penalties at one eigh.
+    """Ridge fits of Y (N, h) on X (N, L) towards priors W0, for several penalties on one Gram.
 
     The intercept b is a column of ones, penalized like the map: alpha * N * (||W - W0||^2 +
     ||b||^2). So the fit moves smoothly from least squares (alpha -> 0) to exactly the prior
     (alpha -> inf, b -> 0); an unpenalized intercept stays free however large alpha grows.
-    With X1 = [X, 1], V0 = [W0; 0] and X1'X1 = Q diag(lam) Q':
-    V = V0 + Q diag(1 / (lam + alpha N)) Q' X1'(Y - X1 V0), two (L+1) x (L+1) x h products each.
+    With X1 = [X, 1] and V0 = [W0; 0]: V = V0 + (X1'X1 + alpha N I)^-1 X1'(Y - X1 V0), one
+    Cholesky solve per penalty (a third of an eigendecomposition's work each, for the five
+    penalties tried: at a 4,032-step look-back the eigendecomposition took 10 s on one core).
     """
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         self.n = len(X)
         X1 = torch.cat([X, X.new_ones(len(X), 1)], 1)  # (N, L + 1)
-        self.lam, self.Q = torch.linalg.eigh(X1.T @ X1)
-        self.lam = self.lam.clamp_min(0)
         self.G, self.XtY = X1.T @ X1, X1.T @ Y  # (L+1, L+1), (L+1, h)
 
     def fit(self, W0: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,8 +380,10 @@ class _RidgePath:
         if alpha == float("inf"):
             return W0, W0.new_zeros(W0.shape[1])
         V0 = torch.cat([W0, W0.new_zeros(1, W0.shape[1])], 0)  # (L + 1, h)
-        R = self.Q.T @ (self.XtY - self.G @ V0)
-        V = V0 + self.Q @ (R / (self.lam + alpha * self.n)[:, None])
+        A = self.G + alpha * self.n * torch.eye(
+            len(self.G), dtype=self.G.dtype, device=self.G.device
+        )
+        V = V0 + torch.cholesky_solve(self.XtY - self.G @ V0, torch.linalg.cholesky(A))
         return V[:-1], V[-1]
 
 
