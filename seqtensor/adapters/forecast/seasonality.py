@@ -413,11 +413,12 @@ def _stl_seasonal(n: int, p: int, seasonal: int, inner: int = 5) -> np.ndarray:
     return G - G @ T
 
 
-def _rows_through_stl(X: np.ndarray, G: np.ndarray, E: np.ndarray, inner: int = 5) -> np.ndarray:
-    """X @ ``_stl_seasonal`` for X (r, n), without the (n, n) map: the seasonal map is
-    G - G T with T = sum_{j < inner - 1} (EG)^j (E - EG), so rows pass through E and G in turn
-    (2 inner - 1 products of (r, n) by (n, n) instead of about 2 inner of (n, n) by (n, n))."""
-    XG, Et = X @ G, np.ascontiguousarray(E.T)
+def _rows_through_stl(X: np.ndarray, G: np.ndarray, Et: np.ndarray, inner: int = 5) -> np.ndarray:
+    """X @ ``_stl_seasonal`` for X (r, n), without the (n, n) map; ``Et`` is E transposed
+    (contiguous). The seasonal map is G - G T with T = sum_{j < inner - 1} (EG)^j (E - EG), so
+    rows pass through E and G in turn (2 inner - 1 products of (r, n) by (n, n) instead of
+    about 2 inner of (n, n) by (n, n))."""
+    XG = X @ G
     XGT, Z = np.zeros_like(XG), XG
     for _ in range(inner - 1):
         ZE = _banded_product(Et, Z.T).T  # E is a loess matrix: banded
@@ -462,7 +463,10 @@ def _mstl_core(n: int, h: int, seasons: tuple[int, ...], level_alpha: float) -> 
     a = float(level_alpha)
     w = a * (1 - a) ** np.arange(n - 1, -1, -1.0)  # simple exponential smoothing, unrolled
     w[0] = (1 - a) ** (n - 1)  # level_0 = the first value: the weights sum to 1
-    operators = {p: _stl_operators(n, p, 7 + 4 * k) for k, p in enumerate(seasons, start=1)}
+    operators = {}  # p -> (G, E transposed once: each version of p multiplies rows by E)
+    for k, p in enumerate(seasons, start=1):
+        G, E = _stl_operators(n, p, 7 + 4 * k)
+        operators[p] = G, np.ascontiguousarray(E.T)
     # the passes as versions of components: (season, the other seasons' versions it subtracts)
     versions: list[tuple[int, list[int]]] = []
     current: dict[int, int] = {}
