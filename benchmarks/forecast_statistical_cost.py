@@ -1,6 +1,6 @@
 """What MSTL's forecast from the whole history costs: building its map, and a whole fit.
 
-1. ``mstl_components`` + the forecast map for n steps of a half-hourly (48, 336) or 5-minute
+1. The forecast map (``seasonality._mstl_core``) for n steps of a half-hourly (48, 336) or 5-minute
    (288, 2016) two-season series: seconds to build (the map is cached per n for the process).
 2. The default Forecaster (100 steps) on a 50-series hourly panel of 2,000 steps, with
    ``statistical=None`` and with ``"mstl"``: fit and predict seconds, and the weight chosen.
