@@ -4,6 +4,8 @@
    (288, 2016) two-season series: seconds to build (the map is cached per n for the process).
 2. The default Forecaster (100 steps) on a 50-series hourly panel of 2,000 steps, with
    ``statistical=None`` and with ``"mstl"``: fit and predict seconds, and the weight chosen.
+3. The ridge path of the start at a 4,032-step look-back (3,000 windows, h = 288): building it
+   and fitting the five penalties tried, against the eigendecomposition it replaced.
 
 Run: ``python benchmarks/forecast_statistical_cost.py`` (one torch thread; a few minutes);
 results: benchmarks/results/forecast_statistical_cost_cpu.json.
@@ -22,6 +24,7 @@ import pandas as pd
 import torch
 
 from seqtensor.adapters.forecast import Forecaster
+from seqtensor.adapters.forecast.model import _RidgePath
 from seqtensor.adapters.forecast.seasonality import _mstl_core
 
 OUT = Path(__file__).parent / "results" / "forecast_statistical_cost_cpu.json"
@@ -73,9 +76,22 @@ def main() -> None:
             "weight": fc.statistical_weight_, "seasons": list(fc.statistical_seasons_),
         })  # fmt: skip
         print(fits[-1], flush=True)
+    X, Y = torch.randn(3000, 4032, dtype=torch.float64), torch.randn(3000, 288, dtype=torch.float64)
+    start = time.perf_counter()
+    path = _RidgePath(X, Y)
+    built = time.perf_counter()
+    for alpha in (1.0, 10.0, 100.0, 1000.0, 10000.0):
+        path.fit(torch.zeros(4032, 288, dtype=torch.float64), alpha)
+    fitted = time.perf_counter()
+    torch.linalg.eigh(path.G)
+    ridge = {"build_seconds": built - start, "five_fits_seconds": fitted - built,
+             "eigh_seconds": time.perf_counter() - fitted}  # fmt: skip
+    print(ridge, flush=True)
     meta = {"device": f"{platform.processor() or platform.machine()} (CPU, 1 torch thread)",
             "torch": torch.__version__}  # fmt: skip
-    OUT.write_text(json.dumps({"meta": meta, "maps": maps, "panel_fits": fits}, indent=1))
+    OUT.write_text(
+        json.dumps({"meta": meta, "maps": maps, "panel_fits": fits, "ridge": ridge}, indent=1)
+    )
 
 
 if __name__ == "__main__":
