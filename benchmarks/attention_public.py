@@ -8,9 +8,7 @@ d=128, bf16, causal ``full`` coverage; forward under no_grad and forward+backwar
 ``triton.testing.do_bench`` medians; peak memory is ``max_memory_allocated`` over one
 forward+backward including the inputs. Also: whether the default forward can be captured in a CUDA
 graph (no host sync), and a short-n sweep of order 2 against SDPA (the crossover below which one hop
-is cheaper). ``--rope-variants`` also times the tensor_rope call on each of the kernels' rotation
-paths (``triton_hops.PREROTATE_BACKWARD`` / ``PREROTATE_FORWARD_KEYS``: rotation on every tile load
-against q and k rotated once per hop into scratch). Writes JSON with the device name (after every
+is cheaper). Writes JSON with the device name (after every
 row, so a run cut short keeps what it measured) and prints a table.
 
     PYTHONPATH=. python benchmarks/attention_public.py --out benchmarks/results/attention_public_h200.json
@@ -30,18 +28,11 @@ from triton.testing import do_bench
 import seqtensor as st
 from seqtensor.core.folds import BalancedFold
 from seqtensor.core.positional import TensorRoPE
-from seqtensor.kernels import triton_hops, tuning
+from seqtensor.kernels import tuning
 from seqtensor.kernels.triton_hops import tensorized_fibre_attention
 
 CASES = {4096: (64, 64), 32768: (32, 32, 32), 131072: (64, 64, 32)}
 CROSSOVER_N = (256, 512, 1024, 2048, 4096, 8192, 16384)
-# name -> (PREROTATE_BACKWARD, PREROTATE_FORWARD_KEYS) for --rope-variants
-ROPE_VARIANTS = {
-    "public_rope_on_load": (False, False),
-    "public_rope_pre_bwd": (True, False),
-    "public_rope_pre_bwd_q": ("q", False),
-    "public_rope_pre_bwd_fwdk": (True, True),
-}
 
 
 def sdpa(q, k, v):
@@ -102,7 +93,6 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     ap.add_argument("--sdpa-max", type=int, default=131072)
     ap.add_argument("--crossover", type=int, nargs="*", default=list(CROSSOVER_N))
-    ap.add_argument("--rope-variants", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     H, d = args.heads, args.head_dim
@@ -125,25 +115,16 @@ def main() -> None:
                 q, k, v, dims, n, causal=True, hop_positional=rope
             ),
         }
-        if args.rope_variants:
-            for name in ROPE_VARIANTS:
-                fns[name] = fns["public_rope"]
         if n <= args.sdpa_max:
             fns["sdpa"] = sdpa
         row = {"n": n, "dims": list(dims)}
         rows.append(row)
-        defaults = (triton_hops.PREROTATE_BACKWARD, triton_hops.PREROTATE_FORWARD_KEYS)
         for name, fn in fns.items():
-            flags = ROPE_VARIANTS.get(name, defaults)
-            triton_hops.PREROTATE_BACKWARD, triton_hops.PREROTATE_FORWARD_KEYS = flags
             fwd, _ = timed(fn, q, k, v, False, args.rep)
             both, peak = timed(fn, q, k, v, True, args.rep if name != "sdpa" else 20)
             row[name] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "peak_gib": peak}
-            if "rope" in name:
-                row[name]["prerotate_backward"], row[name]["prerotate_forward_keys"] = flags
             print(f"n={n} {name}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms, peak {peak:.2f} GiB")
             write(args.out, rows, [], H, d, t0)
-        triton_hops.PREROTATE_BACKWARD, triton_hops.PREROTATE_FORWARD_KEYS = defaults
         for name in ("public", "public_rope"):
             row[name]["cuda_graph"] = graph_capturable(fns[name], q, k, v)
         write(args.out, rows, [], H, d, t0)
@@ -175,7 +156,7 @@ def main() -> None:
             for x in ("public", "kernel", "public_rope", "kernel_rope", "sdpa")
         ]
         print(f"| {r['n']} | " + " | ".join(cells) + f" | {r['public']['cuda_graph']} |")
-        for name in ("public_rope", *ROPE_VARIANTS):
+        for name in ("public_rope",):
             if name in r:
                 fwd = r[name]["fwd_ms"] / r["public"]["fwd_ms"] - 1
                 both = r[name]["fwd_bwd_ms"] / r["public"]["fwd_bwd_ms"] - 1
@@ -196,10 +177,7 @@ def write(path, rows, crossover, H, d, t0) -> None:
         dtype="bfloat16",
         causal=True,
         coverage="full",
-        defaults=dict(
-            prerotate_backward=triton_hops.PREROTATE_BACKWARD,
-            prerotate_forward_keys=triton_hops.PREROTATE_FORWARD_KEYS,
-        ),
+        rope_frame="q and k rotated once by the fold-coordinate sum (triton_hops.frame_positions)",
         autotune=tuning.use_autotune(torch.device("cuda")),
         rows=rows,
         crossover=crossover,

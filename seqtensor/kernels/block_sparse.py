@@ -340,7 +340,7 @@ def _fwd_kernel(
         offs_n = st + tl.arange(0, BLOCK_N)
         kin = offs_n < SINKS
         rows = offs_n.to(tl.int64)
-        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False)
+        k1, k2 = _load_halves(Kp, rows * stride_kt, kin, offs_h, D1, D2, stride_kd)
         v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
         ok = kin[None, :] & (offs_n[None, :] < starts[:, None])
         sc = _scores(qm1, qm2, k1, k2, qk_scale, DOT_PREC)
@@ -357,9 +357,7 @@ def _fwd_kernel(
                 offs_n = blk * BLK + offs_b
                 kin = (offs_b < BLK) & (offs_n >= SINKS)
                 rows = offs_n.to(tl.int64)
-                k1, k2 = _load_qk(
-                    Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False
-                )
+                k1, k2 = _load_halves(Kp, rows * stride_kt, kin, offs_h, D1, D2, stride_kd)
                 v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
                 sc = _scores(qm1, qm2, k1, k2, qk_scale, DOT_PREC)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, sc, kin[None, :], v, DOT_PREC)
@@ -483,7 +481,7 @@ def _dq_kernel(
         offs_n = st + tl.arange(0, BLOCK_N)
         kin = offs_n < SINKS
         rows = offs_n.to(tl.int64)
-        k1, k2 = _load_qk(Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False)
+        k1, k2 = _load_halves(Kp, rows * stride_kt, kin, offs_h, D1, D2, stride_kd)
         v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
         ok = kin[None, :] & (offs_n[None, :] < starts[:, None]) & rowq[:, None]
         _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)
@@ -501,9 +499,7 @@ def _dq_kernel(
                 offs_n = blk * BLK + offs_b
                 kin = (offs_b < BLK) & (offs_n >= SINKS)
                 rows = offs_n.to(tl.int64)
-                k1, k2 = _load_qk(
-                    Kp, rows * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, False
-                )
+                k1, k2 = _load_halves(Kp, rows * stride_kt, kin, offs_h, D1, D2, stride_kd)
                 v = _load_rows(Vp, rows * stride_vt, kin, offs_dv, NDV, stride_vd)
                 ok = kin[None, :] & rowq[:, None]
                 _, ds = _ds(qm1, qm2, k1, k2, v, do, lse, delta, ok, qk_scale, DOT_PREC)

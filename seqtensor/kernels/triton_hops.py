@@ -25,12 +25,17 @@ Design (docs/semantics.md, "One hop"):
   gradients gather from all S - 1 sibling fibres: a separate key-centric kernel splits the s range
   into C chunks and writes (B, H, P, C, n_j, d) partial sums; the host adds their sum to the
   summary rows (N / S of them, a small fraction of the tensor).
-- tensor_rope is applied to q and k rows as they are loaded in the forward (cos / sin of
-  pos * inv_freq read from a small table, fp16 for bf16 inputs and the working precision otherwise,
-  cached on the ``TensorRoPE`` module; the position is the fibre coordinate). The backward by
-  default rotates q and k once per hop into one reused scratch pair (``_rotate_kernel``, same
-  rounding as the on-load path) and runs its kernels on plain rows; dq and dk are un-rotated (the
-  inverse rotation of the rotated-space gradient) as they are stored.
+- tensor_rope runs in one frame for all hops: q and k are rotated once, before the first hop, by
+  the sum of the token's fold coordinates (``_rotate_kernel``; cos / sin of pos * inv_freq read from
+  a small table, fp16 for bf16 inputs and the working precision otherwise, cached on the
+  ``TensorRoPE`` module). A fibre's tokens share every coordinate but i_j, so the shared part of
+  the angle cancels in q . k and the score is the hop's own tensor_rope score (angle i_j - i'_j).
+  A summary key (p, c, S - 1) differs from a query (p, i, s) in its finer coordinates too: the
+  query is turned by the scalar Pos[S - 1] - Pos[s] (one table row per program) for those keys,
+  and its dq from them turned back. The hop kernels load plain rows; dq and dk accumulate across
+  hops in the rotated frame and the last backward hop un-rotates them as it stores them. Before,
+  every hop rotated q and k on every tile load and the backward un-rotated each hop's gradients
+  (benchmarks/NOTES.md, "tensor_rope in one frame").
 - Backward recomputes each hop from q, k, the hop's input value state and its logsumexp. Saved for
   backward: the m - 1 intermediate value states (input dtype), per-hop logsumexp (fp32, (B, H, N)),
   and the validity bytes. dq and dk accumulate across hops in the gradient dtype (read-add-write;
@@ -62,20 +67,18 @@ from ..core.plan import HopPlan, hop_plan
 from ..core.positional import TensorRoPE
 from . import tuning
 from .reference import fibre_attention_reference
-from .tuning import MAX_BLOCK, block_size, config, launch
+from .tuning import block_size, config, launch
 
-__all__ = ["tensorized_fibre_attention", "fallback_reason", "rotate_for_hop"]
+__all__ = [
+    "tensorized_fibre_attention",
+    "fallback_reason",
+    "rotate_for_hop",
+    "rotate_to_frame",
+    "frame_positions",
+]
 
 # Tests set this to fill every buffer the kernels write with NaN first (catches unwritten rows).
 POISON = False
-# tensor_rope in the backward: q and k (True) or q only ("q") rotated once per hop into scratch by
-# ``_rotate_kernel`` (the hop kernels then load them as plain rows and only un-rotate dq / dk)
-# rather than on every tile load (False). Forward: the same for k only (q is loaded once per program
-# anyway). Benchmarks toggle these (benchmarks/attention_public.py --rope-variants). Off by
-# default: the byte-count prediction in benchmarks/NOTES.md ("tensor_rope pre-rotation") favours
-# the backward switch, but it has run only under the interpreter, never compiled on a GPU.
-PREROTATE_BACKWARD: bool | str = False
-PREROTATE_FORWARD_KEYS = False
 _MAX_HEAD_DIM = 256
 
 
@@ -113,13 +116,20 @@ def _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
-    """q or k rows in the dot dtype, rotated by tensor_rope at fibre coordinates ``pos``."""
+def _load_rotated(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d):
+    """Rows of X rotated by the table Rot at positions ``pos``, rounded to X's dtype."""
     x1, x2 = _load_halves(X, rows, row_mask, offs_h, D1, D2, stride_d)
+    r1, r2 = _rotate(x1, x2, pos, Rot, offs_h, D1, 1)
+    return r1.to(X.dtype.element_ty), r2.to(X.dtype.element_ty)
+
+
+@triton.jit
+def _load_qk(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
+    """q or k rows in X's dtype, rotated at positions ``pos`` when ROPE (the retrieval kernels)."""
     if ROPE:
-        r1, r2 = _rotate(x1, x2, pos, Rot, offs_h, D1, 1)
-        x1 = r1.to(X.dtype.element_ty)
-        x2 = r2.to(X.dtype.element_ty)
+        x1, x2 = _load_rotated(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d)
+    else:
+        x1, x2 = _load_halves(X, rows, row_mask, offs_h, D1, D2, stride_d)
     return x1, x2
 
 
@@ -139,6 +149,7 @@ def _rotate_kernel(
     X,
     Y,
     Rot,
+    Pos,
     stride_xb,
     stride_xh,
     stride_xt,
@@ -153,11 +164,13 @@ def _rotate_kernel(
     S,
     D1: tl.constexpr,
     D2: tl.constexpr,
+    POS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_DH: tl.constexpr,
 ):
-    """Y = tensor_rope of X for one hop (token t at fibre coordinate (t // S) % NJ), BLOCK_T rows
-    of one head per program; rounded to Y's dtype exactly as ``_load_qk`` rounds in the kernels."""
+    """Y = X rotated by the table Rot at each token's position: Pos[t] (POS) or the hop coordinate
+    (t // S) % NJ. BLOCK_T rows of one head per program, rotated in the table's precision (fp32 for
+    bf16) and rounded once to Y's dtype."""
     TB = tl.cdiv(n, BLOCK_T)
     pid = tl.program_id(0)
     tb = pid % TB
@@ -167,9 +180,12 @@ def _rotate_kernel(
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = t < n
     t64 = t.to(tl.int64)
-    pos = (t // S) % NJ
+    if POS:
+        pos = tl.load(Pos + t64, mask=rows, other=0)
+    else:
+        pos = (t // S) % NJ
     offs_h = tl.arange(0, BLOCK_DH)
-    x1, x2 = _load_qk(
+    x1, x2 = _load_rotated(
         X + b * stride_xb + h * stride_xh,
         t64 * stride_xt,
         rows,
@@ -179,7 +195,6 @@ def _rotate_kernel(
         D1,
         D2,
         stride_xd,
-        True,
     )
     Yp = Y + b * stride_yb + h * stride_yh
     _store_halves(Yp, t64 * stride_yt, rows, offs_h, D1, D2, stride_yd, x1, x2)
@@ -223,7 +238,6 @@ def _fwd_keys(
     Vp,
     ValidIn,
     Valid0,
-    Rot,
     key_base,
     lo,
     hi,
@@ -244,7 +258,6 @@ def _fwd_keys(
     qk_scale,
     CAUSAL: tl.constexpr,
     STRICT: tl.constexpr,
-    ROPE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -253,7 +266,7 @@ def _fwd_keys(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :]
         if CAUSAL:
@@ -286,6 +299,7 @@ def _hop_fwd_kernel(
     ValidIn,
     Valid0,
     Rot,
+    Pos,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -318,8 +332,7 @@ def _hop_fwd_kernel(
     NDV: tl.constexpr,
     CAUSAL: tl.constexpr,
     SUMMARY: tl.constexpr,
-    ROPE: tl.constexpr,
-    ROPE_K: tl.constexpr,
+    SHIFT: tl.constexpr,
     MASKED: tl.constexpr,
     STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -348,17 +361,8 @@ def _hop_fwd_kernel(
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    q1, q2 = _load_qk(
-        Q + b * stride_qb + h * stride_qh,
-        tq * stride_qt,
-        qin,
-        offs_m,
-        Rot,
-        offs_h,
-        D1,
-        D2,
-        stride_qd,
-        ROPE,
+    q1, q2 = _load_halves(
+        Q + b * stride_qb + h * stride_qh, tq * stride_qt, qin, offs_h, D1, D2, stride_qd
     )
     Kp = K + b * stride_kb + (h // G) * stride_kh
     Vp = V + b * stride_vb + (h // VG) * stride_vh
@@ -380,7 +384,6 @@ def _hop_fwd_kernel(
         Vp,
         ValidIn,
         Valid0,
-        Rot,
         fib + s,
         0,
         hi,
@@ -401,13 +404,16 @@ def _hop_fwd_kernel(
         qk_scale,
         CAUSAL,
         False,
-        ROPE_K,
         MASKED,
         BLOCK_N,
         DOT_PREC,
     )
     if SUMMARY:  # summary keys (p, b, S-1), b < i; fibre S-1 has them as fibre keys already
         hi_s = tl.where(s == S - 1, 0, hi)
+        if SHIFT:  # the query turned to the summary keys' finer coordinates
+            qs1, qs2 = _turn(q1, q2, _summary_shift(Pos, s, S), Rot, offs_h, D1, 1, BLOCK_M)
+            q1 = qs1.to(Q.dtype.element_ty)
+            q2 = qs2.to(Q.dtype.element_ty)
         acc, m_i, l_i = _fwd_keys(
             acc,
             m_i,
@@ -419,7 +425,6 @@ def _hop_fwd_kernel(
             Vp,
             ValidIn,
             Valid0,
-            Rot,
             fib + S - 1,
             0,
             hi_s,
@@ -440,7 +445,6 @@ def _hop_fwd_kernel(
             qk_scale,
             True,
             True,
-            ROPE_K,
             MASKED,
             BLOCK_N,
             DOT_PREC,
@@ -488,7 +492,6 @@ def _dq_keys(
     Vp,
     ValidIn,
     Valid0,
-    Rot,
     key_base,
     lo,
     hi,
@@ -509,17 +512,16 @@ def _dq_keys(
     qk_scale,
     CAUSAL: tl.constexpr,
     STRICT: tl.constexpr,
-    ROPE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq (rotated space, before the logit scale) from the key rows ``key_base + c * S``, c in [lo,
+    """dq (in the frame of the q rows given, before the logit scale) from the key rows ``key_base + c * S``, c in [lo,
     hi)."""
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
+        k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
         v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :] & rowq[:, None]
@@ -537,12 +539,109 @@ def _dq_keys(
 
 
 @triton.jit
+def _dq_summary(
+    dq1,
+    dq2,
+    q1,
+    q2,
+    do,
+    delta,
+    lse,
+    offs_m,
+    rowq,
+    Kp,
+    Vp,
+    ValidIn,
+    Valid0,
+    Rot,
+    Pos,
+    s,
+    fib,
+    hi_s,
+    S,
+    NJ,
+    n,
+    n_vin,
+    vrow,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    offs_h,
+    offs_dv,
+    D1,
+    D2,
+    NDV,
+    qk_scale,
+    SHIFT: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq from the summary keys (p, c, S - 1), c < i, added to dq1, dq2. SHIFT: the queries are
+    turned to the keys' finer coordinates first, and their dq turned back into the frame of q."""
+    qs1, qs2 = q1, q2
+    ds1, ds2 = dq1, dq2
+    if SHIFT:
+        shift = _summary_shift(Pos, s, S)
+        r1, r2 = _turn(q1, q2, shift, Rot, offs_h, D1, 1, BLOCK)
+        qs1 = r1.to(q1.dtype)
+        qs2 = r2.to(q2.dtype)
+        ds1 = tl.zeros_like(dq1)
+        ds2 = tl.zeros_like(dq2)
+    ds1, ds2 = _dq_keys(
+        ds1,
+        ds2,
+        qs1,
+        qs2,
+        do,
+        delta,
+        lse,
+        offs_m,
+        rowq,
+        Kp,
+        Vp,
+        ValidIn,
+        Valid0,
+        fib + S - 1,
+        0,
+        hi_s,
+        S,
+        NJ,
+        n,
+        n_vin,
+        vrow,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        offs_h,
+        offs_dv,
+        D1,
+        D2,
+        NDV,
+        qk_scale,
+        True,
+        True,
+        MASKED,
+        BLOCK,
+        DOT_PREC,
+    )
+    if SHIFT:
+        b1, b2 = _turn(ds1, ds2, shift, Rot, offs_h, D1, -1, BLOCK)
+        ds1 = dq1 + b1.to(dq1.dtype)
+        ds2 = dq2 + b2.to(dq2.dtype)
+    return ds1, ds2
+
+
+@triton.jit
 def _store_grad(
     DXp,
     rows,
     rmask,
     xin,
-    pos,
+    tok,
+    Pos,
     Rot,
     offs_h,
     D1,
@@ -551,22 +650,38 @@ def _store_grad(
     x1,
     x2,
     scale,
-    ROPE: tl.constexpr,
+    UNROTATE: tl.constexpr,
     ACCUM: tl.constexpr,
 ):
-    """Scale, un-rotate (transpose of tensor_rope), zero rows of invalid tokens, add to DX if ACCUM,
-    store."""
+    """Scale, zero rows of invalid tokens, add to DX if ACCUM, un-rotate the sum if UNROTATE (the
+    transpose of the frame rotation at the positions Pos[tok]), store."""
     x1 = x1 * scale
     x2 = x2 * scale
-    if ROPE:
-        x1, x2 = _rotate(x1, x2, pos, Rot, offs_h, D1, -1)
     x1 = tl.where(xin[:, None], x1, 0.0)
     x2 = tl.where(xin[:, None], x2, 0.0)
     if ACCUM:
         o1, o2 = _load_halves(DXp, rows, rmask, offs_h, D1, D2, stride_d)
         x1 += o1.to(x1.dtype)
         x2 += o2.to(x2.dtype)
+    if UNROTATE:
+        pos = tl.load(Pos + tok, mask=rmask, other=0)
+        x1, x2 = _rotate(x1, x2, pos, Rot, offs_h, D1, -1)
     _store_halves(DXp, rows, rmask, offs_h, D1, D2, stride_d, x1, x2)
+
+
+@triton.jit
+def _summary_shift(Pos, s, S):
+    """Angle (in positions) that turns a query of fibre s to the finer coordinates of the summary
+    keys (flat index S - 1): Pos[S - 1] - Pos[s], Pos of a token below S being the sum of its finer
+    coordinates."""
+    return tl.load(Pos + S - 1) - tl.load(Pos + s)
+
+
+@triton.jit
+def _turn(x1, x2, shift, Rot, offs_h, D1, SIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows x1, x2 (BLOCK of them) all rotated by the scalar ``shift`` (SIGN -1: back)."""
+    pos = tl.zeros([BLOCK], dtype=tl.int32) + shift
+    return _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN)
 
 
 @triton.jit
@@ -619,6 +734,7 @@ def _hop_bwd_kernel(
     ValidIn,
     Valid0,
     Rot,
+    Pos,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -668,9 +784,8 @@ def _hop_bwd_kernel(
     NDV: tl.constexpr,
     CAUSAL: tl.constexpr,
     SUMMARY: tl.constexpr,
-    ROPE: tl.constexpr,
-    ROPE_Q: tl.constexpr,
-    ROPE_GRAD: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UNROTATE: tl.constexpr,
     MASKED: tl.constexpr,
     FIRST: tl.constexpr,
     ACCUM: tl.constexpr,
@@ -714,7 +829,7 @@ def _hop_bwd_kernel(
 
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + s, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
+    k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
     dk1 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dk2 = tl.zeros([BLOCK, BLOCK_DH], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_DV], dtype=ACC)
@@ -738,17 +853,8 @@ def _hop_bwd_kernel(
             if not FIRST:
                 Vp = V + b * stride_vb + h * stride_vh
                 v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
-            q1, q2 = _load_qk(
-                Q + b * stride_qb + h * stride_qh,
-                tk * stride_qt,
-                kin,
-                offs_n,
-                Rot,
-                offs_h,
-                D1,
-                D2,
-                stride_qd,
-                ROPE_Q,
+            q1, q2 = _load_halves(
+                Q + b * stride_qb + h * stride_qh, tk * stride_qt, kin, offs_h, D1, D2, stride_qd
             )
             do = _load_rows(
                 DO + b * stride_dob + h * stride_doh,
@@ -790,7 +896,7 @@ def _hop_bwd_kernel(
             dq2 = tl.dot(ds, k2, input_precision=DOT_PREC)
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, NJ)
-                dq1, dq2 = _dq_keys(
+                dq1, dq2 = _dq_summary(
                     dq1,
                     dq2,
                     q1,
@@ -805,8 +911,9 @@ def _hop_bwd_kernel(
                     ValidIn,
                     Valid0,
                     Rot,
-                    fib + S - 1,
-                    0,
+                    Pos,
+                    s,
+                    fib,
                     hi_s,
                     S,
                     NJ,
@@ -823,9 +930,7 @@ def _hop_bwd_kernel(
                     D2,
                     NDV,
                     qk_scale,
-                    True,
-                    True,
-                    ROPE,
+                    SHIFT,
                     MASKED,
                     BLOCK,
                     DOT_PREC,
@@ -835,7 +940,8 @@ def _hop_bwd_kernel(
                 tk * stride_dqt,
                 rowk & (tk < n),
                 kin,
-                offs_n,
+                tk,
+                Pos,
                 Rot,
                 offs_h,
                 D1,
@@ -844,7 +950,7 @@ def _hop_bwd_kernel(
                 dq1,
                 dq2,
                 scale,
-                ROPE_GRAD,
+                UNROTATE,
                 ACCUM,
             )
             if FIRST:
@@ -874,7 +980,8 @@ def _hop_bwd_kernel(
             tk * stride_dkt,
             rowk & (tk < n),
             kin,
-            offs_n,
+            tk,
+            Pos,
             Rot,
             offs_h,
             D1,
@@ -883,7 +990,7 @@ def _hop_bwd_kernel(
             dk1,
             dk2,
             scale,
-            ROPE_GRAD,
+            UNROTATE,
             ACCUM,
         )
     else:
@@ -908,17 +1015,14 @@ def _hop_bwd_kernel(
                 tq, rowq, qin, _ = _key_rows(
                     fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED
                 )
-                q1, q2 = _load_qk(
+                q1, q2 = _load_halves(
                     Q + b * stride_qb + h * stride_qh,
                     tq * stride_qt,
                     qin,
-                    offs_m,
-                    Rot,
                     offs_h,
                     D1,
                     D2,
                     stride_qd,
-                    ROPE_Q,
                 )
                 orow = rowq & (tq < n_o)
                 do = _load_rows(
@@ -982,7 +1086,8 @@ def _hop_bwd_kernel(
             tk * stride_dkt,
             rowk & (tk < n),
             kin,
-            offs_n,
+            tk,
+            Pos,
             Rot,
             offs_h,
             D1,
@@ -991,7 +1096,7 @@ def _hop_bwd_kernel(
             dk1,
             dk2,
             scale,
-            ROPE_GRAD,
+            UNROTATE,
             ACCUM,
         )
 
@@ -1004,17 +1109,8 @@ def _hop_bwd_kernel(
             Vp = V + b * stride_vb + h * stride_vh
             if FIRST:
                 Vp = V + b * stride_vb + hk * stride_vh
-            q1, q2 = _load_qk(
-                Q + b * stride_qb + h * stride_qh,
-                tq * stride_qt,
-                qin,
-                offs_m,
-                Rot,
-                offs_h,
-                D1,
-                D2,
-                stride_qd,
-                ROPE_Q,
+            q1, q2 = _load_halves(
+                Q + b * stride_qb + h * stride_qh, tq * stride_qt, qin, offs_h, D1, D2, stride_qd
             )
             do = _load_rows(
                 DO + b * stride_dob + h * stride_doh,
@@ -1056,7 +1152,6 @@ def _hop_bwd_kernel(
                 Vp,
                 ValidIn,
                 Valid0,
-                Rot,
                 fib + s,
                 0,
                 hi,
@@ -1077,14 +1172,13 @@ def _hop_bwd_kernel(
                 qk_scale,
                 CAUSAL,
                 False,
-                ROPE,
                 MASKED,
                 BLOCK,
                 DOT_PREC,
             )
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, hi)
-                dq1, dq2 = _dq_keys(
+                dq1, dq2 = _dq_summary(
                     dq1,
                     dq2,
                     q1,
@@ -1099,8 +1193,9 @@ def _hop_bwd_kernel(
                     ValidIn,
                     Valid0,
                     Rot,
-                    fib + S - 1,
-                    0,
+                    Pos,
+                    s,
+                    fib,
                     hi_s,
                     S,
                     NJ,
@@ -1117,9 +1212,7 @@ def _hop_bwd_kernel(
                     D2,
                     NDV,
                     qk_scale,
-                    True,
-                    True,
-                    ROPE,
+                    SHIFT,
                     MASKED,
                     BLOCK,
                     DOT_PREC,
@@ -1129,7 +1222,8 @@ def _hop_bwd_kernel(
                 tq * stride_dqt,
                 rowq & (tq < n),
                 qin,
-                offs_m,
+                tq,
+                Pos,
                 Rot,
                 offs_h,
                 D1,
@@ -1138,7 +1232,7 @@ def _hop_bwd_kernel(
                 dq1,
                 dq2,
                 scale,
-                ROPE_GRAD,
+                UNROTATE,
                 ACCUM,
             )
 
@@ -1154,6 +1248,7 @@ def _hop_bwd_summary_kernel(
     ValidIn,
     Valid0,
     Rot,
+    Pos,
     DKS,
     DVS,
     stride_qb,
@@ -1189,9 +1284,8 @@ def _hop_bwd_summary_kernel(
     D2: tl.constexpr,
     D: tl.constexpr,
     NDV: tl.constexpr,
-    ROPE: tl.constexpr,
-    ROPE_Q: tl.constexpr,
-    ROPE_GRAD: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UNROTATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_DH: tl.constexpr,
@@ -1221,17 +1315,8 @@ def _hop_bwd_summary_kernel(
 
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     tk, rowk, kin, kok = _key_rows(fib + S - 1, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    k1, k2 = _load_qk(
-        K + b * stride_kb + (h // G) * stride_kh,
-        tk * stride_kt,
-        kin,
-        offs_n,
-        Rot,
-        offs_h,
-        D1,
-        D2,
-        stride_kd,
-        ROPE,
+    k1, k2 = _load_halves(
+        K + b * stride_kb + (h // G) * stride_kh, tk * stride_kt, kin, offs_h, D1, D2, stride_kd
     )
     v = _load_rows(
         V + b * stride_vb + h * stride_vh,
@@ -1253,18 +1338,13 @@ def _hop_bwd_summary_kernel(
         s = s_lo + it // nqb
         offs_m = blk * BLOCK + (it % nqb) * BLOCK + tl.arange(0, BLOCK)
         tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        q1, q2 = _load_qk(
-            Q + b * stride_qb + h * stride_qh,
-            tq * stride_qt,
-            qin,
-            offs_m,
-            Rot,
-            offs_h,
-            D1,
-            D2,
-            stride_qd,
-            ROPE_Q,
+        q1, q2 = _load_halves(
+            Q + b * stride_qb + h * stride_qh, tq * stride_qt, qin, offs_h, D1, D2, stride_qd
         )
+        if SHIFT:  # turned to the summary keys' finer coordinates, as in the forward
+            r1, r2 = _turn(q1, q2, _summary_shift(Pos, s, S), Rot, offs_h, D1, 1, BLOCK)
+            q1 = r1.to(Q.dtype.element_ty)
+            q2 = r2.to(Q.dtype.element_ty)
         do = _load_rows(
             DO + b * stride_dob + h * stride_doh,
             tq * stride_dot,
@@ -1285,7 +1365,7 @@ def _hop_bwd_summary_kernel(
         dk2 += tl.dot(ds, q2, input_precision=DOT_PREC)
     row = (((b * H + h) * P + p) * C + cb) * NJ + offs_n
     _store_grad(
-        DKS, row * D, rowk, rowk, offs_n, Rot, offs_h, D1, D2, 1, dk1, dk2, scale, ROPE_GRAD, False
+        DKS, row * D, rowk, rowk, tk, Pos, Rot, offs_h, D1, D2, 1, dk1, dk2, scale, UNROTATE, False
     )
     tl.store(
         DVS + row[:, None] * NDV + offs_dv[None, :],
@@ -1382,8 +1462,8 @@ def _kernel_dtypes(dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates=None):
-    """All hops; returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and,
+def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, gates=None):
+    """All hops (q and k already in the tensor_rope frame when ``rotation`` is given); returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and,
     with ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
 
     A gated hop's kernel writes its raw output; ``torch.lerp`` then mixes it with the hop's
@@ -1402,11 +1482,9 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
-    # k rotated per hop into one scratch buffer (reused: at most one hop's copy alive)
-    k_scratch = _empty(k.shape, k.dtype, k.device) if rope and PREROTATE_FORWARD_KEYS else None
+    pos = pos if rope else dummy
     states, raws, vin = [], [], v
     for idx, hop in enumerate(plan.hops):
-        kh = k if k_scratch is None else rotate_for_hop(k, rot, hop.nj, hop.S, k_scratch)
         first, last = idx == 0, idx == m - 1
         gate = (
             None if gates is None or first else gates[:, idx - 1].to(lse.dtype)[None, :, None, None]
@@ -1418,15 +1496,16 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
         )
         args = (
             q,
-            kh,
+            k,
             vin,
             out,
             lse[idx if need_backward else 0],
             dummy[idx] if valid is not None else dummy,
             dummy[0] if valid is not None else dummy,
             rot,
+            pos,
             *_strides(q),
-            *_strides(kh),
+            *_strides(k),
             *_strides(vin),
             *_strides(out),
             n,
@@ -1447,8 +1526,7 @@ def _forward(q, k, v, plan: _Launch, rotation, valid, need_backward: bool, gates
             NDV=dv,
             CAUSAL=plan.causal,
             SUMMARY=hop.summary,
-            ROPE=rope,
-            ROPE_K=rope and k_scratch is None,
+            SHIFT=rope and hop.summary,
             MASKED=plan.masked,
             STORE_LSE=need_backward,
             BLOCK_DH=block_size(D1),
@@ -1484,6 +1562,18 @@ def rotate_for_hop(
     """tensor_rope of x (B, H, n, d) for a hop viewing tokens as (P, nj, S): token t rotated by the
     ``rotation`` table (``TensorRoPE.rotation_table``) at position (t // S) % nj. Written to ``out``
     (any strides) or a new (B, H, n, d) tensor, in x's dtype."""
+    return _rotate_rows(x, rotation, None, nj, S, out)
+
+
+def rotate_to_frame(
+    x: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """x (B, H, n, d) with token t rotated by the ``rotation`` table at ``positions[t]`` (int32,
+    ``frame_positions``): the frame the hop kernels run tensor_rope in. A new tensor in x's dtype."""
+    return _rotate_rows(x, rotation, positions, 1, 1, None)
+
+
+def _rotate_rows(x, rotation, positions, nj, S, out):
     B, H, n, d = x.shape
     out = _empty(x.shape, x.dtype, x.device) if out is None else out
     block = 16 if tuning.INTERPRET else 64
@@ -1492,6 +1582,7 @@ def rotate_for_hop(
         x,
         out,
         rotation,
+        rotation if positions is None else positions,
         *_strides(x),
         *_strides(out),
         n,
@@ -1500,11 +1591,36 @@ def rotate_for_hop(
         S,
         D1=D1,
         D2=d // 2,
+        POS=positions is not None,
         BLOCK_T=block,
         BLOCK_DH=block_size(D1),
         num_warps=4,
     )
     return out
+
+
+# (plan, device) -> int32 (N,) frame positions; bounded like core.plan's plan cache
+_FRAME_POSITIONS: dict[tuple, torch.Tensor] = {}
+
+
+def frame_positions(plan: HopPlan, device) -> torch.Tensor:
+    """int32 (N,): the sum of each token's fold coordinates, sum_j (t // S_j) % n_j.
+
+    tensor_rope scores in hop j depend on i_j - i'_j only, and a fibre's tokens differ in i_j
+    alone, so rotating q and k once by this sum gives every hop its own scores. Below S_j (one
+    block of the finer dims) it is the sum of the finer coordinates, which the summary keys' shift
+    reads. Cached per plan and device: a CUDA-graph capture after a first call allocates nothing.
+    """
+    device = torch.device(device)
+    key = (plan, device)
+    hit = _FRAME_POSITIONS.get(key)
+    if hit is None:
+        if len(_FRAME_POSITIONS) >= 256:
+            _FRAME_POSITIONS.clear()
+        t = torch.arange(plan.N, device=device)
+        pos = sum((t // hop.S) % hop.nj for hop in plan.hops)
+        hit = _FRAME_POSITIONS[key] = pos.to(torch.int32)
+    return hit
 
 
 def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
@@ -1514,9 +1630,10 @@ def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
 
 
 def _backward(
-    grad_out, q, k, v, out, states, lse, valid, rotation, plan: _Launch, gates=None, raws=()
+    grad_out, q, k, v, out, states, lse, valid, rotation, pos, plan: _Launch, gates=None, raws=()
 ):
-    """dq, dk, dv (and the gates' gradient, (H, m - 1), or None).
+    """dq, dk, dv (and the gates' gradient, (H, m - 1), or None). With ``rotation``, q and k are in
+    the tensor_rope frame (``frame_positions``) and the first hop's kernels un-rotate dq and dk.
 
     A gated hop (``V' = V + g (hop(V) - V)``) back-propagates g * dV' through its kernel, (1 - g) *
     dV' straight to V, and rowsum(dV' * (hop(V) - V)) to g. Its rowsum(dO * O) is then computed here
@@ -1529,23 +1646,13 @@ def _backward(
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
-    # pre-rotated q and k of the current hop (one scratch pair, overwritten per hop); the kernels
-    # then load plain rows (ROPE off) and un-rotate only dq and dk (ROPE_GRAD)
-    pre_q = rope and PREROTATE_BACKWARD in (True, "q")
-    pre_k = rope and PREROTATE_BACKWARD is True
-    q_scratch = _empty(q.shape, q.dtype, q.device) if pre_q else None
-    k_scratch = _empty(k.shape, k.dtype, k.device) if pre_k else None
+    pos = pos if rope else dummy
     dq, dk = _empty_like(q), _empty_like(k)
     dgates = None if gates is None else torch.zeros(gates.shape, dtype=lse.dtype, device=q.device)
     do, delta = grad_out, None
     for idx in range(m - 1, -1, -1):
         hop = plan.hops[idx]
         first, last = idx == 0, idx == m - 1
-        qh, kh = q, k
-        if pre_q:
-            qh = rotate_for_hop(q, rot, hop.nj, hop.S, q_scratch)
-        if pre_k:
-            kh = rotate_for_hop(k, rot, hop.nj, hop.S, k_scratch)
         o = out if last else states[idx]
         vin = v if first else states[idx - 1]
         mixed_grad, wt = None, lse.dtype  # fp32 (fp64 for fp64 inputs), as the kernels accumulate
@@ -1590,8 +1697,8 @@ def _backward(
         v0 = dummy[0] if valid is not None else dummy
         cfg = config(hop.nj, d, dv)
         args = (
-            qh,
-            kh,
+            q,
+            k,
             vin,
             o,
             do,
@@ -1604,8 +1711,9 @@ def _backward(
             vin_lvl,
             v0,
             rot,
-            *_strides(qh),
-            *_strides(kh),
+            pos,
+            *_strides(q),
+            *_strides(k),
             *_strides(vin),
             *_strides(o),
             *_strides(do),
@@ -1632,9 +1740,8 @@ def _backward(
             NDV=dv,
             CAUSAL=plan.causal,
             SUMMARY=hop.summary,
-            ROPE=rope and not pre_k,
-            ROPE_Q=rope and not pre_q,
-            ROPE_GRAD=rope,
+            SHIFT=rope and hop.summary,
+            UNROTATE=rope and first,
             MASKED=plan.masked,
             FIRST=first,
             ACCUM=not last,
@@ -1651,8 +1758,8 @@ def _backward(
         launch(_hop_bwd_kernel, "bwd", B * Hkv * hop.P * hop.S, hop.nj, fixed, q.device, args, meta)
         if hop.summary:
             dvs = _summary_backward(
-                qh,
-                kh,
+                q,
+                k,
                 vin,
                 do,
                 dk,
@@ -1662,9 +1769,9 @@ def _backward(
                 vin_lvl,
                 v0,
                 rot,
-                rope and not pre_k,
-                rope and not pre_q,
+                pos,
                 rope,
+                rope and first,
                 valid,
                 plan,
                 hop,
@@ -1695,9 +1802,9 @@ def _summary_backward(
     vin_lvl,
     v0,
     rot,
-    rope,
-    rope_q,
-    rope_grad,
+    pos,
+    shift,
+    unrotate,
     valid,
     plan,
     hop,
@@ -1726,6 +1833,7 @@ def _summary_backward(
         vin_lvl,
         v0,
         rot,
+        pos,
         dks,
         dvs,
         *_strides(q),
@@ -1749,9 +1857,8 @@ def _summary_backward(
         D2=D2,
         D=d,
         NDV=dv,
-        ROPE=rope,
-        ROPE_Q=rope_q,
-        ROPE_GRAD=rope_grad,
+        SHIFT=shift,
+        UNROTATE=unrotate,
         MASKED=plan.masked,
         BLOCK=cfg.block,
         BLOCK_DH=block_size(D1),
@@ -1785,7 +1892,11 @@ class _FibreAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rotation, plan, key_padding_mask, gates):
         need_backward = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[6]
         valid = _validity(plan, q.shape[0], key_padding_mask, q.device) if plan.masked else None
-        out, states, lse, raws = _forward(q, k, v, plan, rotation, valid, need_backward, gates)
+        pos = None
+        if rotation is not None:  # the rotated q and k replace q and k, in the backward too
+            pos = frame_positions(plan.plan, q.device)
+            q, k = rotate_to_frame(q, rotation, pos), rotate_to_frame(k, rotation, pos)
+        out, states, lse, raws = _forward(q, k, v, plan, rotation, pos, valid, need_backward, gates)
         if need_backward:
             ctx.plan, ctx.n_states, ctx.n_raws = plan, len(states), len(raws)
             ctx.has_valid, ctx.has_rope, ctx.has_gates = (
@@ -1793,7 +1904,7 @@ class _FibreAttention(torch.autograd.Function):
                 rotation is not None,
                 gates is not None,
             )
-            extra = [x for x in (valid, rotation, gates) if x is not None]
+            extra = [x for x in (valid, rotation, pos, gates) if x is not None]
             ctx.save_for_backward(q, k, v, out, lse, *states, *raws, *extra)
         return out
 
@@ -1807,10 +1918,10 @@ class _FibreAttention(torch.autograd.Function):
             rest[ctx.n_states + ctx.n_raws :],
         )
         valid = rest.pop(0) if ctx.has_valid else None
-        rotation = rest.pop(0) if ctx.has_rope else None
+        rotation, pos = (rest.pop(0), rest.pop(0)) if ctx.has_rope else (None, None)
         gates = rest.pop(0) if ctx.has_gates else None
         dq, dk, dv, dgates = _backward(
-            grad_out, q, k, v, out, states, lse, valid, rotation, ctx.plan, gates, raws
+            grad_out, q, k, v, out, states, lse, valid, rotation, pos, ctx.plan, gates, raws
         )
         dgates = None if dgates is None else dgates.to(gates.dtype)
         return dq, dk, dv, None, None, None, dgates
@@ -1887,9 +1998,8 @@ def tensorized_fibre_attention(
     plan = _Launch(hops, scale, key_padding_mask is not None or hops.padded)
     rotation = None
     if hop_positional is not None:
-        rotation = hop_positional.rotation_table(
-            max(hops.dims) + MAX_BLOCK, _table_dtype(q.dtype), q.device
-        )
+        # frame positions reach sum(n_j - 1) (frame_positions)
+        rotation = hop_positional.rotation_table(sum(hops.dims), _table_dtype(q.dtype), q.device)
     return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask, hop_gates)
 
 

@@ -18,7 +18,7 @@ import triton
 __all__ = ["Config", "config", "launch", "block_size", "INTERPRET", "MAX_BLOCK"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_BLOCK = 256  # rows per block, at most: the rotation table covers fibre positions + one block
+MAX_BLOCK = 256  # rows per block, at most
 
 
 @dataclass(frozen=True)
