@@ -516,8 +516,8 @@ def _dq_keys(
     BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq (in the frame of the q rows given, before the logit scale) from the key rows ``key_base + c * S``, c in [lo,
-    hi)."""
+    """dq (in the frame of the q rows given, before the logit scale) from the key rows
+    ``key_base + c * S``, c in [lo, hi)."""
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
@@ -1463,8 +1463,9 @@ def _kernel_dtypes(dtype: torch.dtype):
 
 
 def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, gates=None):
-    """All hops (q and k already in the tensor_rope frame when ``rotation`` is given); returns the output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and,
-    with ``gates`` (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
+    """All hops (q and k already in the tensor_rope frame when ``rotation`` is given); returns the
+    output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and, with ``gates``
+    (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
 
     A gated hop's kernel writes its raw output; ``torch.lerp`` then mixes it with the hop's
     input."""
@@ -1569,7 +1570,7 @@ def rotate_to_frame(
     x: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """x (B, H, n, d) with token t rotated by the ``rotation`` table at ``positions[t]`` (int32,
-    ``frame_positions``): the frame the hop kernels run tensor_rope in. A new tensor in x's dtype."""
+    ``frame_positions``): the frame the hop kernels run tensor_rope in. A new tensor, x's dtype."""
     return _rotate_rows(x, rotation, positions, 1, 1, None)
 
 
