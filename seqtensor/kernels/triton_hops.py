@@ -492,6 +492,9 @@ def _dq_keys(
     Vp,
     ValidIn,
     Valid0,
+    Rot,
+    Pos,
+    s,
     key_base,
     lo,
     hi,
@@ -512,16 +515,24 @@ def _dq_keys(
     qk_scale,
     CAUSAL: tl.constexpr,
     STRICT: tl.constexpr,
+    SHIFT: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq (in the frame of the q rows given, before the logit scale) from the key rows
-    ``key_base + c * S``, c in [lo, hi)."""
+    """dq (before the logit scale) from the key rows ``key_base + c * S``, c in [lo, hi). SHIFT
+    (summary keys): the keys are turned back by the summary shift, which scores them as the
+    forward's turned query does and leaves dq in the frame of q (no second accumulator)."""
+    if SHIFT:
+        shift = _summary_shift(Pos, s, S)
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
         k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
+        if SHIFT:
+            r1, r2 = _turn(k1, k2, shift, Rot, offs_h, D1, -1, BLOCK)
+            k1 = r1.to(Kp.dtype.element_ty)
+            k2 = r2.to(Kp.dtype.element_ty)
         v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :] & rowq[:, None]
@@ -536,102 +547,6 @@ def _dq_keys(
         dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
         dq2 += tl.dot(ds, k2, input_precision=DOT_PREC)
     return dq1, dq2
-
-
-@triton.jit
-def _dq_summary(
-    dq1,
-    dq2,
-    q1,
-    q2,
-    do,
-    delta,
-    lse,
-    offs_m,
-    rowq,
-    Kp,
-    Vp,
-    ValidIn,
-    Valid0,
-    Rot,
-    Pos,
-    s,
-    fib,
-    hi_s,
-    S,
-    NJ,
-    n,
-    n_vin,
-    vrow,
-    stride_kt,
-    stride_kd,
-    stride_vt,
-    stride_vd,
-    offs_h,
-    offs_dv,
-    D1,
-    D2,
-    NDV,
-    qk_scale,
-    SHIFT: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """dq from the summary keys (p, c, S - 1), c < i, added to dq1, dq2. SHIFT: the queries are
-    turned to the keys' finer coordinates first, and their dq turned back into the frame of q."""
-    qs1, qs2 = q1, q2
-    ds1, ds2 = dq1, dq2
-    if SHIFT:
-        shift = _summary_shift(Pos, s, S)
-        r1, r2 = _turn(q1, q2, shift, Rot, offs_h, D1, 1, BLOCK)
-        qs1 = r1.to(q1.dtype)
-        qs2 = r2.to(q2.dtype)
-        ds1 = tl.zeros_like(dq1)
-        ds2 = tl.zeros_like(dq2)
-    ds1, ds2 = _dq_keys(
-        ds1,
-        ds2,
-        qs1,
-        qs2,
-        do,
-        delta,
-        lse,
-        offs_m,
-        rowq,
-        Kp,
-        Vp,
-        ValidIn,
-        Valid0,
-        fib + S - 1,
-        0,
-        hi_s,
-        S,
-        NJ,
-        n,
-        n_vin,
-        vrow,
-        stride_kt,
-        stride_kd,
-        stride_vt,
-        stride_vd,
-        offs_h,
-        offs_dv,
-        D1,
-        D2,
-        NDV,
-        qk_scale,
-        True,
-        True,
-        MASKED,
-        BLOCK,
-        DOT_PREC,
-    )
-    if SHIFT:
-        b1, b2 = _turn(ds1, ds2, shift, Rot, offs_h, D1, -1, BLOCK)
-        ds1 = dq1 + b1.to(dq1.dtype)
-        ds2 = dq2 + b2.to(dq2.dtype)
-    return ds1, ds2
 
 
 @triton.jit
@@ -896,7 +811,7 @@ def _hop_bwd_kernel(
             dq2 = tl.dot(ds, k2, input_precision=DOT_PREC)
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, NJ)
-                dq1, dq2 = _dq_summary(
+                dq1, dq2 = _dq_keys(
                     dq1,
                     dq2,
                     q1,
@@ -913,7 +828,8 @@ def _hop_bwd_kernel(
                     Rot,
                     Pos,
                     s,
-                    fib,
+                    fib + S - 1,
+                    0,
                     hi_s,
                     S,
                     NJ,
@@ -930,6 +846,8 @@ def _hop_bwd_kernel(
                     D2,
                     NDV,
                     qk_scale,
+                    True,
+                    True,
                     SHIFT,
                     MASKED,
                     BLOCK,
@@ -1152,6 +1070,9 @@ def _hop_bwd_kernel(
                 Vp,
                 ValidIn,
                 Valid0,
+                Rot,
+                Pos,
+                s,
                 fib + s,
                 0,
                 hi,
@@ -1172,13 +1093,14 @@ def _hop_bwd_kernel(
                 qk_scale,
                 CAUSAL,
                 False,
+                False,
                 MASKED,
                 BLOCK,
                 DOT_PREC,
             )
             if SUMMARY:
                 hi_s = tl.where(s == S - 1, 0, hi)
-                dq1, dq2 = _dq_summary(
+                dq1, dq2 = _dq_keys(
                     dq1,
                     dq2,
                     q1,
@@ -1195,7 +1117,8 @@ def _hop_bwd_kernel(
                     Rot,
                     Pos,
                     s,
-                    fib,
+                    fib + S - 1,
+                    0,
                     hi_s,
                     S,
                     NJ,
@@ -1212,6 +1135,8 @@ def _hop_bwd_kernel(
                     D2,
                     NDV,
                     qk_scale,
+                    True,
+                    True,
                     SHIFT,
                     MASKED,
                     BLOCK,
