@@ -67,7 +67,7 @@ from ..core.plan import HopPlan, hop_plan
 from ..core.positional import TensorRoPE
 from . import tuning
 from .reference import fibre_attention_reference
-from .tuning import block_size, config, launch
+from .tuning import MAX_BLOCK, block_size, config, launch
 
 __all__ = [
     "tensorized_fibre_attention",
@@ -238,6 +238,7 @@ def _fwd_keys(
     Vp,
     ValidIn,
     Valid0,
+    Rot,
     key_base,
     lo,
     hi,
@@ -258,6 +259,7 @@ def _fwd_keys(
     qk_scale,
     CAUSAL: tl.constexpr,
     STRICT: tl.constexpr,
+    ROPE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -266,7 +268,7 @@ def _fwd_keys(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-        k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
+        k1, k2 = _load_qk(Kp, tk * stride_kt, kin, offs_n, Rot, offs_h, D1, D2, stride_kd, ROPE)
         sc = _scores(q1, q2, k1, k2, qk_scale, DOT_PREC)
         ok = kok[None, :]
         if CAUSAL:
@@ -332,6 +334,7 @@ def _hop_fwd_kernel(
     NDV: tl.constexpr,
     CAUSAL: tl.constexpr,
     SUMMARY: tl.constexpr,
+    ROPE: tl.constexpr,
     SHIFT: tl.constexpr,
     MASKED: tl.constexpr,
     STORE_LSE: tl.constexpr,
@@ -361,8 +364,17 @@ def _hop_fwd_kernel(
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     tq, rowq, qin, _ = _key_rows(fib + s, offs_m, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
-    q1, q2 = _load_halves(
-        Q + b * stride_qb + h * stride_qh, tq * stride_qt, qin, offs_h, D1, D2, stride_qd
+    q1, q2 = _load_qk(
+        Q + b * stride_qb + h * stride_qh,
+        tq * stride_qt,
+        qin,
+        offs_m,
+        Rot,
+        offs_h,
+        D1,
+        D2,
+        stride_qd,
+        ROPE,
     )
     Kp = K + b * stride_kb + (h // G) * stride_kh
     Vp = V + b * stride_vb + (h // VG) * stride_vh
@@ -384,6 +396,7 @@ def _hop_fwd_kernel(
         Vp,
         ValidIn,
         Valid0,
+        Rot,
         fib + s,
         0,
         hi,
@@ -404,6 +417,7 @@ def _hop_fwd_kernel(
         qk_scale,
         CAUSAL,
         False,
+        ROPE,
         MASKED,
         BLOCK_N,
         DOT_PREC,
@@ -425,6 +439,7 @@ def _hop_fwd_kernel(
             Vp,
             ValidIn,
             Valid0,
+            Rot,
             fib + S - 1,
             0,
             hi_s,
@@ -445,6 +460,7 @@ def _hop_fwd_kernel(
             qk_scale,
             True,
             True,
+            ROPE,
             MASKED,
             BLOCK_N,
             DOT_PREC,
@@ -1388,7 +1404,8 @@ def _kernel_dtypes(dtype: torch.dtype):
 
 
 def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, gates=None):
-    """All hops (q and k already in the tensor_rope frame when ``rotation`` is given); returns the
+    """All hops. With ``rotation``: q and k are already in the tensor_rope frame when ``pos`` (the
+    frame positions) is given, else the kernels rotate them as they load them. Returns the
     output, the m - 1 intermediate states, the (m, B, H, N) logsumexp and, with ``gates``
     (H, m - 1), the raw (unmixed) outputs of hops 1..m-1 that the backward needs.
 
@@ -1408,7 +1425,8 @@ def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, 
     dummy = valid if valid is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
     rope = rotation is not None
     rot = rotation if rope else torch.zeros(1, dtype=lse.dtype, device=q.device)
-    pos = pos if rope else dummy
+    frame = rope and pos is not None
+    pos = pos if frame else dummy
     states, raws, vin = [], [], v
     for idx, hop in enumerate(plan.hops):
         first, last = idx == 0, idx == m - 1
@@ -1452,7 +1470,8 @@ def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, 
             NDV=dv,
             CAUSAL=plan.causal,
             SUMMARY=hop.summary,
-            SHIFT=rope and hop.summary,
+            ROPE=rope and not frame,
+            SHIFT=frame and hop.summary,
             MASKED=plan.masked,
             STORE_LSE=need_backward,
             BLOCK_DH=block_size(D1),
@@ -1819,7 +1838,10 @@ class _FibreAttention(torch.autograd.Function):
         need_backward = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[6]
         valid = _validity(plan, q.shape[0], key_padding_mask, q.device) if plan.masked else None
         pos = None
-        if rotation is not None:  # the rotated q and k replace q and k, in the backward too
+        # Training runs tensor_rope in one frame (the rotated q and k replace q and k, in the
+        # backward too); a forward alone rotates rows as the kernels load them, which was faster
+        # than the frame's two rotation passes (benchmarks/NOTES.md, "tensor_rope in one frame").
+        if rotation is not None and need_backward:
             pos = frame_positions(plan.plan, q.device)
             q, k = rotate_to_frame(q, rotation, pos), rotate_to_frame(k, rotation, pos)
         out, states, lse, raws = _forward(q, k, v, plan, rotation, pos, valid, need_backward, gates)
@@ -1924,8 +1946,10 @@ def tensorized_fibre_attention(
     plan = _Launch(hops, scale, key_padding_mask is not None or hops.padded)
     rotation = None
     if hop_positional is not None:
-        # frame positions reach sum(n_j - 1) (frame_positions)
-        rotation = hop_positional.rotation_table(sum(hops.dims), _table_dtype(q.dtype), q.device)
+        # frame positions reach sum(n_j - 1); loads rotated at fibre coordinates run up to one block
+        # past the fibre (masked rows)
+        rows = max(sum(hops.dims), max(hops.dims) + MAX_BLOCK)
+        rotation = hop_positional.rotation_table(rows, _table_dtype(q.dtype), q.device)
     return _FibreAttention.apply(q, k, v, rotation, plan, key_padding_mask, hop_gates)
 
 

@@ -128,6 +128,27 @@ def test_frame_kernels_match_reference(_poison, dims, n, H, Hkv, dtype, causal, 
     check_kernels(dims, n, H, Hkv, 16, dtype, "cpu", causal=causal, mask=mask)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "dims,n,Hkv,dtype",
+    [((4, 5), 20, 1, f64), ((2, 3, 4), 24, 2, torch.float32), ((2, 20), 37, 1, f64)],
+)
+def test_forward_alone_and_training_forward_match_reference(_poison, dims, n, Hkv, dtype):
+    """A forward without autograd rotates rows as the kernels load them; one that will be
+    differentiated runs in the frame. Both equal the reference's tensor_rope output."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, n, 16, generator=g, dtype=f64).to(dtype)
+    k, v = torch.randn(2, 1, Hkv, n, 16, generator=g, dtype=f64).to(dtype)
+    kw = dict(causal=True, hop_positional=TensorRoPE(16))
+    want = R.fibre_attention_reference(q.double(), k.double(), v.double(), dims, n, **kw)
+    with torch.no_grad():
+        alone = T.tensorized_fibre_attention(q, k, v, dims, n, **kw)
+    training = T.tensorized_fibre_attention(q.requires_grad_(), k, v, dims, n, **kw)
+    tol = 10 * torch.finfo(dtype).eps
+    for got in (alone, training):
+        torch.testing.assert_close(got.detach().double(), want, rtol=tol, atol=tol)
+
+
 def test_hop_positions_are_the_plans_coordinates():
     """The coordinate (t // S) % nj of a token is its index along the hop's dim in the plan."""
     dims = (3, 4, 5)
