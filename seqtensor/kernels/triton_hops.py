@@ -25,17 +25,18 @@ Design (docs/semantics.md, "One hop"):
   gradients gather from all S - 1 sibling fibres: a separate key-centric kernel splits the s range
   into C chunks and writes (B, H, P, C, n_j, d) partial sums; the host adds their sum to the
   summary rows (N / S of them, a small fraction of the tensor).
-- tensor_rope runs in one frame for all hops: q and k are rotated once, before the first hop, by
-  the sum of the token's fold coordinates (``_rotate_kernel``; cos / sin of pos * inv_freq read from
-  a small table, fp16 for bf16 inputs and the working precision otherwise, cached on the
-  ``TensorRoPE`` module). A fibre's tokens share every coordinate but i_j, so the shared part of
-  the angle cancels in q . k and the score is the hop's own tensor_rope score (angle i_j - i'_j).
-  A summary key (p, c, S - 1) differs from a query (p, i, s) in its finer coordinates too: the
-  query is turned by the scalar Pos[S - 1] - Pos[s] (one table row per program) for those keys,
-  and its dq from them turned back. The hop kernels load plain rows; dq and dk accumulate across
-  hops in the rotated frame and the last backward hop un-rotates them as it stores them. Before,
-  every hop rotated q and k on every tile load and the backward un-rotated each hop's gradients
-  (benchmarks/NOTES.md, "tensor_rope in one frame").
+- tensor_rope (cos / sin of pos * inv_freq read from a small table, fp16 for bf16 inputs and the
+  working precision otherwise, cached on the ``TensorRoPE`` module). Training runs it in one frame
+  for all hops: q and k are rotated once, before the first hop, by the sum of the token's fold
+  coordinates (``frame_positions``, ``_rotate_kernel``). A fibre's tokens share every coordinate
+  but i_j, so the shared part of the angle cancels in q . k and the score is the hop's own
+  tensor_rope score (angle i_j - i'_j). A summary key (p, c, S - 1) differs from a query (p, i, s)
+  in its finer coordinates too: the query is turned by the scalar Pos[S - 1] - Pos[s] for those
+  keys (the backward turns the keys back instead, so dq stays in the frame of q). The hop kernels
+  load plain rows; dq and dk accumulate across hops in the frame and the last backward hop
+  un-rotates them as it stores them. A forward alone (no autograd) rotates q and k rows at their
+  fibre coordinates as the kernels load them: without a backward to share them with, the frame's
+  two passes cost more than they save (benchmarks/NOTES.md, "tensor_rope in one frame").
 - Backward recomputes each hop from q, k, the hop's input value state and its logsumexp. Saved for
   backward: the m - 1 intermediate value states (input dtype), per-hop logsumexp (fp32, (B, H, N)),
   and the validity bytes. dq and dk accumulate across hops in the gradient dtype (read-add-write;
