@@ -302,7 +302,7 @@ def _hop_fwd_kernel(
     ValidIn,
     Valid0,
     Rot,
-    Pos,
+    Turn,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -426,7 +426,7 @@ def _hop_fwd_kernel(
     if SUMMARY:  # summary keys (p, b, S-1), b < i; fibre S-1 has them as fibre keys already
         hi_s = tl.where(s == S - 1, 0, hi)
         if SHIFT:  # the query turned to the summary keys' finer coordinates
-            qs1, qs2 = _turn(q1, q2, _summary_shift(Pos, s, S), Rot, offs_h, D1, 1, BLOCK_M)
+            qs1, qs2 = _turn(q1, q2, Turn, s, offs_h, D1, 1)
             q1 = qs1.to(Q.dtype.element_ty)
             q2 = qs2.to(Q.dtype.element_ty)
         acc, m_i, l_i = _fwd_keys(
@@ -509,8 +509,7 @@ def _dq_keys(
     Vp,
     ValidIn,
     Valid0,
-    Rot,
-    Pos,
+    Turn,
     s,
     key_base,
     lo,
@@ -538,16 +537,14 @@ def _dq_keys(
     DOT_PREC: tl.constexpr,
 ):
     """dq (before the logit scale) from the key rows ``key_base + c * S``, c in [lo, hi). SHIFT
-    (summary keys): the keys are turned back by the summary shift, which scores them as the
+    (summary keys): the keys are turned back by row s of Turn, which scores them as the
     forward's turned query does and leaves dq in the frame of q (no second accumulator)."""
-    if SHIFT:
-        shift = _summary_shift(Pos, s, S)
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         tk, rowk, kin, kok = _key_rows(key_base, offs_n, S, NJ, n, vrow, ValidIn, Valid0, MASKED)
         k1, k2 = _load_halves(Kp, tk * stride_kt, kin, offs_h, D1, D2, stride_kd)
         if SHIFT:
-            r1, r2 = _turn(k1, k2, shift, Rot, offs_h, D1, -1, BLOCK)
+            r1, r2 = _turn(k1, k2, Turn, s, offs_h, D1, -1)
             k1 = r1.to(Kp.dtype.element_ty)
             k2 = r2.to(Kp.dtype.element_ty)
         v = _load_rows(Vp, tk * stride_vt, rowk & (tk < n_vin), offs_dv, NDV, stride_vd)
@@ -602,18 +599,20 @@ def _store_grad(
 
 
 @triton.jit
-def _summary_shift(Pos, s, S):
-    """Angle (in positions) that turns a query of fibre s to the finer coordinates of the summary
-    keys (flat index S - 1): Pos[S - 1] - Pos[s], Pos of a token below S being the sum of its finer
-    coordinates."""
-    return tl.load(Pos + S - 1) - tl.load(Pos + s)
-
-
-@triton.jit
-def _turn(x1, x2, shift, Rot, offs_h, D1, SIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows x1, x2 (BLOCK of them) all rotated by the scalar ``shift`` (SIGN -1: back)."""
-    pos = tl.zeros([BLOCK], dtype=tl.int32) + shift
-    return _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN)
+def _turn(x1, x2, Turn, s, offs_h, D1, SIGN: tl.constexpr):
+    """Rows x1, x2 all rotated by row ``s`` of Turn (SIGN -1: back): the angle that takes a query of
+    fibre s to the finer coordinates of the summary keys. Turn's rows are indexed by the loop's own
+    s, so no load waits on another (a loaded angle stalled pipelined loops)."""
+    ptr = Turn + s * (2 * D1) + offs_h
+    hmask = offs_h < D1
+    c = tl.load(ptr, mask=hmask, other=1.0)[None, :]
+    sn = tl.load(ptr + D1, mask=hmask, other=0.0)[None, :] * SIGN
+    if Turn.dtype.element_ty == tl.float16:  # bf16 inputs' half-size table: rotate in fp32
+        c = c.to(tl.float32)
+        sn = sn.to(tl.float32)
+    a = x1.to(c.dtype)
+    b = x2.to(c.dtype)
+    return a * c - b * sn, b * c + a * sn
 
 
 @triton.jit
@@ -667,6 +666,7 @@ def _hop_bwd_kernel(
     Valid0,
     Rot,
     Pos,
+    Turn,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -842,8 +842,7 @@ def _hop_bwd_kernel(
                     Vp,
                     ValidIn,
                     Valid0,
-                    Rot,
-                    Pos,
+                    Turn,
                     s,
                     fib + S - 1,
                     0,
@@ -1087,8 +1086,7 @@ def _hop_bwd_kernel(
                 Vp,
                 ValidIn,
                 Valid0,
-                Rot,
-                Pos,
+                Turn,
                 s,
                 fib + s,
                 0,
@@ -1131,8 +1129,7 @@ def _hop_bwd_kernel(
                     Vp,
                     ValidIn,
                     Valid0,
-                    Rot,
-                    Pos,
+                    Turn,
                     s,
                     fib + S - 1,
                     0,
@@ -1191,6 +1188,7 @@ def _hop_bwd_summary_kernel(
     Valid0,
     Rot,
     Pos,
+    Turn,
     DKS,
     DVS,
     stride_qb,
@@ -1284,7 +1282,7 @@ def _hop_bwd_summary_kernel(
             Q + b * stride_qb + h * stride_qh, tq * stride_qt, qin, offs_h, D1, D2, stride_qd
         )
         if SHIFT:  # turned to the summary keys' finer coordinates, as in the forward
-            r1, r2 = _turn(q1, q2, _summary_shift(Pos, s, S), Rot, offs_h, D1, 1, BLOCK)
+            r1, r2 = _turn(q1, q2, Turn, s, offs_h, D1, 1)
             q1 = r1.to(Q.dtype.element_ty)
             q2 = r2.to(Q.dtype.element_ty)
         do = _load_rows(
@@ -1448,7 +1446,7 @@ def _forward(q, k, v, plan: _Launch, rotation, pos, valid, need_backward: bool, 
             dummy[idx] if valid is not None else dummy,
             dummy[0] if valid is not None else dummy,
             rot,
-            pos,
+            _turn_table(rot, pos, hop) if frame and hop.summary else dummy,
             *_strides(q),
             *_strides(k),
             *_strides(vin),
@@ -1569,6 +1567,13 @@ def frame_positions(plan: HopPlan, device) -> torch.Tensor:
     return hit
 
 
+def _turn_table(rotation: torch.Tensor, pos: torch.Tensor, hop) -> torch.Tensor:
+    """(S, d) table rows: row s turns a query of fibre s by Pos[S - 1] - Pos[s], to the finer
+    coordinates of the hop's summary keys (Pos of a token below S is its finer coordinates' sum)."""
+    S = hop.S
+    return rotation.index_select(0, (pos[S - 1] - pos[:S]).long())
+
+
 def _summary_chunks(B: int, H: int, P: int, nb: int, S: int) -> int:
     """Split the S - 1 sibling fibres into chunks so the summary kernel has enough programs."""
     target = 4 if tuning.INTERPRET else 1024
@@ -1639,6 +1644,7 @@ def _backward(
             if first or gates is not None
             else torch.empty((B, H, N), dtype=lse.dtype, device=q.device)
         )
+        turn = _turn_table(rot, pos, hop) if rope and hop.summary else dummy
         vin_lvl = dummy[idx] if valid is not None else dummy
         v0 = dummy[0] if valid is not None else dummy
         cfg = config(hop.nj, d, dv)
@@ -1658,6 +1664,7 @@ def _backward(
             v0,
             rot,
             pos,
+            turn,
             *_strides(q),
             *_strides(k),
             *_strides(vin),
@@ -1716,6 +1723,7 @@ def _backward(
                 v0,
                 rot,
                 pos,
+                turn,
                 rope,
                 rope and first,
                 valid,
@@ -1749,6 +1757,7 @@ def _summary_backward(
     v0,
     rot,
     pos,
+    turn,
     shift,
     unrotate,
     valid,
@@ -1780,6 +1789,7 @@ def _summary_backward(
         v0,
         rot,
         pos,
+        turn,
         dks,
         dvs,
         *_strides(q),
