@@ -134,7 +134,7 @@ def _load_rotated(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d):
 
 @triton.jit
 def _load_qk(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d, ROPE: tl.constexpr):
-    """q or k rows in X's dtype, rotated at positions ``pos`` when ROPE (the retrieval kernels)."""
+    """q or k rows in X's dtype, rotated at positions ``pos`` when ROPE."""
     if ROPE:
         x1, x2 = _load_rotated(X, rows, row_mask, pos, Rot, offs_h, D1, D2, stride_d)
     else:
