@@ -108,17 +108,16 @@ def _rotate(x1, x2, pos, Rot, offs_h, D1, SIGN: tl.constexpr):
     hmask = offs_h[None, :] < D1
     c = tl.load(ptr, mask=hmask, other=1.0)
     s = tl.load(ptr + D1, mask=hmask, other=0.0)
+    if Rot.dtype.element_ty == tl.float16:  # bf16 inputs' half-size table: rotate in fp32
+        c = c.to(tl.float32)
+        s = s.to(tl.float32)
     return _rotate_by(x1, x2, c, s, SIGN)
 
 
 @triton.jit
 def _rotate_by(x1, x2, c, s, SIGN: tl.constexpr):
-    """(x1, x2) turned by cos ``c`` and sin ``s`` (broadcast against the rows); fp16 tables (bf16
-    inputs) rotate in fp32."""
+    """(x1, x2) turned by cos ``c`` and sin ``s`` (broadcast against the rows), in their dtype."""
     s = s * SIGN
-    if c.dtype == tl.float16:
-        c = c.to(tl.float32)
-        s = s.to(tl.float32)
     a = x1.to(c.dtype)
     b = x2.to(c.dtype)
     return a * c - b * s, b * c + a * s
@@ -615,6 +614,9 @@ def _turn(x1, x2, Turn, s, offs_h, D1, SIGN: tl.constexpr):
     hmask = offs_h < D1
     c = tl.load(ptr, mask=hmask, other=1.0)[None, :]
     sn = tl.load(ptr + D1, mask=hmask, other=0.0)[None, :]
+    if Turn.dtype.element_ty == tl.float16:  # as in _rotate
+        c = c.to(tl.float32)
+        sn = sn.to(tl.float32)
     return _rotate_by(x1, x2, c, sn, SIGN)
 
 
