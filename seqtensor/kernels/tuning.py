@@ -18,7 +18,8 @@ import triton
 __all__ = ["Config", "config", "launch", "block_size", "INTERPRET", "MAX_BLOCK"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_BLOCK = 256  # rows per block, at most
+# rows per block, at most: a table for rotation on load covers the fibre's positions + one block
+MAX_BLOCK = 256
 
 
 @dataclass(frozen=True)
